@@ -1,0 +1,166 @@
+"""`nemo-elastic` command line.
+
+    nemo-elastic run        [--config conf/tiny.yaml] [key=value ...]   the main job (embedded default)
+    nemo-elastic pretrain   --config CONF [key=value ...]              train the parent
+    nemo-elastic eval       --ckpt CKPT [key=value ...]                validation loss + answer accuracy
+    nemo-elastic preprocess --input FILE --tokenizer tokenizer.json --out PREFIX
+    nemo-elastic import-hf  DIR --out CKPT                              nemotron_h -> Megatron checkpoint
+    nemo-elastic export     --ckpt CKPT --format hf --out DIR           Megatron checkpoint -> nemotron_h
+
+Errors in user input (config, checkpoint, data files) print one line naming the field/path and
+the fix, and exit with status 2; anything else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from nemo_elastic.config import ConfigError, load_config
+
+logger = logging.getLogger("nemo_elastic")
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "tiny.yaml"
+
+
+def _setup_logging(verbose: bool) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    # Megatron logs a lot at INFO; keep ours readable.
+    logging.getLogger("megatron").setLevel(logging.WARNING if not verbose else logging.INFO)
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    warnings.filterwarnings("ignore", message=".*absl.logging is not installed.*")
+    warnings.filterwarnings("ignore", message=".*async save is deprecated.*")
+
+
+def _default_config() -> Path:
+    if DEFAULT_CONFIG.is_file():
+        return DEFAULT_CONFIG
+    return Path("conf/tiny.yaml")
+
+
+# ------------------------------------------------------------------------------------ commands
+
+def cmd_pretrain(args) -> int:
+    from nemo_elastic.training.pretrain import pretrain
+
+    cfg = load_config(args.config or _default_config(), args.overrides)
+    result = pretrain(cfg, resume=not args.no_resume, progress=not args.no_progress)
+    ratio = result.final_val_loss / result.uniform_loss
+    logger.info("validation loss %.4f vs uniform-guess %.4f (ratio %.2f)", result.final_val_loss,
+                result.uniform_loss, ratio)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from nemo_elastic.training.evaluate_checkpoint import evaluate_checkpoint
+
+    evaluate_checkpoint(args.ckpt, overrides=args.overrides)
+    return 0
+
+
+def cmd_preprocess(args) -> int:
+    from nemo_elastic.data import HFTokenizer, preprocess_to_indexed
+
+    tokenizer = HFTokenizer(args.tokenizer, eod_token=args.eod_token)
+    stats = preprocess_to_indexed(args.input, tokenizer, args.out, json_key=args.json_key,
+                                  append_eod=not args.no_eod, show_progress=not args.no_progress)
+    logger.info("wrote %s.bin/.idx: %s", args.out, stats)
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    from nemo_elastic.export import import_hf
+
+    path = import_hf(args.hf_dir, args.out, overwrite=args.overwrite)
+    logger.info("imported %s -> %s", args.hf_dir, path)
+    return 0
+
+
+def cmd_export(args) -> int:
+    if args.format != "hf":
+        raise ConfigError(f"--format={args.format!r}: only 'hf' is supported")
+    from nemo_elastic.export import export_hf
+
+    path = export_hf(args.ckpt, args.out, overwrite=args.overwrite)
+    logger.info("exported %s -> %s (Hugging Face nemotron_h)", args.ckpt, path)
+    return 0
+
+
+# ------------------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nemo-elastic", description="Nested (many-in-one) hybrid Mamba2/attention/MLP LLMs "
+        "on Megatron-Core (Nemotron Elastic).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def train_args(p, config_required: bool):
+        p.add_argument("--config", required=config_required, default=None,
+                       help="YAML recipe (default: the embedded conf/tiny.yaml)")
+        p.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="OmegaConf overrides, e.g. train.iters=100 parallel.tensor_model_parallel_size=2")
+        p.add_argument("--no-resume", action="store_true",
+                       help="ignore checkpoints in output_dir and start from scratch")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("run", help="the main job on the embedded default config")
+    train_args(p, config_required=False)
+    p.set_defaults(func=cmd_pretrain)
+    p = sub.add_parser("pretrain", help="train the hybrid parent")
+    train_args(p, config_required=True)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("eval", help="validation loss and greedy answer accuracy of a checkpoint")
+    p.add_argument("--ckpt", required=True, help="checkpoint dir (or a run's output dir: latest)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("preprocess", help="text/jsonl -> Megatron indexed dataset (.bin/.idx)")
+    p.add_argument("--input", required=True, help=".txt (one document per line) or .jsonl")
+    p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer.json")
+    p.add_argument("--out", required=True, help="output prefix (writes PREFIX.bin and PREFIX.idx)")
+    p.add_argument("--json-key", default="text", help="jsonl field holding the text")
+    p.add_argument("--eod-token", default=None, help="end-of-document token (default: auto)")
+    p.add_argument("--no-eod", action="store_true", help="do not append the eod token")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("import-hf", help="Hugging Face nemotron_h folder -> Megatron checkpoint")
+    p.add_argument("hf_dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser("export", help="Megatron checkpoint -> Hugging Face nemotron_h folder")
+    p.add_argument("--ckpt", required=True)
+    p.add_argument("--format", default="hf", choices=["hf"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from nemo_elastic.checkpoint import CheckpointError
+
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as err:
+        logger.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

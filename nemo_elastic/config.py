@@ -1,0 +1,336 @@
+"""Typed, validated configuration for every `nemo-elastic` command.
+
+YAML (OmegaConf) only serializes these dataclasses: a recipe is loaded, merged with command-line
+`key=value` overrides, then converted field by field into keyword-only dataclasses whose
+`__post_init__` checks every structural rule (divisibility by heads / groups / tensor-parallel
+size, valid layer pattern).  Errors name the field, the value and the fix.
+
+This module imports neither torch nor megatron: a recipe can be validated on a laptop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, get_type_hints
+
+# Hybrid layer symbols we support (Megatron-Core `Symbols`): Mamba2, self-attention, dense MLP,
+# plus the pipeline-stage separator.  MoE ('E'), GDN ('G'), MLA ('+'), DSA ('D') and MTP ('/')
+# are real Megatron symbols that the elastic machinery does not handle yet.
+MAMBA, ATTENTION, MLP, PIPE = "M", "*", "-", "|"
+SUPPORTED_SYMBOLS = (MAMBA, ATTENTION, MLP)
+UNSUPPORTED_SYMBOLS = {"E": "MoE", "G": "GatedDeltaNet", "+": "MLA", "D": "DSA attention", "/": "MTP"}
+
+
+class ConfigError(ValueError):
+    """A configuration value breaks a rule; the message names the field, value and fix."""
+
+
+def _fail(field_name: str, value: Any, rule: str) -> None:
+    raise ConfigError(f"{field_name}={value!r}: {rule}")
+
+
+def _require_positive(obj: Any, *names: str, prefix: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            _fail(f"{prefix}{name}", value, "must be a positive integer")
+
+
+def _require_divides(prefix: str, name: str, value: int, divisor_name: str, divisor: int) -> None:
+    if value % divisor != 0:
+        _fail(f"{prefix}{name}", value,
+              f"must be divisible by {divisor_name}={divisor} (e.g. use "
+              f"{max(divisor, value - value % divisor)} or {value - value % divisor + divisor})")
+
+
+def parse_layer_pattern(pattern: str, field_name: str = "model.hybrid_layer_pattern") -> list[str]:
+    """Split a hybrid pattern like ``"M-M*|M-M-"`` into pipeline segments (no separators inside).
+
+    Raises ConfigError for unknown or unsupported symbols and for empty segments.
+    """
+    if not isinstance(pattern, str) or not pattern:
+        _fail(field_name, pattern, "must be a non-empty string of layer symbols "
+              "('M' Mamba2, '*' attention, '-' MLP, '|' pipeline-stage boundary), e.g. 'M-M*-M-'")
+    for pos, char in enumerate(pattern):
+        if char in UNSUPPORTED_SYMBOLS:
+            _fail(field_name, pattern,
+                  f"symbol {char!r} at position {pos} ({UNSUPPORTED_SYMBOLS[char]}) is not supported; "
+                  "use only 'M', '*', '-' and '|'")
+        if char not in SUPPORTED_SYMBOLS and char != PIPE:
+            _fail(field_name, pattern,
+                  f"unknown symbol {char!r} at position {pos}; valid symbols are 'M' (Mamba2), "
+                  "'*' (attention), '-' (MLP) and '|' (pipeline-stage boundary)")
+    segments = pattern.split(PIPE)
+    if any(not seg for seg in segments):
+        _fail(field_name, pattern, "has an empty pipeline segment (two '|' in a row or at an end)")
+    return segments
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Shape of the hybrid parent model (Nemotron-H conventions). Names follow Megatron-Core."""
+
+    hybrid_layer_pattern: str
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: Optional[int] = None  # default hidden_size // num_attention_heads
+    mamba_num_heads: int
+    mamba_head_dim: int
+    mamba_num_groups: int
+    mamba_state_dim: int
+    mamba_conv_kernel: int = 4
+    mamba_chunk_size: int = 128
+    vocab_size: int
+    max_sequence_length: int = 4096
+    layernorm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    params_dtype: str = "float32"  # float32 | bfloat16 | float16
+
+    def __post_init__(self) -> None:
+        p = "model."
+        parse_layer_pattern(self.hybrid_layer_pattern)
+        _require_positive(self, "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                          "num_query_groups", "mamba_num_heads", "mamba_head_dim",
+                          "mamba_num_groups", "mamba_state_dim", "mamba_conv_kernel",
+                          "mamba_chunk_size", "vocab_size", "max_sequence_length", prefix=p)
+        _require_divides(p, "num_attention_heads", self.num_attention_heads,
+                         "model.num_query_groups", self.num_query_groups)
+        if self.kv_channels is None:
+            if self.has_attention:
+                _require_divides(p, "hidden_size", self.hidden_size,
+                                 "model.num_attention_heads", self.num_attention_heads)
+        else:
+            _require_positive(self, "kv_channels", prefix=p)
+        _require_divides(p, "mamba_num_heads", self.mamba_num_heads,
+                         "model.mamba_num_groups", self.mamba_num_groups)
+        if self.params_dtype not in ("float32", "bfloat16", "float16"):
+            _fail(f"{p}params_dtype", self.params_dtype, "must be one of float32, bfloat16, float16")
+        if not self.layernorm_epsilon > 0:
+            _fail(f"{p}layernorm_epsilon", self.layernorm_epsilon, "must be > 0")
+
+    @property
+    def layer_symbols(self) -> str:
+        """The pattern without pipeline separators: one symbol per global layer."""
+        return self.hybrid_layer_pattern.replace(PIPE, "")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_symbols)
+
+    @property
+    def has_attention(self) -> bool:
+        return ATTENTION in self.layer_symbols
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def mamba_d_inner(self) -> int:
+        return self.mamba_num_heads * self.mamba_head_dim
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    backend: Optional[str] = None  # None: nccl with CUDA, gloo without
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                          prefix="parallel.")
+        if self.backend not in (None, "gloo", "nccl"):
+            _fail("parallel.backend", self.backend, "must be null (auto), 'gloo' or 'nccl'")
+
+
+@dataclass(kw_only=True)
+class SyntheticDataConfig:
+    """The embedded default corpus (no download): see nemo_elastic.data.synthetic."""
+
+    num_train: int = 20000
+    num_val: int = 500
+    min_steps: int = 1
+    max_steps: int = 3
+    max_operand: int = 20
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "num_train", "num_val", "min_steps", "max_steps", "max_operand",
+                          prefix="data.synthetic.")
+        if self.min_steps > self.max_steps:
+            _fail("data.synthetic.min_steps", self.min_steps,
+                  f"must be <= data.synthetic.max_steps={self.max_steps}")
+
+
+@dataclass(kw_only=True)
+class IndexedDataConfig:
+    """Megatron-Core indexed dataset (`.bin/.idx`) built by `nemo-elastic preprocess`."""
+
+    prefix: Optional[str] = None
+    tokenizer: Optional[str] = None  # path to a Hugging Face tokenizer.json
+    eod_token: Optional[str] = None
+    split: str = "98,2,0"
+    cache_dir: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: str = "synthetic"  # synthetic | indexed
+    seq_length: int = 128
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    seed: int = 1234
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    indexed: IndexedDataConfig = field(default_factory=IndexedDataConfig)
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "seq_length", "micro_batch_size", "global_batch_size",
+                          prefix="data.")
+        if self.source not in ("synthetic", "indexed"):
+            _fail("data.source", self.source, "must be 'synthetic' or 'indexed'")
+        if self.source == "indexed" and (not self.indexed.prefix or not self.indexed.tokenizer):
+            _fail("data.indexed.prefix", self.indexed.prefix,
+                  "data.source=indexed needs data.indexed.prefix (from `nemo-elastic preprocess`) "
+                  "and data.indexed.tokenizer (the tokenizer.json used to build it)")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    iters: int = 300
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_iters: int = 20
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_iters: int = 10
+    save_interval: int = 100
+    eval_accuracy_samples: int = 64  # greedy-decoding answer accuracy at the end (synthetic data)
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "iters", "log_interval", "eval_interval", "eval_iters",
+                          "save_interval", prefix="train.")
+        if self.warmup_iters < 0 or self.warmup_iters >= self.iters:
+            _fail("train.warmup_iters", self.warmup_iters, f"must be in [0, train.iters={self.iters})")
+        if not 0 < self.lr:
+            _fail("train.lr", self.lr, "must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            _fail("train.min_lr", self.min_lr, f"must be in [0, train.lr={self.lr}]")
+        if self.lr_decay_style not in ("constant", "linear", "cosine"):
+            _fail("train.lr_decay_style", self.lr_decay_style, "must be constant, linear or cosine")
+        if self.clip_grad < 0:
+            _fail("train.clip_grad", self.clip_grad, "must be >= 0 (0 disables clipping)")
+
+
+@dataclass(kw_only=True)
+class Config:
+    """A whole recipe. `output_dir` holds checkpoints, logs, plots and the resolved config."""
+
+    model: ModelConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs/default"
+
+    def __post_init__(self) -> None:
+        m, par, d = self.model, self.parallel, self.data
+        tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+        tp_rule = "parallel.tensor_model_parallel_size"
+        for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                     "mamba_num_heads", "mamba_num_groups", "vocab_size"):
+            _require_divides("model.", name, getattr(m, name), tp_rule, tp)
+        segments = parse_layer_pattern(m.hybrid_layer_pattern)
+        if pp > 1 and len(segments) % pp != 0:
+            _fail("model.hybrid_layer_pattern", m.hybrid_layer_pattern,
+                  f"has {len(segments)} pipeline segment(s) but parallel.pipeline_model_parallel_size"
+                  f"={pp}; separate the stages with '|' (e.g. '{_split_hint(m.layer_symbols, pp)}')")
+        if pp == 1 and len(segments) > 1:
+            _fail("model.hybrid_layer_pattern", m.hybrid_layer_pattern,
+                  "contains '|' stage boundaries but parallel.pipeline_model_parallel_size=1; "
+                  "remove the '|' or set the pipeline size to the number of segments")
+        if d.seq_length > m.max_sequence_length:
+            _fail("data.seq_length", d.seq_length,
+                  f"exceeds model.max_sequence_length={m.max_sequence_length}")
+        if d.global_batch_size % d.micro_batch_size != 0:
+            _fail("data.global_batch_size", d.global_batch_size,
+                  f"must be a multiple of data.micro_batch_size={d.micro_batch_size}")
+
+
+def _split_hint(symbols: str, parts: int) -> str:
+    size = -(-len(symbols) // parts)
+    return PIPE.join(symbols[i:i + size] for i in range(0, len(symbols), size))
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass with strict key checking (unknown keys are named, with the closest match)
+# ---------------------------------------------------------------------------------------------
+
+def _closest(name: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
+    """Build dataclass `cls` from a nested mapping; unknown keys raise a ConfigError."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path.rstrip('.') or 'config'}={data!r}: must be a mapping")
+    hints = get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in valid:
+            raise ConfigError(f"unknown config key {path + str(key)!r}{_closest(str(key), valid)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = from_dict(hint, value or {}, f"{path}{key}.")
+        else:
+            kwargs[key] = value
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing required config key(s): {', '.join(path + m for m in missing)}")
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # wrong value types surface here, e.g. a list for an int
+        raise ConfigError(f"{path.rstrip('.') or 'config'}: {err}") from err
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = (),
+                base: Optional[Mapping[str, Any]] = None) -> Config:
+    """Load a YAML recipe, apply `key=value` overrides (OmegaConf dotlist), validate.
+
+    `base` (a dict) may replace the file, e.g. the resolved config stored in a checkpoint.
+    """
+    from omegaconf import OmegaConf  # local import: keep `import nemo_elastic.config` light
+
+    if path is None and base is None:
+        raise ConfigError("no config given: pass --config conf/tiny.yaml (or a checkpoint)")
+    if base is not None:
+        conf = OmegaConf.create(dict(base))
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        conf = OmegaConf.load(path)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.iters=100)")
+    if overrides:
+        conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))
+    data = OmegaConf.to_container(conf, resolve=True)
+    return from_dict(Config, data)

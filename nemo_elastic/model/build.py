@@ -1,0 +1,101 @@
+"""Config -> Megatron-Core `TransformerConfig` and `HybridModel` (Nemotron-H conventions).
+
+Nemotron-H: squared-ReLU non-gated MLP, RMSNorm, no bias, no dropout, no position embedding,
+untied embedding / output layer.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.activations import squared_relu
+from megatron.core.models.hybrid.hybrid_model import HybridModel
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from nemo_elastic.config import Config, ModelConfig, ParallelConfig
+from nemo_elastic.model.specs import hybrid_stack_spec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, **overrides) -> TransformerConfig:
+    on_gpu = torch.cuda.is_available()
+    dtype = DTYPES[model.params_dtype]
+    kwargs = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim,
+        mamba_num_heads=model.mamba_num_heads,
+        mamba_head_dim=model.mamba_head_dim,
+        mamba_num_groups=model.mamba_num_groups,
+        mamba_state_dim=model.mamba_state_dim,
+        is_hybrid_model=True,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.layernorm_epsilon,
+        activation_func=squared_relu,
+        gated_linear_unit=False,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        sequence_parallel=False,
+        # CPU: build full master weights on CPU and slice per TP rank; torch (unfused) kernels.
+        use_cpu_initialization=not on_gpu,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_hybrid_model(cfg: Config, *, spec: Optional[ModuleSpec] = None,
+                       model_cls: type = HybridModel, pre_process: Optional[bool] = None,
+                       post_process: Optional[bool] = None, spec_backend: str = "auto",
+                       **tc_overrides) -> HybridModel:
+    """Build this rank's pipeline stage of the hybrid model described by `cfg`.
+
+    `spec`/`model_cls` let the elastic subclasses reuse the same construction.
+    Requires `nemo_elastic.runtime.initialize` to have run (parallel state).
+    """
+    from megatron.core import parallel_state as ps
+
+    m = cfg.model
+    tconf = transformer_config(m, cfg.parallel, **tc_overrides)
+    if spec is None:
+        spec = hybrid_stack_spec(backend=spec_backend, d_conv=m.mamba_conv_kernel,
+                                 chunk_size=m.mamba_chunk_size)
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=True)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=True)
+    return model_cls(
+        config=tconf,
+        hybrid_stack_spec=spec,
+        vocab_size=m.vocab_size,
+        max_sequence_length=m.max_sequence_length,
+        hybrid_layer_pattern=m.hybrid_layer_pattern,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="none",
+    )
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

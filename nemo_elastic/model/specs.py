@@ -1,0 +1,147 @@
+"""ModuleSpecs for the hybrid parent: local (torch, runs on CPU) and Transformer-Engine (GPU).
+
+Both specs build the same parameter names under the same modules.  The local spec also maps its
+separate pre-norms onto TE's fused-norm checkpoint keys (`mixer.in_proj.layer_norm_weight`, ...),
+so a distributed checkpoint written on CPU loads into a TE model on GPU and back.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.hybrid.hybrid_block import HybridStackSubmodules
+from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+from megatron.core.ssm.mamba_mixer import MambaMixerSubmodules
+from megatron.core.ssm.mlp_layer import MLPLayer
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from nemo_elastic.model.mamba import NemoMambaMixer
+from nemo_elastic.model.stack import NemoHybridStack
+
+# Local pre-norm key -> TE fused-norm key (ModelOpt's `remap_te_layernorm` convention).
+MAMBA_TE_KEYS = {"norm.": "mixer.in_proj.layer_norm_"}
+ATTENTION_TE_KEYS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
+MLP_TE_KEYS = {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # a broken TE install raises RuntimeError/OSError, not only ImportError
+        return False
+    return True
+
+
+def local_hybrid_stack_spec(*, d_conv: int = 4, chunk_size: int = 128,
+                            mixer=NemoMambaMixer, attention=SelfAttention, mlp=MLP,
+                            stack=NemoHybridStack) -> ModuleSpec:
+    """Torch-only hybrid spec (column/row-parallel linears, torch RMSNorm, DotProductAttention).
+
+    The module classes are parameters so the elastic subclasses reuse this exact wiring.
+    """
+    norm = WrappedTorchNorm
+    return ModuleSpec(
+        module=stack,
+        params={"final_norm": norm},
+        submodules=HybridStackSubmodules(
+            mamba_layer=ModuleSpec(
+                module=MambaLayer,
+                submodules=MambaLayerSubmodules(
+                    norm=norm,
+                    mixer=ModuleSpec(
+                        module=mixer,
+                        params={"d_conv": d_conv, "chunk_size": chunk_size},
+                        submodules=MambaMixerSubmodules(
+                            in_proj=ColumnParallelLinear, out_proj=RowParallelLinear),
+                    ),
+                    mamba_bda=get_bias_dropout_add,
+                    sharded_state_dict_keys_map=MAMBA_TE_KEYS,
+                ),
+            ),
+            attention_layer=ModuleSpec(
+                module=TransformerLayer,
+                submodules=TransformerLayerSubmodules(
+                    input_layernorm=norm,
+                    self_attention=ModuleSpec(
+                        module=attention,
+                        params={"attn_mask_type": AttnMaskType.causal},
+                        submodules=SelfAttentionSubmodules(
+                            linear_qkv=ColumnParallelLinear,
+                            core_attention=DotProductAttention,
+                            linear_proj=RowParallelLinear),
+                    ),
+                    self_attn_bda=get_bias_dropout_add,
+                    sharded_state_dict_keys_map=ATTENTION_TE_KEYS,
+                ),
+            ),
+            mlp_layer=ModuleSpec(
+                module=MLPLayer,
+                submodules=TransformerLayerSubmodules(
+                    pre_mlp_layernorm=norm,
+                    mlp=partial(mlp.as_mlp_submodule, submodules=MLPSubmodules(
+                        linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
+                    mlp_bda=get_bias_dropout_add,
+                    sharded_state_dict_keys_map=MLP_TE_KEYS,
+                ),
+            ),
+        ),
+    )
+
+
+def te_hybrid_stack_spec(*, d_conv: int = 4, chunk_size: int = 128,
+                         mixer=NemoMambaMixer, attention=SelfAttention, mlp=MLP,
+                         stack=NemoHybridStack) -> ModuleSpec:
+    """Transformer-Engine hybrid spec (fused norm+linear), for GPU runs with TE installed."""
+    from megatron.core.extensions.transformer_engine import (
+        TEDotProductAttention, TELayerNormColumnParallelLinear, TENorm, TERowParallelLinear)
+
+    return ModuleSpec(
+        module=stack,
+        params={"final_norm": TENorm},
+        submodules=HybridStackSubmodules(
+            mamba_layer=ModuleSpec(
+                module=MambaLayer,
+                submodules=MambaLayerSubmodules(
+                    mixer=ModuleSpec(
+                        module=mixer,
+                        params={"d_conv": d_conv, "chunk_size": chunk_size},
+                        submodules=MambaMixerSubmodules(
+                            in_proj=TELayerNormColumnParallelLinear, out_proj=TERowParallelLinear)),
+                    mamba_bda=get_bias_dropout_add)),
+            attention_layer=ModuleSpec(
+                module=TransformerLayer,
+                submodules=TransformerLayerSubmodules(
+                    self_attention=ModuleSpec(
+                        module=attention,
+                        params={"attn_mask_type": AttnMaskType.causal},
+                        submodules=SelfAttentionSubmodules(
+                            linear_qkv=TELayerNormColumnParallelLinear,
+                            core_attention=TEDotProductAttention,
+                            linear_proj=TERowParallelLinear)),
+                    self_attn_bda=get_bias_dropout_add)),
+            mlp_layer=ModuleSpec(
+                module=MLPLayer,
+                submodules=TransformerLayerSubmodules(
+                    mlp=partial(mlp.as_mlp_submodule, submodules=MLPSubmodules(
+                        linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear)),
+                    mlp_bda=get_bias_dropout_add)),
+        ),
+    )
+
+
+def hybrid_stack_spec(*, backend: str = "auto", **kwargs) -> ModuleSpec:
+    """`backend`: 'local' (torch), 'te' (Transformer-Engine) or 'auto' (TE if importable)."""
+    if backend not in ("auto", "local", "te"):
+        raise ValueError(f"spec backend={backend!r}: must be 'auto', 'local' or 'te'")
+    if backend == "te" or (backend == "auto" and have_transformer_engine()):
+        return te_hybrid_stack_spec(**kwargs)
+    return local_hybrid_stack_spec(**kwargs)

@@ -1,0 +1,1 @@
+"""Training: Megatron-Core schedules, optimizer, checkpoint/resume, evaluation."""

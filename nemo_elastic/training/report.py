@@ -1,0 +1,40 @@
+"""Plain-text tables and matplotlib plots written to a run's output folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+
+def format_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h))
+              for i, h in enumerate(header)]
+    line = "+".join("-" * (w + 2) for w in widths)
+    fmt = lambda cells: "|".join(f" {c:<{w}} " for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([fmt(header), line, *(fmt(r) for r in rows)])
+
+
+def plot_curves(history: list[dict], path: Path, *, uniform_loss: Optional[float] = None) -> Path:
+    """Train / validation loss vs iteration (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    its = [h["iteration"] for h in history]
+    ax.plot(its, [h["train_loss"] for h in history], label="train", linewidth=1)
+    val = [(h["iteration"], h["val_loss"]) for h in history if "val_loss" in h]
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    if uniform_loss is not None:
+        ax.axhline(uniform_loss, color="grey", linestyle="--", label="uniform guess")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

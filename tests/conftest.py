@@ -1,0 +1,46 @@
+"""Shared fixtures: a one-process Megatron runtime (gloo on CPU) and tiny configs."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+warnings.filterwarnings("ignore", message=".*absl.logging is not installed.*")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-process or long tests (run in CI; -m 'not slow' skips)")
+    config.addinivalue_line("markers", "gpu: needs CUDA (skipped cleanly without it)")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+
+
+@pytest.fixture
+def megatron_env():
+    """Initialize torch.distributed (1 process) + Megatron parallel state; torn down after."""
+    from nemo_elastic import runtime
+    from nemo_elastic.config import ParallelConfig
+
+    with runtime.distributed(ParallelConfig(), seed=1234) as info:
+        yield info
+
+
+def tiny_model_dict(**overrides) -> dict:
+    """A small valid model section (dict form) for tests; override any field."""
+    model = dict(
+        hybrid_layer_pattern="M-M*-", hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+        num_query_groups=2, kv_channels=8, mamba_num_heads=4, mamba_head_dim=8, mamba_num_groups=2,
+        mamba_state_dim=8, mamba_conv_kernel=4, mamba_chunk_size=16, vocab_size=64,
+        max_sequence_length=128)
+    model.update(overrides)
+    return model
+
+
+def tiny_config(model_overrides: dict | None = None, **sections):
+    from nemo_elastic.config import Config, from_dict
+
+    data = {"model": tiny_model_dict(**(model_overrides or {}))}
+    data.update(sections)
+    return from_dict(Config, data)
