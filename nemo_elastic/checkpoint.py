@@ -130,6 +130,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _parallel_layout() -> list[int]:
+    from megatron.core import parallel_state as ps
+
+    return [ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()]
+
+
 def _rng_sharded_object(state: Optional[dict[str, Any]]):
     from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -172,7 +178,8 @@ def save_checkpoint(ckpt_dir: str | Path, *, cfg: Config, model: torch.nn.Module
 
     if _rank() == 0:
         meta = {"format_version": FORMAT_VERSION, "kind": kind, "iteration": iteration,
-                "config": to_dict(cfg), "has_optimizer": optimizer is not None}
+                "config": to_dict(cfg), "has_optimizer": optimizer is not None,
+                "parallel_layout": _parallel_layout()}
         meta.update(extra_meta or {})
         (tmp_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         if ckpt_dir.exists():
@@ -204,7 +211,11 @@ def load_checkpoint(ckpt_dir: str | Path, *, model: torch.nn.Module, optimizer=N
             f"checkpoint {str(ckpt_dir)!r} holds no optimizer state (kind={meta.get('kind')!r}); "
             "start a new run from it instead of resuming")
     model_sd = model.sharded_state_dict()
-    template: dict[str, Any] = {"model": model_sd, "rng_state": _rng_sharded_object(None)}
+    template: dict[str, Any] = {"model": model_sd}
+    # RNG states are stored per (pipeline, tensor) rank: only restorable at the same layout.
+    restore_rng = restore_rng and meta.get("parallel_layout") == _parallel_layout()
+    if restore_rng:
+        template["rng_state"] = _rng_sharded_object(None)
     if optimizer is not None:
         template["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
     try:

@@ -15,7 +15,7 @@ from nemo_elastic.data.hf_tokenizer import HFTokenizer
 from nemo_elastic.data.indexed import IndexedDatasetsConfig, build_indexed_datasets
 from nemo_elastic.data.iterator import BatchIterator
 from nemo_elastic.data.preprocess import preprocess_to_indexed, smallest_token_dtype
-from nemo_elastic.data.protocol import Tokenizer as TokenizerProtocol
+from nemo_elastic.data.protocol import TokenizerProtocol
 from nemo_elastic.data.protocol import document_ids
 from nemo_elastic.data.synthetic import SyntheticReasoningConfig, generate_corpus, write_text_corpus
 from nemo_elastic.data.tokenizer import CharTokenizer
@@ -194,3 +194,37 @@ def test_synthetic_corpus_through_the_indexed_path(tmp_path):
     assert torch.equal(batch["labels"][:, :-1], batch["tokens"][:, 1:])
     assert int(batch["tokens"].max()) < tok.vocab_size
     assert valid is not None and len(valid) > 0
+
+
+def test_weighted_blend_of_two_prefixes(hf_tok, docs, tmp_path):
+    prefixes = []
+    for name, part in (("a", docs[:60]), ("b", docs[60:])):
+        src = tmp_path / f"{name}.txt"
+        src.write_text("\n\n".join(part) + "\n", encoding="utf-8")
+        preprocess_to_indexed(src, hf_tok, str(tmp_path / name), show_progress=False)
+        prefixes.append(str(tmp_path / name))
+    with pytest.raises(ValueError, match="train_samples and valid_samples"):
+        IndexedDatasetsConfig(prefixes=prefixes, weights=[0.3, 0.7], seq_length=16)
+    train, valid = build_indexed_datasets(
+        IndexedDatasetsConfig(prefixes=prefixes, weights=[0.3, 0.7], seq_length=16,
+                              train_samples=200, valid_samples=20, split="80,10,10"), hf_tok)
+    assert (len(train), len(valid)) == (200, 20)
+    item = train[5]
+    assert set(item) == {"tokens", "labels", "loss_mask", "position_ids"}
+    assert torch.equal(item["labels"][:-1], item["tokens"][1:])
+
+
+def test_rewritten_data_does_not_reuse_stale_indices(hf_tok, docs, tmp_path):
+    prefix, seq = str(tmp_path / "d"), 8
+    src = tmp_path / "d.txt"
+    results = []
+    for part in (docs[:40], docs[40:100]):
+        src.write_text("\n\n".join(part) + "\n", encoding="utf-8")
+        preprocess_to_indexed(src, hf_tok, prefix, show_progress=False)
+        train, _ = build_indexed_datasets(
+            IndexedDatasetsConfig(prefixes=[prefix], seq_length=seq, split="100,0,0"), hf_tok)
+        stream = sum((hf_tok.encode(part[d]) + [2] for d in train.megatron_dataset.document_index),
+                     [])
+        assert len(train) == (len(stream) - 1) // seq
+        results.append(len(train))
+    assert results[0] != results[1]

@@ -8,7 +8,7 @@ Megatron-dependent modules (``preprocess``, ``indexed``) are imported lazily on 
 from nemo_elastic.data.dataset import SAMPLE_KEYS, PackedDataset
 from nemo_elastic.data.evaluate import answer_accuracy, parse_answer
 from nemo_elastic.data.iterator import BatchIterator, collate, iterate_once
-from nemo_elastic.data.protocol import Tokenizer, document_ids
+from nemo_elastic.data.protocol import TokenizerProtocol, document_ids
 from nemo_elastic.data.synthetic import (ReasoningProblem, Step, SyntheticCorpus,
                                          SyntheticReasoningConfig, build_problem, generate_corpus,
                                          write_text_corpus)
@@ -32,9 +32,13 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'nemo_elastic.data' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "SAMPLE_KEYS", "BatchIterator", "CharTokenizer", "PackedDataset", "ReasoningProblem", "Step",
-    "SyntheticCorpus", "SyntheticReasoningConfig", "Tokenizer", "answer_accuracy", "build_problem",
-    "collate", "document_ids", "generate_corpus", "iterate_once", "parse_answer",
+    "SyntheticCorpus", "SyntheticReasoningConfig", "TokenizerProtocol", "answer_accuracy",
+    "build_problem", "collate", "document_ids", "generate_corpus", "iterate_once", "parse_answer",
     "write_text_corpus", *_LAZY,
 ]

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from nemo_elastic.data.protocol import Tokenizer, document_ids
+from nemo_elastic.data.protocol import TokenizerProtocol, document_ids
 from nemo_elastic.data.synthetic import ANSWER_PREFIX, ReasoningProblem
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def _generate(logits_fn: LogitsFn, prompts: torch.Tensor, max_new_tokens: int, e
     return completions, terminated
 
 
-def answer_accuracy(logits_fn: LogitsFn, tokenizer: Tokenizer,
+def answer_accuracy(logits_fn: LogitsFn, tokenizer: TokenizerProtocol,
                     problems: Sequence[ReasoningProblem], max_new_tokens: Optional[int] = None,
                     batch_size: int = 32, *, num_examples: int = 4,
                     device: Optional[torch.device | str] = None) -> dict:

@@ -19,6 +19,7 @@ loss_mask float32, position_ids int64, all ``[s]``); ``iterator.BatchIterator`` 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections import OrderedDict
@@ -31,7 +32,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from nemo_elastic.data.dataset import SAMPLE_KEYS
-from nemo_elastic.data.protocol import Tokenizer
+from nemo_elastic.data.protocol import TokenizerProtocol
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class MegatronTokenizerAdapter:
     then pads with -1 (never a real id) and maps it to token 0 with loss_mask 0.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: TokenizerProtocol) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = int(tokenizer.vocab_size)
         self.eod = int(tokenizer.eod_id)
@@ -67,10 +68,10 @@ class IndexedDatasetsConfig:
     weights: Optional[Sequence[float]] = None  # blend weights; None = proportional to size
     train_samples: Optional[int] = None  # None = one epoch of the train split
     valid_samples: Optional[int] = None  # None = one epoch of the valid split
-    cache_dir: Optional[str] = None  # None = "<dir of first prefix>/megatron_cache"
-    reset_position_ids: bool = False
-    reset_attention_mask: bool = False
-    eod_mask_loss: bool = False
+    # indices go to "<cache_dir>/<data_fingerprint>/"; None = "<dir of first prefix>/megatron_cache"
+    cache_dir: Optional[str] = None
+    reset_position_ids: bool = False  # restart position ids after every eod
+    eod_mask_loss: bool = False  # loss_mask 0 where the *input* token is eod
 
     def __post_init__(self) -> None:
         if isinstance(self.prefixes, (str, os.PathLike)):
@@ -101,6 +102,21 @@ class IndexedDatasetsConfig:
                                           "megatron_cache")
 
 
+def data_fingerprint(prefixes: Sequence[str]) -> str:
+    """Identity of the ``.bin/.idx`` files (path, sizes, modification times).
+
+    Megatron's cache key covers the path, seed, split and sequence length but not the file
+    contents, so re-running ``preprocess_to_indexed`` on the same prefix would silently reuse
+    stale indices.  We therefore keep each data version's indices in its own cache subdirectory.
+    """
+    h = hashlib.md5(usedforsecurity=False)
+    for prefix in prefixes:
+        for path in (prefix + ".idx", prefix + ".bin"):
+            st = os.stat(path)
+            h.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
 class IndexedSamples(torch.utils.data.Dataset):
     """A Megatron GPTDataset (or BlendedDataset) seen through our sample-dict format."""
 
@@ -120,7 +136,7 @@ class IndexedSamples(torch.utils.data.Dataset):
         return sample
 
 
-def build_indexed_datasets(config: IndexedDatasetsConfig, tokenizer: Tokenizer
+def build_indexed_datasets(config: IndexedDatasetsConfig, tokenizer: TokenizerProtocol
                            ) -> tuple[IndexedSamples, Optional[IndexedSamples]]:
     """Build (train, valid) from ``config``; valid is None when the split gives it no weight."""
     gpt_config = GPTDatasetConfig(
@@ -128,14 +144,15 @@ def build_indexed_datasets(config: IndexedDatasetsConfig, tokenizer: Tokenizer
         sequence_length=config.seq_length,
         blend=(list(config.prefixes), None if config.weights is None else list(config.weights)),
         split=config.split,
-        path_to_cache=config.cache_dir,
+        path_to_cache=os.path.join(config.cache_dir, data_fingerprint(config.prefixes)),
         tokenizer=MegatronTokenizerAdapter(tokenizer),
         reset_position_ids=config.reset_position_ids,
-        reset_attention_mask=config.reset_attention_mask,
+        reset_attention_mask=False,  # only affects the mask, which we do not build
         eod_mask_loss=config.eod_mask_loss,
-        create_attention_mask=False,  # we return no [1, s, s] mask; kernels are causal
+        create_attention_mask=False,  # no per-sample [1, s, s] bool mask; kernels are causal
     )
-    sizes = [config.train_samples, config.valid_samples, None]
+    # Megatron requires a size for every split once blend weights are given; we never use test.
+    sizes = [config.train_samples, config.valid_samples, None if config.weights is None else 0]
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, gpt_config)
     train, valid, _ = builder.build()
     if train is None or len(train) == 0:

@@ -31,7 +31,7 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 from tqdm import tqdm
 
-from nemo_elastic.data.protocol import Tokenizer, document_ids
+from nemo_elastic.data.protocol import TokenizerProtocol, document_ids
 
 logger = logging.getLogger(__name__)
 
@@ -105,9 +105,9 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
-def preprocess_to_indexed(input_path: str | Path, tokenizer: Tokenizer, output_prefix: str | Path,
-                          *, json_key: str = "text", append_eod: bool = True,
-                          show_progress: bool = True,
+def preprocess_to_indexed(input_path: str | Path, tokenizer: TokenizerProtocol,
+                          output_prefix: str | Path, *, json_key: str = "text",
+                          append_eod: bool = True, show_progress: bool = True,
                           text_mode: Literal["paragraphs", "lines"] = "paragraphs") -> dict:
     """Tokenize ``input_path`` into ``<output_prefix>.bin/.idx`` (see the module docstring).
 
@@ -147,7 +147,7 @@ def preprocess_to_indexed(input_path: str | Path, tokenizer: Tokenizer, output_p
             if min(ids) < 0 or top >= vocab_size:
                 raise ValueError(f"{input_path}: document {num_docs} has token id {top} outside "
                                  f"[0, vocab_size={vocab_size}); the tokenizer is inconsistent")
-            # one document = one sequence; the builder casts the ids to `dtype`
+            # one document = one sequence of len(ids) tokens
             builder.add_document(np.asarray(ids, dtype=dtype), lengths=[len(ids)])
             num_docs += 1
             num_tokens += len(ids)

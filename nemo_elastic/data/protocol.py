@@ -6,7 +6,7 @@ from typing import Optional, Protocol, runtime_checkable
 
 
 @runtime_checkable
-class Tokenizer(Protocol):
+class TokenizerProtocol(Protocol):
     """What the data layer needs from a tokenizer.
 
     ``bos_id`` (optional, may be None) is not part of the check: a tokenizer without it simply
@@ -24,7 +24,8 @@ class Tokenizer(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
 
-def document_ids(tokenizer: Tokenizer, text: str, *, append_eod: bool = True) -> list[int]:
+def document_ids(tokenizer: TokenizerProtocol, text: str, *,
+                 append_eod: bool = True) -> list[int]:
     """Token ids of one training document: ``[bos] + encode(text) + [eod]``.
 
     bos is prepended only if the tokenizer defines ``bos_id`` (not None); eod only if

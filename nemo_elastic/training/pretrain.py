@@ -48,26 +48,43 @@ class PretrainResult:
 
 
 class _StopRequest:
-    """SIGTERM (Slurm preemption / scancel) -> checkpoint at the next iteration boundary."""
+    """SIGTERM (Slurm preemption / scancel) or a first Ctrl-C -> checkpoint at the next iteration
+    boundary, then exit; a second Ctrl-C aborts at once.  The decision is all-reduced so every
+    rank stops at the same iteration even if only some received the signal."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self._previous: dict = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no signal handling
-            self._previous = None
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no signal handling
+                pass
         return self
 
     def _handle(self, signum, frame) -> None:
-        logger.warning("SIGTERM received: saving a checkpoint at the end of this iteration")
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        name = signal.Signals(signum).name
+        logger.warning("%s received: saving a checkpoint at the end of this iteration "
+                       "(Ctrl-C again aborts without saving)", name)
         self.requested = True
 
+    def agreed(self) -> bool:
+        if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+            return self.requested
+        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.requested = bool(flag.item())
+        return self.requested
+
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _from_last_stage(value: float) -> float:
@@ -84,8 +101,14 @@ def _from_last_stage(value: float) -> float:
 
 def pretrain(cfg: Config, *, resume: bool = True, progress: bool = True) -> PretrainResult:
     """Train (or resume) the parent described by `cfg`; returns the run's summary."""
+    with _StopRequest() as stop:
+        return _pretrain(cfg, stop, resume=resume, progress=progress)
+
+
+def _pretrain(cfg: Config, stop: _StopRequest, *, resume: bool, progress: bool) -> PretrainResult:
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                           finalize_model_grads)
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     info = runtime.initialize(cfg.parallel, cfg.train.seed)
@@ -101,6 +124,10 @@ def pretrain(cfg: Config, *, resume: bool = True, progress: bool = True) -> Pret
             model.config, DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False),
             model)
+        # The schedule all-reduces data-parallel grads (and syncs pipeline-shared params) through
+        # this hook; without it every data-parallel replica would step on its own gradients.
+        model.config.finalize_model_grads_func = finalize_model_grads
+        model.config.no_sync_func = ddp.no_sync
         optimizer = build_optimizer([ddp], cfg.train, model.config.params_dtype)
         scheduler = build_scheduler(optimizer, cfg.train)
         data = build_training_data(cfg, info)
@@ -133,46 +160,42 @@ def pretrain(cfg: Config, *, resume: bool = True, progress: bool = True) -> Pret
         started = time.perf_counter()
         bar = tqdm(total=t.iters, initial=start_iter, desc="pretrain", unit="it",
                    disable=not (progress and info.is_main), dynamic_ncols=True)
-        with _StopRequest() as stop:
-            it = start_iter
-            try:
-                while it < t.iters:
-                    ddp.train()
-                    ddp.zero_grad_buffer()
-                    optimizer.zero_grad()
-                    losses = fwd_bwd(forward_step_func=lm_forward_step, data_iterator=data.train_iter,
-                                     model=[ddp], num_microbatches=num_micro, seq_length=d.seq_length,
-                                     micro_batch_size=d.micro_batch_size, forward_only=False)
-                    ok, grad_norm, _ = optimizer.step()
-                    scheduler.step(increment=1)
-                    it += 1
-                    train_loss = _from_last_stage(reduce_lm_loss(losses, dp_group)[0])
-                    record = {"iteration": it, "train_loss": train_loss,
-                              "lr": optimizer.param_groups[0]["lr"],
-                              "grad_norm": float(grad_norm) if grad_norm is not None else None}
-                    if it % t.eval_interval == 0 or it == t.iters:
-                        val_loss = _from_last_stage(validation_loss(cfg, ddp, data, num_micro, info))
-                        record["val_loss"] = val_loss
-                    history.append(record)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
-                    if it % t.log_interval == 0 and info.is_main:
-                        logger.debug("iter %d %s", it, record)
-                    if it % t.save_interval == 0 or it == t.iters or stop.requested:
-                        ckpt_path = save_checkpoint(
-                            ckpt_root / f"iter_{it:07d}", cfg=cfg, model=model, optimizer=optimizer,
-                            scheduler=scheduler, iteration=it,
-                            data_state=data.train_iter.state_dict(), overwrite=True)
-                    if stop.requested:
-                        raise SystemExit(f"stopped by SIGTERM at iteration {it}; rerun to resume")
-            except KeyboardInterrupt:
-                logger.warning("interrupted at iteration %d: saving a checkpoint before exiting", it)
-                save_checkpoint(ckpt_root / f"iter_{it:07d}", cfg=cfg, model=model,
-                                optimizer=optimizer, scheduler=scheduler, iteration=it,
-                                data_state=data.train_iter.state_dict(), overwrite=True)
-                raise
-            finally:
-                bar.close()
+        logger.info("training iterations %d..%d", start_iter + 1, t.iters)
+        it = start_iter
+        try:
+            while it < t.iters:
+                ddp.train()
+                ddp.zero_grad_buffer()
+                optimizer.zero_grad()
+                losses = fwd_bwd(forward_step_func=lm_forward_step, data_iterator=data.train_iter,
+                                 model=[ddp], num_microbatches=num_micro, seq_length=d.seq_length,
+                                 micro_batch_size=d.micro_batch_size, forward_only=False)
+                ok, grad_norm, _ = optimizer.step()
+                scheduler.step(increment=1)
+                it += 1
+                train_loss = _from_last_stage(reduce_lm_loss(losses, dp_group)[0])
+                record = {"iteration": it, "train_loss": train_loss,
+                          "lr": optimizer.param_groups[0]["lr"],
+                          "grad_norm": float(grad_norm) if grad_norm is not None else None}
+                if it % t.eval_interval == 0 or it == t.iters:
+                    val_loss = _from_last_stage(validation_loss(cfg, ddp, data, num_micro, info))
+                    record["val_loss"] = val_loss
+                history.append(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+                if it % t.log_interval == 0 and info.is_main:
+                    logger.debug("iter %d %s", it, record)
+                stopping = stop.agreed()
+                if it % t.save_interval == 0 or it == t.iters or stopping:
+                    ckpt_path = save_checkpoint(
+                        ckpt_root / f"iter_{it:07d}", cfg=cfg, model=model, optimizer=optimizer,
+                        scheduler=scheduler, iteration=it,
+                        data_state=data.train_iter.state_dict(), overwrite=True)
+                if stopping:
+                    raise SystemExit(f"stopped by a signal at iteration {it}; checkpoint "
+                                     f"{ckpt_path}; rerun the same command to resume")
+        finally:
+            bar.close()
         wall = time.perf_counter() - started
 
         if math.isnan(val_loss) and start_iter < t.iters:
