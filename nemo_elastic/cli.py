@@ -32,13 +32,15 @@ def _setup_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
-    # Megatron logs a lot at INFO; keep ours readable.
+    # Megatron logs and warns a lot about GPU-only features; keep the output readable.
     logging.getLogger("megatron").setLevel(logging.WARNING if not verbose else logging.INFO)
-    import warnings
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    if not verbose:
+        import warnings
 
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
-    warnings.filterwarnings("ignore", message=".*absl.logging is not installed.*")
-    warnings.filterwarnings("ignore", message=".*async save is deprecated.*")
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron(\..*)?")
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed\..*")
 
 
 def _default_config() -> Path:

@@ -17,6 +17,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from nemo_elastic.config import Config, ModelConfig, ParallelConfig
 from nemo_elastic.model.specs import hybrid_stack_spec
 
+def squared_relu_eager(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2 without torch.compile.  Megatron's `squared_relu` is wrapped in torch.compile,
+    which on CPU means seconds of C++ code generation (and recompiles per shape) for a tiny op."""
+    return torch.square(torch.relu(x))
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -37,7 +43,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, **overrides
         is_hybrid_model=True,
         normalization="RMSNorm",
         layernorm_epsilon=model.layernorm_epsilon,
-        activation_func=squared_relu,
+        activation_func=squared_relu if on_gpu else squared_relu_eager,
         gated_linear_unit=False,
         add_bias_linear=False,
         add_qkv_bias=False,

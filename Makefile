@@ -1,0 +1,45 @@
+# Two commands do all set-up on a fresh machine:
+#   make run   - create .venv (Python 3.12), install the package, run the main job (conf/tiny.yaml)
+#   make test  - also install the test extras and run the whole test suite
+# Python 3.12 is found as `python3.12`, or through pyenv when the default interpreter is older.
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(VENV)/bin/pip
+PYTEST_ARGS ?=
+
+PYTHON312 := $(shell \
+	if command -v python3.12 >/dev/null 2>&1 && python3.12 -c 'import sys' >/dev/null 2>&1; then \
+		echo python3.12; \
+	elif command -v pyenv >/dev/null 2>&1; then \
+		v=$$(pyenv versions --bare 2>/dev/null | grep -E '^3\.12(\.[0-9]+)?$$' | sort -V | tail -n1); \
+		[ -n "$$v" ] && echo "env PYENV_VERSION=$$v $$(pyenv root)/versions/$$v/bin/python3.12"; \
+	fi)
+
+.PHONY: run test install install-test bench clean lint
+
+$(VENV)/.installed: setup.py
+	@if [ -z "$(PYTHON312)" ]; then echo "error: Python 3.12 not found (install it, e.g. 'pyenv install 3.12')" >&2; exit 1; fi
+	$(PYTHON312) -m venv $(VENV)
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+run: install
+	$(VENV)/bin/nemo-elastic run $(ARGS)
+
+test: install-test
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/bench_forward.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info .pytest_cache
