@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, get_type_hints
 
+# Pure Python (no torch): the synthetic corpus knobs are a config section as they are.
+from nemo_elastic.data.synthetic import SyntheticReasoningConfig
+
 # Hybrid layer symbols we support (Megatron-Core `Symbols`): Mamba2, self-attention, dense MLP,
 # plus the pipeline-stage separator.  MoE ('E'), GDN ('G'), MLA ('+'), DSA ('D') and MTP ('/')
 # are real Megatron symbols that the elastic machinery does not handle yet.
@@ -149,25 +152,6 @@ class ParallelConfig:
 
 
 @dataclass(kw_only=True)
-class SyntheticDataConfig:
-    """The embedded default corpus (no download): see nemo_elastic.data.synthetic."""
-
-    num_train: int = 20000
-    num_val: int = 500
-    min_steps: int = 1
-    max_steps: int = 3
-    max_operand: int = 20
-    seed: int = 1234
-
-    def __post_init__(self) -> None:
-        _require_positive(self, "num_train", "num_val", "min_steps", "max_steps", "max_operand",
-                          prefix="data.synthetic.")
-        if self.min_steps > self.max_steps:
-            _fail("data.synthetic.min_steps", self.min_steps,
-                  f"must be <= data.synthetic.max_steps={self.max_steps}")
-
-
-@dataclass(kw_only=True)
 class IndexedDataConfig:
     """Megatron-Core indexed dataset (`.bin/.idx`) built by `nemo-elastic preprocess`."""
 
@@ -185,7 +169,7 @@ class DataConfig:
     micro_batch_size: int = 8
     global_batch_size: int = 8
     seed: int = 1234
-    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    synthetic: SyntheticReasoningConfig = field(default_factory=SyntheticReasoningConfig)
     indexed: IndexedDataConfig = field(default_factory=IndexedDataConfig)
 
     def __post_init__(self) -> None:
@@ -302,7 +286,9 @@ def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
         raise ConfigError(f"missing required config key(s): {', '.join(path + m for m in missing)}")
     try:
         return cls(**kwargs)
-    except TypeError as err:  # wrong value types surface here, e.g. a list for an int
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:  # wrong types, or a section validated elsewhere
         raise ConfigError(f"{path.rstrip('.') or 'config'}: {err}") from err
 
 

@@ -95,3 +95,8 @@ def test_config_module_imports_no_torch():
     code = "import sys, nemo_elastic.config; print('torch' in sys.modules, 'megatron' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_section_errors_are_config_errors_with_the_section_path():
+    with pytest.raises(ConfigError, match=r"data.synthetic: .*min_steps=4.*max_steps"):
+        load_config("conf/tiny.yaml", ["data.synthetic.min_steps=4", "data.synthetic.max_steps=2"])

@@ -6,7 +6,6 @@ each `[b, s]`); the train iterator is resumable (`state_dict()` is stored in che
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -42,13 +41,12 @@ def build_tokenizer(cfg: Config):
 
 def build_training_data(cfg: Config, info: RankInfo) -> TrainingData:
     from nemo_elastic.data import BatchIterator, PackedDataset, document_ids, generate_corpus
-    from nemo_elastic.data.synthetic import SyntheticReasoningConfig
 
     d = cfg.data
     tokenizer = build_tokenizer(cfg)
     val_problems = None
     if d.source == "synthetic":
-        corpus = generate_corpus(SyntheticReasoningConfig(**dataclasses.asdict(d.synthetic)))
+        corpus = generate_corpus(d.synthetic)
         to_ids = lambda problems: [document_ids(tokenizer, p.text) for p in problems]  # noqa: E731
         train = PackedDataset(to_ids(corpus.train), seq_length=d.seq_length, pad_id=tokenizer.pad_id)
         val = PackedDataset(to_ids(corpus.val), seq_length=d.seq_length, pad_id=tokenizer.pad_id)
