@@ -43,12 +43,11 @@ def have_transformer_engine() -> bool:
 
 def local_hybrid_stack_spec(*, d_conv: int = 4, chunk_size: int = 128,
                             mixer=NemoMambaMixer, attention=SelfAttention, mlp=MLP,
-                            stack=NemoHybridStack) -> ModuleSpec:
+                            stack=NemoHybridStack, norm=WrappedTorchNorm) -> ModuleSpec:
     """Torch-only hybrid spec (column/row-parallel linears, torch RMSNorm, DotProductAttention).
 
     The module classes are parameters so the elastic subclasses reuse this exact wiring.
     """
-    norm = WrappedTorchNorm
     return ModuleSpec(
         module=stack,
         params={"final_norm": norm},

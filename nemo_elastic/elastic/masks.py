@@ -1,0 +1,268 @@
+"""Masks of a sub-network, in the parent's *global* index space, and their TP-local shards.
+
+Every axis is a (grouped) prefix after importance reordering:
+
+* hidden                 ``[h]``        first ``hidden_size`` channels;
+* Mamba inner channels   ``[H * P]``    head-major (`head * P + channel`): in each of the G groups
+                                        the first ``heads/G`` heads, and of each kept head the
+                                        first ``head_dim`` channels (group-aware, B/C untouched);
+* attention heads        ``[Hq]``       in each of the Q query groups the first ``heads/Q``;
+* FFN neurons            ``[F]``        first ``ffn_hidden_size``;
+* depth                  per layer      a gate: absent (kept), 0.0 (dropped) or a soft weight.
+
+Two forms produce the same `ElasticMasks`:
+
+* hard: `hard_masks(SubNetwork)` - 0/1 values, used for evaluation and matching extraction;
+* soft: `soft_masks(SoftSubNetwork)` - each axis is a probability vector over a choice list;
+  ``mode="mixture"``: mask = sum_i p_i * prefix(c_i); ``mode="scaled"``: prefix(c_argmax) *
+  p_argmax.  Either way the router receives gradients; one-hot probabilities reproduce the hard
+  masks exactly.
+
+An axis at its full size has ``values=None``: modules then run the unmodified upstream code,
+which keeps the full-budget model bit-identical to the plain Megatron-Core model.
+
+Tensor parallelism splits the Mamba inner channels, attention heads and FFN neurons into
+contiguous equal blocks per rank (Megatron's column-parallel layout), so a rank's mask is the
+matching block of the global mask (`shard`).  The hidden axis is not split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from nemo_elastic.config import ATTENTION, MAMBA, MLP, ModelConfig
+from nemo_elastic.elastic.subnet import SubNetwork
+
+
+@dataclass
+class AxisMask:
+    """values: [n] multiplier over the parent's channels (None = all kept, unmasked);
+    fraction: active share of the channels (RMSNorm correction, paper-digest §3.4)."""
+
+    values: Optional[torch.Tensor] = None
+    fraction: float = 1.0
+
+    @property
+    def is_full(self) -> bool:
+        return self.values is None
+
+
+@dataclass
+class LayerMasks:
+    gate: Optional[Union[float, torch.Tensor]] = None  # None: kept; 0.0: dropped; tensor: soft
+    inner: AxisMask = field(default_factory=AxisMask)  # Mamba [H*P] / attention [Hq] / FFN [F]
+
+    @property
+    def dropped(self) -> bool:
+        return isinstance(self.gate, float) and self.gate == 0.0
+
+
+@dataclass
+class ElasticMasks:
+    hidden: AxisMask
+    layers: dict[int, LayerMasks]  # global 0-based layer index -> masks
+
+    def layer(self, index: int) -> LayerMasks:
+        return self.layers.get(index) or LayerMasks()
+
+
+# ------------------------------------------------------------------------------- prefixes
+
+def grouped_prefix(groups: int, per_group: int, keep_per_group: int, *,
+                   dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """[groups * per_group]: within each contiguous group, the first `keep_per_group` are 1."""
+    mask = torch.zeros(groups, per_group, dtype=dtype, device=device)
+    mask[:, :keep_per_group] = 1
+    return mask.reshape(-1)
+
+
+def mamba_inner_prefix(model: ModelConfig, layer: int, heads: int, head_dim: int, *,
+                       dtype=torch.float32, device=None) -> torch.Tensor:
+    """[H * P] head-major mask: `heads / G` heads in every group x first `head_dim` channels."""
+    H, P, G = model.layer_size("mamba_num_heads", layer), model.layer_size("mamba_head_dim", layer), \
+        model.mamba_num_groups
+    head_mask = grouped_prefix(G, H // G, heads // G, dtype=dtype, device=device)  # [H]
+    chan_mask = grouped_prefix(1, P, head_dim, dtype=dtype, device=device)  # [P]
+    return (head_mask[:, None] * chan_mask[None, :]).reshape(-1)
+
+
+def attention_prefix(model: ModelConfig, layer: int, heads: int, *, dtype=torch.float32,
+                     device=None) -> torch.Tensor:
+    Hq, Q = model.layer_size("num_attention_heads", layer), model.num_query_groups
+    return grouped_prefix(Q, Hq // Q, heads // Q, dtype=dtype, device=device)
+
+
+def ffn_prefix(model: ModelConfig, layer: int, neurons: int, *, dtype=torch.float32,
+               device=None) -> torch.Tensor:
+    return grouped_prefix(1, model.layer_size("ffn_hidden_size", layer), neurons, dtype=dtype,
+                          device=device)
+
+
+def shard(values: Optional[torch.Tensor], tp_rank: int, tp_size: int) -> Optional[torch.Tensor]:
+    """The contiguous block of a global mask held by tensor-parallel rank `tp_rank`."""
+    if values is None or tp_size == 1:
+        return values
+    return values.view(tp_size, -1)[tp_rank]
+
+
+# ------------------------------------------------------------------------------- hard masks
+
+def _axis(full: int, kept: int, make: Callable[[], torch.Tensor]) -> AxisMask:
+    return AxisMask() if kept == full else AxisMask(values=make(), fraction=kept / full)
+
+
+def hard_masks(subnet: SubNetwork, model: ModelConfig, *, dtype=torch.float32,
+               device=None, tp_size: int = 1) -> ElasticMasks:
+    """0/1 masks of a validated hard sub-network (global index space)."""
+    subnet.validate(model, tp_size)
+    kw = {"dtype": dtype, "device": device}
+    h = model.hidden_size
+    hidden = _axis(h, subnet.hidden_size, lambda: grouped_prefix(1, h, subnet.hidden_size, **kw))
+    layers: dict[int, LayerMasks] = {}
+    for i, (sym, choice) in enumerate(zip(model.layer_symbols, subnet.layers)):
+        if not choice.keep:
+            layers[i] = LayerMasks(gate=0.0)
+            continue
+        if sym == MAMBA:
+            H, P = model.layer_size("mamba_num_heads", i), model.layer_size("mamba_head_dim", i)
+            k, p = choice.mamba_num_heads, choice.mamba_head_dim
+            inner = _axis(H * P, k * p, lambda: mamba_inner_prefix(model, i, k, p, **kw))
+        elif sym == ATTENTION:
+            Hq, k = model.layer_size("num_attention_heads", i), choice.num_attention_heads
+            inner = _axis(Hq, k, lambda: attention_prefix(model, i, k, **kw))
+        else:
+            F, k = model.layer_size("ffn_hidden_size", i), choice.ffn_hidden_size
+            inner = _axis(F, k, lambda: ffn_prefix(model, i, k, **kw))
+        if not inner.is_full:
+            layers[i] = LayerMasks(inner=inner)
+    return ElasticMasks(hidden=hidden, layers=layers)
+
+
+# ------------------------------------------------------------------------------- soft masks
+
+MODES = ("mixture", "scaled")
+
+
+@dataclass
+class SoftAxis:
+    """A differentiable choice among sizes: `probs [n]` over `choices` (descending or not)."""
+
+    choices: Sequence[int]
+    probs: torch.Tensor
+    mode: str = "mixture"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"SoftAxis.mode={self.mode!r}: must be one of {MODES}")
+        if self.probs.dim() != 1 or self.probs.numel() != len(self.choices):
+            raise ValueError(f"SoftAxis.probs has shape {tuple(self.probs.shape)}; expected "
+                             f"[{len(self.choices)}] (one probability per choice {list(self.choices)})")
+
+    def mask(self, full: int, prefix: Callable[[int], torch.Tensor]) -> AxisMask:
+        probs = self.probs
+        if self.mode == "mixture":
+            values = sum(p * prefix(c) for p, c in zip(probs, self.choices))
+            fraction = float(sum(float(p) * c for p, c in zip(probs.detach(), self.choices))) / full
+        else:
+            best = int(torch.argmax(probs.detach()))
+            values = prefix(self.choices[best]) * probs[best]
+            fraction = self.choices[best] / full
+        return AxisMask(values=values, fraction=fraction)
+
+    def hard_choice(self) -> int:
+        return self.choices[int(torch.argmax(self.probs.detach()))]
+
+
+SizeOrSoft = Union[int, SoftAxis]
+
+
+@dataclass
+class SoftLayer:
+    """Per-layer soft choices; ints are fixed sizes; `keep` may be a soft weight tensor."""
+
+    keep: Union[bool, torch.Tensor] = True
+    mamba_num_heads: Optional[SizeOrSoft] = None
+    mamba_head_dim: Optional[SizeOrSoft] = None
+    num_attention_heads: Optional[SizeOrSoft] = None
+    ffn_hidden_size: Optional[SizeOrSoft] = None
+
+
+@dataclass
+class SoftSubNetwork:
+    hidden_size: SizeOrSoft
+    layers: Sequence[SoftLayer]
+
+    def hard(self) -> SubNetwork:
+        """The argmax sub-network (what inference / extraction uses)."""
+        from nemo_elastic.elastic.subnet import LayerChoice
+
+        pick = lambda v: v.hard_choice() if isinstance(v, SoftAxis) else v  # noqa: E731
+        layers = []
+        for layer in self.layers:
+            keep = bool(layer.keep >= 0.5) if isinstance(layer.keep, torch.Tensor) else layer.keep
+            layers.append(LayerChoice(
+                keep=keep, mamba_num_heads=pick(layer.mamba_num_heads),
+                mamba_head_dim=pick(layer.mamba_head_dim),
+                num_attention_heads=pick(layer.num_attention_heads),
+                ffn_hidden_size=pick(layer.ffn_hidden_size)))
+        return SubNetwork(hidden_size=pick(self.hidden_size), layers=tuple(layers))
+
+
+def _soft_or_hard(value: SizeOrSoft, full: int, prefix: Callable[[int], torch.Tensor]) -> AxisMask:
+    if isinstance(value, SoftAxis):
+        return value.mask(full, prefix)
+    return _axis(full, value, lambda: prefix(value))
+
+
+def soft_masks(soft: SoftSubNetwork, model: ModelConfig, *, dtype=torch.float32,
+               device=None) -> ElasticMasks:
+    """Differentiable masks; sizes are validated through the argmax sub-network."""
+    soft.hard().validate(model)
+    for axis in _soft_axes(soft):
+        for c in axis.choices:
+            if c < 1:
+                raise ValueError(f"SoftAxis choice {c}: sizes must be >= 1")
+    kw = {"dtype": dtype, "device": device}
+    h = model.hidden_size
+    hidden = _soft_or_hard(soft.hidden_size, h, lambda c: grouped_prefix(1, h, c, **kw))
+    layers: dict[int, LayerMasks] = {}
+    for i, (sym, layer) in enumerate(zip(model.layer_symbols, soft.layers)):
+        gate = None
+        if isinstance(layer.keep, torch.Tensor):
+            gate = layer.keep
+        elif not layer.keep:
+            layers[i] = LayerMasks(gate=0.0)
+            continue
+        if sym == MAMBA:
+            H, P = model.layer_size("mamba_num_heads", i), model.layer_size("mamba_head_dim", i)
+            heads = _soft_or_hard(layer.mamba_num_heads, H,
+                                  lambda c: grouped_prefix(model.mamba_num_groups, H // model.mamba_num_groups,
+                                                           c // model.mamba_num_groups, **kw))
+            chans = _soft_or_hard(layer.mamba_head_dim, P, lambda c: grouped_prefix(1, P, c, **kw))
+            if heads.is_full and chans.is_full:
+                inner = AxisMask()
+            else:
+                hv = heads.values if heads.values is not None else torch.ones(H, **kw)
+                cv = chans.values if chans.values is not None else torch.ones(P, **kw)
+                inner = AxisMask(values=(hv[:, None] * cv[None, :]).reshape(-1),
+                                 fraction=heads.fraction * chans.fraction)
+        elif sym == ATTENTION:
+            inner = _soft_or_hard(layer.num_attention_heads, model.layer_size("num_attention_heads", i),
+                                  lambda c: attention_prefix(model, i, c, **kw))
+        else:
+            inner = _soft_or_hard(layer.ffn_hidden_size, model.layer_size("ffn_hidden_size", i),
+                                  lambda c: ffn_prefix(model, i, c, **kw))
+        if gate is not None or not inner.is_full:
+            layers[i] = LayerMasks(gate=gate, inner=inner)
+    return ElasticMasks(hidden=hidden, layers=layers)
+
+
+def _soft_axes(soft: SoftSubNetwork):
+    values = [soft.hidden_size]
+    for layer in soft.layers:
+        values += [layer.mamba_num_heads, layer.mamba_head_dim, layer.num_attention_heads,
+                   layer.ffn_hidden_size]
+    return [v for v in values if isinstance(v, SoftAxis)]

@@ -1,0 +1,208 @@
+"""`SubNetwork`: the hard (integer) description of one nested sub-network of a parent model.
+
+A sub-network keeps, after importance reordering (every axis sorted most-important first):
+
+* hidden channels ``[0, hidden_size)`` - one size for the whole model (embedding, every norm,
+  every projection reading or writing the residual stream, final norm, output layer);
+* per Mamba layer: ``mamba_num_heads`` heads, the same number ``mamba_num_heads / G`` in each of
+  the G groups (the first heads of each group; B/C/state are never pruned), and the first
+  ``mamba_head_dim`` channels of every kept head;
+* per attention layer: ``num_attention_heads`` query heads, the first ``num_attention_heads / Q``
+  of each of the Q query groups (KV groups are kept);
+* per MLP layer: the first ``ffn_hidden_size`` neurons;
+* per layer: ``keep`` (depth); a dropped layer passes the residual stream through unchanged.
+
+Layer sizes may differ per layer (heterogeneous); the hidden size is global.  Pure Python: no
+torch import, so budgets can be counted and validated anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from nemo_elastic.config import ATTENTION, MAMBA, MLP, ConfigError, ModelConfig
+
+# Which per-layer size fields apply to which layer symbol.
+LAYER_FIELDS = {
+    MAMBA: ("mamba_num_heads", "mamba_head_dim"),
+    ATTENTION: ("num_attention_heads",),
+    MLP: ("ffn_hidden_size",),
+}
+ALL_LAYER_FIELDS = ("mamba_num_heads", "mamba_head_dim", "num_attention_heads", "ffn_hidden_size")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerChoice:
+    """Sizes for one global layer. Fields that do not apply to the layer's type are None."""
+
+    keep: bool = True
+    mamba_num_heads: Optional[int] = None
+    mamba_head_dim: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+
+    def sizes(self) -> dict[str, int]:
+        return {f: getattr(self, f) for f in ALL_LAYER_FIELDS if getattr(self, f) is not None}
+
+
+def _parent_size(model: ModelConfig, field_name: str, layer: int) -> int:
+    return model.layer_size(field_name, layer)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubNetwork:
+    hidden_size: int
+    layers: tuple[LayerChoice, ...]
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def full(cls, model: ModelConfig) -> "SubNetwork":
+        return cls.uniform(model)
+
+    @classmethod
+    def uniform(cls, model: ModelConfig, *, hidden_size: Optional[int] = None,
+                mamba_num_heads: Optional[int] = None, mamba_head_dim: Optional[int] = None,
+                num_attention_heads: Optional[int] = None, ffn_hidden_size: Optional[int] = None,
+                drop_layers: Iterable[int] = ()) -> "SubNetwork":
+        """Same sizes in every layer of a type (None = the parent's); `drop_layers` are global
+        0-based layer indices."""
+        given = {"mamba_num_heads": mamba_num_heads, "mamba_head_dim": mamba_head_dim,
+                 "num_attention_heads": num_attention_heads, "ffn_hidden_size": ffn_hidden_size}
+        drop = set(drop_layers)
+        layers = []
+        for i, sym in enumerate(model.layer_symbols):
+            sizes = {f: given[f] if given[f] is not None else _parent_size(model, f, i)
+                     for f in LAYER_FIELDS[sym]}
+            layers.append(LayerChoice(keep=i not in drop, **sizes))
+        return cls(hidden_size=hidden_size if hidden_size is not None else model.hidden_size,
+                   layers=tuple(layers))
+
+    def replace_layer(self, index: int, **changes) -> "SubNetwork":
+        layers = list(self.layers)
+        layers[index] = dataclasses.replace(layers[index], **changes)
+        return dataclasses.replace(self, layers=tuple(layers))
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, model: ModelConfig, tp_size: int = 1) -> "SubNetwork":
+        """Raise ConfigError naming the field if this is not a sub-network of `model` that
+        tensor parallelism of size `tp_size` can run (masked or sliced). Returns self."""
+        p = "subnetwork."
+        symbols = model.layer_symbols
+        if len(self.layers) != len(symbols):
+            raise ConfigError(f"{p}layers has {len(self.layers)} entries; the parent has "
+                              f"{len(symbols)} layers (pattern {model.hybrid_layer_pattern!r})")
+        _check_range(f"{p}hidden_size", self.hidden_size, model.hidden_size, "model.hidden_size")
+        if not any(layer.keep for layer in self.layers):
+            raise ConfigError(f"{p}layers: every layer is dropped; keep at least one")
+        for i, (sym, layer) in enumerate(zip(symbols, self.layers)):
+            lp = f"{p}layers[{i}]"
+            for f in ALL_LAYER_FIELDS:
+                value = getattr(layer, f)
+                if f not in LAYER_FIELDS[sym]:
+                    if value is not None:
+                        raise ConfigError(f"{lp}.{f}={value!r}: layer {i} is {_KIND[sym]}; "
+                                          f"{f} does not apply (leave it None)")
+                    continue
+                if value is None:
+                    raise ConfigError(f"{lp}.{f}=None: layer {i} is {_KIND[sym]} and needs {f}")
+                _check_range(f"{lp}.{f}", value, _parent_size(model, f, i), f"model.{f}")
+            if sym == MAMBA:
+                _check_multiple(f"{lp}.mamba_num_heads", layer.mamba_num_heads,
+                                "model.mamba_num_groups", model.mamba_num_groups,
+                                "the same number of heads is kept in every Mamba group")
+            elif sym == ATTENTION:
+                _check_multiple(f"{lp}.num_attention_heads", layer.num_attention_heads,
+                                "model.num_query_groups", model.num_query_groups,
+                                "heads are pruned inside query groups; KV groups are kept")
+            elif sym == MLP and tp_size > 1:
+                _check_multiple(f"{lp}.ffn_hidden_size", layer.ffn_hidden_size,
+                                "parallel.tensor_model_parallel_size", tp_size,
+                                "tensor parallelism splits FFN neurons evenly")
+        return self
+
+    # ------------------------------------------------------------------ queries
+    def is_full(self, model: ModelConfig) -> bool:
+        return self == SubNetwork.full(model)
+
+    @property
+    def kept_layers(self) -> list[int]:
+        return [i for i, layer in enumerate(self.layers) if layer.keep]
+
+    def model_config(self, model: ModelConfig) -> ModelConfig:
+        """The physically smaller model's ModelConfig (dropped layers removed; heterogeneous
+        layer sizes go to `per_layer`; pipeline separators dropped: the result is one stage)."""
+        self.validate(model)
+        kept = self.kept_layers
+        symbols = model.layer_symbols
+        pattern = "".join(symbols[i] for i in kept)
+        base: dict[str, Any] = {"hidden_size": self.hidden_size}
+        per_layer: list[dict[str, int]] = []
+        for f in ALL_LAYER_FIELDS:
+            values = [getattr(self.layers[i], f) for i in kept
+                      if getattr(self.layers[i], f) is not None]
+            # The global value: the most common one (or the parent's when no layer has the type).
+            base[f] = max(set(values), key=values.count) if values else getattr(model, f)
+        for i in kept:
+            per_layer.append({f: v for f, v in self.layers[i].sizes().items() if v != base[f]})
+        fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
+        fields.update(base, hybrid_layer_pattern=pattern,
+                      per_layer=per_layer if any(per_layer) else None)
+        if model.kv_channels is None:
+            fields["kv_channels"] = model.head_dim  # keep head size when heads are pruned
+        return ModelConfig(**fields)
+
+    # ------------------------------------------------------------------ (de)serialization
+    def to_dict(self) -> dict[str, Any]:
+        return {"hidden_size": self.hidden_size,
+                "layers": [dataclasses.asdict(layer) for layer in self.layers]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SubNetwork":
+        unknown = set(data) - {"hidden_size", "layers"}
+        if unknown:
+            raise ConfigError(f"subnetwork: unknown key(s) {sorted(unknown)}; "
+                              "expected 'hidden_size' and 'layers'")
+        layers = []
+        valid = {f.name for f in dataclasses.fields(LayerChoice)}
+        for i, layer in enumerate(data.get("layers", ())):
+            bad = set(layer) - valid
+            if bad:
+                raise ConfigError(f"subnetwork.layers[{i}]: unknown key(s) {sorted(bad)}; "
+                                  f"valid: {sorted(valid)}")
+            layers.append(LayerChoice(**layer))
+        return cls(hidden_size=data["hidden_size"], layers=tuple(layers))
+
+    def describe(self, model: ModelConfig) -> str:
+        """One line per changed axis, e.g. for logs and summary tables."""
+        parts = [f"hidden {self.hidden_size}/{model.hidden_size}"]
+        for f in ALL_LAYER_FIELDS:
+            vals = sorted({getattr(layer, f) for layer in self.layers
+                           if layer.keep and getattr(layer, f) is not None})
+            if vals:
+                parts.append(f"{f} {'/'.join(map(str, vals))}")
+        dropped = [i for i, layer in enumerate(self.layers) if not layer.keep]
+        if dropped:
+            parts.append(f"dropped layers {dropped}")
+        return ", ".join(parts)
+
+
+_KIND = {MAMBA: "a Mamba layer", ATTENTION: "an attention layer", MLP: "an MLP layer"}
+
+
+def _check_range(name: str, value: Any, parent: int, parent_name: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= parent:
+        raise ConfigError(f"{name}={value!r}: must be an integer in [1, {parent_name}={parent}]")
+
+
+def _check_multiple(name: str, value: int, of_name: str, of: int, why: str) -> None:
+    if value % of != 0:
+        lower = value - value % of
+        hint = f"{lower} or {lower + of}" if lower else f"{of}"
+        raise ConfigError(f"{name}={value}: must be a multiple of {of_name}={of} ({why}); "
+                          f"use e.g. {hint}")
+
+
+def layer_types(model: ModelConfig) -> Sequence[str]:
+    return model.layer_symbols
