@@ -93,6 +93,10 @@ class ModelConfig:
     layernorm_epsilon: float = 1e-5
     init_method_std: float = 0.02
     params_dtype: str = "float32"  # float32 | bfloat16 | float16
+    # Heterogeneous layers (e.g. an extracted budget): one dict per global layer overriding
+    # mamba_num_heads / mamba_head_dim (Mamba), num_attention_heads (attention) or
+    # ffn_hidden_size (MLP) for that layer; None = every layer uses the global sizes.
+    per_layer: Optional[list] = None
 
     def __post_init__(self) -> None:
         p = "model."
@@ -115,6 +119,38 @@ class ModelConfig:
             _fail(f"{p}params_dtype", self.params_dtype, "must be one of float32, bfloat16, float16")
         if not self.layernorm_epsilon > 0:
             _fail(f"{p}layernorm_epsilon", self.layernorm_epsilon, "must be > 0")
+        if self.per_layer is not None:
+            self._validate_per_layer()
+
+    def _validate_per_layer(self) -> None:
+        symbols = self.layer_symbols
+        applies = {MAMBA: ("mamba_num_heads", "mamba_head_dim"), ATTENTION: ("num_attention_heads",),
+                   MLP: ("ffn_hidden_size",)}
+        if not isinstance(self.per_layer, (list, tuple)) or len(self.per_layer) != len(symbols):
+            _fail("model.per_layer", self.per_layer,
+                  f"must be a list with one entry (a dict, possibly empty) per layer: {len(symbols)}")
+        self.per_layer = [dict(entry or {}) for entry in self.per_layer]
+        for i, (sym, entry) in enumerate(zip(symbols, self.per_layer)):
+            for key, value in entry.items():
+                name = f"model.per_layer[{i}].{key}"
+                if key not in applies[sym]:
+                    _fail(name, value, f"layer {i} ({sym!r}) only takes {list(applies[sym])}")
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                    _fail(name, value, "must be a positive integer")
+            if "num_attention_heads" in entry:
+                _require_divides("", f"model.per_layer[{i}].num_attention_heads",
+                                 entry["num_attention_heads"], "model.num_query_groups",
+                                 self.num_query_groups)
+            if "mamba_num_heads" in entry:
+                _require_divides("", f"model.per_layer[{i}].mamba_num_heads",
+                                 entry["mamba_num_heads"], "model.mamba_num_groups",
+                                 self.mamba_num_groups)
+
+    def layer_size(self, field_name: str, layer: int) -> int:
+        """`field_name` (e.g. 'ffn_hidden_size') of global layer `layer`, per-layer aware."""
+        if self.per_layer and field_name in self.per_layer[layer]:
+            return self.per_layer[layer][field_name]
+        return getattr(self, field_name)
 
     @property
     def layer_symbols(self) -> str:
@@ -233,6 +269,10 @@ class Config:
         for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size",
                      "mamba_num_heads", "mamba_num_groups", "vocab_size"):
             _require_divides("model.", name, getattr(m, name), tp_rule, tp)
+        for i, entry in enumerate(m.per_layer or []):
+            for name, value in entry.items():
+                if name != "mamba_head_dim":  # head channels are not split by TP
+                    _require_divides("", f"model.per_layer[{i}].{name}", value, tp_rule, tp)
         segments = parse_layer_pattern(m.hybrid_layer_pattern)
         if pp > 1 and len(segments) % pp != 0:
             _fail("model.hybrid_layer_pattern", m.hybrid_layer_pattern,
