@@ -39,7 +39,7 @@ test: install-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: install
-	$(PY) bench/bench_forward.py
+	$(PY) bench/bench_elastic.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache
