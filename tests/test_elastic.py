@@ -1,6 +1,7 @@
 """Elastic parent: full budget == upstream bit for bit, soft == hard, router gradients, errors."""
 
 import math
+import random
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from nemo_elastic.config import ConfigError
 from nemo_elastic.elastic import SubNetwork
 from nemo_elastic.elastic.masks import SoftAxis, SoftLayer, SoftSubNetwork, hard_masks
 from nemo_elastic.elastic.norm import ElasticRMSNorm
+from nemo_elastic.elastic.subnet import sample_subnetwork
 from nemo_elastic.elastic.specs import build_elastic_model
 from nemo_elastic.model import build_hybrid_model
 from tests.conftest import tiny_config
@@ -75,23 +77,6 @@ def test_masks_are_unbound_after_forward_even_on_error(megatron_env):
                                                                     subnetwork=SubNetwork.full(cfg.model)))
 
 
-def _random_subnet(cfg, gen):
-    m = cfg.model
-    pick = lambda lo, hi, step=1: int(torch.randint(lo // step, hi // step + 1, (1,), generator=gen)) * step  # noqa: E731
-    subnet = SubNetwork.uniform(m, hidden_size=pick(1, m.hidden_size))
-    for i, sym in enumerate(m.layer_symbols):
-        if sym == "M":
-            subnet = subnet.replace_layer(i, mamba_num_heads=pick(m.mamba_num_groups, m.mamba_num_heads,
-                                                                  m.mamba_num_groups),
-                                          mamba_head_dim=pick(1, m.mamba_head_dim))
-        elif sym == "*":
-            subnet = subnet.replace_layer(i, num_attention_heads=pick(
-                m.num_query_groups, m.num_attention_heads, m.num_query_groups))
-        else:
-            subnet = subnet.replace_layer(i, ffn_hidden_size=pick(1, m.ffn_hidden_size))
-    return subnet
-
-
 def _soft_one_hot(cfg, subnet, mode):
     """A SoftSubNetwork whose one-hot probabilities select `subnet`'s sizes."""
     def axis(value, full):
@@ -125,9 +110,10 @@ def test_one_hot_soft_equals_hard_and_router_gets_gradients(megatron_env, mode):
     cfg = _cfg()
     _, elastic = _pair(cfg)
     tokens, pos = _tokens(cfg)
-    gen = torch.Generator().manual_seed(3)
+    rng = random.Random(3)
     for _ in range(3):
-        subnet = _random_subnet(cfg, gen)
+        subnet = sample_subnetwork(cfg.model, rng, axes=("hidden", "mamba", "head_dim",
+                                                         "attention", "ffn"))
         soft = _soft_one_hot(cfg, subnet, mode)
         assert soft.hard() == subnet
         hard_out = elastic(tokens, pos, None, subnetwork=subnet)

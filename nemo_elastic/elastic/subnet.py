@@ -206,3 +206,42 @@ def _check_multiple(name: str, value: int, of_name: str, of: int, why: str) -> N
 
 def layer_types(model: ModelConfig) -> Sequence[str]:
     return model.layer_symbols
+
+
+AXES = ("hidden", "mamba", "head_dim", "attention", "ffn", "depth")
+
+
+def sample_subnetwork(model: ModelConfig, rng, axes: Sequence[str] = AXES) -> SubNetwork:
+    """A uniformly random valid sub-network varying only `axes` (per layer: heterogeneous).
+
+    `rng` is a `random.Random`; used by tests, benchmarks and sandwich-style sampling.
+    """
+    bad = sorted(set(axes) - set(AXES))
+    if bad:
+        raise ValueError(f"axes={list(axes)}: unknown {bad}; choose from {list(AXES)}")
+
+    def draw(lo: int, hi: int, step: int = 1) -> int:
+        return rng.randint(max(1, lo // step), hi // step) * step
+
+    subnet = SubNetwork.uniform(model, hidden_size=draw(1, model.hidden_size)
+                                if "hidden" in axes else None)
+    for i, sym in enumerate(model.layer_symbols):
+        size = lambda f: model.layer_size(f, i)  # noqa: E731
+        if sym == MAMBA:
+            changes = {}
+            if "mamba" in axes:
+                g = model.mamba_num_groups
+                changes["mamba_num_heads"] = draw(g, size("mamba_num_heads"), g)
+            if "head_dim" in axes:
+                changes["mamba_head_dim"] = draw(1, size("mamba_head_dim"))
+            subnet = subnet.replace_layer(i, **changes)
+        elif sym == ATTENTION and "attention" in axes:
+            q = model.num_query_groups
+            subnet = subnet.replace_layer(i, num_attention_heads=draw(q, size("num_attention_heads"), q))
+        elif sym == MLP and "ffn" in axes:
+            subnet = subnet.replace_layer(i, ffn_hidden_size=draw(1, size("ffn_hidden_size")))
+    if "depth" in axes:
+        n = model.num_layers
+        for i in rng.sample(range(n), rng.randint(0, n - 1)):
+            subnet = subnet.replace_layer(i, keep=False)
+    return subnet.validate(model)
