@@ -15,38 +15,51 @@ H = mamba heads, k = conv kernel, a = attention heads, g = query groups, c = hea
     MLP        h + 2 f h (squared-ReLU, not gated)
     model      2 V h (embedding + untied output layer) + h (final norm)
 
-Later issues extend this module with counts for nested sub-networks.
+`model.per_layer` overrides the sizes of single layers (heterogeneous models, e.g. extracted
+sub-networks); `subnetwork_parameters` counts a `SubNetwork` of a parent.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Optional
+
 from nemo_elastic.config import ATTENTION, MAMBA, MLP, ModelConfig
+
+if TYPE_CHECKING:  # pure Python either way; avoid importing the elastic package at load time
+    from nemo_elastic.elastic.subnet import SubNetwork
 
 __all__ = ["attention_layer_parameters", "count_parameters", "embedding_parameters",
            "layer_parameters", "mamba_layer_parameters", "mlp_layer_parameters",
-           "parameter_breakdown"]
+           "parameter_breakdown", "subnetwork_parameters"]
 
 
-def mamba_layer_parameters(m: ModelConfig) -> int:
-    """Parameters of one Mamba2 layer (pre-norm + mixer)."""
-    h, d = m.hidden_size, m.mamba_d_inner
-    heads, bc = m.mamba_num_heads, 2 * m.mamba_num_groups * m.mamba_state_dim
+def _size(m: ModelConfig, field_name: str, layer: Optional[int]) -> int:
+    """Global size, or layer `layer`'s size when `model.per_layer` overrides it."""
+    return getattr(m, field_name) if layer is None else m.layer_size(field_name, layer)
+
+
+def mamba_layer_parameters(m: ModelConfig, layer: Optional[int] = None) -> int:
+    """Parameters of one Mamba2 layer (pre-norm + mixer); `layer` = global index for per-layer
+    sizes (None: the global sizes)."""
+    heads = _size(m, "mamba_num_heads", layer)
+    h, d = m.hidden_size, heads * _size(m, "mamba_head_dim", layer)
+    bc = 2 * m.mamba_num_groups * m.mamba_state_dim
     conv_dim = d + bc  # channels of the depthwise conv: [x | B | C]
     in_proj = (2 * d + bc + heads) * h  # rows [z | x | B | C | dt]
     conv = conv_dim * m.mamba_conv_kernel + conv_dim  # weight [conv_dim, 1, k] + bias
     return h + in_proj + conv + 3 * heads + d + h * d
 
 
-def attention_layer_parameters(m: ModelConfig) -> int:
+def attention_layer_parameters(m: ModelConfig, layer: Optional[int] = None) -> int:
     """Parameters of one self-attention layer (pre-norm + fused qkv + output projection)."""
-    h, c = m.hidden_size, m.head_dim
-    qkv = (m.num_attention_heads + 2 * m.num_query_groups) * c * h
-    return h + qkv + h * m.num_attention_heads * c
+    h, c, a = m.hidden_size, m.head_dim, _size(m, "num_attention_heads", layer)
+    qkv = (a + 2 * m.num_query_groups) * c * h
+    return h + qkv + h * a * c
 
 
-def mlp_layer_parameters(m: ModelConfig) -> int:
+def mlp_layer_parameters(m: ModelConfig, layer: Optional[int] = None) -> int:
     """Parameters of one MLP layer (pre-norm + up + down projection)."""
-    return m.hidden_size + 2 * m.ffn_hidden_size * m.hidden_size
+    return m.hidden_size + 2 * _size(m, "ffn_hidden_size", layer) * m.hidden_size
 
 
 def embedding_parameters(m: ModelConfig) -> int:
@@ -58,25 +71,31 @@ _PER_LAYER = {MAMBA: mamba_layer_parameters, ATTENTION: attention_layer_paramete
               MLP: mlp_layer_parameters}
 
 
-def layer_parameters(m: ModelConfig, symbol: str) -> int:
-    """Parameters of one layer of type `symbol` ('M', '*' or '-')."""
+def layer_parameters(m: ModelConfig, symbol: str, layer: Optional[int] = None) -> int:
+    """Parameters of one layer of type `symbol` ('M', '*' or '-'); `layer` as above."""
     try:
-        return _PER_LAYER[symbol](m)
+        count = _PER_LAYER[symbol]
     except KeyError:
         raise ValueError(f"layer symbol {symbol!r}: expected one of 'M', '*', '-'") from None
+    return count(m, layer)
 
 
 def parameter_breakdown(m: ModelConfig) -> dict[str, int]:
-    """{'embedding', 'mamba', 'attention', 'mlp', 'total'} parameter counts."""
-    symbols = m.layer_symbols
-    out = {"embedding": embedding_parameters(m),
-           "mamba": symbols.count(MAMBA) * mamba_layer_parameters(m),
-           "attention": symbols.count(ATTENTION) * attention_layer_parameters(m),
-           "mlp": symbols.count(MLP) * mlp_layer_parameters(m)}
+    """{'embedding', 'mamba', 'attention', 'mlp', 'total'} parameter counts (per-layer aware)."""
+    out = {"embedding": embedding_parameters(m), "mamba": 0, "attention": 0, "mlp": 0}
+    kind = {MAMBA: "mamba", ATTENTION: "attention", MLP: "mlp"}
+    for i, symbol in enumerate(m.layer_symbols):
+        out[kind[symbol]] += layer_parameters(m, symbol, i)
     out["total"] = sum(out.values())
     return out
 
 
 def count_parameters(m: ModelConfig) -> int:
-    """Total parameter count of the full (parent) model described by `m`."""
+    """Total parameter count of the model described by `m` (heterogeneous layers included)."""
     return parameter_breakdown(m)["total"]
+
+
+def subnetwork_parameters(m: ModelConfig, subnet: "SubNetwork") -> int:
+    """Parameters of the physically sliced sub-network `subnet` of parent `m`
+    (= `count_parameters(subnet.model_config(m))`; validates `subnet` against `m`)."""
+    return count_parameters(subnet.model_config(m))

@@ -190,6 +190,11 @@ def hf_passthrough(hf) -> dict[str, Any]:
 
 def hf_config_from_model(m: ModelConfig, passthrough: Optional[dict[str, Any]] = None):
     """`ModelConfig` -> transformers `NemotronHConfig` that loads with no custom code."""
+    if m.per_layer and any(m.per_layer):
+        raise HFConfigError(
+            f"model.per_layer={m.per_layer!r}: Hugging Face NemotronH has one size per layer "
+            "type, so heterogeneous per-layer sizes cannot be exported; export a sub-network "
+            "with uniform sizes (or keep this checkpoint in the nemo_elastic format)")
     from transformers import NemotronHConfig
 
     if MAMBA in m.layer_symbols and m.layernorm_epsilon != MEGATRON_MAMBA_NORM_EPS:

@@ -6,6 +6,7 @@ untied embedding / output layer.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -16,6 +17,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nemo_elastic.config import Config, ModelConfig, ParallelConfig
 from nemo_elastic.model.specs import hybrid_stack_spec
+from nemo_elastic.model.stack import NemoHybridStack
 
 def squared_relu_eager(x: torch.Tensor) -> torch.Tensor:
     """relu(x)^2 without torch.compile.  Megatron's `squared_relu` is wrapped in torch.compile,
@@ -78,6 +80,8 @@ def build_hybrid_model(cfg: Config, *, spec: Optional[ModuleSpec] = None,
 
     `spec`/`model_cls` let the elastic subclasses reuse the same construction.
     Requires `nemo_elastic.runtime.initialize` to have run (parallel state).
+    `cfg.model.per_layer` (heterogeneous sizes) is applied by `NemoHybridStack`; the global
+    TransformerConfig keeps the global sizes.
     """
     from megatron.core import parallel_state as ps
 
@@ -86,6 +90,9 @@ def build_hybrid_model(cfg: Config, *, spec: Optional[ModuleSpec] = None,
     if spec is None:
         spec = hybrid_stack_spec(backend=spec_backend, d_conv=m.mamba_conv_kernel,
                                  chunk_size=m.mamba_chunk_size)
+    overrides = layer_overrides(m)
+    if overrides:
+        spec = _with_layer_overrides(spec, overrides)
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=True)
     if post_process is None:
@@ -101,6 +108,21 @@ def build_hybrid_model(cfg: Config, *, spec: Optional[ModuleSpec] = None,
         share_embeddings_and_output_weights=False,
         position_embedding_type="none",
     )
+
+
+def layer_overrides(m: ModelConfig) -> dict[int, dict[str, int]]:
+    """`model.per_layer` as {global layer index: TransformerConfig overrides} (non-empty only)."""
+    return {i: dict(entry) for i, entry in enumerate(m.per_layer or []) if entry}
+
+
+def _with_layer_overrides(spec: ModuleSpec, overrides: dict[int, dict[str, int]]) -> ModuleSpec:
+    """A copy of `spec` whose stack rebuilds the overridden layers (the caller's spec is kept)."""
+    stack = spec.module if isinstance(spec.module, type) else None
+    if stack is None or not issubclass(stack, NemoHybridStack):
+        raise ValueError(
+            f"model.per_layer sets per-layer sizes, but the stack spec builds {spec.module!r}, "
+            "which cannot apply them; use a spec whose module is NemoHybridStack (or a subclass)")
+    return dataclasses.replace(spec, params={**spec.params, "layer_overrides": overrides})
 
 
 def count_parameters(model: torch.nn.Module) -> int:
