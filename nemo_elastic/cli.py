@@ -6,6 +6,8 @@
     nemo-elastic preprocess --input FILE --tokenizer tokenizer.json --out PREFIX
     nemo-elastic import-hf  DIR --out CKPT                              nemotron_h -> Megatron checkpoint
     nemo-elastic export     --ckpt CKPT --format hf --out DIR           Megatron checkpoint -> nemotron_h
+    nemo-elastic extract    --ckpt CKPT (--subnet FILE | --hidden-size N ...) --out CKPT
+                                                                        slice a sub-network out
 
 Errors in user input (config, checkpoint, data files) print one line naming the field/path and
 the fix, and exit with status 2; anything else is a bug and shows its traceback.
@@ -97,6 +99,39 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _subnetwork_from_args(args, model_cfg):
+    """--subnet FILE (YAML/JSON of SubNetwork.to_dict()) or uniform per-axis flags."""
+    from nemo_elastic.elastic import SubNetwork
+
+    if args.subnet:
+        from omegaconf import OmegaConf
+
+        path = Path(args.subnet)
+        if not path.is_file():
+            raise ConfigError(f"--subnet {str(path)!r} does not exist")
+        return SubNetwork.from_dict(OmegaConf.to_container(OmegaConf.load(path)))
+    drop = [int(i) for i in args.drop_layers.split(",")] if args.drop_layers else []
+    return SubNetwork.uniform(
+        model_cfg, hidden_size=args.hidden_size, mamba_num_heads=args.mamba_num_heads,
+        mamba_head_dim=args.mamba_head_dim, num_attention_heads=args.num_attention_heads,
+        ffn_hidden_size=args.ffn_hidden_size, drop_layers=drop)
+
+
+def cmd_extract(args) -> int:
+    from nemo_elastic.budget import count_parameters, subnetwork_parameters
+    from nemo_elastic.checkpoint import config_from_checkpoint, resolve_checkpoint
+    from nemo_elastic.export import extract_checkpoint
+
+    ckpt = resolve_checkpoint(args.ckpt)
+    parent = config_from_checkpoint(ckpt).model
+    subnet = _subnetwork_from_args(args, parent).validate(parent)
+    path = extract_checkpoint(ckpt, subnet, args.out, overwrite=args.overwrite)
+    full, kept = count_parameters(parent), subnetwork_parameters(parent, subnet)
+    logger.info("extracted %s -> %s: %s parameters (%.1f%% of %s); %s", ckpt, path, f"{kept:,}",
+                100 * kept / full, f"{full:,}", subnet.describe(parent))
+    return 0
+
+
 # ------------------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("extract", help="slice a sub-network out of a checkpoint (zero-shot)")
+    p.add_argument("--ckpt", required=True, help="parent checkpoint (or a run's output dir)")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--subnet", help="YAML/JSON sub-network (SubNetwork.to_dict() format)")
+    for flag in ("hidden-size", "mamba-num-heads", "mamba-head-dim", "num-attention-heads",
+                 "ffn-hidden-size"):
+        p.add_argument(f"--{flag}", type=int, default=None,
+                       help="uniform size for every layer (default: the parent's)")
+    p.add_argument("--drop-layers", default="", help="comma-separated global layer indices")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_extract)
     return parser
 
 
