@@ -44,3 +44,15 @@ def tiny_config(model_overrides: dict | None = None, **sections):
     data = {"model": tiny_model_dict(**(model_overrides or {}))}
     data.update(sections)
     return from_dict(Config, data)
+
+
+def perturb(model, seed: int = 0, scale: float = 0.1):
+    """Move every parameter away from its init (norm weights != 1, D != 1, ...), in place."""
+    import torch
+
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, device=device, dtype=p.dtype))
+    return model

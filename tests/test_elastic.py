@@ -13,7 +13,7 @@ from nemo_elastic.elastic.norm import ElasticRMSNorm
 from nemo_elastic.elastic.subnet import sample_subnetwork
 from nemo_elastic.elastic.specs import build_elastic_model
 from nemo_elastic.model import build_hybrid_model
-from tests.conftest import tiny_config
+from tests.conftest import perturb, tiny_config
 
 PATTERN = "M-*M-"  # Mamba, MLP, attention: every axis
 
@@ -25,10 +25,7 @@ def _cfg(**model):
 def _pair(cfg, seed=0):
     """(plain upstream-spec HybridModel, elastic model) sharing perturbed weights."""
     plain = build_hybrid_model(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in plain.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    perturb(plain, seed)
     elastic = build_elastic_model(cfg)
     elastic.load_state_dict(plain.state_dict())
     return plain, elastic

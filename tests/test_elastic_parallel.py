@@ -8,7 +8,7 @@ from nemo_elastic.checkpoint import load_checkpoint, save_checkpoint
 from nemo_elastic.config import ParallelConfig
 from nemo_elastic.elastic import SubNetwork
 from nemo_elastic.elastic.specs import build_elastic_model
-from tests.conftest import tiny_config
+from tests.conftest import perturb, tiny_config
 from tests.multiproc import run_multiprocess
 
 pytestmark = pytest.mark.slow
@@ -28,11 +28,8 @@ def _reference(tmp_path, pattern):
     cfg = tiny_config({"hybrid_layer_pattern": pattern})
     with runtime.distributed(ParallelConfig()):
         model = build_elastic_model(cfg)
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.1 * torch.randn(p.shape, generator=gen))
-        tokens = torch.randint(0, cfg.model.vocab_size, (2, 37), generator=gen)
+        perturb(model)
+        tokens = torch.randint(0, cfg.model.vocab_size, (2, 37))
         pos = torch.arange(37).expand(2, 37)
         with torch.no_grad():
             logits = model(tokens, pos, None, subnetwork=_subnet(cfg.model))

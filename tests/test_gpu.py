@@ -22,15 +22,11 @@ needs_kernels = pytest.mark.skipif(not have_mamba_kernels(),
 
 def _parent():
     from nemo_elastic.elastic.specs import build_elastic_model
-    from tests.conftest import tiny_config
+    from tests.conftest import perturb, tiny_config
 
     cfg = tiny_config({"hybrid_layer_pattern": "M-*M-", "mamba_num_heads": 8,
                        "mamba_num_groups": 2, "mamba_chunk_size": 16})
-    model = build_elastic_model(cfg).cuda()
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen, device="cuda"))
+    model = perturb(build_elastic_model(cfg).cuda())
     return cfg, model
 
 

@@ -14,7 +14,7 @@ import torch
 from nemo_elastic.elastic.subnet import sample_subnetwork
 from nemo_elastic.elastic.specs import build_elastic_model
 from nemo_elastic.export.slicing import slice_model
-from tests.conftest import tiny_config
+from tests.conftest import perturb, tiny_config
 
 TOL = 1e-5
 
@@ -22,11 +22,7 @@ TOL = 1e-5
 def _parent(pattern, seed=0, **model):
     cfg = tiny_config({"hybrid_layer_pattern": pattern, "mamba_num_heads": 8, "mamba_num_groups": 2,
                        "num_attention_heads": 4, "num_query_groups": 2, **model})
-    elastic = build_elastic_model(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in elastic.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    elastic = perturb(build_elastic_model(cfg), seed)
     return cfg, elastic
 
 

@@ -7,18 +7,10 @@ import torch.nn.functional as F
 from nemo_elastic.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from nemo_elastic.model import build_hybrid_model
 from nemo_elastic.runtime import set_seed
-from tests.conftest import tiny_config
+from tests.conftest import perturb, tiny_config
 from tests.test_ops import oracle_conv, oracle_gated_norm, oracle_ssd
 
 F64 = torch.float64
-
-
-def _perturb(model, seed=0):
-    """Move every parameter away from its init (norm weights != 1, D != 1, ...)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
 def _inputs(cfg, b=2, s=40, seed=0):
@@ -60,7 +52,7 @@ def test_causality(megatron_env):
     """Changing token t must not change logits before t (Mamba conv/scan and attention)."""
     cfg = tiny_config()
     model = build_hybrid_model(cfg)
-    _perturb(model)
+    perturb(model)
     tokens, pos = _inputs(cfg, s=30)
     changed = tokens.clone()
     changed[:, 20] = (changed[:, 20] + 1) % cfg.model.vocab_size
@@ -74,7 +66,7 @@ def test_dist_checkpoint_round_trip_bit_exact(megatron_env, tmp_path):
     cfg = tiny_config()
     set_seed(1)
     source = build_hybrid_model(cfg)
-    _perturb(source, seed=3)
+    perturb(source, seed=3)
     path = save_checkpoint(tmp_path / "ckpt", cfg=cfg, model=source, kind="test")
     assert read_meta(path)["config"]["model"]["hidden_size"] == cfg.model.hidden_size
     set_seed(2)
@@ -113,7 +105,7 @@ def _mamba_layer_oracle(layer, hidden, eps):
 def test_mamba_layer_equals_sequential_recurrence(megatron_env):
     cfg = tiny_config({"hybrid_layer_pattern": "M", "mamba_num_groups": 2, "mamba_num_heads": 4})
     model = build_hybrid_model(cfg)
-    _perturb(model, seed=5)
+    perturb(model, seed=5)
     layer = model.decoder.layers[0]
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(37, 2, cfg.model.hidden_size, generator=gen)  # [s, b, h], s % chunk != 0

@@ -9,7 +9,7 @@ from nemo_elastic import runtime
 from nemo_elastic.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from nemo_elastic.config import ParallelConfig, load_config
 from nemo_elastic.model import build_hybrid_model
-from tests.conftest import tiny_config
+from tests.conftest import perturb, tiny_config
 from tests.multiproc import run_multiprocess
 
 pytestmark = pytest.mark.slow
@@ -37,11 +37,8 @@ def test_tensor_parallel_2_equals_1(tmp_path):
     cfg = tiny_config()
     with runtime.distributed(ParallelConfig()):
         model = build_hybrid_model(cfg)
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.1 * torch.randn(p.shape, generator=gen))
-        tokens = torch.randint(0, cfg.model.vocab_size, (2, 37), generator=gen)
+        perturb(model)
+        tokens = torch.randint(0, cfg.model.vocab_size, (2, 37))
         with torch.no_grad():
             reference = model(tokens, torch.arange(37).expand(2, 37), None)
         save_checkpoint(tmp_path / "ckpt", cfg=cfg, model=model, kind="test")
