@@ -1,0 +1,150 @@
+"""Forward hooks that accumulate activation magnitudes for the width scores (paper-digest §4.1).
+
+What is recorded, per module of this rank's pipeline stage (layouts are Megatron's, sequence
+first, TP-local):
+
+* hidden channels: |LN(X)| of every pre-norm output ``[s, b, h]`` - Mamba ``layers.i.norm``,
+  attention ``layers.i.input_layernorm``, MLP ``layers.i.pre_mlp_layernorm`` - and of
+  ``decoder.final_norm``; one accumulator per norm (summed over norms when finalized);
+* FFN neurons: |linear_fc2 input| ``[s, b, F_local]``, i.e. fc1's output AFTER the squared-ReLU
+  (what actually reaches fc2; a neuron whose pre-activation is negative contributes nothing);
+* Mamba: |x| ``[s, b, H_local, P]`` - the x block of ``in_proj``'s output
+  ``[z | x | B | C | dt]`` (before the conv), per (head, channel);
+* attention heads: the per-head L2 norm of ``linear_proj``'s input ``[s, b, Hq_local * kv]``
+  viewed ``[s, b, Hq_local, kv]``, i.e. of each head's softmax(QK^T)V output.
+
+The hidden axis is not split by tensor parallelism; the other axes hold this rank's contiguous
+block of heads / neurons (global order when concatenated over TP ranks).  Hooks need separate
+norm modules: the local (torch) spec.  Transformer-Engine specs fuse the norm into the next
+linear, so the recorder refuses them with a message naming the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from nemo_elastic.config import ATTENTION, MAMBA, MLP, ModelConfig
+from nemo_elastic.importance.aggregate import Aggregation
+
+logger = logging.getLogger(__name__)
+
+# Which pre-norm module feeds each layer type (local spec attribute names).
+PRE_NORM = {MAMBA: "norm", ATTENTION: "input_layernorm", MLP: "pre_mlp_layernorm"}
+FINAL_NORM = "final_norm"
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The HybridModel inside DDP / Float16Module wrappers (they expose it as `.module`)."""
+    while not hasattr(model, "decoder") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _first(output):
+    """Megatron linears return (output, bias); norms return a tensor."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+class ActivationRecorder:
+    """Context manager: ``with ActivationRecorder(model, model_cfg, agg) as rec: model(...)``.
+
+    Attributes after the forwards (raw running sums, see `Aggregation.accumulate`):
+    ``hidden`` {norm name: [h]}, ``ffn`` {layer: [F_local]}, ``mamba`` {layer: [H_local, P]},
+    ``attention`` {layer: [Hq_local]}, all float64; ``samples`` / ``tokens`` are counted by
+    `count_batch` (the caller knows the batch).
+    """
+
+    def __init__(self, model: torch.nn.Module, model_cfg: ModelConfig,
+                 aggregation: Aggregation) -> None:
+        self.model = unwrap(model)
+        self.model_cfg = model_cfg
+        self.agg = aggregation
+        self.hidden: dict[str, torch.Tensor] = {}
+        self.ffn: dict[int, torch.Tensor] = {}
+        self.mamba: dict[int, torch.Tensor] = {}
+        self.attention: dict[int, torch.Tensor] = {}
+        self.samples = 0
+        self.tokens = 0
+        self._handles: list = []
+
+    # ------------------------------------------------------------------ accumulation
+    def _add(self, store: dict, key, a: torch.Tensor) -> None:
+        store[key] = self.agg.accumulate(store.get(key), a)
+
+    def count_batch(self, tokens: torch.Tensor) -> None:
+        """tokens [b, s] of one micro-batch that was (or will be) run through the model."""
+        self.samples += int(tokens.shape[0])
+        self.tokens += int(tokens.numel())
+
+    # ------------------------------------------------------------------ hook registration
+    def __enter__(self) -> "ActivationRecorder":
+        decoder = self.model.decoder
+        symbols = self.model_cfg.layer_symbols
+        try:
+            for layer in decoder.layers:
+                index = layer.layer_number - 1  # global 0-based layer index
+                symbol = symbols[index]
+                norm_name = PRE_NORM[symbol]
+                self._hook_norm(getattr(layer, norm_name, None), f"layers.{index}.{norm_name}")
+                if symbol == MAMBA:
+                    self._hook_mamba(layer.mixer, index)
+                elif symbol == ATTENTION:
+                    self._hook_attention(layer.self_attention, index)
+                else:
+                    self._hook_ffn(layer.mlp, index)
+            final = getattr(decoder, FINAL_NORM, None)
+            if getattr(decoder, "post_process", False) and getattr(decoder, "post_layer_norm", True):
+                self._hook_norm(final, FINAL_NORM)
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook_norm(self, norm: Optional[torch.nn.Module], name: str) -> None:
+        if norm is None or type(norm).__name__ == "IdentityOp":
+            raise ValueError(
+                f"activation scores need the pre-norm module {name!r}, but this model has none "
+                "(Transformer-Engine specs fuse the norm into the next linear); build the model "
+                "with the local spec (build_hybrid_model(cfg, spec_backend='local') or "
+                "build_elastic_model(cfg))")
+
+        def hook(module, args, output):
+            self._add(self.hidden, name, _first(output).abs())  # [s, b, h]
+
+        self._handles.append(norm.register_forward_hook(hook))
+
+    def _hook_mamba(self, mixer: torch.nn.Module, index: int) -> None:
+        d_local, P = mixer.d_inner_local_tp, mixer.headdim
+
+        def hook(module, args, output):
+            zxbcdt = _first(output)  # [s, b, 2*d_local + 2*G_local*N + H_local]
+            x = zxbcdt[..., d_local:2 * d_local]
+            self._add(self.mamba, index, x.unflatten(-1, (-1, P)).abs())  # [s, b, H_local, P]
+
+        self._handles.append(mixer.in_proj.register_forward_hook(hook))
+
+    def _hook_attention(self, attention: torch.nn.Module, index: int) -> None:
+        kv = attention.hidden_size_per_attention_head
+
+        def hook(module, args):
+            heads = args[0].unflatten(-1, (-1, kv))  # [s, b, Hq_local, kv]
+            self._add(self.attention, index, heads.norm(dim=-1))  # [s, b, Hq_local]
+
+        self._handles.append(attention.linear_proj.register_forward_pre_hook(hook))
+
+    def _hook_ffn(self, mlp: torch.nn.Module, index: int) -> None:
+        def hook(module, args):
+            self._add(self.ffn, index, args[0].abs())  # [s, b, F_local], after the activation
+
+        self._handles.append(mlp.linear_fc2.register_forward_pre_hook(hook))

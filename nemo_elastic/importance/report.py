@@ -1,0 +1,105 @@
+"""Human-readable outputs of `prepare`: ``ranking.json`` and the layer-importance plot.
+
+``ranking.json``::
+
+    {"calibration": {aggregation, samples, tokens, seconds, ...},
+     "hidden": {"permutation": [...], "sorted_scores": [...]},
+     "layers": {"0": {"type": "M", "mamba_heads": {...}, "mamba_channels": {...}},
+                "1": {"type": "-", "ffn": {...}}, "3": {"type": "*", "attention_heads": {...}}},
+     "depth": {"selected": "iterative", "layer_ranking": [...least -> most important],
+               "methods": {"iterative": {"order", "scores", "rounds"}, "one_shot": ..., "cosine": ...}}}
+
+``permutation[new] = old`` (the parent's index now at position ``new``); ``sorted_scores`` are
+the scores in the new order (non-increasing, within each group for heads).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from nemo_elastic.config import ATTENTION, MAMBA, MLP, ModelConfig
+from nemo_elastic.importance.depth import DepthRanking
+from nemo_elastic.importance.order import Permutations
+from nemo_elastic.importance.scores import ImportanceScores
+
+LAYER_COLORS = {MAMBA: "tab:blue", ATTENTION: "tab:orange", MLP: "tab:green"}
+LAYER_NAMES = {MAMBA: "Mamba2", ATTENTION: "attention", MLP: "MLP"}
+
+
+def _axis(scores: torch.Tensor, perm: torch.Tensor) -> dict:
+    return {"permutation": perm.tolist(),
+            "sorted_scores": [float(v) for v in scores.cpu()[perm.cpu()]]}
+
+
+def ranking_document(scores: ImportanceScores, perms: Permutations,
+                     depth: Mapping[str, DepthRanking], selected: str) -> dict:
+    layers = {}
+    for i, s in scores.layers.items():
+        p = perms.layers[i]
+        layers[str(i)] = {"type": s.kind, **{axis: _axis(values, getattr(p, axis))
+                                              for axis, values in s.axes().items()}}
+    return {
+        "calibration": scores.summary(),
+        "hidden": _axis(scores.hidden, perms.hidden),
+        "layers": layers,
+        "depth": {"selected": selected, "layer_ranking": depth[selected].order,
+                  "methods": {name: r.to_dict() for name, r in depth.items()}},
+    }
+
+
+def write_ranking(path: Path, document: dict) -> Path:
+    path.write_text(json.dumps(document, indent=1))
+    return path
+
+
+def plot_layer_importance(depth: Mapping[str, DepthRanking], model_cfg: ModelConfig,
+                          path: Path, selected: str = "iterative") -> Path:
+    """Bar chart: one-shot normalized MSE of the logits per layer (log scale), coloured by layer
+    type; the label above each bar is the layer's position in the selected removal order
+    (1 = dropped first).  A second panel shows 1 - cosine when it was computed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    symbols = model_cfg.layer_symbols
+    layers = list(range(len(symbols)))
+    nmse = depth.get("one_shot") or depth.get("iterative")
+    panels = [("normalized MSE of logits (layer removed alone)", nmse)]
+    if "cosine" in depth:
+        panels.append(("1 - cos(layer input, output)", depth["cosine"]))
+    panels = [(title, r) for title, r in panels if r is not None and r.scores]
+    width = max(6.4, 0.45 * len(layers))  # readable bars for deep models
+    fig, axes = plt.subplots(max(1, len(panels)), 1, figsize=(width, 2.6 * max(1, len(panels))),
+                             dpi=120, squeeze=False)
+    chosen = depth.get(selected)
+    removal = {j: k + 1 for k, j in enumerate(chosen.order)} if chosen else {}
+    for ax, (title, ranking) in zip(axes[:, 0], panels):
+        values = [ranking.scores.get(j, float("nan")) for j in layers]
+        bars = ax.bar(layers, values, color=[LAYER_COLORS[symbols[j]] for j in layers])
+        if ranking is nmse and removal:
+            for j, bar in zip(layers, bars):
+                ax.annotate(str(removal[j]), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=7)
+        positive = [v for v in values if v == v and v > 0]
+        if positive and max(positive) / min(positive) > 100:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks(layers)
+        ax.set_xticklabels([f"{j}{symbols[j]}" for j in layers], fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(handles=[Patch(color=c, label=LAYER_NAMES[s]) for s, c in LAYER_COLORS.items()
+                               if s in symbols], fontsize=7, loc="upper right")
+    if removal:
+        axes[-1, 0].set_xlabel(f"layer (above bars: {selected} removal order, 1 = dropped first)")
+    else:
+        axes[-1, 0].set_xlabel("layer")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,63 @@
+"""Zero-shot quality of prefixes: a uniform-fraction `SubNetwork` and its masked LM loss.
+
+Used to check what reordering buys before any elastic training: after `prepare`, the prefix
+sub-network at 50% of every width axis should lose far less than a prefix of a randomly ordered
+model (`bench/bench_importance.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from nemo_elastic.config import ModelConfig
+from nemo_elastic.elastic.subnet import SubNetwork
+
+
+def _scaled(full: int, fraction: float, multiple: int = 1) -> int:
+    """round(full * fraction) as a positive multiple of `multiple` (groups keep equal sizes)."""
+    units = full // multiple
+    return multiple * max(1, min(units, int(units * fraction + 0.5)))
+
+
+def fractional_subnetwork(model: ModelConfig, fraction: float) -> SubNetwork:
+    """`fraction` of every width axis in every layer: hidden, Mamba heads (per group) and head
+    channels, attention heads (per query group), FFN neurons; no layer dropped."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction={fraction!r}: must be in (0, 1]")
+    subnet = SubNetwork.full(model)
+    subnet = SubNetwork(hidden_size=_scaled(model.hidden_size, fraction), layers=subnet.layers)
+    for i, layer in enumerate(subnet.layers):
+        changes = {}
+        if layer.mamba_num_heads is not None:
+            changes["mamba_num_heads"] = _scaled(layer.mamba_num_heads, fraction,
+                                                 model.mamba_num_groups)
+            changes["mamba_head_dim"] = _scaled(layer.mamba_head_dim, fraction)
+        if layer.num_attention_heads is not None:
+            changes["num_attention_heads"] = _scaled(layer.num_attention_heads, fraction,
+                                                     model.num_query_groups)
+        if layer.ffn_hidden_size is not None:
+            changes["ffn_hidden_size"] = _scaled(layer.ffn_hidden_size, fraction)
+        subnet = subnet.replace_layer(i, **changes)
+    return subnet.validate(model)
+
+
+def subnetwork_loss(model, batches: Iterable[dict], subnetwork=None) -> float:
+    """Token-mean LM loss (loss_mask-weighted) of an `ElasticHybridModel` sub-network over
+    `batches` (dicts of [b, s] tokens / labels / loss_mask / position_ids); one process."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                b = {k: v.to(device) for k, v in batch.items()}
+                loss = model(b["tokens"], b["position_ids"], None, labels=b["labels"],
+                             subnetwork=subnetwork)  # [b, s] per-token loss
+                mask = b["loss_mask"].double()
+                total += torch.stack([(loss.double() * mask).sum(), mask.sum()]).cpu()
+    finally:
+        model.train(was_training)
+    return float(total[0] / total[1].clamp(min=1))
