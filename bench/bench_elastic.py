@@ -42,7 +42,7 @@ def main() -> None:
     from nemo_elastic.elastic.masks import SoftAxis, SoftLayer, SoftSubNetwork
     from nemo_elastic.elastic.specs import build_elastic_model
     from nemo_elastic.model import build_hybrid_model
-    from nemo_elastic.training.report import format_table
+    from nemo_elastic.report import format_table
 
     h = args.hidden
     cfg = from_dict(Config, {"model": dict(

@@ -108,8 +108,8 @@ def evaluate(args, cfg, parent: Path, prepared: Path, train_s: float, prepare_s:
                                          permute_model_, random_permutations)
     from nemo_elastic.importance.prepare import calibration_batches
     from nemo_elastic.importance.zero_shot import subnetwork_loss
-    from nemo_elastic.training.report import format_table
-    from nemo_elastic.training.data import build_training_data
+    from nemo_elastic.report import format_table
+    from nemo_elastic.data.loaders import build_training_data
 
     m = cfg.model
     cols = budgets(m)

@@ -3,6 +3,7 @@
     nemo-elastic run        [--config conf/tiny.yaml] [key=value ...]   the main job (embedded default)
     nemo-elastic pretrain   --config CONF [key=value ...]              train the parent
     nemo-elastic eval       --ckpt CKPT [key=value ...]                validation loss + answer accuracy
+    nemo-elastic prepare    --ckpt CKPT --out CKPT [--config CONF]       importance scores + reordering
     nemo-elastic preprocess --input FILE --tokenizer tokenizer.json --out PREFIX
     nemo-elastic import-hf  DIR --out CKPT                              nemotron_h -> Megatron checkpoint
     nemo-elastic export     --ckpt CKPT --format hf --out DIR           Megatron checkpoint -> nemotron_h
@@ -68,6 +69,20 @@ def cmd_eval(args) -> int:
     from nemo_elastic.training.evaluate_checkpoint import evaluate_checkpoint
 
     evaluate_checkpoint(args.ckpt, overrides=args.overrides)
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from nemo_elastic.importance.prepare import prepare
+
+    data_config = load_config(args.config).data if args.config else None
+    path = prepare(args.ckpt, args.out, num_batches=args.num_batches,
+                   aggregation=args.aggregation, depth_method=args.depth_method,
+                   overwrite=args.overwrite, depth_batches=args.depth_batches,
+                   overrides=args.overrides, data_config=data_config,
+                   progress=not args.no_progress)
+    logger.info("prepared (importance-reordered) checkpoint: %s; rankings in %s", path,
+                Path(path) / "ranking.json")
     return 0
 
 
@@ -161,6 +176,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="checkpoint dir (or a run's output dir: latest)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("prepare", help="score every axis and layer on calibration data, then "
+                       "reorder the weights so every budget is a prefix")
+    p.add_argument("--ckpt", required=True, help="parent checkpoint (or a run's output dir)")
+    p.add_argument("--out", required=True, help="output (prepared) checkpoint directory")
+    p.add_argument("--config", default=None,
+                   help="recipe whose `data` section supplies the calibration data "
+                        "(default: the checkpoint's own)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--num-batches", type=int, default=16, help="calibration micro-batches")
+    p.add_argument("--depth-batches", type=int, default=None,
+                   help="batches for the depth ranking (default: all)")
+    p.add_argument("--aggregation", default="mean/l2",
+                   help="SEQUENCE/BATCH reductions, each of sum|mean|l2 (or 'sum')")
+    p.add_argument("--depth-method", default="iterative",
+                   choices=["iterative", "one_shot", "cosine"])
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("preprocess", help="text/jsonl -> Megatron indexed dataset (.bin/.idx)")
     p.add_argument("--input", required=True, help=".txt (one document per line) or .jsonl")

@@ -82,7 +82,7 @@ def test_pipeline_parallel_2_trains_and_its_checkpoint_loads_at_pp1(tmp_path):
 
     # The PP=2 checkpoint (layers keyed by global number) loads into a one-stage model and gives
     # the validation loss the pipeline computed.
-    from nemo_elastic.training.data import build_training_data
+    from nemo_elastic.data.loaders import build_training_data
     from nemo_elastic.training.evaluation import validation_loss
 
     cfg = load_config("conf/tiny.yaml", [*FAST, f"output_dir={out}",

@@ -19,6 +19,7 @@ _LAZY = {
     "CharTokenizer": "tokenizer",
     "HFTokenizer": "hf_tokenizer",
     "preprocess_to_indexed": "preprocess", "smallest_token_dtype": "preprocess",
+    "TrainingData": "loaders", "build_tokenizer": "loaders", "build_training_data": "loaders",
     "IndexedDatasetsConfig": "indexed", "IndexedSamples": "indexed",
     "MegatronTokenizerAdapter": "indexed", "build_indexed_datasets": "indexed",
 }

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from nemo_elastic import runtime
 from nemo_elastic.checkpoint import (CheckpointError, config_from_checkpoint, load_checkpoint,
                                      resolve_checkpoint, save_checkpoint)
-from nemo_elastic.config import PIPE, Config, ParallelConfig
+from nemo_elastic.config import PIPE, Config, ParallelConfig, load_config, to_dict
 from nemo_elastic.importance.aggregate import Aggregation
 from nemo_elastic.importance.depth import METHODS, depth_rankings
 from nemo_elastic.importance.order import permutations_from_scores
@@ -63,7 +63,7 @@ def prepare(ckpt: Union[str, Path], out: Union[str, Path], *, num_batches: int =
             depth_method: str = "iterative", overwrite: bool = False,
             mamba_top_channels: float = 1.0, depth_batches: Optional[int] = None,
             depth_max_rounds: Optional[int] = None, overrides: Sequence[str] = (),
-            progress: bool = True) -> Path:
+            data_config=None, progress: bool = True) -> Path:
     """Importance-reorder the parent checkpoint `ckpt`; write the prepared checkpoint to `out`.
 
     Args:
@@ -83,6 +83,8 @@ def prepare(ckpt: Union[str, Path], out: Union[str, Path], *, num_batches: int =
             iterative ranking costs about L^2/2 forwards per batch for L layers.
         depth_max_rounds: stop the iterative removal after this many rounds.
         overrides: `key=value` config overrides (e.g. data settings for calibration).
+        data_config: a `DataConfig` replacing the stored `data` section (calibration data from
+            another recipe), applied before `overrides`.
         progress: show progress bars.
 
     Returns the prepared checkpoint's path.  The stored config is the parent's (unchanged); the
@@ -104,7 +106,11 @@ def prepare(ckpt: Union[str, Path], out: Union[str, Path], *, num_batches: int =
     if out.resolve() == src.resolve():
         raise CheckpointError(f"out={str(out)!r} is the parent checkpoint itself; choose a new "
                               "directory")
-    cfg = config_from_checkpoint(src, overrides)
+    cfg = config_from_checkpoint(src)
+    if data_config is not None:
+        cfg = dataclasses.replace(cfg, data=data_config)
+    if overrides:
+        cfg = load_config(base=to_dict(cfg), overrides=overrides)
     run_cfg = one_process_config(cfg)
     info = runtime.initialize(run_cfg.parallel, cfg.train.seed)
     try:
@@ -120,7 +126,7 @@ def _prepare(src: Path, out: Path, cfg: Config, run_cfg: Config, info, *, agg, n
              depth_method, overwrite, mamba_top_channels, depth_batches, depth_max_rounds,
              progress) -> Path:
     from nemo_elastic.elastic.specs import build_elastic_model
-    from nemo_elastic.training.data import build_training_data
+    from nemo_elastic.data.loaders import build_training_data
 
     model = build_elastic_model(run_cfg)
     load_checkpoint(src, model=model, restore_rng=False)
@@ -153,7 +159,7 @@ def _prepare(src: Path, out: Path, cfg: Config, run_cfg: Config, info, *, agg, n
 
 def _log_summary(cfg: Config, depth, selected: str, score_s: float, depth_s: float,
                  out: Path) -> None:
-    from nemo_elastic.training.report import format_table
+    from nemo_elastic.report import format_table
 
     symbols = cfg.model.layer_symbols
     position = {j: k + 1 for k, j in enumerate(depth[selected].order)}

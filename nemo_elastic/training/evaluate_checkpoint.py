@@ -8,9 +8,9 @@ import math
 from nemo_elastic import runtime
 from nemo_elastic.checkpoint import config_from_checkpoint, load_checkpoint, resolve_checkpoint
 from nemo_elastic.model import build_hybrid_model
-from nemo_elastic.training.data import build_training_data
+from nemo_elastic.data.loaders import build_training_data
 from nemo_elastic.training.evaluation import answer_accuracy_of, validation_loss
-from nemo_elastic.training.report import format_table
+from nemo_elastic.report import format_table
 
 logger = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from nemo_elastic import runtime
 from nemo_elastic.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nemo_elastic.config import Config, to_dict
 from nemo_elastic.model import build_hybrid_model, count_parameters
-from nemo_elastic.training.data import build_training_data
+from nemo_elastic.data.loaders import build_training_data
 from nemo_elastic.training.evaluation import answer_accuracy_of, validation_loss
 from nemo_elastic.training.optim import build_optimizer, build_scheduler
-from nemo_elastic.training.report import format_table, plot_curves
+from nemo_elastic.report import format_table, plot_curves
 from nemo_elastic.training.step import lm_forward_step, reduce_lm_loss
 
 logger = logging.getLogger(__name__)

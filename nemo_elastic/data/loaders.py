@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from nemo_elastic.config import Config
-from nemo_elastic.runtime import RankInfo
+
+if TYPE_CHECKING:
+    from nemo_elastic.runtime import RankInfo
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ def build_tokenizer(cfg: Config):
     return tokenizer
 
 
-def build_training_data(cfg: Config, info: RankInfo) -> TrainingData:
+def build_training_data(cfg: Config, info: "RankInfo") -> TrainingData:
     from nemo_elastic.data import BatchIterator, PackedDataset, document_ids, generate_corpus
 
     d = cfg.data
