@@ -36,7 +36,6 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.12",
     packages=find_packages(include=["nemo_elastic", "nemo_elastic.*"]),
-    package_data={"nemo_elastic": ["conf/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["nemo-elastic=nemo_elastic.cli:main"]},

@@ -19,12 +19,14 @@ import logging
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from nemo_elastic.config import Config, ConfigError, load_config, to_dict
 
@@ -151,6 +153,29 @@ def _rng_sharded_object(state: Optional[dict[str, Any]]):
 # save / load
 # ---------------------------------------------------------------------------------------------
 
+def start_writer_processes() -> None:
+    """Start dist_checkpointing's writer helper process now, with SIGTERM/SIGINT ignored.
+
+    Megatron's torch_dist writer lazily spawns a `multiprocessing.Manager` at the first save.
+    Slurm and torchrun deliver SIGTERM to the whole process group; a Manager started normally
+    would die with the trainer and make the preemption checkpoint fail.  Started here, with the
+    signals ignored, it inherits the ignore and survives until the final save is done.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals cannot be changed here
+        pass
+    try:
+        filesystem_async.get_write_results_queue()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def save_checkpoint(ckpt_dir: str | Path, *, cfg: Config, model: torch.nn.Module,
                     optimizer=None, scheduler=None, iteration: int = 0,
                     data_state: Optional[dict] = None, kind: str = "pretrain",
@@ -220,7 +245,8 @@ def load_checkpoint(ckpt_dir: str | Path, *, model: torch.nn.Module, optimizer=N
         template["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
     try:
         loaded = dist_checkpointing.load(template, str(ckpt_dir))
-    except Exception as err:  # dist_checkpointing raises many types for damaged files
+    except (Exception, CheckpointException) as err:  # many types for damaged files; torch's
+        # CheckpointException derives from BaseException
         raise CheckpointError(
             f"checkpoint {str(ckpt_dir)!r} could not be read ({type(err).__name__}: {err}); "
             "it is corrupt or was written for a different model shape") from err

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from nemo_elastic.config import ConfigError, load_config
+from nemo_elastic.errors import UserError
 
 logger = logging.getLogger("nemo_elastic")
 
@@ -240,7 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as err:
+    except (UserError, CheckpointError, FileNotFoundError, FileExistsError) as err:
         logger.error("%s", err)
         return 2
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, get_type_hints
 
+from nemo_elastic.errors import UserError
+
 # Pure Python (no torch): the synthetic corpus knobs are a config section as they are.
 from nemo_elastic.data.synthetic import SyntheticReasoningConfig
 
@@ -27,7 +29,7 @@ SUPPORTED_SYMBOLS = (MAMBA, ATTENTION, MLP)
 UNSUPPORTED_SYMBOLS = {"E": "MoE", "G": "GatedDeltaNet", "+": "MLA", "D": "DSA attention", "/": "MTP"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration value breaks a rule; the message names the field, value and fix."""
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nemo_elastic.config import ParallelConfig
+from nemo_elastic.config import ConfigError, ParallelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -187,16 +187,18 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> RankInfo:
     if not dist.is_initialized():
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
-        if world_size == 1:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(find_free_port()))
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:
+            # One plain process: an in-memory store, no TCP port (nothing to collide with, and
+            # nothing leaks into the environment of processes this one starts).
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     world_size = dist.get_world_size()
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     if world_size % (tp * pp) != 0:
-        raise ValueError(
+        raise ConfigError(
             f"parallel.tensor_model_parallel_size={tp} x parallel.pipeline_model_parallel_size={pp} "
             f"does not divide the world size {world_size}; launch a multiple of {tp * pp} processes")
 

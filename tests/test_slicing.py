@@ -24,7 +24,8 @@ from nemo_elastic.export.slicing import SlicingError, slice_model, slice_state_d
 from nemo_elastic.model import build_hybrid_model, count_parameters
 from nemo_elastic.runtime import set_seed
 from tests.conftest import tiny_config
-from tests.test_model import _inputs, _perturb
+from tests.conftest import perturb as _perturb
+from tests.test_model import _inputs
 
 # Layers: 0 M, 1 -, 2 *, 3 M, 4 -, 5 *.  Mamba: H=8 heads in G=2 groups (4 each), P=8, N=8
 # (in_proj rows [z 64 | x 64 | B 16 | C 16 | dt 8] = 168).  Attention: 4 heads in Q=2 groups,

@@ -9,6 +9,8 @@ from typing import Iterable, Optional
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from nemo_elastic.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 # Tried in order when eod_token is None.
@@ -41,7 +43,7 @@ class HFTokenizer:
             present = [t for t in DEFAULT_EOD_TOKENS if self._tok.token_to_id(t) is not None]
             eod_token = present[0] if present else None
             if eod_token is None:
-                raise ValueError(
+                raise DataError(
                     f"HFTokenizer eod_token=None: none of {DEFAULT_EOD_TOKENS} is in "
                     f"{self.path}; pass eod_token= one of its special tokens "
                     f"{self._special_tokens_hint()}")
@@ -62,7 +64,7 @@ class HFTokenizer:
     def _require_id(self, field_name: str, token: str) -> int:
         token_id = self._tok.token_to_id(token)
         if token_id is None:
-            raise ValueError(f"HFTokenizer {field_name}={token!r}: token not in the vocabulary of "
+            raise DataError(f"HFTokenizer {field_name}={token!r}: token not in the vocabulary of "
                              f"{self.path}; pass one of its special tokens "
                              f"{self._special_tokens_hint()}")
         return token_id

@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
-from nemo_elastic.config import Config
+from nemo_elastic.config import Config, ConfigError
 
 if TYPE_CHECKING:
     from nemo_elastic.runtime import RankInfo
@@ -34,7 +34,7 @@ def build_tokenizer(cfg: Config):
     else:
         tokenizer = HFTokenizer(cfg.data.indexed.tokenizer, eod_token=cfg.data.indexed.eod_token)
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
             f"({tokenizer.vocab_size}); set model.vocab_size >= {tokenizer.vocab_size} (a multiple "
             "of the tensor-parallel size)")
@@ -62,7 +62,7 @@ def build_training_data(cfg: Config, info: "RankInfo") -> TrainingData:
                                   split=idx.split, cache_dir=idx.cache_dir,
                                   train_samples=cfg.train.iters * d.global_batch_size), tokenizer)
         if val is None:
-            raise ValueError(f"data.indexed.split={idx.split!r} gives the validation split no "
+            raise ConfigError(f"data.indexed.split={idx.split!r} gives the validation split no "
                              "weight; use e.g. '98,2,0'")
     logger.info("data: %s, %d train / %d validation samples of %d tokens, vocab %d", d.source,
                 len(train), len(val), d.seq_length, tokenizer.vocab_size)

@@ -31,6 +31,7 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 from tqdm import tqdm
 
+from nemo_elastic.errors import DataError
 from nemo_elastic.data.protocol import TokenizerProtocol, document_ids
 
 logger = logging.getLogger(__name__)
@@ -56,15 +57,15 @@ def _iter_jsonl(path: Path, json_key: str, bar: tqdm) -> Iterator[str]:
             try:
                 record = json.loads(raw)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {line_no}: not valid JSON ({err.msg}); each line "
+                raise DataError(f"{path} line {line_no}: not valid JSON ({err.msg}); each line "
                                  "must be one JSON object") from err
             if not isinstance(record, dict) or json_key not in record:
                 keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(f"{path} line {line_no}: missing key json_key={json_key!r} (line "
+                raise DataError(f"{path} line {line_no}: missing key json_key={json_key!r} (line "
                                  f"has {keys}); pass json_key= the field that holds the text")
             text = record[json_key]
             if not isinstance(text, str):
-                raise ValueError(f"{path} line {line_no}: key {json_key!r} holds a "
+                raise DataError(f"{path} line {line_no}: key {json_key!r} holds a "
                                  f"{type(text).__name__}, expected a string")
             yield text
 
@@ -77,7 +78,7 @@ def _iter_text(path: Path, text_mode: str, bar: tqdm) -> Iterator[str]:
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as err:
-                raise ValueError(f"{path} line {line_no}: not valid UTF-8 ({err.reason})") from err
+                raise DataError(f"{path} line {line_no}: not valid UTF-8 ({err.reason})") from err
             if text_mode == "lines":
                 if line.strip():
                     yield line
@@ -118,7 +119,7 @@ def preprocess_to_indexed(input_path: str | Path, tokenizer: TokenizerProtocol,
     if not input_path.is_file():
         raise FileNotFoundError(f"preprocess input_path={str(input_path)!r}: no such file")
     if text_mode not in ("paragraphs", "lines"):
-        raise ValueError(f"preprocess text_mode={text_mode!r}: must be 'paragraphs' (blank-line "
+        raise DataError(f"preprocess text_mode={text_mode!r}: must be 'paragraphs' (blank-line "
                          "separated documents) or 'lines' (one document per line)")
     prefix = str(output_prefix)
     out_dir = os.path.dirname(os.path.abspath(prefix))
@@ -145,14 +146,14 @@ def preprocess_to_indexed(input_path: str | Path, tokenizer: TokenizerProtocol,
             ids = document_ids(tokenizer, text, append_eod=append_eod)
             top = max(ids)
             if min(ids) < 0 or top >= vocab_size:
-                raise ValueError(f"{input_path}: document {num_docs} has token id {top} outside "
+                raise DataError(f"{input_path}: document {num_docs} has token id {top} outside "
                                  f"[0, vocab_size={vocab_size}); the tokenizer is inconsistent")
             # one document = one sequence of len(ids) tokens
             builder.add_document(np.asarray(ids, dtype=dtype), lengths=[len(ids)])
             num_docs += 1
             num_tokens += len(ids)
         if num_docs == 0:
-            raise ValueError(f"{input_path}: no non-empty document found")
+            raise DataError(f"{input_path}: no non-empty document found")
         builder.finalize(tmp_idx)
         _fsync(tmp_bin)
         _fsync(tmp_idx)

@@ -22,8 +22,9 @@ import torch
 from tqdm import tqdm
 
 from nemo_elastic import runtime
-from nemo_elastic.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from nemo_elastic.config import Config, to_dict
+from nemo_elastic.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint,
+                                    start_writer_processes)
+from nemo_elastic.config import Config, ConfigError, to_dict
 from nemo_elastic.model import build_hybrid_model, count_parameters
 from nemo_elastic.data.loaders import build_training_data
 from nemo_elastic.training.evaluation import answer_accuracy_of, validation_loss
@@ -134,7 +135,7 @@ def _pretrain(cfg: Config, stop: _StopRequest, *, resume: bool, progress: bool) 
         d, t = cfg.data, cfg.train
         per_step = d.micro_batch_size * info.dp_size
         if d.global_batch_size % per_step != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"data.global_batch_size={d.global_batch_size} must be a multiple of "
                 f"data.micro_batch_size x data-parallel size = {d.micro_batch_size} x {info.dp_size}")
         num_micro = d.global_batch_size // per_step
@@ -149,6 +150,7 @@ def _pretrain(cfg: Config, stop: _StopRequest, *, resume: bool, progress: bool) 
         if start_iter >= t.iters:
             logger.info("checkpoint %s already reached train.iters=%d; nothing to train", latest, t.iters)
 
+        start_writer_processes()  # before any signal can arrive mid-training (see its docstring)
         fwd_bwd = get_forward_backward_func()
         dp_group = ps.get_data_parallel_group()
         logger.info("model: %s parameters, pattern %s; %d micro-batch(es) of %d per iteration, "
