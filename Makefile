@@ -18,14 +18,14 @@ PYTHON312 := $(shell \
 
 .PHONY: run test install install-test bench clean lint
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py constraints.txt
 	@if [ -z "$(PYTHON312)" ]; then echo "error: Python 3.12 not found (install it, e.g. 'pyenv install 3.12')" >&2; exit 1; fi
 	$(PYTHON312) -m venv $(VENV)
-	$(PIP) install -e .
+	$(PIP) install -c constraints.txt -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install -e ".[test]"
+	$(PIP) install -c constraints.txt -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
