@@ -292,6 +292,14 @@ class Config:
                   f"must be a multiple of data.micro_batch_size={d.micro_batch_size}")
 
 
+    def single_process(self) -> "Config":
+        """This config at TP=1, PP=1 (pipeline separators removed; global layer indices and so
+        checkpoint keys unchanged): how conversion, slicing and importance scoring run."""
+        model = dataclasses.replace(self.model, hybrid_layer_pattern=self.model.layer_symbols)
+        return dataclasses.replace(self, model=model,
+                                   parallel=ParallelConfig(backend=self.parallel.backend))
+
+
 def _split_hint(symbols: str, parts: int) -> str:
     size = -(-len(symbols) // parts)
     return PIPE.join(symbols[i:i + size] for i in range(0, len(symbols), size))

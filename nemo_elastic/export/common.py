@@ -7,7 +7,6 @@ Megatron parameter names and layouts are the global ones that `hf_adapter` maps.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import resource
@@ -40,17 +39,11 @@ def tp1_runtime(seed: int = 1234) -> Iterator[None]:
         yield
 
 
-def single_process_config(cfg: Config) -> Config:
-    """`cfg` at TP=1/PP=1 (pipeline separators dropped: checkpoints use global layer numbers)."""
-    model = dataclasses.replace(cfg.model, hybrid_layer_pattern=cfg.model.layer_symbols)
-    return dataclasses.replace(cfg, model=model, parallel=ParallelConfig())
-
-
 def build_tp1_model(cfg: Config):
     """The whole model with torch (local-spec) modules; weights left uninitialized (overwritten)."""
     from nemo_elastic.model import build_hybrid_model
 
-    model = build_hybrid_model(single_process_config(cfg), spec_backend="local",
+    model = build_hybrid_model(cfg.single_process(), spec_backend="local",
                                perform_initialization=False)
     model.eval()
     return model

@@ -20,7 +20,7 @@ from nemo_elastic.checkpoint import (
     save_checkpoint)
 from nemo_elastic.elastic.subnet import SubNetwork
 from nemo_elastic.export.common import (
-    build_tp1_model, peak_rss_mib, single_process_config, tp1_runtime)
+    build_tp1_model, peak_rss_mib, tp1_runtime)
 from nemo_elastic.export.slicing import slice_model
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def extract_checkpoint(ckpt: str | Path, subnet: Union[SubNetwork, Mapping[str, 
     if not isinstance(subnet, SubNetwork):
         subnet = SubNetwork.from_dict(subnet)
     meta = read_meta(ckpt)
-    cfg = single_process_config(config_from_checkpoint(ckpt))
+    cfg = config_from_checkpoint(ckpt).single_process()
     subnet.validate(cfg.model)  # fail before loading the parent weights
     extra = {"subnetwork": subnet.to_dict(), "parent": str(ckpt),
              "parent_iteration": meta.get("iteration")}

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from nemo_elastic import runtime
 from nemo_elastic.checkpoint import (CheckpointError, config_from_checkpoint, load_checkpoint,
                                      resolve_checkpoint, save_checkpoint)
-from nemo_elastic.config import PIPE, Config, ParallelConfig, load_config, to_dict
+from nemo_elastic.config import Config, load_config, to_dict
 from nemo_elastic.importance.aggregate import Aggregation
 from nemo_elastic.importance.depth import METHODS, depth_rankings
 from nemo_elastic.importance.order import permutations_from_scores
@@ -41,14 +41,6 @@ logger = logging.getLogger(__name__)
 RANKING_FILE = "ranking.json"
 PLOT_FILE = "layer_importance.png"
 PREPARED_KIND = "prepared"
-
-
-def one_process_config(cfg: Config) -> Config:
-    """`cfg` at TP=1, PP=1 (pipeline separators removed; global layer indices unchanged)."""
-    model = dataclasses.replace(cfg.model,
-                                hybrid_layer_pattern=cfg.model.hybrid_layer_pattern.replace(PIPE, ""))
-    return dataclasses.replace(cfg, model=model,
-                               parallel=ParallelConfig(backend=cfg.parallel.backend))
 
 
 def calibration_batches(data, num_batches: int, *, progress: bool = True) -> list[dict]:
@@ -111,7 +103,7 @@ def prepare(ckpt: Union[str, Path], out: Union[str, Path], *, num_batches: int =
         cfg = dataclasses.replace(cfg, data=data_config)
     if overrides:
         cfg = load_config(base=to_dict(cfg), overrides=overrides)
-    run_cfg = one_process_config(cfg)
+    run_cfg = cfg.single_process()
     info = runtime.initialize(run_cfg.parallel, cfg.train.seed)
     try:
         return _prepare(src, out, cfg, run_cfg, info, agg=agg, num_batches=num_batches,
