@@ -30,22 +30,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from typing import Callable, Mapping
 
 import torch
 
 from nemo_elastic.config import ATTENTION, MAMBA, MLP, Config, ModelConfig, ParallelConfig
 from nemo_elastic.elastic.subnet import LayerChoice, SubNetwork
+from nemo_elastic.model.names import LAYER_KEY, PRE_NORM_KEYS
 
 logger = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
-_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-# Pre-norm weights [h] under the local spec names and the TE fused-norm names.
-_PRE_NORMS = ("norm.weight", "mixer.in_proj.layer_norm_weight", "input_layernorm.weight",
-              "self_attention.linear_qkv.layer_norm_weight", "pre_mlp_layernorm.weight",
-              "mlp.linear_fc1.layer_norm_weight")
 
 
 class SlicingError(ValueError):
@@ -100,7 +95,7 @@ def _slice_mamba(sd: dict[str, Tensor], m: ModelConfig, layer: int, choice: Laye
     out: dict[str, Tensor] = {}
     for key, t in sd.items():
         name = where + key
-        if key in _PRE_NORMS:
+        if key in PRE_NORM_KEYS:
             _expect(name, t, (m.hidden_size,))
             out[key] = _prefix(t, 0, h)
         elif key == "mixer.in_proj.weight":
@@ -145,7 +140,7 @@ def _slice_attention(sd: dict[str, Tensor], m: ModelConfig, layer: int, choice: 
     out: dict[str, Tensor] = {}
     for key, t in sd.items():
         name = where + key
-        if key in _PRE_NORMS:
+        if key in PRE_NORM_KEYS:
             _expect(name, t, (m.hidden_size,))
             out[key] = _prefix(t, 0, h)
         elif key == "self_attention.linear_qkv.weight":
@@ -166,7 +161,7 @@ def _slice_mlp(sd: dict[str, Tensor], m: ModelConfig, layer: int, choice: LayerC
     out: dict[str, Tensor] = {}
     for key, t in sd.items():
         name = where + key
-        if key in _PRE_NORMS:
+        if key in PRE_NORM_KEYS:
             _expect(name, t, (m.hidden_size,))
             out[key] = _prefix(t, 0, h)
         elif key == "mlp.linear_fc1.weight":  # [F, h]
@@ -206,7 +201,7 @@ def slice_state_dict(parent_sd: Mapping[str, Tensor], parent: ModelConfig,
     for key, t in parent_sd.items():
         if key.endswith("_extra_state"):
             continue  # TE/fp8 metadata, not a weight (None for the local spec)
-        match = _LAYER_KEY.match(key)
+        match = LAYER_KEY.match(key)
         if match:
             layer = int(match.group(1))
             if layer >= len(symbols):

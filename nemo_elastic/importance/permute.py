@@ -30,22 +30,17 @@ and silently break the function.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Mapping
 
 import torch
 
 from nemo_elastic.config import ATTENTION, MAMBA, MLP, ModelConfig
 from nemo_elastic.importance.order import LayerPermutation, Permutations, validate_permutations
+from nemo_elastic.model.names import LAYER_KEY, PRE_NORM_KEYS
 
 logger = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
-_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-# Pre-norm weights [h]: local spec names and the Transformer-Engine fused-norm aliases.
-PRE_NORMS = ("norm.weight", "mixer.in_proj.layer_norm_weight", "input_layernorm.weight",
-             "self_attention.linear_qkv.layer_norm_weight", "pre_mlp_layernorm.weight",
-             "mlp.linear_fc1.layer_norm_weight")
 
 
 def _take(t: Tensor, dim: int, index: Tensor) -> Tensor:
@@ -146,11 +141,11 @@ def _permute_one(key: str, t: Tensor, m: ModelConfig, perms: Permutations, symbo
         return _take(t, 1, ph)
     if key == "decoder.final_norm.weight":
         return _take(t, 0, ph)
-    match = _LAYER_KEY.match(key)
+    match = LAYER_KEY.match(key)
     if match is None:
         raise KeyError(key)
     i, name = int(match.group(1)), match.group(2)
-    if name in PRE_NORMS:
+    if name in PRE_NORM_KEYS:
         return _take(t, 0, ph)
     if i >= len(symbols) or i not in perms.layers:
         raise KeyError(key)
