@@ -1,6 +1,7 @@
 """`nemo-elastic` command line.
 
-    nemo-elastic run        [--config conf/tiny.yaml] [key=value ...]   the main job (embedded default)
+    nemo-elastic run        [--config conf/tiny.yaml] [key=value ...]   the main job (embedded default):
+                                                                        pretrain, prepare, zero-shot budgets
     nemo-elastic pretrain   --config CONF [key=value ...]              train the parent
     nemo-elastic eval       --ckpt CKPT [key=value ...]                validation loss + answer accuracy
     nemo-elastic prepare    --ckpt CKPT --out CKPT [--config CONF]       importance scores + reordering
@@ -54,6 +55,14 @@ def _default_config() -> Path:
 
 
 # ------------------------------------------------------------------------------------ commands
+
+def cmd_run(args) -> int:
+    from nemo_elastic.pipeline import run
+
+    cfg = load_config(args.config or _default_config(), args.overrides)
+    run(cfg, resume=not args.no_resume, progress=not args.no_progress)
+    return 0
+
 
 def cmd_pretrain(args) -> int:
     from nemo_elastic.training.pretrain import pretrain
@@ -166,9 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ignore checkpoints in output_dir and start from scratch")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("run", help="the main job on the embedded default config")
+    p = sub.add_parser("run", help="the main job: pretrain, importance-reorder, zero-shot "
+                       "budgets (default config: the embedded conf/tiny.yaml)")
     train_args(p, config_required=False)
-    p.set_defaults(func=cmd_pretrain)
+    p.set_defaults(func=cmd_run)
     p = sub.add_parser("pretrain", help="train the hybrid parent")
     train_args(p, config_required=True)
     p.set_defaults(func=cmd_pretrain)

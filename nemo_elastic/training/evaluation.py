@@ -42,12 +42,14 @@ def validation_loss(cfg: Config, model, data, num_microbatches: int, info: RankI
     return reduce_lm_loss(losses, ps.get_data_parallel_group())[0]
 
 
-def greedy_logits_fn(model):
-    """tokens [b, s] -> logits [b, s, v] for a model on one process (TP=PP=1)."""
+def greedy_logits_fn(model, subnetwork=None):
+    """tokens [b, s] -> logits [b, s, v] for a model on one process (TP=PP=1); with an
+    elastic model, `subnetwork` selects the nested model that generates."""
+    kwargs = {} if subnetwork is None else {"subnetwork": subnetwork}
 
     def logits_fn(tokens: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        return model(tokens, positions, None)
+        return model(tokens, positions, None, **kwargs)
 
     return logits_fn
 

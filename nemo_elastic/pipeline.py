@@ -1,0 +1,94 @@
+"""`nemo-elastic run`: the main job, end to end on one recipe.
+
+1. pretrain the parent (resumes from `output_dir`);
+2. `prepare`: importance scores + reordering -> `output_dir/prepared` (same function);
+3. zero-shot budgets: the masked prefix sub-networks at 100 / 75 / 50 % of every width axis,
+   evaluated on the parent as trained and on the prepared parent - validation loss and (on the
+   synthetic corpus) greedy answer accuracy - written to `output_dir/zero_shot.json` and a table.
+
+Steps 2-3 run in a single process (they need whole tensors); under torchrun with several ranks
+only step 1 runs.  Later stages (router, multi-budget distillation, budget extraction) extend
+this same command.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+from nemo_elastic.config import Config
+from nemo_elastic.report import format_table
+
+logger = logging.getLogger(__name__)
+
+FRACTIONS = (1.0, 0.75, 0.5)
+
+
+def run(cfg: Config, *, resume: bool = True, progress: bool = True,
+        fractions: Sequence[float] = FRACTIONS) -> Optional[dict]:
+    from nemo_elastic.importance.prepare import prepare
+    from nemo_elastic.training.pretrain import pretrain
+
+    result = pretrain(cfg, resume=resume, progress=progress)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logger.info("several processes: run `nemo-elastic prepare` on the checkpoint in one "
+                    "process for the importance reordering and zero-shot budgets")
+        return None
+    if result.checkpoint is None:
+        return None
+    out = Path(cfg.output_dir)
+    prepared = prepare(result.checkpoint, out / "prepared", overwrite=True, progress=progress)
+    table = zero_shot_budgets(cfg, {"original order": Path(result.checkpoint),
+                                    "importance order": prepared}, fractions)
+    (out / "zero_shot.json").write_text(json.dumps(table, indent=2))
+    return table
+
+
+def zero_shot_budgets(cfg: Config, checkpoints: dict[str, Path],
+                      fractions: Sequence[float]) -> dict:
+    """Masked prefix sub-networks of each checkpoint: parameters, val loss, answer accuracy."""
+    from nemo_elastic import runtime
+    from nemo_elastic.budget import count_parameters, subnetwork_parameters
+    from nemo_elastic.checkpoint import load_checkpoint
+    from nemo_elastic.data import answer_accuracy, iterate_once
+    from nemo_elastic.data.loaders import build_training_data
+    from nemo_elastic.elastic.specs import build_elastic_model
+    from nemo_elastic.importance.zero_shot import fractional_subnetwork, subnetwork_loss
+    from nemo_elastic.training.evaluation import greedy_logits_fn
+
+    run_cfg = cfg.single_process()
+    rows, records = [], []
+    info = runtime.initialize(run_cfg.parallel, cfg.train.seed)
+    try:
+        data = build_training_data(run_cfg, info)
+        d = run_cfg.data
+        val = list(iterate_once(data.val_dataset, d.micro_batch_size))[: cfg.train.eval_iters]
+        full = count_parameters(run_cfg.model)
+        for name, ckpt in checkpoints.items():
+            model = build_elastic_model(run_cfg)
+            load_checkpoint(ckpt, model=model, restore_rng=False)
+            model.eval()
+            for fraction in fractions:
+                subnet = fractional_subnetwork(run_cfg.model, fraction)
+                params = subnetwork_parameters(run_cfg.model, subnet)
+                loss = subnetwork_loss(model, val, subnet)
+                acc = None
+                n = cfg.train.eval_accuracy_samples
+                if data.val_problems and n > 0:
+                    logits = greedy_logits_fn(model, subnetwork=subnet)
+                    acc = answer_accuracy(logits, data.tokenizer, data.val_problems[:n],
+                                          batch_size=64)["accuracy"]
+                records.append({"weights": name, "fraction": fraction, "parameters": params,
+                                "val_loss": loss, "answer_accuracy": acc,
+                                "subnetwork": subnet.to_dict()})
+                rows.append((name, f"{fraction:.0%}", f"{params:,} ({params / full:.0%})",
+                             f"{loss:.4f}", "n/a" if acc is None else f"{acc:.1%}"))
+    finally:
+        runtime.destroy()
+    logger.info("zero-shot budgets: masked prefixes of the parent, before any elastic training "
+                "(multi-budget distillation is what makes the smaller prefixes good models)\n%s",
+                format_table(("weights", "width", "parameters", "val loss", "answer acc"), rows))
+    return {"budgets": records}

@@ -1,0 +1,26 @@
+"""`nemo-elastic run`: pretrain -> prepare -> zero-shot budgets, end to end."""
+
+import json
+
+from nemo_elastic.config import load_config
+from nemo_elastic.pipeline import run
+from tests.test_pretrain import FAST
+
+
+def test_main_job_end_to_end(tmp_path):
+    cfg = load_config("conf/tiny.yaml", [*FAST, f"output_dir={tmp_path}", "train.iters=30",
+                                         "train.warmup_iters=3", "train.eval_interval=30",
+                                         "train.save_interval=30"])
+    table = run(cfg, progress=False)
+    assert (tmp_path / "prepared" / "ranking.json").is_file()
+    assert (tmp_path / "prepared" / "layer_importance.png").is_file()
+    assert json.loads((tmp_path / "zero_shot.json").read_text()) == table
+    rows = {(r["weights"], r["fraction"]): r for r in table["budgets"]}
+    assert len(rows) == 6
+    # reordering preserves the function: the full-width model scores the same either way
+    full_a, full_b = rows[("original order", 1.0)], rows[("importance order", 1.0)]
+    assert abs(full_a["val_loss"] - full_b["val_loss"]) <= 1e-5 * full_a["val_loss"]
+    assert full_a["answer_accuracy"] == full_b["answer_accuracy"]
+    # smaller budgets have fewer parameters
+    params = [rows[("importance order", f)]["parameters"] for f in (1.0, 0.75, 0.5)]
+    assert params[0] > params[1] > params[2]
