@@ -80,7 +80,8 @@ def zero_shot_budgets(cfg: Config, checkpoints: dict[str, Path],
                 if data.val_problems and n > 0:
                     logits = greedy_logits_fn(model, subnetwork=subnet)
                     acc = answer_accuracy(logits, data.tokenizer, data.val_problems[:n],
-                                          batch_size=64)["accuracy"]
+                                          batch_size=64,
+                                          device=next(model.parameters()).device)["accuracy"]
                 records.append({"weights": name, "fraction": fraction, "parameters": params,
                                 "val_loss": loss, "answer_accuracy": acc,
                                 "subnetwork": subnet.to_dict()})

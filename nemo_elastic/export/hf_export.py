@@ -60,7 +60,7 @@ def plan_shards(maps: list[TensorMap], params: dict[str, torch.Tensor], max_shar
 def _hf_tensors(tm: TensorMap, params: dict[str, torch.Tensor], model_cfg,
                 dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """HF name/tensor pairs for one parameter, in the config's `dtype` (views where possible)."""
-    param = params[tm.megatron].detach()
+    param = params[tm.megatron].detach().cpu()  # no-op on CPU; safetensors writes host memory
     if param.dtype != dtype:
         # Megatron keeps A_log, D and the torch norms in fp32 under bf16/fp16 params; a HF
         # checkpoint holds one dtype (config.json "dtype"), the one from_pretrained casts to.

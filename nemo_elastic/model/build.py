@@ -97,7 +97,7 @@ def build_hybrid_model(cfg: Config, *, spec: Optional[ModuleSpec] = None,
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=True)
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=True)
-    return model_cls(
+    model = model_cls(
         config=tconf,
         hybrid_stack_spec=spec,
         vocab_size=m.vocab_size,
@@ -108,6 +108,11 @@ def build_hybrid_model(cfg: Config, *, spec: Optional[ModuleSpec] = None,
         share_embeddings_and_output_weights=False,
         position_embedding_type="none",
     )
+    if torch.cuda.is_available():
+        # Megatron's own layers allocate on the current GPU; torch modules (norms of the local
+        # spec, the torch gated norm) are created on CPU: move everything to this rank's GPU.
+        model.cuda(torch.cuda.current_device())
+    return model
 
 
 def layer_overrides(m: ModelConfig) -> dict[int, dict[str, int]]:

@@ -70,7 +70,7 @@ def answer_accuracy_of(cfg: Config, model, data, info: RankInfo) -> Optional[dic
     model.eval()
     try:
         result = answer_accuracy(greedy_logits_fn(model), data.tokenizer, data.val_problems[:n],
-                                 batch_size=64)
+                                 batch_size=64, device=next(model.parameters()).device)
     finally:
         model.train()
     logger.info("answer accuracy (greedy, %d validation problems): %.1f%%", result["n"],
