@@ -28,9 +28,10 @@ from nemo_elastic.config import ATTENTION, MAMBA, MLP, ModelConfig
 if TYPE_CHECKING:  # pure Python either way; avoid importing the elastic package at load time
     from nemo_elastic.elastic.subnet import SubNetwork
 
-__all__ = ["attention_layer_parameters", "count_parameters", "embedding_parameters",
-           "layer_parameters", "mamba_layer_parameters", "mlp_layer_parameters",
-           "parameter_breakdown", "subnetwork_parameters"]
+__all__ = ["attention_layer_parameters", "attention_parameters", "count_parameters",
+           "embedding_parameters", "layer_parameters", "mamba_layer_parameters",
+           "mamba_parameters", "mlp_layer_parameters", "mlp_parameters", "parameter_breakdown",
+           "subnetwork_parameters"]
 
 
 def _size(m: ModelConfig, field_name: str, layer: Optional[int]) -> int:
@@ -38,33 +39,53 @@ def _size(m: ModelConfig, field_name: str, layer: Optional[int]) -> int:
     return getattr(m, field_name) if layer is None else m.layer_size(field_name, layer)
 
 
+# Size-generic formulas: plain arithmetic, so ints give exact counts and (in
+# `nemo_elastic.elastic.cost`) probability-weighted expected sizes give a differentiable cost.
+
+def mamba_parameters(h, heads, head_dim, groups: int, state: int, conv_kernel: int):
+    """One Mamba2 layer (pre-norm + mixer) with `heads` x `head_dim` inner channels."""
+    d = heads * head_dim
+    bc = 2 * groups * state
+    conv_dim = d + bc  # channels of the depthwise conv: [x | B | C]
+    in_proj = (2 * d + bc + heads) * h  # rows [z | x | B | C | dt]
+    conv = conv_dim * conv_kernel + conv_dim  # weight [conv_dim, 1, k] + bias
+    return h + in_proj + conv + 3 * heads + d + h * d
+
+
+def attention_parameters(h, heads, query_groups: int, head_dim: int):
+    """One self-attention layer (pre-norm + fused qkv + output projection)."""
+    return h + (heads + 2 * query_groups) * head_dim * h + h * heads * head_dim
+
+
+def mlp_parameters(h, ffn):
+    """One MLP layer (pre-norm + up + down projection, squared-ReLU, not gated)."""
+    return h + 2 * ffn * h
+
+
 def mamba_layer_parameters(m: ModelConfig, layer: Optional[int] = None) -> int:
     """Parameters of one Mamba2 layer (pre-norm + mixer); `layer` = global index for per-layer
     sizes (None: the global sizes)."""
-    heads = _size(m, "mamba_num_heads", layer)
-    h, d = m.hidden_size, heads * _size(m, "mamba_head_dim", layer)
-    bc = 2 * m.mamba_num_groups * m.mamba_state_dim
-    conv_dim = d + bc  # channels of the depthwise conv: [x | B | C]
-    in_proj = (2 * d + bc + heads) * h  # rows [z | x | B | C | dt]
-    conv = conv_dim * m.mamba_conv_kernel + conv_dim  # weight [conv_dim, 1, k] + bias
-    return h + in_proj + conv + 3 * heads + d + h * d
+    return mamba_parameters(m.hidden_size, _size(m, "mamba_num_heads", layer),
+                            _size(m, "mamba_head_dim", layer), m.mamba_num_groups,
+                            m.mamba_state_dim, m.mamba_conv_kernel)
 
 
 def attention_layer_parameters(m: ModelConfig, layer: Optional[int] = None) -> int:
     """Parameters of one self-attention layer (pre-norm + fused qkv + output projection)."""
-    h, c, a = m.hidden_size, m.head_dim, _size(m, "num_attention_heads", layer)
-    qkv = (a + 2 * m.num_query_groups) * c * h
-    return h + qkv + h * a * c
+    return attention_parameters(m.hidden_size, _size(m, "num_attention_heads", layer),
+                                m.num_query_groups, m.head_dim)
 
 
 def mlp_layer_parameters(m: ModelConfig, layer: Optional[int] = None) -> int:
     """Parameters of one MLP layer (pre-norm + up + down projection)."""
-    return m.hidden_size + 2 * _size(m, "ffn_hidden_size", layer) * m.hidden_size
+    return mlp_parameters(m.hidden_size, _size(m, "ffn_hidden_size", layer))
 
 
-def embedding_parameters(m: ModelConfig) -> int:
-    """Input embedding + untied output layer + final norm."""
-    return 2 * m.vocab_size * m.hidden_size + m.hidden_size
+def embedding_parameters(m: ModelConfig, hidden=None):
+    """Input embedding + untied output layer + final norm (at width `hidden`, default the
+    model's)."""
+    h = m.hidden_size if hidden is None else hidden
+    return 2 * m.vocab_size * h + h
 
 
 _PER_LAYER = {MAMBA: mamba_layer_parameters, ATTENTION: attention_layer_parameters,

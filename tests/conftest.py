@@ -56,3 +56,35 @@ def perturb(model, seed: int = 0, scale: float = 0.1):
         for p in model.parameters():
             p.add_(scale * torch.randn(p.shape, generator=gen, device=device, dtype=p.dtype))
     return model
+
+
+def soft_one_hot(cfg, subnet, mode):
+    """A SoftSubNetwork whose one-hot probabilities select `subnet`'s sizes."""
+    import torch
+
+    from nemo_elastic.elastic.masks import SoftAxis, SoftLayer, SoftSubNetwork
+
+    def axis(value, full):
+        choices = sorted({value, full, max(1, value // 2)}, reverse=True)
+        probs = torch.zeros(len(choices), requires_grad=False)
+        probs[choices.index(value)] = 1.0
+        return SoftAxis(choices=choices, probs=probs.requires_grad_(), mode=mode)
+
+    m = cfg.model
+    layers = []
+    for sym, layer in zip(m.layer_symbols, subnet.layers):
+        if sym == "M":
+            heads = layer.mamba_num_heads
+            choices = sorted({heads, m.mamba_num_heads}, reverse=True)
+            probs = torch.tensor([1.0 if c == heads else 0.0 for c in choices], requires_grad=True)
+            layers.append(SoftLayer(keep=layer.keep, mamba_num_heads=SoftAxis(choices, probs, mode),
+                                    mamba_head_dim=axis(layer.mamba_head_dim, m.mamba_head_dim)))
+        elif sym == "*":
+            heads = layer.num_attention_heads
+            choices = sorted({heads, m.num_attention_heads}, reverse=True)
+            probs = torch.tensor([1.0 if c == heads else 0.0 for c in choices], requires_grad=True)
+            layers.append(SoftLayer(keep=layer.keep, num_attention_heads=SoftAxis(choices, probs, mode)))
+        else:
+            layers.append(SoftLayer(keep=layer.keep, ffn_hidden_size=axis(layer.ffn_hidden_size,
+                                                                          m.ffn_hidden_size)))
+    return SoftSubNetwork(hidden_size=axis(subnet.hidden_size, m.hidden_size), layers=layers)

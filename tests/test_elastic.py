@@ -13,7 +13,7 @@ from nemo_elastic.elastic.norm import ElasticRMSNorm
 from nemo_elastic.elastic.subnet import sample_subnetwork
 from nemo_elastic.elastic.specs import build_elastic_model
 from nemo_elastic.model import build_hybrid_model
-from tests.conftest import perturb, tiny_config
+from tests.conftest import perturb, soft_one_hot, tiny_config
 
 PATTERN = "M-*M-"  # Mamba, MLP, attention: every axis
 
@@ -74,34 +74,6 @@ def test_masks_are_unbound_after_forward_even_on_error(megatron_env):
                                                                     subnetwork=SubNetwork.full(cfg.model)))
 
 
-def _soft_one_hot(cfg, subnet, mode):
-    """A SoftSubNetwork whose one-hot probabilities select `subnet`'s sizes."""
-    def axis(value, full):
-        choices = sorted({value, full, max(1, value // 2)}, reverse=True)
-        probs = torch.zeros(len(choices), requires_grad=False)
-        probs[choices.index(value)] = 1.0
-        return SoftAxis(choices=choices, probs=probs.requires_grad_(), mode=mode)
-
-    m = cfg.model
-    layers = []
-    for sym, layer in zip(m.layer_symbols, subnet.layers):
-        if sym == "M":
-            heads = layer.mamba_num_heads
-            choices = sorted({heads, m.mamba_num_heads}, reverse=True)
-            probs = torch.tensor([1.0 if c == heads else 0.0 for c in choices], requires_grad=True)
-            layers.append(SoftLayer(keep=layer.keep, mamba_num_heads=SoftAxis(choices, probs, mode),
-                                    mamba_head_dim=axis(layer.mamba_head_dim, m.mamba_head_dim)))
-        elif sym == "*":
-            heads = layer.num_attention_heads
-            choices = sorted({heads, m.num_attention_heads}, reverse=True)
-            probs = torch.tensor([1.0 if c == heads else 0.0 for c in choices], requires_grad=True)
-            layers.append(SoftLayer(keep=layer.keep, num_attention_heads=SoftAxis(choices, probs, mode)))
-        else:
-            layers.append(SoftLayer(keep=layer.keep, ffn_hidden_size=axis(layer.ffn_hidden_size,
-                                                                          m.ffn_hidden_size)))
-    return SoftSubNetwork(hidden_size=axis(subnet.hidden_size, m.hidden_size), layers=layers)
-
-
 @pytest.mark.parametrize("mode", ["mixture", "scaled"])
 def test_one_hot_soft_equals_hard_and_router_gets_gradients(megatron_env, mode):
     cfg = _cfg()
@@ -111,7 +83,7 @@ def test_one_hot_soft_equals_hard_and_router_gets_gradients(megatron_env, mode):
     for _ in range(3):
         subnet = sample_subnetwork(cfg.model, rng, axes=("hidden", "mamba", "head_dim",
                                                          "attention", "ffn"))
-        soft = _soft_one_hot(cfg, subnet, mode)
+        soft = soft_one_hot(cfg, subnet, mode)
         assert soft.hard() == subnet
         hard_out = elastic(tokens, pos, None, subnetwork=subnet)
         soft_out = elastic(tokens, pos, None, subnetwork=soft)

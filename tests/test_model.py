@@ -2,7 +2,6 @@
 Mamba layer against a float64 sequential recurrence composed by hand from its weights."""
 
 import torch
-import torch.nn.functional as F
 
 from nemo_elastic.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from nemo_elastic.model import build_hybrid_model
@@ -84,8 +83,7 @@ def test_dist_checkpoint_round_trip_bit_exact(megatron_env, tmp_path):
 def _mamba_layer_oracle(layer, hidden, eps):
     """hidden [s, b, h] -> hidden + Mamba2(RMSNorm(hidden)), float64, sequential recurrence."""
     mixer = layer.mixer
-    h, d_in, g, n, nh, p = (mixer.d_model, mixer.d_inner, mixer.ngroups, mixer.d_state,
-                            mixer.nheads, mixer.headdim)
+    d_in, g, n, nh, p = mixer.d_inner, mixer.ngroups, mixer.d_state, mixer.nheads, mixer.headdim
     x64 = hidden.detach().to(F64).transpose(0, 1)  # [b, s, h]
     normed = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * layer.norm.weight.to(F64)
     zxbcdt = normed @ mixer.in_proj.weight.to(F64).T

@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from nemo_elastic.config import ATTENTION, MAMBA, MLP, ModelConfig
+from nemo_elastic.config import ATTENTION, MAMBA, ModelConfig
 from nemo_elastic.elastic.subnet import SubNetwork
 
 

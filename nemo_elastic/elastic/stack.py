@@ -7,7 +7,6 @@ the layer's *global* number, so every pipeline stage applies the same sub-networ
 
 from __future__ import annotations
 
-import torch
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 

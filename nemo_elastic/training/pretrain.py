@@ -25,7 +25,7 @@ from nemo_elastic import runtime
 from nemo_elastic.checkpoint import (latest_checkpoint, load_checkpoint, save_checkpoint,
                                     start_writer_processes)
 from nemo_elastic.config import Config, ConfigError, to_dict
-from nemo_elastic.model import build_hybrid_model, count_parameters
+from nemo_elastic.model import build_hybrid_model
 from nemo_elastic.data.loaders import build_training_data
 from nemo_elastic.training.evaluation import answer_accuracy_of, validation_loss
 from nemo_elastic.training.optim import build_optimizer, build_scheduler
