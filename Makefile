@@ -40,6 +40,8 @@ test: install-test
 
 bench: install
 	$(PY) bench/bench_elastic.py
+	$(PY) bench/bench_masked_vs_sliced.py
+	$(PY) bench/bench_importance.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache
