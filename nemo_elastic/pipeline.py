@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from nemo_elastic.config import Config
-from nemo_elastic.report import format_table
+from nemo_elastic.report import format_table, plot_budgets
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def run(cfg: Config, *, resume: bool = True, progress: bool = True,
     table = zero_shot_budgets(cfg, {"original order": Path(result.checkpoint),
                                     "importance order": prepared}, fractions)
     (out / "zero_shot.json").write_text(json.dumps(table, indent=2))
+    plot_budgets(table["budgets"], out / "zero_shot.png", uniform_loss=result.uniform_loss)
     return table
 
 

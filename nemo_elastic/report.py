@@ -38,3 +38,27 @@ def plot_curves(history: list[dict], path: Path, *, uniform_loss: Optional[float
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_budgets(records: list[dict], path: Path, *, uniform_loss: Optional[float] = None) -> Path:
+    """Validation loss vs parameters of budget sub-networks, one line per weight ordering."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for name in dict.fromkeys(r["weights"] for r in records):
+        rows = sorted((r["parameters"], r["val_loss"]) for r in records if r["weights"] == name)
+        ax.plot(*zip(*rows), "o-", label=name)
+    if uniform_loss is not None:
+        ax.axhline(uniform_loss, color="grey", linestyle="--", label="uniform guess")
+    ax.set_xlabel("parameters of the sub-network")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("zero-shot prefix sub-networks")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

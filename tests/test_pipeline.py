@@ -15,6 +15,7 @@ def test_main_job_end_to_end(tmp_path):
     assert (tmp_path / "prepared" / "ranking.json").is_file()
     assert (tmp_path / "prepared" / "layer_importance.png").is_file()
     assert json.loads((tmp_path / "zero_shot.json").read_text()) == table
+    assert (tmp_path / "zero_shot.png").stat().st_size > 0
     rows = {(r["weights"], r["fraction"]): r for r in table["budgets"]}
     assert len(rows) == 6
     # reordering preserves the function: the full-width model scores the same either way
