@@ -7,6 +7,7 @@
    and of each axis alone at 50%, for
    * importance order (the prepared checkpoint, default aggregation mean/l2),
    * importance order with other aggregations (scores recomputed in-process),
+   * importance order with Mamba heads/channels scored on the out_proj input (`mamba_signal`),
    * the parent's original order (an arbitrary order after training),
    * random structure-respecting permutations (`--seeds` of them, mean);
    ratio = random / importance (> 1: importance prefixes lose less).
@@ -137,6 +138,10 @@ def evaluate(args, cfg, parent: Path, prepared: Path, train_s: float, prepare_s:
             warm_seconds.append(scores.seconds)
             permute_model_(model, m, permutations_from_scores(scores, m))
             rows[f"importance {agg}"] = losses()
+        reload(parent)  # Mamba heads/channels scored on what out_proj reads instead of x
+        scores = compute_scores(model, calib, m, mamba_signal="output", progress=False)
+        permute_model_(model, m, permutations_from_scores(scores, m))
+        rows["importance mean/l2, Mamba output signal"] = losses()
         reload(parent)
         rows["parent order (unsorted)"] = losses()
         random_rows = []

@@ -89,6 +89,7 @@ def cmd_prepare(args) -> int:
     path = prepare(args.ckpt, args.out, num_batches=args.num_batches,
                    aggregation=args.aggregation, depth_method=args.depth_method,
                    overwrite=args.overwrite, depth_batches=args.depth_batches,
+                   mamba_signal=args.mamba_signal,
                    overrides=args.overrides, data_config=data_config,
                    progress=not args.no_progress)
     logger.info("prepared (importance-reordered) checkpoint: %s; rankings in %s", path,
@@ -203,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SEQUENCE/BATCH reductions, each of sum|mean|l2 (or 'sum')")
     p.add_argument("--depth-method", default="iterative",
                    choices=["iterative", "one_shot", "cosine"])
+    p.add_argument("--mamba-signal", default="x", choices=["x", "output"],
+                   help="activations scoring Mamba heads/channels: x (paper: in_proj's x block) "
+                        "or output (what out_proj reads)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_prepare)

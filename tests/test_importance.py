@@ -309,3 +309,27 @@ def test_scores_and_rankings_match_one_process(tmp_path, tp):
     ref_perms = permutations_from_scores(scores, cfg.model)
     assert torch.equal(ref_perms.hidden, torch.sort(parallel["hidden"], descending=True,
                                                     stable=True).indices)
+
+
+def test_output_signal_scores_what_out_proj_reads(megatron_env):
+    """mamba_signal='output': heads / channels whose gated-norm weight is ~0 (so out_proj reads
+    ~0 from them) rank last, and the permutation still preserves the function."""
+    cfg = _cfg()
+    m = cfg.model
+    H, P = m.mamba_num_heads, m.mamba_head_dim
+    model = _perturb(build_elastic_model(cfg))
+    with torch.no_grad():
+        norm_w = model.decoder.layers[0].mixer.norm.weight  # [H*P], head-major
+        for head in (1, 6):
+            norm_w[head * P:(head + 1) * P] *= 1e-3
+        model.decoder.layers[2].mixer.norm.weight[3::P] *= 1e-3  # channel 3 of every head
+    batches = _batches(cfg, s=48)
+    perms = permutations_from_scores(compute_scores(model, batches, m, mamba_signal="output",
+                                                    progress=False), m)
+    per = H // m.mamba_num_groups
+    assert perms.layers[0].mamba_heads.view(-1, per)[:, -1].tolist() == [1, 6]
+    assert perms.layers[2].mamba_channels[-1].item() == 3
+    x_perms = permutations_from_scores(compute_scores(model, batches, m, progress=False), m)
+    assert x_perms.layers[0].mamba_heads.view(-1, per)[:, -1].tolist() != [1, 6]  # x can't see it
+    with pytest.raises(ValueError, match="mamba_signal='bogus'"):
+        compute_scores(model, batches, m, mamba_signal="bogus", progress=False)

@@ -8,8 +8,11 @@ first, TP-local):
   ``decoder.final_norm``; one accumulator per norm (summed over norms when finalized);
 * FFN neurons: |linear_fc2 input| ``[s, b, F_local]``, i.e. fc1's output AFTER the squared-ReLU
   (what actually reaches fc2; a neuron whose pre-activation is negative contributes nothing);
-* Mamba: |x| ``[s, b, H_local, P]`` - the x block of ``in_proj``'s output
-  ``[z | x | B | C | dt]`` (before the conv), per (head, channel);
+* Mamba: per (head, channel) ``[s, b, H_local, P]``, from one of two signals:
+  ``mamba_signal="x"`` (the paper's Eq. 3-4): |x|, the x block of ``in_proj``'s output
+  ``[z | x | B | C | dt]`` (before the conv); ``mamba_signal="output"``: |out_proj input|, the
+  normalized gated SSM output the rest of the network actually reads (analogous to scoring FFN
+  neurons at the fc2 input);
 * attention heads: the per-head L2 norm of ``linear_proj``'s input ``[s, b, Hq_local * kv]``
   viewed ``[s, b, Hq_local, kv]``, i.e. of each head's softmax(QK^T)V output.
 
@@ -34,6 +37,7 @@ logger = logging.getLogger(__name__)
 # Which pre-norm module feeds each layer type (local spec attribute names).
 PRE_NORM = {MAMBA: "norm", ATTENTION: "input_layernorm", MLP: "pre_mlp_layernorm"}
 FINAL_NORM = "final_norm"
+MAMBA_SIGNALS = ("x", "output")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -58,7 +62,10 @@ class ActivationRecorder:
     """
 
     def __init__(self, model: torch.nn.Module, model_cfg: ModelConfig,
-                 aggregation: Aggregation) -> None:
+                 aggregation: Aggregation, *, mamba_signal: str = "x") -> None:
+        if mamba_signal not in MAMBA_SIGNALS:
+            raise ValueError(f"mamba_signal={mamba_signal!r}: must be one of {MAMBA_SIGNALS}")
+        self.mamba_signal = mamba_signal
         self.model = unwrap(model)
         self.model_cfg = model_cfg
         self.agg = aggregation
@@ -126,6 +133,13 @@ class ActivationRecorder:
 
     def _hook_mamba(self, mixer: torch.nn.Module, index: int) -> None:
         d_local, P = mixer.d_inner_local_tp, mixer.headdim
+        if self.mamba_signal == "output":
+            def pre_hook(module, args):
+                y = args[0]  # [s, b, d_local] normalized gated SSM output, head-major channels
+                self._add(self.mamba, index, y.unflatten(-1, (-1, P)).abs())
+
+            self._handles.append(mixer.out_proj.register_forward_pre_hook(pre_hook))
+            return
 
         def hook(module, args, output):
             zxbcdt = _first(output)  # [s, b, 2*d_local + 2*G_local*N + H_local]

@@ -53,7 +53,8 @@ def calibration_batches(data, num_batches: int, *, progress: bool = True) -> lis
 def prepare(ckpt: Union[str, Path], out: Union[str, Path], *, num_batches: int = 16,
             aggregation: Union[Aggregation, str, None] = "mean/l2",
             depth_method: str = "iterative", overwrite: bool = False,
-            mamba_top_channels: float = 1.0, depth_batches: Optional[int] = None,
+            mamba_top_channels: float = 1.0, mamba_signal: str = "x",
+            depth_batches: Optional[int] = None,
             depth_max_rounds: Optional[int] = None, overrides: Sequence[str] = (),
             data_config=None, progress: bool = True) -> Path:
     """Importance-reorder the parent checkpoint `ckpt`; write the prepared checkpoint to `out`.
@@ -71,6 +72,8 @@ def prepare(ckpt: Union[str, Path], out: Union[str, Path], *, num_batches: int =
             checkpoint's `layer_ranking` (all three are computed and written to ranking.json).
         overwrite: replace `out` if it exists.
         mamba_top_channels: fraction of head channels (by score) used to score Mamba heads.
+        mamba_signal: activations that score Mamba heads/channels: 'x' (the paper's in_proj x
+            block) or 'output' (what out_proj reads; better zero-shot prefixes on the tiny model).
         depth_batches: calibration batches used for the depth rankings (default: all); the
             iterative ranking costs about L^2/2 forwards per batch for L layers.
         depth_max_rounds: stop the iterative removal after this many rounds.
@@ -108,14 +111,16 @@ def prepare(ckpt: Union[str, Path], out: Union[str, Path], *, num_batches: int =
     try:
         return _prepare(src, out, cfg, run_cfg, info, agg=agg, num_batches=num_batches,
                         depth_method=depth_method, overwrite=overwrite,
-                        mamba_top_channels=mamba_top_channels, depth_batches=depth_batches,
+                        mamba_top_channels=mamba_top_channels, mamba_signal=mamba_signal,
+                        depth_batches=depth_batches,
                         depth_max_rounds=depth_max_rounds, progress=progress and info.is_main)
     finally:
         runtime.destroy()
 
 
 def _prepare(src: Path, out: Path, cfg: Config, run_cfg: Config, info, *, agg, num_batches,
-             depth_method, overwrite, mamba_top_channels, depth_batches, depth_max_rounds,
+             depth_method, overwrite, mamba_top_channels, mamba_signal, depth_batches,
+             depth_max_rounds,
              progress) -> Path:
     from nemo_elastic.elastic.specs import build_elastic_model
     from nemo_elastic.data.loaders import build_training_data
@@ -126,7 +131,8 @@ def _prepare(src: Path, out: Path, cfg: Config, run_cfg: Config, info, *, agg, n
     batches = calibration_batches(data, num_batches, progress=progress)
 
     scores = compute_scores(model, batches, run_cfg.model, agg,
-                            mamba_top_channels=mamba_top_channels, num_batches=len(batches),
+                            mamba_top_channels=mamba_top_channels, mamba_signal=mamba_signal,
+                            num_batches=len(batches),
                             progress=progress)
     started = time.perf_counter()
     depth = depth_rankings(model, batches[:depth_batches], run_cfg.model,
@@ -135,7 +141,8 @@ def _prepare(src: Path, out: Path, cfg: Config, run_cfg: Config, info, *, agg, n
     perms = permutations_from_scores(scores, run_cfg.model)
     permute_model_(model, run_cfg.model, perms)
 
-    summary = {**scores.summary(), "num_batches": num_batches, "source": str(src),
+    summary = {**scores.summary(), "num_batches": num_batches, "mamba_signal": mamba_signal,
+               "source": str(src),
                "depth_method": depth_method, "depth_batches": depth_batches or num_batches,
                "depth_seconds": round(depth_seconds, 3), "data_parallel_size": info.dp_size,
                "ranking_file": RANKING_FILE}

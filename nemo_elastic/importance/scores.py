@@ -115,11 +115,14 @@ def run_batch(model, batch: dict):
 
 def compute_scores(model: torch.nn.Module, batches: Iterable[dict], model_cfg: ModelConfig,
                    aggregation: Optional[Aggregation] = None, *, mamba_top_channels: float = 1.0,
+                   mamba_signal: str = "x",
                    num_batches: Optional[int] = None, progress: bool = True) -> ImportanceScores:
     """Run `batches` (dicts with `tokens [b, s]`, optional `position_ids`) through `model` and
     return the global width scores.  Collective over the model's data- and tensor-parallel
     groups: call on every rank, each with its own data-parallel share of the batches.
 
+    `mamba_signal`: 'x' (paper: the x block of in_proj) or 'output' (the out_proj input) - see
+    `hooks.py`.
     `mamba_top_channels`: fraction of head channels (by channel score) the head scores use
     (Eq. 4's D_top); 1.0 = all channels.
     """
@@ -133,7 +136,8 @@ def compute_scores(model: torch.nn.Module, batches: Iterable[dict], model_cfg: M
     model.eval()
     started = time.perf_counter()
     try:
-        with torch.no_grad(), ActivationRecorder(model, model_cfg, agg) as rec:
+        with torch.no_grad(), ActivationRecorder(model, model_cfg, agg,
+                                                           mamba_signal=mamba_signal) as rec:
             for batch in tqdm(batches, total=num_batches, desc="importance scores", unit="batch",
                               disable=not show, dynamic_ncols=True):
                 run_batch(model, batch)
