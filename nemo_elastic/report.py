@@ -15,50 +15,49 @@ def format_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str
     return "\n".join([fmt(header), line, *(fmt(r) for r in rows)])
 
 
-def plot_curves(history: list[dict], path: Path, *, uniform_loss: Optional[float] = None) -> Path:
-    """Train / validation loss vs iteration (PNG)."""
+def _axes():
+    """A headless (Agg) figure and axes of the size used for every plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    return plt.subplots(figsize=(6.4, 4.0), dpi=120)
+
+
+def _save(fig, ax, path: Path, uniform_loss: Optional[float]) -> Path:
+    import matplotlib.pyplot as plt
+
+    if uniform_loss is not None:
+        ax.axhline(uniform_loss, color="grey", linestyle="--", label="uniform guess")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(history: list[dict], path: Path, *, uniform_loss: Optional[float] = None) -> Path:
+    """Train / validation loss vs iteration (PNG)."""
+    fig, ax = _axes()
     its = [h["iteration"] for h in history]
     ax.plot(its, [h["train_loss"] for h in history], label="train", linewidth=1)
     val = [(h["iteration"], h["val_loss"]) for h in history if "val_loss" in h]
     if val:
         ax.plot(*zip(*val), "o-", label="validation")
-    if uniform_loss is not None:
-        ax.axhline(uniform_loss, color="grey", linestyle="--", label="uniform guess")
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, uniform_loss)
 
 
 def plot_budgets(records: list[dict], path: Path, *, uniform_loss: Optional[float] = None) -> Path:
     """Validation loss vs parameters of budget sub-networks, one line per weight ordering."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    fig, ax = _axes()
     for name in dict.fromkeys(r["weights"] for r in records):
         rows = sorted((r["parameters"], r["val_loss"]) for r in records if r["weights"] == name)
         ax.plot(*zip(*rows), "o-", label=name)
-    if uniform_loss is not None:
-        ax.axhline(uniform_loss, color="grey", linestyle="--", label="uniform guess")
     ax.set_xlabel("parameters of the sub-network")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("zero-shot prefix sub-networks")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, uniform_loss)
