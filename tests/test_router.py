@@ -1,0 +1,92 @@
+"""Budget router: schedules, deterministic noise, valid sub-networks, gradients, budget loss."""
+
+import pytest
+import torch
+
+from nemo_elastic.budget import count_parameters, subnetwork_parameters
+from nemo_elastic.config import ConfigError
+from nemo_elastic.router import ElasticRouter, RouterConfig, axis_choices
+from tests.conftest import tiny_config
+
+PATTERN = "M-*M-M-"
+
+
+def _model():
+    return tiny_config({"hybrid_layer_pattern": PATTERN, "mamba_num_heads": 8,
+                        "mamba_num_groups": 2, "hidden_size": 64, "ffn_hidden_size": 128,
+                        "kv_channels": 16}).model
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ConfigError, match="router.budgets"):
+        RouterConfig(budgets=(1.0, 1.5))
+    with pytest.raises(ConfigError, match=r"router.axes=.*unknown \['width'\]"):
+        RouterConfig(axes=("width",))
+    with pytest.raises(ConfigError, match="router.heterogeneous"):
+        RouterConfig(heterogeneous=("hidden",))
+    with pytest.raises(ConfigError, match="depth_choices needs the layer ranking"):
+        ElasticRouter(_model(), RouterConfig(depth_choices=(7, 6)))
+
+
+def test_choices_respect_groups_and_schedules_hit_their_endpoints():
+    m = _model()
+    assert axis_choices(m, "mamba_heads", (1.0, 0.75, 0.5, 0.3)) == [8, 6, 4, 2]
+    assert axis_choices(m, "hidden", (1.0, 0.875, 0.5)) == [64, 56, 32]
+    router = ElasticRouter(m, RouterConfig(anneal_iters=100))
+    assert router.temperature(0) == 1.0 and router.temperature(100) == pytest.approx(0.05)
+    assert router.logit_scale(0) == 1.0 and router.logit_scale(1000) == 10.0
+
+
+def test_noise_is_a_function_of_iteration_and_micro_batch_only():
+    router = ElasticRouter(_model(), RouterConfig())
+    torch.manual_seed(0)
+    a = router(1, iteration=5, micro_batch=2).probs
+    torch.manual_seed(123)  # the global RNG must not matter (ranks differ there)
+    b = router(1, iteration=5, micro_batch=2).probs
+    c = router(1, iteration=5, micro_batch=3).probs
+    for axis in a:
+        assert torch.equal(a[axis], b[axis])
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_output_is_a_valid_subnetwork_and_lm_gradients_reach_the_router(megatron_env):
+    from nemo_elastic.elastic.specs import build_elastic_model
+    from tests.conftest import tiny_config as cfg_of
+
+    cfg = cfg_of({"hybrid_layer_pattern": PATTERN, "mamba_num_heads": 8, "mamba_num_groups": 2,
+                  "hidden_size": 64, "ffn_hidden_size": 128, "kv_channels": 16})
+    ranking = [3, 1, 5, 2, 4, 6, 0]
+    router = ElasticRouter(cfg.model, RouterConfig(heterogeneous=("ffn",),
+                                                   axes=("hidden", "mamba_heads", "mamba_head_dim",
+                                                         "attention_heads", "ffn"),
+                                                   depth_choices=(7, 6, 5)), layer_ranking=ranking)
+    out = router(2, iteration=3)
+    out.subnetwork.hard().validate(cfg.model)
+    assert len(out.probs["ffn"]) == 3  # one choice per MLP layer (heterogeneous)
+    model = build_elastic_model(cfg)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 20))
+    pos = torch.arange(20).expand_as(tokens)
+    model(tokens, pos, None, labels=tokens, subnetwork=out.subnetwork).mean().backward()
+    for name, p in router.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert router.routers["depth"].net[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("budget_index", [0, 1, 2])
+def test_budget_loss_alone_steers_the_router_into_the_band(budget_index):
+    m = _model()
+    config = RouterConfig(budgets=(1.0, 0.6, 0.35), anneal_iters=150, tolerance=0.05)
+    router = ElasticRouter(m, config)
+    opt = torch.optim.Adam(router.parameters(), lr=1e-2)
+    for it in range(200):
+        out = router(budget_index, iteration=it)
+        loss = router.budget_loss(out, budget_index)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    final = router(budget_index, iteration=200, noise=False).subnetwork.hard()
+    ratio = subnetwork_parameters(m, final) / count_parameters(m)
+    target = config.budgets[budget_index]
+    assert abs(ratio / target - 1) <= 0.12, (ratio, target)
+    if target == 1.0:
+        assert ratio == 1.0
