@@ -37,7 +37,7 @@ def _fail(field_name: str, value: Any, rule: str) -> None:
     raise ConfigError(f"{field_name}={value!r}: {rule}")
 
 
-def _require_positive(obj: Any, *names: str, prefix: str) -> None:
+def require_positive(obj: Any, *names: str, prefix: str) -> None:
     for name in names:
         value = getattr(obj, name)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -103,7 +103,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         p = "model."
         parse_layer_pattern(self.hybrid_layer_pattern)
-        _require_positive(self, "hidden_size", "ffn_hidden_size", "num_attention_heads",
+        require_positive(self, "hidden_size", "ffn_hidden_size", "num_attention_heads",
                           "num_query_groups", "mamba_num_heads", "mamba_head_dim",
                           "mamba_num_groups", "mamba_state_dim", "mamba_conv_kernel",
                           "mamba_chunk_size", "vocab_size", "max_sequence_length", prefix=p)
@@ -114,7 +114,7 @@ class ModelConfig:
                 _require_divides(p, "hidden_size", self.hidden_size,
                                  "model.num_attention_heads", self.num_attention_heads)
         else:
-            _require_positive(self, "kv_channels", prefix=p)
+            require_positive(self, "kv_channels", prefix=p)
         _require_divides(p, "mamba_num_heads", self.mamba_num_heads,
                          "model.mamba_num_groups", self.mamba_num_groups)
         if self.params_dtype not in ("float32", "bfloat16", "float16"):
@@ -183,7 +183,7 @@ class ParallelConfig:
     backend: Optional[str] = None  # None: nccl with CUDA, gloo without
 
     def __post_init__(self) -> None:
-        _require_positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size",
+        require_positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size",
                           prefix="parallel.")
         if self.backend not in (None, "gloo", "nccl"):
             _fail("parallel.backend", self.backend, "must be null (auto), 'gloo' or 'nccl'")
@@ -211,7 +211,7 @@ class DataConfig:
     indexed: IndexedDataConfig = field(default_factory=IndexedDataConfig)
 
     def __post_init__(self) -> None:
-        _require_positive(self, "seq_length", "micro_batch_size", "global_batch_size",
+        require_positive(self, "seq_length", "micro_batch_size", "global_batch_size",
                           prefix="data.")
         if self.source not in ("synthetic", "indexed"):
             _fail("data.source", self.source, "must be 'synthetic' or 'indexed'")
@@ -240,7 +240,7 @@ class TrainConfig:
     eval_accuracy_samples: int = 64  # greedy-decoding answer accuracy at the end (synthetic data)
 
     def __post_init__(self) -> None:
-        _require_positive(self, "iters", "log_interval", "eval_interval", "eval_iters",
+        require_positive(self, "iters", "log_interval", "eval_interval", "eval_iters",
                           "save_interval", prefix="train.")
         if self.warmup_iters < 0 or self.warmup_iters >= self.iters:
             _fail("train.warmup_iters", self.warmup_iters, f"must be in [0, train.iters={self.iters})")

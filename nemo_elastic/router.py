@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from nemo_elastic.budget import count_parameters
-from nemo_elastic.config import ATTENTION, MAMBA, MLP, ConfigError, ModelConfig
+from nemo_elastic.config import (ATTENTION, MAMBA, MLP, ConfigError, ModelConfig,
+                                 require_positive)
 from nemo_elastic.elastic.cost import expected_parameters
-from nemo_elastic.elastic.masks import SoftAxis, SoftLayer, SoftSubNetwork
+from nemo_elastic.elastic.masks import MODES, SoftAxis, SoftLayer, SoftSubNetwork
 
 # axis name -> (layer symbol it lives on or None for global, SubNetwork field, group divisor)
 AXES = {
@@ -70,11 +71,9 @@ class RouterConfig:
                               "of the elastic axes, without 'hidden' (the hidden size is global)")
         if not self.width_fractions or any(not 0 < f <= 1 for f in self.width_fractions):
             raise ConfigError(f"{p}width_fractions={list(self.width_fractions)}: need (0, 1]")
-        if self.mode not in ("mixture", "scaled"):
-            raise ConfigError(f"{p}mode={self.mode!r}: must be 'mixture' or 'scaled'")
-        for name in ("hidden_dim", "anneal_iters"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{p}{name}={getattr(self, name)}: must be >= 1")
+        if self.mode not in MODES:
+            raise ConfigError(f"{p}mode={self.mode!r}: must be one of {MODES}")
+        require_positive(self, "hidden_dim", "anneal_iters", prefix=p)
         if not (0 < self.tau_end <= self.tau_start):
             raise ConfigError(f"{p}tau_end={self.tau_end}: must be in (0, tau_start]")
 

@@ -160,6 +160,9 @@ class SoftAxis:
         if self.probs.dim() != 1 or self.probs.numel() != len(self.choices):
             raise ValueError(f"SoftAxis.probs has shape {tuple(self.probs.shape)}; expected "
                              f"[{len(self.choices)}] (one probability per choice {list(self.choices)})")
+        bad = [c for c in self.choices if c < 1]
+        if bad:
+            raise ValueError(f"SoftAxis.choices={list(self.choices)}: sizes {bad} must be >= 1")
 
     def mask(self, full: int, prefix: Callable[[int], torch.Tensor]) -> AxisMask:
         probs = self.probs
@@ -221,10 +224,6 @@ def soft_masks(soft: SoftSubNetwork, model: ModelConfig, *, dtype=torch.float32,
                device=None) -> ElasticMasks:
     """Differentiable masks; sizes are validated through the argmax sub-network."""
     soft.hard().validate(model)
-    for axis in _soft_axes(soft):
-        for c in axis.choices:
-            if c < 1:
-                raise ValueError(f"SoftAxis choice {c}: sizes must be >= 1")
     kw = {"dtype": dtype, "device": device}
     h = model.hidden_size
     hidden = _soft_or_hard(soft.hidden_size, h, lambda c: grouped_prefix(1, h, c, **kw))
@@ -258,11 +257,3 @@ def soft_masks(soft: SoftSubNetwork, model: ModelConfig, *, dtype=torch.float32,
         if gate is not None or not inner.is_full:
             layers[i] = LayerMasks(gate=gate, inner=inner)
     return ElasticMasks(hidden=hidden, layers=layers)
-
-
-def _soft_axes(soft: SoftSubNetwork):
-    values = [soft.hidden_size]
-    for layer in soft.layers:
-        values += [layer.mamba_num_heads, layer.mamba_head_dim, layer.num_attention_heads,
-                   layer.ffn_hidden_size]
-    return [v for v in values if isinstance(v, SoftAxis)]

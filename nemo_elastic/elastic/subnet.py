@@ -47,10 +47,6 @@ class LayerChoice:
         return {f: getattr(self, f) for f in ALL_LAYER_FIELDS if getattr(self, f) is not None}
 
 
-def _parent_size(model: ModelConfig, field_name: str, layer: int) -> int:
-    return model.layer_size(field_name, layer)
-
-
 @dataclass(frozen=True, kw_only=True)
 class SubNetwork:
     hidden_size: int
@@ -73,7 +69,7 @@ class SubNetwork:
         drop = set(drop_layers)
         layers = []
         for i, sym in enumerate(model.layer_symbols):
-            sizes = {f: given[f] if given[f] is not None else _parent_size(model, f, i)
+            sizes = {f: given[f] if given[f] is not None else model.layer_size(f, i)
                      for f in LAYER_FIELDS[sym]}
             layers.append(LayerChoice(keep=i not in drop, **sizes))
         return cls(hidden_size=hidden_size if hidden_size is not None else model.hidden_size,
@@ -107,7 +103,7 @@ class SubNetwork:
                     continue
                 if value is None:
                     raise ConfigError(f"{lp}.{f}=None: layer {i} is {_KIND[sym]} and needs {f}")
-                _check_range(f"{lp}.{f}", value, _parent_size(model, f, i), f"model.{f}")
+                _check_range(f"{lp}.{f}", value, model.layer_size(f, i), f"model.{f}")
             if sym == MAMBA:
                 _check_multiple(f"{lp}.mamba_num_heads", layer.mamba_num_heads,
                                 "model.mamba_num_groups", model.mamba_num_groups,
@@ -202,10 +198,6 @@ def _check_multiple(name: str, value: int, of_name: str, of: int, why: str) -> N
         hint = f"{lower} or {lower + of}" if lower else f"{of}"
         raise ConfigError(f"{name}={value}: must be a multiple of {of_name}={of} ({why}); "
                           f"use e.g. {hint}")
-
-
-def layer_types(model: ModelConfig) -> Sequence[str]:
-    return model.layer_symbols
 
 
 AXES = ("hidden", "mamba", "head_dim", "attention", "ffn", "depth")
