@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, get_type_hints
 
-from nemo_elastic.errors import UserError
+from nemo_elastic.errors import ConfigError, UserError, fail as _fail, require_positive  # noqa: F401
 
 # Pure Python (no torch): the synthetic corpus knobs are a config section as they are.
 from nemo_elastic.data.synthetic import SyntheticReasoningConfig
+from nemo_elastic.config_elastic import AXES as ELASTIC_AXES, ElasticConfig, _section
 
 # Hybrid layer symbols we support (Megatron-Core `Symbols`): Mamba2, self-attention, dense MLP,
 # plus the pipeline-stage separator.  MoE ('E'), GDN ('G'), MLA ('+'), DSA ('D') and MTP ('/')
@@ -27,21 +29,6 @@ from nemo_elastic.data.synthetic import SyntheticReasoningConfig
 MAMBA, ATTENTION, MLP, PIPE = "M", "*", "-", "|"
 SUPPORTED_SYMBOLS = (MAMBA, ATTENTION, MLP)
 UNSUPPORTED_SYMBOLS = {"E": "MoE", "G": "GatedDeltaNet", "+": "MLA", "D": "DSA attention", "/": "MTP"}
-
-
-class ConfigError(UserError):
-    """A configuration value breaks a rule; the message names the field, value and fix."""
-
-
-def _fail(field_name: str, value: Any, rule: str) -> None:
-    raise ConfigError(f"{field_name}={value!r}: {rule}")
-
-
-def require_positive(obj: Any, *names: str, prefix: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            _fail(f"{prefix}{name}", value, "must be a positive integer")
 
 
 def _require_divides(prefix: str, name: str, value: int, divisor_name: str, divisor: int) -> None:
@@ -262,6 +249,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    elastic: Optional[ElasticConfig] = None  # `nemo-elastic train` (elastic distillation)
     output_dir: str = "runs/default"
 
     def __post_init__(self) -> None:
@@ -290,6 +278,53 @@ class Config:
         if d.global_batch_size % d.micro_batch_size != 0:
             _fail("data.global_batch_size", d.global_batch_size,
                   f"must be a multiple of data.micro_batch_size={d.micro_batch_size}")
+        if self.elastic is not None:
+            self.elastic = _section(ElasticConfig, self.elastic, "elastic.")
+            self._check_elastic()
+
+    def _check_elastic(self) -> None:
+        """Rules of the elastic section that depend on the model and data sections."""
+        e, m, d = self.elastic, self.model, self.data
+        for axis, sizes in e.choices.items():
+            field_name, group_name = ELASTIC_AXES[axis]
+            full = getattr(m, field_name)
+            step = getattr(m, group_name) if group_name else 1
+            for size in sizes:
+                if size > full:
+                    _fail(f"elastic.choices.{axis}", sizes, f"{size} exceeds model.{field_name}={full}")
+                if size % step:
+                    _fail(f"elastic.choices.{axis}", sizes, f"{size} is not a multiple of "
+                          f"model.{group_name}={step} (every group keeps the same number of heads)")
+        for c in e.depth_choices:
+            if c > m.num_layers:
+                _fail("elastic.depth_choices", e.depth_choices,
+                      f"{c} exceeds the parent's {m.num_layers} layers")
+        for i, stage in enumerate(e.curriculum):
+            p = f"elastic.curriculum[{i}]."
+            seq = stage.seq_length or d.seq_length
+            gbs = stage.global_batch_size or d.global_batch_size
+            mbs = stage.micro_batch_size or d.micro_batch_size
+            if seq > m.max_sequence_length:
+                _fail(f"{p}seq_length", seq, f"exceeds model.max_sequence_length={m.max_sequence_length}")
+            if gbs % mbs:
+                _fail(f"{p}global_batch_size", gbs, f"must be a multiple of the micro batch {mbs}")
+            if stage.iters is None:  # tokens -> iterations at this stage's batch and length
+                stage.iters, stage.tokens = max(1, math.ceil(stage.tokens / (gbs * seq))), None
+        if e.warmup_iters >= e.total_iters:
+            _fail("elastic.warmup_iters", e.warmup_iters,
+                  f"must be below the run's {e.total_iters} iterations")
+        if e.budget_type == "memory":
+            from nemo_elastic.budget import GB, MemorySpec, count_memory
+
+            try:
+                spec = MemorySpec(**e.memory)
+            except TypeError as err:
+                raise ConfigError(f"elastic.memory: {err}") from err
+            parent_gb = count_memory(m, spec) / GB
+            for name, value in e.budgets.items():
+                if value > parent_gb * (1 + e.loss.tolerance):
+                    _fail(f"elastic.budgets.{name}", value, f"exceeds the parent's memory "
+                          f"{parent_gb:.3f} GB at elastic.memory={e.memory}")
 
 
     def single_process(self) -> "Config":

@@ -17,18 +17,19 @@ zero inside a tolerance band, plus 10 x MSE(probs, one-hot(full)) for the full b
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from nemo_elastic.budget import count_parameters
-from nemo_elastic.config import (ATTENTION, MAMBA, MLP, ConfigError, ModelConfig,
-                                 require_positive)
+from nemo_elastic import budget as budget_math
+from nemo_elastic.config import ATTENTION, MAMBA, MLP, ConfigError, ModelConfig
+from nemo_elastic.config_elastic import ROUTER_MODES, ElasticConfig
 from nemo_elastic.elastic.cost import expected_parameters
-from nemo_elastic.elastic.masks import MODES, SoftAxis, SoftLayer, SoftSubNetwork
+from nemo_elastic.elastic.masks import SoftAxis, SoftLayer, SoftSubNetwork
+from nemo_elastic.elastic.subnet import SubNetwork
 
 # axis name -> (layer symbol it lives on or None for global, SubNetwork field, group divisor)
 AXES = {
@@ -38,44 +39,6 @@ AXES = {
     "attention_heads": (ATTENTION, "num_attention_heads", "num_query_groups"),
     "ffn": (MLP, "ffn_hidden_size", None),
 }
-
-
-@dataclass(kw_only=True)
-class RouterConfig:
-    budgets: Sequence[float] = (1.0, 0.75, 0.5)  # fractions of the parent's parameters
-    width_fractions: Sequence[float] = (1.0, 0.875, 0.75, 0.625, 0.5)  # choices per width axis
-    axes: Sequence[str] = ("hidden", "mamba_heads", "attention_heads", "ffn")
-    heterogeneous: Sequence[str] = ()  # axes with one choice per layer
-    depth_choices: Sequence[int] = ()  # numbers of kept layers; () = depth not elastic
-    hidden_dim: int = 256
-    init_std: float = 0.1
-    tau_start: float = 1.0
-    tau_end: float = 0.05
-    scale_start: float = 1.0
-    scale_end: float = 10.0
-    anneal_iters: int = 1000
-    mode: str = "mixture"  # mixture | scaled
-    tolerance: float = 0.05  # relative budget dead band
-    full_budget_weight: float = 10.0
-    seed: int = 1234
-
-    def __post_init__(self) -> None:
-        p = "router."
-        if not self.budgets or any(not 0 < b <= 1 for b in self.budgets):
-            raise ConfigError(f"{p}budgets={list(self.budgets)}: need fractions in (0, 1]")
-        bad = sorted(set(self.axes) - set(AXES))
-        if bad:
-            raise ConfigError(f"{p}axes={list(self.axes)}: unknown {bad}; valid: {list(AXES)}")
-        if not set(self.heterogeneous) <= set(self.axes) - {"hidden"}:
-            raise ConfigError(f"{p}heterogeneous={list(self.heterogeneous)}: must be a subset "
-                              "of the elastic axes, without 'hidden' (the hidden size is global)")
-        if not self.width_fractions or any(not 0 < f <= 1 for f in self.width_fractions):
-            raise ConfigError(f"{p}width_fractions={list(self.width_fractions)}: need (0, 1]")
-        if self.mode not in MODES:
-            raise ConfigError(f"{p}mode={self.mode!r}: must be one of {MODES}")
-        require_positive(self, "hidden_dim", "anneal_iters", prefix=p)
-        if not (0 < self.tau_end <= self.tau_start):
-            raise ConfigError(f"{p}tau_end={self.tau_end}: must be in (0, tau_start]")
 
 
 def axis_choices(model: ModelConfig, axis: str, fractions: Sequence[float],
@@ -92,13 +55,15 @@ def axis_choices(model: ModelConfig, axis: str, fractions: Sequence[float],
 class _AxisRouter(nn.Module):
     """one-hot(budget) [n_budgets] -> logits [n_outputs, n_choices] (LeakyReLU MLP, no bias)."""
 
-    def __init__(self, n_budgets: int, hidden: int, n_outputs: int, n_choices: int, std: float):
+    def __init__(self, n_budgets: int, hidden: int, n_outputs: int, n_choices: int, std: float,
+                 generator: torch.Generator):
         super().__init__()
         self.n_outputs, self.n_choices = n_outputs, n_choices
         self.net = nn.Sequential(nn.Linear(n_budgets, hidden, bias=False), nn.LeakyReLU(0.1),
                                  nn.Linear(hidden, n_outputs * n_choices, bias=False))
-        for layer in (self.net[0], self.net[2]):
-            nn.init.normal_(layer.weight, std=std)
+        with torch.no_grad():
+            for layer in (self.net[0], self.net[2]):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * std)
 
     def forward(self, one_hot: torch.Tensor) -> torch.Tensor:
         return self.net(one_hot).view(self.n_outputs, self.n_choices)
@@ -111,52 +76,94 @@ class RouterOutput:
 
 
 class ElasticRouter(nn.Module):
-    def __init__(self, model: ModelConfig, config: RouterConfig,
+    """Budget -> soft sub-network.  `total_iters`: the whole run (all curriculum stages), over
+    which tau and the logit scale anneal; `layer_ranking` (from `prepare`, least important
+    first) is needed when depth is elastic."""
+
+    def __init__(self, model: ModelConfig, config: ElasticConfig, *, total_iters: int,
                  layer_ranking: Optional[Sequence[int]] = None) -> None:
         super().__init__()
-        self.model, self.config = model, config
+        self.model, self.config, self.total_iters = model, config, max(1, int(total_iters))
+        self.names = config.budget_names
+        self.mode = ROUTER_MODES[config.router.mode]
         symbols = model.layer_symbols
         self.choices: dict[str, list] = {}
         self.layers_of: dict[str, list[int]] = {}
+        # Identical initial weights on every rank without touching the global RNG (ranks of a
+        # pipeline each build a copy; they must agree).
+        gen = torch.Generator().manual_seed(config.seed)
         routers = {}
+        n_budgets, r = len(self.names), config.router
         for axis in config.axes:
             symbol = AXES[axis][0]
             layers = [i for i, s in enumerate(symbols) if s == symbol] if symbol else []
             if symbol and not layers:
                 continue  # e.g. no attention layer in the pattern
             self.layers_of[axis] = layers
-            per_layer = axis in config.heterogeneous
             ref = layers[0] if layers else None
-            self.choices[axis] = axis_choices(model, axis, config.width_fractions, ref)
-            n_out = len(layers) if per_layer else 1
-            routers[axis] = _AxisRouter(len(config.budgets), config.hidden_dim, n_out,
-                                        len(self.choices[axis]), config.init_std)
+            explicit = config.choices.get(axis)
+            self.choices[axis] = sorted(set(explicit), reverse=True) if explicit else \
+                axis_choices(model, axis, config.width_fractions, ref)
+            n_out = len(layers) if axis in config.heterogeneous else 1
+            routers[axis] = _AxisRouter(n_budgets, r.hidden_dim, n_out, len(self.choices[axis]),
+                                        r.init_std, gen)
         if config.depth_choices:
             if layer_ranking is None or sorted(layer_ranking) != list(range(len(symbols))):
-                raise ConfigError("router.depth_choices needs the layer ranking from `prepare` "
-                                  "(a permutation of all layer indices, least important first)")
-            bad = [c for c in config.depth_choices if not 1 <= c <= len(symbols)]
-            if bad:
-                raise ConfigError(f"router.depth_choices={list(config.depth_choices)}: {bad} "
-                                  f"outside [1, {len(symbols)}]")
+                raise ConfigError(
+                    f"elastic.depth_choices={list(config.depth_choices)} needs the layer ranking "
+                    "from `prepare` (ranking.json next to the prepared checkpoint: a permutation "
+                    "of all layer indices, least important first); run `nemo-elastic prepare`")
             self.choices["depth"] = sorted(set(config.depth_choices), reverse=True)
             # rank[j]: position of layer j in the removal order (0 = dropped first)
             self.register_buffer("rank", torch.tensor(
                 [list(layer_ranking).index(j) for j in range(len(symbols))]), persistent=False)
-            routers["depth"] = _AxisRouter(len(config.budgets), config.hidden_dim, 1,
-                                           len(self.choices["depth"]), config.init_std)
+            routers["depth"] = _AxisRouter(n_budgets, r.hidden_dim, 1,
+                                           len(self.choices["depth"]), r.init_std, gen)
+        if not routers:
+            raise ConfigError(f"elastic.axes={list(config.axes)}: none of these axes exists in "
+                              f"model.hybrid_layer_pattern={model.hybrid_layer_pattern!r}")
         self.routers = nn.ModuleDict(routers)
-        self.full_parameters = count_parameters(model)
+        self.full_parameters = budget_math.count_parameters(model)
+        self.memory_spec = budget_math.MemorySpec(**config.memory) \
+            if config.budget_type == "memory" else None
+        self.full_cost = float(self.cost_of(SubNetwork.full(model)))
+        # Target cost of each budget, in the cost's unit (parameters or bytes).
+        unit = budget_math.GB if self.memory_spec is not None else self.full_parameters
+        self.targets = [float(config.budgets[n]) * unit for n in self.names]
+
+    # ------------------------------------------------------------------ costs
+    def cost_of(self, subnetwork) -> float:
+        """Parameters (or memory in bytes) of a hard SubNetwork."""
+        if self.memory_spec is not None:
+            return budget_math.subnetwork_memory(self.model, subnetwork, self.memory_spec)
+        return budget_math.subnetwork_parameters(self.model, subnetwork)
+
+    def expected_cost(self, soft: SoftSubNetwork) -> torch.Tensor:
+        if self.memory_spec is not None:
+            from nemo_elastic.elastic.cost import expected_memory
+
+            return expected_memory(self.model, soft, self.memory_spec)
+        return expected_parameters(self.model, soft)
+
+    def is_full(self, budget_index: int) -> bool:
+        """The budget asks for the whole parent (the identity term applies)."""
+        return self.targets[budget_index] >= self.full_cost * (1 - 1e-9)
+
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise ConfigError(f"budget {name!r} is not trained; budgets: {self.names}") from None
 
     # ------------------------------------------------------------------ schedules
     def temperature(self, iteration: int) -> float:
-        c = self.config
-        t = min(iteration, c.anneal_iters) / c.anneal_iters
+        c = self.config.router
+        t = min(iteration, self.total_iters) / self.total_iters
         return c.tau_start * (c.tau_end / c.tau_start) ** t  # exponential: tau_start -> tau_end
 
     def logit_scale(self, iteration: int) -> float:
-        c = self.config
-        t = min(iteration, c.anneal_iters) / c.anneal_iters
+        c = self.config.router
+        t = min(iteration, self.total_iters) / self.total_iters
         return c.scale_start + (c.scale_end - c.scale_start) * t
 
     # ------------------------------------------------------------------ forward
@@ -167,7 +174,7 @@ class ElasticRouter(nn.Module):
         Noise depends only on (seed, iteration, micro_batch, axis): identical on every
         tensor/pipeline-parallel rank.  noise=False: plain softmax at the current temperature.
         """
-        n = len(self.config.budgets)
+        n = len(self.names)
         if not 0 <= budget_index < n:
             raise ValueError(f"budget_index={budget_index}: must be in [0, {n})")
         param = next(self.parameters())
@@ -187,7 +194,7 @@ class ElasticRouter(nn.Module):
         return RouterOutput(subnetwork=self._soft_subnetwork(probs), probs=probs)
 
     def _soft_subnetwork(self, probs: dict[str, torch.Tensor]) -> SoftSubNetwork:
-        m, mode = self.model, self.config.mode
+        m, mode = self.model, self.mode
         axis_of = lambda axis, row: SoftAxis(self.choices[axis], probs[axis][row], mode)  # noqa: E731
         hidden = axis_of("hidden", 0) if "hidden" in probs else m.hidden_size
         keep = [True] * m.num_layers
@@ -212,16 +219,37 @@ class ElasticRouter(nn.Module):
 
     # ------------------------------------------------------------------ loss
     def budget_loss(self, output: RouterOutput, budget_index: int) -> torch.Tensor:
-        """|E[params] / (budget * params_full) - 1| outside the tolerance band (0 inside);
-        the full budget adds weight x MSE(probs, one-hot of the largest choice)."""
-        budget = self.config.budgets[budget_index]
-        params = expected_parameters(self.model, output.subnetwork)
-        deviation = (params / (budget * self.full_parameters) - 1.0).abs()
-        loss = torch.where(deviation < self.config.tolerance, torch.zeros_like(deviation),
-                           deviation)
-        if math.isclose(budget, 1.0):
+        """|E[cost] / target - 1| outside the tolerance band (0 inside); a full budget adds
+        full_budget_weight x MSE(probs, one-hot of the largest choice)."""
+        loss_cfg = self.config.loss
+        cost = self.expected_cost(output.subnetwork)
+        deviation = (cost / self.targets[budget_index] - 1.0).abs()
+        loss = torch.where(deviation < loss_cfg.tolerance, torch.zeros_like(deviation), deviation)
+        if self.is_full(budget_index):
             for probs in output.probs.values():
                 target = torch.zeros_like(probs)
                 target[:, 0] = 1.0  # choices are sorted largest first
-                loss = loss + self.config.full_budget_weight * ((probs - target) ** 2).mean()
+                loss = loss + loss_cfg.full_budget_weight * ((probs - target) ** 2).mean()
         return loss
+
+    # ------------------------------------------------------------------ the family
+    @torch.no_grad()
+    def family(self) -> dict[str, SubNetwork]:
+        """Each budget's deployable sub-network: the argmax of the router's logits, no noise
+        (argmax does not depend on tau or the positive logit scale)."""
+        return {name: self(i, noise=False).subnetwork.hard() for i, name in enumerate(self.names)}
+
+    def family_table(self) -> list[dict]:
+        """One entry per budget: name, target, sizes, parameters and memory (bytes)."""
+        spec = self.memory_spec or budget_math.MemorySpec()
+        rows = []
+        for name, subnet in self.family().items():
+            params = budget_math.subnetwork_parameters(self.model, subnet)
+            rows.append({
+                "name": name, "target": float(self.config.budgets[name]),
+                "budget_type": self.config.budget_type, "parameters": params,
+                "parameter_fraction": params / self.full_parameters,
+                "memory_bytes": budget_math.subnetwork_memory(self.model, subnet, spec),
+                "memory_spec": dataclasses.asdict(spec), "summary": subnet.describe(self.model),
+                "subnetwork": subnet.to_dict()})
+        return rows

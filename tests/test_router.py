@@ -5,7 +5,8 @@ import torch
 
 from nemo_elastic.budget import count_parameters, subnetwork_parameters
 from nemo_elastic.config import ConfigError
-from nemo_elastic.router import ElasticRouter, RouterConfig, axis_choices
+from nemo_elastic.config_elastic import ElasticConfig
+from nemo_elastic.router import ElasticRouter, axis_choices
 from tests.conftest import tiny_config
 
 PATTERN = "M-*M-M-"
@@ -17,28 +18,38 @@ def _model():
                         "kv_channels": 16}).model
 
 
+def _elastic(**kw):
+    kw.setdefault("iters", 1000)
+    kw.setdefault("warmup_iters", 0)
+    return ElasticConfig(**kw)
+
+
+def _router(m, total_iters=1000, layer_ranking=None, **kw):
+    return ElasticRouter(m, _elastic(**kw), total_iters=total_iters, layer_ranking=layer_ranking)
+
+
 def test_config_validation_names_the_field():
-    with pytest.raises(ConfigError, match="router.budgets"):
-        RouterConfig(budgets=(1.0, 1.5))
-    with pytest.raises(ConfigError, match=r"router.axes=.*unknown \['width'\]"):
-        RouterConfig(axes=("width",))
-    with pytest.raises(ConfigError, match="router.heterogeneous"):
-        RouterConfig(heterogeneous=("hidden",))
-    with pytest.raises(ConfigError, match="depth_choices needs the layer ranking"):
-        ElasticRouter(_model(), RouterConfig(depth_choices=(7, 6)))
+    with pytest.raises(ConfigError, match=r"elastic.budgets.b=1.5"):
+        _elastic(budgets={"a": 1.0, "b": 1.5})
+    with pytest.raises(ConfigError, match=r"elastic.axes=.*unknown \['width'\]"):
+        _elastic(axes=["width"])
+    with pytest.raises(ConfigError, match="elastic.heterogeneous"):
+        _elastic(heterogeneous=["hidden"])
+    with pytest.raises(ConfigError, match="depth_choices=.*needs the layer ranking"):
+        _router(_model(), depth_choices=[7, 6])
 
 
 def test_choices_respect_groups_and_schedules_hit_their_endpoints():
     m = _model()
     assert axis_choices(m, "mamba_heads", (1.0, 0.75, 0.5, 0.3)) == [8, 6, 4, 2]
     assert axis_choices(m, "hidden", (1.0, 0.875, 0.5)) == [64, 56, 32]
-    router = ElasticRouter(m, RouterConfig(anneal_iters=100))
+    router = _router(m, total_iters=100)
     assert router.temperature(0) == 1.0 and router.temperature(100) == pytest.approx(0.05)
     assert router.logit_scale(0) == 1.0 and router.logit_scale(1000) == 10.0
 
 
 def test_noise_is_a_function_of_iteration_and_micro_batch_only():
-    router = ElasticRouter(_model(), RouterConfig())
+    router = _router(_model())
     torch.manual_seed(0)
     a = router(1, iteration=5, micro_batch=2).probs
     torch.manual_seed(123)  # the global RNG must not matter (ranks differ there)
@@ -56,10 +67,9 @@ def test_output_is_a_valid_subnetwork_and_lm_gradients_reach_the_router(megatron
     cfg = cfg_of({"hybrid_layer_pattern": PATTERN, "mamba_num_heads": 8, "mamba_num_groups": 2,
                   "hidden_size": 64, "ffn_hidden_size": 128, "kv_channels": 16})
     ranking = [3, 1, 5, 2, 4, 6, 0]
-    router = ElasticRouter(cfg.model, RouterConfig(heterogeneous=("ffn",),
-                                                   axes=("hidden", "mamba_heads", "mamba_head_dim",
-                                                         "attention_heads", "ffn"),
-                                                   depth_choices=(7, 6, 5)), layer_ranking=ranking)
+    router = _router(cfg.model, heterogeneous=["ffn"], layer_ranking=ranking,
+                     axes=["hidden", "mamba_heads", "mamba_head_dim", "attention_heads", "ffn"],
+                     depth_choices=[7, 6, 5])
     out = router(2, iteration=3)
     out.subnetwork.hard().validate(cfg.model)
     assert len(out.probs["ffn"]) == 3  # one choice per MLP layer (heterogeneous)
@@ -75,8 +85,7 @@ def test_output_is_a_valid_subnetwork_and_lm_gradients_reach_the_router(megatron
 @pytest.mark.parametrize("budget_index", [0, 1, 2])
 def test_budget_loss_alone_steers_the_router_into_the_band(budget_index):
     m = _model()
-    config = RouterConfig(budgets=(1.0, 0.6, 0.35), anneal_iters=150, tolerance=0.05)
-    router = ElasticRouter(m, config)
+    router = _router(m, total_iters=150, budgets={"full": 1.0, "b60": 0.6, "b35": 0.35})
     opt = torch.optim.Adam(router.parameters(), lr=1e-2)
     for it in range(200):
         out = router(budget_index, iteration=it)
@@ -86,7 +95,7 @@ def test_budget_loss_alone_steers_the_router_into_the_band(budget_index):
         opt.step()
     final = router(budget_index, iteration=200, noise=False).subnetwork.hard()
     ratio = subnetwork_parameters(m, final) / count_parameters(m)
-    target = config.budgets[budget_index]
+    target = router.targets[budget_index] / count_parameters(m)
     assert abs(ratio / target - 1) <= 0.12, (ratio, target)
     if target == 1.0:
         assert ratio == 1.0

@@ -1,0 +1,307 @@
+"""The `elastic:` section of a recipe: budgets, axes, router, distillation, curriculum.
+
+Pure Python (no torch): validated when the recipe is loaded.  Rules that need the model's sizes
+(choice lists vs. the parent, divisibility by groups and tensor-parallel size, stage sequence
+length vs. `model.max_sequence_length`, memory budgets vs. the parent's memory) are checked by
+`Config.__post_init__`, which sees every section.
+
+    elastic:
+      init_checkpoint: runs/tiny/prepared     # student start (prepared = importance-reordered)
+      budgets: {full: 1.0, 75pct: 0.75, half: 0.5}   # fractions of the parent's parameters
+      budget_type: params                     # or memory: budgets in GB (see `memory`)
+      axes: [hidden, mamba_heads, attention_heads, ffn]
+      width_fractions: [1.0, 0.875, 0.75, 0.625, 0.5]
+      router: {hidden_dim: 256, tau_start: 1.0, tau_end: 0.05, mode: hard, lr: 1.0e-2}
+      distill: {teacher: null, temperature: 1.0}   # null: the init checkpoint is the teacher
+      curriculum:
+        - {name: stage1, seq_length: 8192, global_batch_size: 1536, tokens: 65e9}
+        - {name: stage2, seq_length: 49152, global_batch_size: 512, tokens: 45e9,
+           budget_probs: {full: 0.5, 75pct: 0.3, half: 0.2}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from nemo_elastic.errors import ConfigError, fail, require_number, require_positive
+
+# Elastic width axes: axis name -> (SubNetwork / ModelConfig size field, group-count field whose
+# multiple every size must be, so that every group keeps the same number of heads).
+AXES = {
+    "hidden": ("hidden_size", None),
+    "mamba_heads": ("mamba_num_heads", "mamba_num_groups"),
+    "mamba_head_dim": ("mamba_head_dim", None),
+    "attention_heads": ("num_attention_heads", "num_query_groups"),
+    "ffn": ("ffn_hidden_size", None),
+}
+ROUTER_MODES = {"hard": "scaled", "soft": "mixture"}  # config name -> masks.SoftAxis mode
+BUDGET_TYPES = ("params", "memory")
+TEACHER_MODES = ("frozen", "trainable")
+
+
+@dataclass(kw_only=True)
+class RouterConfig:
+    """Paper-digest §5: per-axis 2-layer MLPs on the budget's one-hot, Gumbel-Softmax."""
+
+    hidden_dim: int = 256
+    init_std: float = 0.1
+    tau_start: float = 1.0  # Gumbel temperature, exponential decay over the whole run
+    tau_end: float = 0.05
+    scale_start: float = 1.0  # logit scale, linear over the whole run
+    scale_end: float = 10.0
+    mode: str = "hard"  # hard: argmax prefix x its probability; soft: sum_i p_i prefix_i
+    lr: float = 1.0e-2  # the router's own parameter group (paper: 1e-2 vs 9e-5 for the model)
+    warmup_iters: int = 60
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0  # clipped separately from the model's gradients (0: off)
+
+    def __post_init__(self) -> None:
+        p = "elastic.router."
+        require_positive(self, "hidden_dim", prefix=p)
+        require_number(self, "init_std", "tau_start", "tau_end", "scale_start", "scale_end", "lr",
+                       prefix=p)
+        require_number(self, "weight_decay", "clip_grad", prefix=p, low_open=False)
+        if self.tau_end > self.tau_start:
+            fail(f"{p}tau_end", self.tau_end, f"must be <= elastic.router.tau_start={self.tau_start}")
+        if self.mode not in ROUTER_MODES:
+            fail(f"{p}mode", self.mode, f"must be one of {sorted(ROUTER_MODES)}")
+        if isinstance(self.warmup_iters, bool) or not isinstance(self.warmup_iters, int) \
+                or self.warmup_iters < 0:
+            fail(f"{p}warmup_iters", self.warmup_iters, "must be an integer >= 0")
+
+
+@dataclass(kw_only=True)
+class BudgetLossConfig:
+    """L = KD + weight * |cost / target - 1| (0 inside +-tolerance); the full budget adds
+    full_budget_weight * MSE(probs, one-hot(largest)) (Megatron-LM Flextron form)."""
+
+    weight: float = 1.0  # lambda
+    tolerance: float = 0.05
+    full_budget_weight: float = 10.0
+
+    def __post_init__(self) -> None:
+        p = "elastic.loss."
+        require_number(self, "weight", "full_budget_weight", prefix=p, low_open=False)
+        require_number(self, "tolerance", prefix=p, low_open=False, high=1.0)
+
+
+@dataclass(kw_only=True)
+class DistillConfig:
+    teacher: Optional[str] = None  # checkpoint; None: elastic.init_checkpoint (the parent)
+    temperature: float = 1.0
+    ce_weight: float = 0.0  # + ce_weight x LM cross-entropy of the student (paper: 0, KD only)
+    teacher_mode: str = "frozen"  # frozen: separate copy; trainable: the full-budget student
+
+    def __post_init__(self) -> None:
+        p = "elastic.distill."
+        require_number(self, "temperature", prefix=p)
+        require_number(self, "ce_weight", prefix=p, low_open=False)
+        if self.teacher_mode not in TEACHER_MODES:
+            fail(f"{p}teacher_mode", self.teacher_mode, f"must be one of {list(TEACHER_MODES)}")
+        if self.teacher_mode == "trainable" and self.ce_weight == 0:
+            fail(f"{p}ce_weight", self.ce_weight, "must be > 0 with teacher_mode=trainable (the "
+                 "paper's self-distillation: L = KD + alpha * CE; without CE the teacher collapses)")
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    """One curriculum stage; unset sizes fall back to the `data:` section."""
+
+    name: str
+    iters: Optional[int] = None
+    tokens: Optional[float] = None  # alternative to iters: ceil(tokens / (gbs * seq_length))
+    seq_length: Optional[int] = None
+    global_batch_size: Optional[int] = None
+    micro_batch_size: Optional[int] = None
+    budget_probs: Optional[dict] = None  # budget name -> weight (normalized); None: uniform
+
+    def validate(self, p: str) -> "StageConfig":
+        """Check every field; `p` is the field-path prefix, e.g. 'elastic.curriculum[1].'."""
+        if not isinstance(self.name, str) or not self.name:
+            fail(f"{p}name", self.name, "must be a non-empty string")
+        if (self.iters is None) == (self.tokens is None):
+            fail(f"{p}iters", self.iters, "give exactly one of iters or tokens for each stage")
+        if self.iters is not None:
+            require_positive(self, "iters", prefix=p)
+        else:
+            require_number(self, "tokens", prefix=p)
+        for name in ("seq_length", "global_batch_size", "micro_batch_size"):
+            if getattr(self, name) is not None:
+                require_positive(self, name, prefix=p)
+        if self.budget_probs is not None:
+            if not isinstance(self.budget_probs, dict) or not self.budget_probs:
+                fail(f"{p}budget_probs", self.budget_probs,
+                     "must map budget names to weights, e.g. {full: 0.5, 9b: 0.3, 6b: 0.2}")
+            for key, value in self.budget_probs.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                        or not value >= 0 or math.isinf(value):
+                    fail(f"{p}budget_probs.{key}", value, "must be a finite number >= 0")
+            if sum(self.budget_probs.values()) <= 0:
+                fail(f"{p}budget_probs", self.budget_probs, "needs at least one weight > 0")
+        return self
+
+
+@dataclass(kw_only=True)
+class ElasticConfig:
+    """Everything `nemo-elastic train` needs beyond the parent's model/data sections."""
+
+    init_checkpoint: Optional[str] = None  # model-only or prepared checkpoint to start from
+    output_dir: Optional[str] = None  # default: <output_dir>/elastic
+    budgets: dict = field(default_factory=lambda: {"100%": 1.0, "75%": 0.75, "50%": 0.5})
+    budget_type: str = "params"  # params: fractions of the parent; memory: GB (see `memory`)
+    memory: dict = field(default_factory=dict)  # nemo_elastic.budget.MemorySpec fields
+    axes: list = field(default_factory=lambda: ["hidden", "mamba_heads", "attention_heads", "ffn"])
+    width_fractions: list = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.625, 0.5])
+    choices: dict = field(default_factory=dict)  # axis -> explicit sizes (overrides fractions)
+    heterogeneous: list = field(default_factory=list)  # axes with one choice per layer
+    depth_choices: list = field(default_factory=list)  # numbers of kept layers; [] = no depth
+    router: RouterConfig = field(default_factory=RouterConfig)
+    loss: BudgetLossConfig = field(default_factory=BudgetLossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    curriculum: list = field(default_factory=list)  # StageConfig dicts; [] = one stage
+    iters: Optional[int] = None  # length of the implicit single stage (no curriculum)
+    lr: float = 9.0e-5
+    min_lr: float = 9.0e-6
+    warmup_iters: int = 60
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 100
+    save_interval: int = 100
+    family_interval: int = 0  # record every budget's argmax sub-network every N iterations (0: at
+    # eval_interval); the checkpoint always carries the family at its iteration
+
+    def __post_init__(self) -> None:
+        p = "elastic."
+        self._check_budgets(p)
+        if self.budget_type not in BUDGET_TYPES:
+            fail(f"{p}budget_type", self.budget_type, f"must be one of {list(BUDGET_TYPES)}")
+        if not isinstance(self.memory, dict):
+            fail(f"{p}memory", self.memory, "must be a mapping of MemorySpec fields "
+                 "(batch_size, seq_length, bytes_per_param, bytes_per_cache)")
+        self._check_axes(p)
+        if not isinstance(self.depth_choices, (list, tuple)) or any(
+                isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in self.depth_choices):
+            fail(f"{p}depth_choices", self.depth_choices, "must be a list of positive layer counts")
+        if len(set(self.depth_choices)) != len(self.depth_choices):
+            fail(f"{p}depth_choices", self.depth_choices, "has duplicates")
+        self.router = _section(RouterConfig, self.router, f"{p}router.")
+        self.loss = _section(BudgetLossConfig, self.loss, f"{p}loss.")
+        self.distill = _section(DistillConfig, self.distill, f"{p}distill.")
+        self._check_curriculum(p)
+        require_number(self, "lr", prefix=p)
+        require_number(self, "min_lr", prefix=p, low_open=False, high=self.lr)
+        require_number(self, "weight_decay", "clip_grad", prefix=p, low_open=False)
+        require_positive(self, "log_interval", "eval_interval", "save_interval", prefix=p)
+        if isinstance(self.warmup_iters, bool) or not isinstance(self.warmup_iters, int) \
+                or self.warmup_iters < 0:
+            fail(f"{p}warmup_iters", self.warmup_iters, "must be an integer >= 0")
+        if self.lr_decay_style not in ("constant", "linear", "cosine"):
+            fail(f"{p}lr_decay_style", self.lr_decay_style, "must be constant, linear or cosine")
+        if isinstance(self.family_interval, bool) or not isinstance(self.family_interval, int) \
+                or self.family_interval < 0:
+            fail(f"{p}family_interval", self.family_interval, "must be an integer >= 0")
+
+    # ------------------------------------------------------------------ validation pieces
+    def _check_budgets(self, p: str) -> None:
+        if not isinstance(self.budgets, dict) or not self.budgets:
+            fail(f"{p}budgets", self.budgets, "must map names to targets, e.g. "
+                 "{full: 1.0, 9b: 0.72, 6b: 0.5} (fractions of the parent's parameters)")
+        self.budgets = {str(k): v for k, v in self.budgets.items()}
+        for name, value in self.budgets.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+                    or math.isinf(value):
+                fail(f"{p}budgets.{name}", value, "must be a positive number")
+            if self.budget_type == "params" and value > 1:
+                fail(f"{p}budgets.{name}", value, "must be a fraction of the parent's parameters "
+                     "in (0, 1]; for sizes in GB set elastic.budget_type=memory")
+        values = sorted(self.budgets.values())
+        if len(set(values)) != len(values):
+            fail(f"{p}budgets", self.budgets, "two budgets have the same target")
+
+    def _check_axes(self, p: str) -> None:
+        for name in ("axes", "heterogeneous", "width_fractions"):
+            if not isinstance(getattr(self, name), (list, tuple)):
+                fail(f"{p}{name}", getattr(self, name), "must be a list")
+        bad = [a for a in self.axes if a not in AXES]
+        if bad or not self.axes and not self.depth_choices:
+            fail(f"{p}axes", self.axes, f"unknown {bad}; valid: {list(AXES)}" if bad else
+                 "no elastic axis and no depth_choices: nothing to train")
+        if not set(self.heterogeneous) <= set(self.axes) - {"hidden"}:
+            fail(f"{p}heterogeneous", self.heterogeneous, "must be a subset of elastic.axes "
+                 "without 'hidden' (the hidden size is global)")
+        if not self.width_fractions or any(
+                isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1
+                for f in self.width_fractions):
+            fail(f"{p}width_fractions", self.width_fractions, "must be fractions in (0, 1]")
+        if not isinstance(self.choices, dict):
+            fail(f"{p}choices", self.choices, "must map axis names to lists of sizes")
+        for axis, sizes in self.choices.items():
+            if axis not in self.axes:
+                fail(f"{p}choices.{axis}", sizes, f"{axis!r} is not in elastic.axes={self.axes}")
+            if not isinstance(sizes, (list, tuple)) or not sizes or any(
+                    isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+                fail(f"{p}choices.{axis}", sizes, "must be a non-empty list of positive sizes")
+
+    def _check_curriculum(self, p: str) -> None:
+        if not isinstance(self.curriculum, (list, tuple)):
+            fail(f"{p}curriculum", self.curriculum, "must be a list of stages")
+        stages = []
+        for i, stage in enumerate(self.curriculum):
+            prefix = f"{p}curriculum[{i}]."
+            if not isinstance(stage, (dict, StageConfig)):
+                fail(f"{p}curriculum[{i}]", stage, "must be a mapping (name, iters or tokens, ...)")
+            stages.append(_section(StageConfig, stage, prefix).validate(prefix))
+            for name in stages[-1].budget_probs or {}:
+                if name not in self.budgets:
+                    fail(f"{prefix}budget_probs.{name}", stages[-1].budget_probs[name],
+                         f"unknown budget {name!r}; budgets are {list(self.budgets)}")
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            fail(f"{p}curriculum", names, "stage names must be unique")
+        self.curriculum = stages
+        if not stages:
+            if self.iters is None:
+                fail(f"{p}iters", None, "set elastic.iters (one stage) or elastic.curriculum")
+            require_positive(self, "iters", prefix=p)
+        elif self.iters is not None:
+            fail(f"{p}iters", self.iters, "give the length per stage in elastic.curriculum "
+                 "(iters or tokens), not elastic.iters")
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def budget_names(self) -> list[str]:
+        return list(self.budgets)
+
+    @property
+    def total_iters(self) -> int:
+        """Iterations of the whole run (stages given in tokens are resolved to iterations by
+        `Config`, which knows the data section's sequence length and batch)."""
+        if not self.curriculum:
+            return int(self.iters)
+        return sum(s.iters for s in self.curriculum)
+
+
+def _section(cls: type, value: Any, prefix: str) -> Any:
+    """A nested dataclass from a mapping (or as given), naming unknown keys with the prefix."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        fail(prefix.rstrip("."), value, "must be a mapping")
+    valid = [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+    for key in value:
+        if key not in valid:
+            import difflib
+
+            match = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(valid)}"
+            raise ConfigError(f"unknown config key {prefix + str(key)!r}{hint}")
+    try:
+        return cls(**value)
+    except TypeError as err:
+        raise ConfigError(f"{prefix.rstrip('.')}: {err}") from err
