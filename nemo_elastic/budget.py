@@ -17,21 +17,69 @@ H = mamba heads, k = conv kernel, a = attention heads, g = query groups, c = hea
 
 `model.per_layer` overrides the sizes of single layers (heterogeneous models, e.g. extracted
 sub-networks); `subnetwork_parameters` counts a `SubNetwork` of a parent.
+
+Inference memory, in bytes, of the model serving `MemorySpec` (B = batch, S = sequence length,
+bp = bytes per parameter, bc = bytes per cached value; paper-digest §5.4):
+
+    weights      parameters * bp
+    attention    KV cache 2 B S g c bc per attention layer (K and V of the g KV groups; KV groups
+                 are never pruned and query heads do not change it; 0 for a dropped layer)
+    Mamba2       SSM state B H P N bc + conv state B (d + 2GN)(k - 1) bc per Mamba layer
+                 (P = head dim; the conv state is the last k - 1 inputs of [x | B | C])
+    MLP          nothing cached
+
+The defaults (batch 1, 131072 tokens, bf16) are those of Megatron-LM's Flextron memory budget
+(`--budget-type mem`, `mem_infer_seq_len` 131072).  Flextron leaves out the conv state (~3% of
+the Mamba cache); it is included here because a server allocates it all the same.  (Megatron,
+mamba-ssm and HF allocate k conv columns, one more than the state needs; vLLM allocates k - 1,
+counted here.)  Activations are not counted: they are transient and depend on the kernels and
+the prefill chunking, not on the model's shape alone.  `memory_breakdown` / `count_memory` /
+`subnetwork_memory` mirror the parameter functions; `GB` = 1e9 bytes.
+
+One walk (`cost_terms`) serves the exact counts here and the probability-weighted expected
+costs of `nemo_elastic.elastic.cost`, so the two cannot drift apart.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from nemo_elastic.config import ATTENTION, MAMBA, MLP, ModelConfig
+from nemo_elastic.config import ATTENTION, MAMBA, MLP, ConfigError, ModelConfig, require_positive
 
 if TYPE_CHECKING:  # pure Python either way; avoid importing the elastic package at load time
     from nemo_elastic.elastic.subnet import SubNetwork
 
-__all__ = ["attention_layer_parameters", "attention_parameters", "count_parameters",
-           "embedding_parameters", "layer_parameters", "mamba_layer_parameters",
-           "mamba_parameters", "mlp_layer_parameters", "mlp_parameters", "parameter_breakdown",
-           "subnetwork_parameters"]
+__all__ = ["GB", "MemorySpec", "attention_layer_parameters", "attention_parameters",
+           "cost_terms", "count_memory", "count_parameters", "embedding_parameters",
+           "kv_cache_bytes", "layer_parameters", "mamba_layer_parameters", "mamba_parameters",
+           "mamba_state_bytes", "memory_breakdown", "memory_from_terms", "memory_gb",
+           "mlp_layer_parameters", "mlp_parameters", "parameter_breakdown",
+           "parameters_from_terms", "subnetwork_memory", "subnetwork_parameters"]
+
+GB = 1e9  # bytes; budgets in GB are decimal gigabytes, as in Flextron's memory budget
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemorySpec:
+    """How the model is served when its memory is counted: `batch_size` sequences of
+    `seq_length` tokens, weights stored at `bytes_per_param` and the KV / Mamba caches at
+    `bytes_per_cache` bytes per value (2 = bf16 / fp16, 4 = fp32, 1 = fp8)."""
+
+    batch_size: int = 1
+    seq_length: int = 131072
+    bytes_per_param: float = 2.0
+    bytes_per_cache: float = 2.0
+
+    def __post_init__(self) -> None:
+        require_positive(self, "batch_size", "seq_length", prefix="memory.")
+        for name in ("bytes_per_param", "bytes_per_cache"):
+            value = getattr(self, name)
+            if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                    or not math.isfinite(value) or value <= 0):
+                raise ConfigError(f"memory.{name}={value!r}: must be a positive number of bytes "
+                                  "per value (2 for bf16/fp16, 4 for fp32, 1 for fp8)")
 
 
 def _size(m: ModelConfig, field_name: str, layer: Optional[int]) -> int:
@@ -62,23 +110,34 @@ def mlp_parameters(h, ffn):
     return h + 2 * ffn * h
 
 
+def kv_cache_bytes(spec: MemorySpec, query_groups: int, head_dim: int):
+    """KV cache of one attention layer: K and V, [S, B, g, c] each."""
+    return 2 * spec.batch_size * spec.seq_length * query_groups * head_dim * spec.bytes_per_cache
+
+
+def mamba_state_bytes(spec: MemorySpec, heads, head_dim, groups: int, state: int,
+                      conv_kernel: int):
+    """Inference cache of one Mamba2 layer: SSM state [B, H, P, N] + conv state
+    [B, d + 2GN, k - 1] (the last k - 1 conv inputs; see the module docstring)."""
+    ssm = spec.batch_size * heads * head_dim * state
+    conv = spec.batch_size * (heads * head_dim + 2 * groups * state) * (conv_kernel - 1)
+    return (ssm + conv) * spec.bytes_per_cache
+
+
 def mamba_layer_parameters(m: ModelConfig, layer: Optional[int] = None) -> int:
     """Parameters of one Mamba2 layer (pre-norm + mixer); `layer` = global index for per-layer
     sizes (None: the global sizes)."""
-    return mamba_parameters(m.hidden_size, _size(m, "mamba_num_heads", layer),
-                            _size(m, "mamba_head_dim", layer), m.mamba_num_groups,
-                            m.mamba_state_dim, m.mamba_conv_kernel)
+    return layer_parameters(m, MAMBA, layer)
 
 
 def attention_layer_parameters(m: ModelConfig, layer: Optional[int] = None) -> int:
     """Parameters of one self-attention layer (pre-norm + fused qkv + output projection)."""
-    return attention_parameters(m.hidden_size, _size(m, "num_attention_heads", layer),
-                                m.num_query_groups, m.head_dim)
+    return layer_parameters(m, ATTENTION, layer)
 
 
 def mlp_layer_parameters(m: ModelConfig, layer: Optional[int] = None) -> int:
     """Parameters of one MLP layer (pre-norm + up + down projection)."""
-    return mlp_parameters(m.hidden_size, _size(m, "ffn_hidden_size", layer))
+    return layer_parameters(m, MLP, layer)
 
 
 def embedding_parameters(m: ModelConfig, hidden=None):
@@ -88,26 +147,76 @@ def embedding_parameters(m: ModelConfig, hidden=None):
     return 2 * m.vocab_size * h + h
 
 
-_PER_LAYER = {MAMBA: mamba_layer_parameters, ATTENTION: attention_layer_parameters,
-              MLP: mlp_layer_parameters}
-
-
 def layer_parameters(m: ModelConfig, symbol: str, layer: Optional[int] = None) -> int:
     """Parameters of one layer of type `symbol` ('M', '*' or '-'); `layer` as above."""
-    try:
-        count = _PER_LAYER[symbol]
-    except KeyError:
-        raise ValueError(f"layer symbol {symbol!r}: expected one of 'M', '*', '-'") from None
-    return count(m, layer)
+    if symbol not in (MAMBA, ATTENTION, MLP):
+        raise ValueError(f"layer symbol {symbol!r}: expected one of 'M', '*', '-'")
+    terms = _layer_terms(m, symbol, m.hidden_size, lambda f: _size(m, f, layer), None)
+    return next(iter(terms.values()))
+
+
+def _layer_terms(m: ModelConfig, symbol: str, h, size: Callable[[str], Any],
+                 spec: Optional[MemorySpec]) -> dict[str, Any]:
+    """One layer's cost terms: its parameters under its kind ('mamba' / 'attention' / 'mlp')
+    and, with `spec`, its cache bytes ('mamba_state' / 'kv_cache')."""
+    if symbol == MAMBA:
+        heads, head_dim = size("mamba_num_heads"), size("mamba_head_dim")
+        shape = (m.mamba_num_groups, m.mamba_state_dim, m.mamba_conv_kernel)
+        terms = {"mamba": mamba_parameters(h, heads, head_dim, *shape)}
+        if spec is not None:
+            terms["mamba_state"] = mamba_state_bytes(spec, heads, head_dim, *shape)
+    elif symbol == ATTENTION:
+        terms = {"attention": attention_parameters(h, size("num_attention_heads"),
+                                                   m.num_query_groups, m.head_dim)}
+        if spec is not None:
+            terms["kv_cache"] = kv_cache_bytes(spec, m.num_query_groups, m.head_dim)
+    else:
+        terms = {"mlp": mlp_parameters(h, size("ffn_hidden_size"))}
+    return terms
+
+
+def cost_terms(m: ModelConfig, spec: Optional[MemorySpec] = None, *, hidden=None,
+               size: Optional[Callable[[str, int], Any]] = None,
+               keep: Optional[Callable[[int], Any]] = None) -> dict[str, Any]:
+    """The one per-layer walk behind every count: {'embedding', 'mamba', 'attention', 'mlp'}
+    parameters and, with `spec`, {'kv_cache', 'mamba_state'} bytes.
+
+    Defaults give the exact counts of `m` (per-layer aware).  `elastic.cost` passes expected
+    sizes instead: `hidden` (width), `size(field, layer)` (a layer's size) and `keep(layer)`
+    (True, False = dropped, or a soft gate multiplying the layer's weights and cache).
+    """
+    h = m.hidden_size if hidden is None else hidden
+    size = m.layer_size if size is None else size
+    out: dict[str, Any] = {"embedding": embedding_parameters(m, h), "mamba": 0, "attention": 0,
+                           "mlp": 0}
+    if spec is not None:
+        out.update(kv_cache=0, mamba_state=0)
+    for i, symbol in enumerate(m.layer_symbols):
+        gate = True if keep is None else keep(i)
+        if gate is False:
+            continue
+        for key, value in _layer_terms(m, symbol, h, lambda f: size(f, i), spec).items():
+            out[key] = out[key] + (value if gate is True else value * gate)
+    return out
+
+
+def parameters_from_terms(terms: dict[str, Any]):
+    """Total parameters of a `cost_terms` result."""
+    return terms["embedding"] + terms["mamba"] + terms["attention"] + terms["mlp"]
+
+
+def memory_from_terms(terms: dict[str, Any], spec: MemorySpec) -> dict[str, Any]:
+    """{'weights', 'kv_cache', 'mamba_state', 'total'} bytes of a `cost_terms(..., spec)` result."""
+    out = {"weights": parameters_from_terms(terms) * spec.bytes_per_param,
+           "kv_cache": terms["kv_cache"], "mamba_state": terms["mamba_state"]}
+    out["total"] = out["weights"] + out["kv_cache"] + out["mamba_state"]
+    return out
 
 
 def parameter_breakdown(m: ModelConfig) -> dict[str, int]:
     """{'embedding', 'mamba', 'attention', 'mlp', 'total'} parameter counts (per-layer aware)."""
-    out = {"embedding": embedding_parameters(m), "mamba": 0, "attention": 0, "mlp": 0}
-    kind = {MAMBA: "mamba", ATTENTION: "attention", MLP: "mlp"}
-    for i, symbol in enumerate(m.layer_symbols):
-        out[kind[symbol]] += layer_parameters(m, symbol, i)
-    out["total"] = sum(out.values())
+    out = cost_terms(m)
+    out["total"] = parameters_from_terms(out)
     return out
 
 
@@ -120,3 +229,29 @@ def subnetwork_parameters(m: ModelConfig, subnet: "SubNetwork") -> int:
     """Parameters of the physically sliced sub-network `subnet` of parent `m`
     (= `count_parameters(subnet.model_config(m))`; validates `subnet` against `m`)."""
     return count_parameters(subnet.model_config(m))
+
+
+def memory_breakdown(m: ModelConfig, spec: Optional[MemorySpec] = None) -> dict[str, float]:
+    """{'weights', 'kv_cache', 'mamba_state', 'total'} inference memory in bytes of the model
+    described by `m` (per-layer aware) served as `spec` (default `MemorySpec()`)."""
+    spec = MemorySpec() if spec is None else spec
+    return memory_from_terms(cost_terms(m, spec), spec)
+
+
+def count_memory(m: ModelConfig, spec: Optional[MemorySpec] = None) -> float:
+    """Total inference memory in bytes (weights + KV cache + Mamba state)."""
+    return memory_breakdown(m, spec)["total"]
+
+
+def subnetwork_memory(m: ModelConfig, subnet: "SubNetwork",
+                      spec: Optional[MemorySpec] = None) -> float:
+    """Memory in bytes of the sliced sub-network `subnet` of parent `m`
+    (= `count_memory(subnet.model_config(m), spec)`; validates `subnet`)."""
+    return count_memory(subnet.model_config(m), spec)
+
+
+def memory_gb(m: ModelConfig, spec: Optional[MemorySpec] = None,
+              subnet: Optional["SubNetwork"] = None) -> float:
+    """`count_memory` (or `subnetwork_memory` of `subnet`) in GB (1e9 bytes)."""
+    nbytes = count_memory(m, spec) if subnet is None else subnetwork_memory(m, subnet, spec)
+    return nbytes / GB

@@ -1,10 +1,14 @@
-"""Differentiable parameter cost of a soft sub-network (the router's budget term).
+"""Differentiable parameter and memory cost of a soft sub-network (the router's budget term).
 
 Each axis's size is replaced by its expectation under the router's probabilities,
-E[size] = sum_i p_i * c_i, and pushed through the same closed-form per-layer formulas as
-`nemo_elastic.budget` (paper-digest §5.4; Megatron-LM's Flextron computes the cost the same way).
-A soft depth gate multiplies its layer's count.  With one-hot probabilities the result equals
-`budget.subnetwork_parameters` of the argmax sub-network exactly.
+E[size] = sum_i p_i * c_i, and pushed through the same closed-form per-layer walk as
+`nemo_elastic.budget` (`budget.cost_terms`; paper-digest §5.4; Megatron-LM's Flextron computes
+the cost the same way).  A soft depth gate multiplies its layer's parameters and its cache (KV
+cache / Mamba state).  With one-hot probabilities the result equals `budget.subnetwork_parameters`
+/ `budget.subnetwork_memory` of the argmax sub-network exactly.
+
+The cost is computed in the probabilities' dtype; in float32 a 12B model's bytes (~3e10) carry
+a relative rounding error of ~1e-7, harmless for a loss.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from typing import Union
 import torch
 
 from nemo_elastic import budget
-from nemo_elastic.config import ATTENTION, MAMBA, ModelConfig
+from nemo_elastic.budget import MemorySpec
+from nemo_elastic.config import ModelConfig
 from nemo_elastic.elastic.masks import SoftAxis, SoftSubNetwork
 
 Number = Union[int, float, torch.Tensor]
@@ -28,22 +33,29 @@ def expected_size(value) -> Number:
     return value
 
 
+def _expected_terms(model: ModelConfig, soft: SoftSubNetwork, spec=None) -> dict:
+    """`budget.cost_terms` at the expected sizes of `soft` (soft gates scale their layer)."""
+    if len(soft.layers) != model.num_layers:
+        raise ValueError(f"soft sub-network has {len(soft.layers)} layers; the model has "
+                         f"{model.num_layers} (pattern {model.hybrid_layer_pattern!r})")
+    return budget.cost_terms(
+        model, spec, hidden=expected_size(soft.hidden_size),
+        size=lambda field, i: expected_size(getattr(soft.layers[i], field)),
+        keep=lambda i: soft.layers[i].keep)
+
+
+def _as_tensor(total: Number) -> torch.Tensor:
+    # Nothing soft (all sizes fixed, no soft gate): a constant cost.
+    return total if isinstance(total, torch.Tensor) else torch.as_tensor(total, dtype=torch.float64)
+
+
 def expected_parameters(model: ModelConfig, soft: SoftSubNetwork) -> torch.Tensor:
     """E[parameter count] of `soft` as a differentiable scalar tensor."""
-    h = expected_size(soft.hidden_size)
-    total = budget.embedding_parameters(model, h)
-    for sym, layer in zip(model.layer_symbols, soft.layers):
-        if isinstance(layer.keep, bool) and not layer.keep:
-            continue
-        if sym == MAMBA:
-            count = budget.mamba_parameters(
-                h, expected_size(layer.mamba_num_heads), expected_size(layer.mamba_head_dim),
-                model.mamba_num_groups, model.mamba_state_dim, model.mamba_conv_kernel)
-        elif sym == ATTENTION:
-            count = budget.attention_parameters(h, expected_size(layer.num_attention_heads),
-                                                model.num_query_groups, model.head_dim)
-        else:
-            count = budget.mlp_parameters(h, expected_size(layer.ffn_hidden_size))
-        total = total + (count * layer.keep if isinstance(layer.keep, torch.Tensor) else count)
-    return torch.as_tensor(total, dtype=torch.float64) if not isinstance(total, torch.Tensor) \
-        else total
+    return _as_tensor(budget.parameters_from_terms(_expected_terms(model, soft)))
+
+
+def expected_memory(model: ModelConfig, soft: SoftSubNetwork,
+                    spec: MemorySpec = MemorySpec()) -> torch.Tensor:
+    """E[inference memory] of `soft` in bytes (weights + KV cache + Mamba state, see
+    `nemo_elastic.budget`) as a differentiable scalar tensor; divide by `budget.GB` for GB."""
+    return _as_tensor(budget.memory_from_terms(_expected_terms(model, soft, spec), spec)["total"])
