@@ -99,31 +99,34 @@ def budgets(m) -> dict:
 
 def evaluate(args, cfg, parent: Path, prepared: Path, train_s: float, prepare_s: float,
              parent_val: float) -> None:
-    import itertools
+    import dataclasses
 
     from nemo_elastic import runtime
     from nemo_elastic.checkpoint import load_checkpoint, read_meta
-    from nemo_elastic.data import iterate_once
     from nemo_elastic.elastic.specs import build_elastic_model
     from nemo_elastic.importance import (Aggregation, compute_scores, permutations_from_scores,
                                          permute_model_, random_permutations)
     from nemo_elastic.importance.prepare import calibration_batches
-    from nemo_elastic.importance.zero_shot import subnetwork_loss
     from nemo_elastic.report import format_table
     from nemo_elastic.data.loaders import build_training_data
+    from nemo_elastic.training.evaluation import validation_loss
 
     m = cfg.model
     cols = budgets(m)
     meta = read_meta(prepared)["importance"]
+    # validation_loss reads `train.eval_iters * num_microbatches` micro-batches from the start of
+    # the validation set: eval_iters=--val-batches with one micro-batch each is the first
+    # `--val-batches` micro-batches, the set this table has always been computed on.
+    eval_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                                  eval_iters=args.val_batches))
     with runtime.distributed(cfg.parallel) as info:
         data = build_training_data(cfg, info)
-        val = list(itertools.islice(iterate_once(data.val_dataset, cfg.data.micro_batch_size),
-                                    args.val_batches))
         calib = calibration_batches(data, args.num_batches, progress=False)
         model = build_elastic_model(cfg)
 
         def losses() -> list[float]:
-            return [subnetwork_loss(model, val, s) for s in cols.values()]
+            return [validation_loss(eval_cfg, model, data, 1, info, subnetwork=s)
+                    for s in cols.values()]
 
         def reload(ckpt) -> None:
             load_checkpoint(ckpt, model=model, restore_rng=False)

@@ -52,45 +52,53 @@ def zero_shot_budgets(cfg: Config, checkpoints: dict[str, Path],
                       fractions: Sequence[float]) -> dict:
     """Masked prefix sub-networks of each checkpoint: parameters, val loss, answer accuracy."""
     from nemo_elastic import runtime
-    from nemo_elastic.budget import count_parameters, subnetwork_parameters
-    from nemo_elastic.checkpoint import load_checkpoint
-    from nemo_elastic.data import answer_accuracy, iterate_once
+    from nemo_elastic.budget import count_parameters
     from nemo_elastic.data.loaders import build_training_data
-    from nemo_elastic.elastic.specs import build_elastic_model
-    from nemo_elastic.importance.zero_shot import fractional_subnetwork, subnetwork_loss
-    from nemo_elastic.training.evaluation import greedy_logits_fn
 
     run_cfg = cfg.single_process()
     rows, records = [], []
     info = runtime.initialize(run_cfg.parallel, cfg.train.seed)
     try:
         data = build_training_data(run_cfg, info)
-        d = run_cfg.data
-        val = list(iterate_once(data.val_dataset, d.micro_batch_size))[: cfg.train.eval_iters]
         full = count_parameters(run_cfg.model)
         for name, ckpt in checkpoints.items():
-            model = build_elastic_model(run_cfg)
-            load_checkpoint(ckpt, model=model, restore_rng=False)
-            model.eval()
-            for fraction in fractions:
-                subnet = fractional_subnetwork(run_cfg.model, fraction)
-                params = subnetwork_parameters(run_cfg.model, subnet)
-                loss = subnetwork_loss(model, val, subnet)
-                acc = None
-                n = cfg.train.eval_accuracy_samples
-                if data.val_problems and n > 0:
-                    logits = greedy_logits_fn(model, subnetwork=subnet)
-                    acc = answer_accuracy(logits, data.tokenizer, data.val_problems[:n],
-                                          batch_size=64,
-                                          device=next(model.parameters()).device)["accuracy"]
-                records.append({"weights": name, "fraction": fraction, "parameters": params,
-                                "val_loss": loss, "answer_accuracy": acc,
-                                "subnetwork": subnet.to_dict()})
-                rows.append((name, f"{fraction:.0%}", f"{params:,} ({params / full:.0%})",
-                             f"{loss:.4f}", "n/a" if acc is None else f"{acc:.1%}"))
+            for record in _checkpoint_budgets(run_cfg, ckpt, data, info, fractions):
+                records.append({"weights": name, **record})
+                rows.append(_table_row(records[-1], full))
     finally:
         runtime.destroy()
     logger.info("zero-shot budgets: masked prefixes of the parent, before any elastic training "
                 "(multi-budget distillation is what makes the smaller prefixes good models)\n%s",
                 format_table(("weights", "width", "parameters", "val loss", "answer acc"), rows))
     return {"budgets": records}
+
+
+def _table_row(record: dict, full_parameters: int) -> tuple[str, ...]:
+    params, acc = record["parameters"], record["answer_accuracy"]
+    return (record["weights"], f"{record['fraction']:.0%}",
+            f"{params:,} ({params / full_parameters:.0%})", f"{record['val_loss']:.4f}",
+            "n/a" if acc is None else f"{acc:.1%}")
+
+
+def _checkpoint_budgets(run_cfg: Config, ckpt: Path, data, info,
+                        fractions: Sequence[float]) -> list[dict]:
+    """One record per fraction for the elastic model of `ckpt` (one process, TP=PP=1)."""
+    from nemo_elastic.budget import subnetwork_parameters
+    from nemo_elastic.checkpoint import load_checkpoint
+    from nemo_elastic.elastic.specs import build_elastic_model
+    from nemo_elastic.importance.zero_shot import fractional_subnetwork
+    from nemo_elastic.training.evaluation import evaluate_subnetwork
+
+    model = build_elastic_model(run_cfg)
+    load_checkpoint(ckpt, model=model, restore_rng=False)
+    model.eval()
+    records = []
+    for fraction in fractions:
+        subnet = fractional_subnetwork(run_cfg.model, fraction)
+        # One micro-batch per eval iteration: the loss is the token mean over the first
+        # `train.eval_iters` validation micro-batches, the set the zero-shot table always used.
+        metrics = evaluate_subnetwork(run_cfg, model, data, info, subnet, num_microbatches=1)
+        records.append({"fraction": fraction,
+                        "parameters": subnetwork_parameters(run_cfg.model, subnet), **metrics,
+                        "subnetwork": subnet.to_dict()})
+    return records

@@ -1,15 +1,12 @@
-"""Zero-shot quality of prefixes: a uniform-fraction `SubNetwork` and its masked LM loss.
+"""Zero-shot quality of prefixes: the uniform-fraction `SubNetwork` of a parent.
 
 Used to check what reordering buys before any elastic training: after `prepare`, the prefix
 sub-network at 50% of every width axis should lose far less than a prefix of a randomly ordered
-model (`bench/bench_importance.py`).
+model (`bench/bench_importance.py`).  Its loss and accuracy come from the one evaluation path,
+`nemo_elastic.training.evaluation` (`validation_loss(..., subnetwork=)`).
 """
 
 from __future__ import annotations
-
-from typing import Iterable
-
-import torch
 
 from nemo_elastic.config import ModelConfig
 from nemo_elastic.elastic.subnet import SubNetwork
@@ -41,23 +38,3 @@ def fractional_subnetwork(model: ModelConfig, fraction: float) -> SubNetwork:
             changes["ffn_hidden_size"] = _scaled(layer.ffn_hidden_size, fraction)
         subnet = subnet.replace_layer(i, **changes)
     return subnet.validate(model)
-
-
-def subnetwork_loss(model, batches: Iterable[dict], subnetwork=None) -> float:
-    """Token-mean LM loss (loss_mask-weighted) of an `ElasticHybridModel` sub-network over
-    `batches` (dicts of [b, s] tokens / labels / loss_mask / position_ids); one process."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64)
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                b = {k: v.to(device) for k, v in batch.items()}
-                loss = model(b["tokens"], b["position_ids"], None, labels=b["labels"],
-                             subnetwork=subnetwork)  # [b, s] per-token loss
-                mask = b["loss_mask"].double()
-                total += torch.stack([(loss.double() * mask).sum(), mask.sum()]).cpu()
-    finally:
-        model.train(was_training)
-    return float(total[0] / total[1].clamp(min=1))

@@ -1,10 +1,16 @@
-"""Validation loss (any TP/PP) and greedy answer accuracy (synthetic corpus)."""
+"""Evaluation of a model or of one of its nested sub-networks: validation loss through the
+Megatron forward-only schedule (any TP/PP/DP) and greedy answer accuracy (synthetic corpus).
+
+This is the one evaluation path: pretraining, `nemo-elastic eval`, the zero-shot budgets of
+`nemo-elastic run` and the importance benchmark all go through it, so their numbers agree.
+"""
 
 from __future__ import annotations
 
 import itertools
 import logging
-from typing import Optional
+from functools import partial
+from typing import Iterator, Optional
 
 import torch
 
@@ -15,31 +21,63 @@ from nemo_elastic.training.step import lm_forward_step, reduce_lm_loss
 logger = logging.getLogger(__name__)
 
 
-def validation_loss(cfg: Config, model, data, num_microbatches: int, info: RankInfo) -> float:
-    """Token-mean loss over the first `train.eval_iters` global batches of the validation set.
+def _validation_batches(cfg: Config, data, num_microbatches: int,
+                        info: RankInfo) -> tuple[Iterator[dict], int]:
+    """(iterator, count) over the first `train.eval_iters * num_microbatches` micro-batches of
+    this data-parallel rank's share of the validation set (fewer if the set is smaller).
 
-    Same batches every time (in order), so values are comparable across evaluations.
-    Returns the loss on the last pipeline stage (NaN elsewhere).
+    Always from the start and in order, so successive evaluations see the same tokens.
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     from nemo_elastic.data import iterate_once
 
     d = cfg.data
     batches_available = -(-len(data.val_dataset) // (d.micro_batch_size * info.dp_size))
-    n_micro = max(1, min(cfg.train.eval_iters * num_microbatches, batches_available))
-    val_iter = itertools.islice(
-        iterate_once(data.val_dataset, d.micro_batch_size, dp_rank=info.dp_rank,
-                     dp_size=info.dp_size), n_micro)
+    count = max(1, min(cfg.train.eval_iters * num_microbatches, batches_available))
+    batches = iterate_once(data.val_dataset, d.micro_batch_size, dp_rank=info.dp_rank,
+                           dp_size=info.dp_size)
+    return itertools.islice(batches, count), count
+
+
+def _to_every_stage(value: float) -> float:
+    """The last pipeline stage's value on every stage (the others contribute zero)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return value
+    is_last = ps.is_pipeline_last_stage(ignore_virtual=True)
+    t = torch.tensor([value if is_last else 0.0], dtype=torch.float64)
+    torch.distributed.all_reduce(t, group=ps.get_pipeline_model_parallel_group())
+    return t.item()
+
+
+def validation_loss(cfg: Config, model, data, num_microbatches: int, info: RankInfo, *,
+                    subnetwork=None, all_stages: bool = False) -> float:
+    """Token-mean loss over the first `train.eval_iters * num_microbatches` validation
+    micro-batches (per data-parallel rank), through Megatron's forward-only schedule.
+
+    `subnetwork` (an `ElasticHybridModel`, bare or DDP-wrapped) evaluates that nested model
+    instead of the whole one.  The loss is computed on the last pipeline stage; other stages get
+    NaN unless `all_stages`, which all-reduces it over the pipeline group so every rank returns
+    it.  (`all_stages` is opt-in because pretraining still broadcasts the value itself.)
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    val_iter, n_micro = _validation_batches(cfg, data, num_microbatches, info)
+    step = lm_forward_step if subnetwork is None else partial(lm_forward_step,
+                                                              subnetwork=subnetwork)
+    was_training = model.training
     model.eval()
-    with torch.no_grad():
-        losses = get_forward_backward_func()(
-            forward_step_func=lm_forward_step, data_iterator=val_iter, model=[model],
-            num_microbatches=n_micro, seq_length=d.seq_length, micro_batch_size=d.micro_batch_size,
-            forward_only=True)
-    model.train()
-    return reduce_lm_loss(losses, ps.get_data_parallel_group())[0]
+    try:
+        with torch.no_grad():
+            losses = get_forward_backward_func()(
+                forward_step_func=step, data_iterator=val_iter, model=[model],
+                num_microbatches=n_micro, seq_length=cfg.data.seq_length,
+                micro_batch_size=cfg.data.micro_batch_size, forward_only=True)
+    finally:
+        model.train(was_training)
+    loss = reduce_lm_loss(losses, ps.get_data_parallel_group())[0]
+    return _to_every_stage(loss) if all_stages else loss
 
 
 def greedy_logits_fn(model, subnetwork=None):
@@ -54,8 +92,13 @@ def greedy_logits_fn(model, subnetwork=None):
     return logits_fn
 
 
-def answer_accuracy_of(cfg: Config, model, data, info: RankInfo) -> Optional[dict]:
-    """Exact-match accuracy of greedy answers on validation problems (rank 0, TP=PP=1 only)."""
+def answer_accuracy_of(cfg: Config, model, data, info: RankInfo, *,
+                       subnetwork=None) -> Optional[dict]:
+    """Exact-match accuracy of greedy answers on the first `train.eval_accuracy_samples`
+    validation problems (rank 0, TP=PP=1 only; None elsewhere or without problems).
+
+    `subnetwork` (an elastic model) makes that nested model generate.
+    """
     from nemo_elastic.data import answer_accuracy
 
     n = cfg.train.eval_accuracy_samples
@@ -67,12 +110,24 @@ def answer_accuracy_of(cfg: Config, model, data, info: RankInfo) -> Optional[dic
         return None
     if not info.is_main:
         return None
+    was_training = model.training
     model.eval()
     try:
-        result = answer_accuracy(greedy_logits_fn(model), data.tokenizer, data.val_problems[:n],
-                                 batch_size=64, device=next(model.parameters()).device)
+        result = answer_accuracy(greedy_logits_fn(model, subnetwork), data.tokenizer,
+                                 data.val_problems[:n], batch_size=64,
+                                 device=next(model.parameters()).device)
     finally:
-        model.train()
-    logger.info("answer accuracy (greedy, %d validation problems): %.1f%%", result["n"],
-                100 * result["accuracy"])
+        model.train(was_training)
+    logger.info("answer accuracy (greedy, %d validation problems%s): %.1f%%", result["n"],
+                "" if subnetwork is None else ", a sub-network", 100 * result["accuracy"])
     return result
+
+
+def evaluate_subnetwork(cfg: Config, model, data, info: RankInfo, subnetwork,
+                        num_microbatches: int) -> dict:
+    """{"val_loss": on every rank, "answer_accuracy": float or None where it is not computed}
+    of `subnetwork` (None: the whole model)."""
+    loss = validation_loss(cfg, model, data, num_microbatches, info, subnetwork=subnetwork,
+                           all_stages=True)
+    accuracy = answer_accuracy_of(cfg, model, data, info, subnetwork=subnetwork)
+    return {"val_loss": loss, "answer_accuracy": None if accuracy is None else accuracy["accuracy"]}

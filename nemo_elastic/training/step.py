@@ -27,12 +27,19 @@ def masked_lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     return loss_sum, num_tokens, {LM_LOSS: report}
 
 
-def lm_forward_step(data_iterator: Iterator[dict], model):
-    """Megatron forward_step_func: returns (per-token loss [b, s], loss_func)."""
+def lm_forward_step(data_iterator: Iterator[dict], model, *, subnetwork=None):
+    """Megatron forward_step_func: returns (per-token loss [b, s], loss_func).
+
+    `subnetwork` (bind it with `functools.partial`) selects a nested model of an elastic parent;
+    it is passed only when given, because a plain `HybridModel` has no such keyword.  It is
+    keyword-only so that it can never take the place of the third positional argument that
+    Megatron's schedule passes with partial activation checkpointing.
+    """
     batch = next(data_iterator)
     device = next(model.parameters()).device
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    kwargs = {} if subnetwork is None else {"subnetwork": subnetwork}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], **kwargs)
     return output, partial(masked_lm_loss, batch["loss_mask"])
 
 
