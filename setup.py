@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "tokenizers>=0.20",
     "tqdm>=4.66",
     "matplotlib>=3.8",
+    "tensorboard>=2.16",  # event files of every training run (torch.utils.tensorboard)
 ]
 
 EXTRAS = {

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 META_FILE = "nemo_elastic.json"
 LATEST_FILE = "latest"
 FORMAT_VERSION = 1
+TRAINING_KINDS = ("pretrain", "elastic")  # runs whose checkpoints/latest is kept up to date
 
 
 class CheckpointError(RuntimeError):
@@ -179,8 +180,14 @@ def start_writer_processes() -> None:
 def save_checkpoint(ckpt_dir: str | Path, *, cfg: Config, model: torch.nn.Module,
                     optimizer=None, scheduler=None, iteration: int = 0,
                     data_state: Optional[dict] = None, kind: str = "pretrain",
-                    extra_meta: Optional[dict] = None, overwrite: bool = False) -> Path:
-    """Write a complete checkpoint atomically. Call on every rank (collective)."""
+                    extra_meta: Optional[dict] = None, extra_common: Optional[dict] = None,
+                    overwrite: bool = False) -> Path:
+    """Write a complete checkpoint atomically. Call on every rank (collective).
+
+    `extra_common`: picklable, replicated state (identical on every rank, written once), e.g. the
+    router's weights and optimizer (`{"extra": {"router": ..., "router_optimizer": ...}}`);
+    `extra_meta`: JSON-serializable facts for `nemo_elastic.json` (e.g. the budget family).
+    """
     from megatron.core import dist_checkpointing
 
     ckpt_dir = Path(ckpt_dir)
@@ -197,7 +204,8 @@ def save_checkpoint(ckpt_dir: str | Path, *, cfg: Config, model: torch.nn.Module
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd)
     common = {"iteration": iteration, "data_state": data_state,
-              "scheduler": scheduler.state_dict() if scheduler is not None else None}
+              "scheduler": scheduler.state_dict() if scheduler is not None else None,
+              **(extra_common or {})}
     state["common"] = common
     dist_checkpointing.save(state, str(tmp_dir))
 
@@ -210,7 +218,7 @@ def save_checkpoint(ckpt_dir: str | Path, *, cfg: Config, model: torch.nn.Module
         if ckpt_dir.exists():
             shutil.rmtree(ckpt_dir)
         os.replace(tmp_dir, ckpt_dir)
-        if kind == "pretrain":
+        if kind in TRAINING_KINDS:
             _write_latest(ckpt_dir)
     _barrier()
     logger.info("saved checkpoint %s (iteration %d)", ckpt_dir, iteration)
@@ -264,5 +272,5 @@ def load_checkpoint(ckpt_dir: str | Path, *, model: torch.nn.Module, optimizer=N
     if restore_rng and loaded.get("rng_state") is not None:
         _set_rng_state(loaded["rng_state"])
     logger.info("loaded checkpoint %s (iteration %s)", ckpt_dir, common.get("iteration"))
-    return {"iteration": common.get("iteration", 0), "data_state": common.get("data_state"),
-            "meta": meta}
+    return {**common, "iteration": common.get("iteration", 0),
+            "data_state": common.get("data_state"), "meta": meta}

@@ -3,6 +3,8 @@
     nemo-elastic run        [--config conf/tiny.yaml] [key=value ...]   the main job (embedded default):
                                                                         pretrain, prepare, zero-shot budgets
     nemo-elastic pretrain   --config CONF [key=value ...]              train the parent
+    nemo-elastic train      [--config conf/tiny.yaml] [key=value ...]   elastic distillation (all budgets)
+    nemo-elastic info       CKPT [--json]                               a checkpoint's budget family
     nemo-elastic eval       --ckpt CKPT [key=value ...]                validation loss + answer accuracy
     nemo-elastic prepare    --ckpt CKPT --out CKPT [--config CONF]       importance scores + reordering
     nemo-elastic preprocess --input FILE --tokenizer tokenizer.json --out PREFIX
@@ -72,6 +74,39 @@ def cmd_pretrain(args) -> int:
     ratio = result.final_val_loss / result.uniform_loss
     logger.info("validation loss %.4f vs uniform-guess %.4f (ratio %.2f)", result.final_val_loss,
                 result.uniform_loss, ratio)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from nemo_elastic.training.train import train
+
+    cfg = load_config(args.config or _default_config(), args.overrides)
+    train(cfg, resume=not args.no_resume, progress=not args.no_progress)
+    return 0
+
+
+def cmd_info(args) -> int:
+    import json
+
+    from nemo_elastic.checkpoint import read_meta, resolve_checkpoint
+    from nemo_elastic.report import format_table
+
+    path = resolve_checkpoint(args.ckpt)
+    meta = read_meta(path)
+    family = meta.get("family")
+    if args.json:
+        print(json.dumps({"checkpoint": str(path), "kind": meta.get("kind"),
+                          "iteration": meta.get("iteration"), "budgets": family or []}, indent=2))
+        return 0
+    logger.info("checkpoint %s: kind %s, iteration %s", path, meta.get("kind"), meta.get("iteration"))
+    if not family:
+        logger.info("no trained budget family in this checkpoint (written by `%s`; the family "
+                    "comes from `nemo-elastic train`)", meta.get("kind"))
+        return 0
+    rows = [(r["name"], f"{r['target']:g} ({r['budget_type']})", r["summary"],
+             f"{r['parameters']:,} ({r['parameter_fraction']:.1%})",
+             f"{r['memory_bytes'] / 1e9:.4f} GB") for r in family]
+    print(format_table(("budget", "target", "sizes", "parameters", "memory"), rows))
     return 0
 
 
@@ -183,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="train the hybrid parent")
     train_args(p, config_required=True)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("train", help="elastic distillation: router + every budget from a frozen "
+                       "teacher, curriculum stages (the recipe's `elastic:` section)")
+    train_args(p, config_required=False)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("info", help="a checkpoint's kind, iteration and trained budget family")
+    p.add_argument("ckpt", help="checkpoint dir (or a run's output dir: latest)")
+    p.add_argument("--json", action="store_true", help="machine-readable: one entry per budget")
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("eval", help="validation loss and greedy answer accuracy of a checkpoint")
     p.add_argument("--ckpt", required=True, help="checkpoint dir (or a run's output dir: latest)")

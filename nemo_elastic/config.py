@@ -401,7 +401,14 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.iters=100)")
-    if overrides:
-        conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))
+    for item in overrides:
+        # One key at a time with update(): a path may index a list (elastic.curriculum.0.iters),
+        # which a merge of from_dotlist() cannot do.  The value is typed by OmegaConf's grammar.
+        key, text = item.split("=", 1)
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
+        try:
+            OmegaConf.update(conf, key.lstrip("+"), value, merge=True, force_add=True)
+        except Exception as err:  # omegaconf raises several types for bad paths
+            raise ConfigError(f"override {item!r}: {err}".splitlines()[0]) from None
     data = OmegaConf.to_container(conf, resolve=True)
     return from_dict(Config, data)

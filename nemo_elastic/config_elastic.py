@@ -173,8 +173,6 @@ class ElasticConfig:
     log_interval: int = 10
     eval_interval: int = 100
     save_interval: int = 100
-    family_interval: int = 0  # record every budget's argmax sub-network every N iterations (0: at
-    # eval_interval); the checkpoint always carries the family at its iteration
 
     def __post_init__(self) -> None:
         p = "elastic."
@@ -203,9 +201,6 @@ class ElasticConfig:
             fail(f"{p}warmup_iters", self.warmup_iters, "must be an integer >= 0")
         if self.lr_decay_style not in ("constant", "linear", "cosine"):
             fail(f"{p}lr_decay_style", self.lr_decay_style, "must be constant, linear or cosine")
-        if isinstance(self.family_interval, bool) or not isinstance(self.family_interval, int) \
-                or self.family_interval < 0:
-            fail(f"{p}family_interval", self.family_interval, "must be an integer >= 0")
 
     # ------------------------------------------------------------------ validation pieces
     def _check_budgets(self, p: str) -> None:

@@ -102,9 +102,19 @@ def ffn_prefix(model: ModelConfig, layer: int, neurons: int, *, dtype=torch.floa
 
 
 def shard(values: Optional[torch.Tensor], tp_rank: int, tp_size: int) -> Optional[torch.Tensor]:
-    """The contiguous block of a global mask held by tensor-parallel rank `tp_rank`."""
+    """The contiguous block of a global mask held by tensor-parallel rank `tp_rank`.
+
+    A soft (router-driven) mask needs care: rank r's block only influences rank r's channels, so
+    rank r's backward yields d loss / d block_r alone.  Routing the global mask through Megatron's
+    copy-to-TP-region (forward identity, backward all-reduce over the TP group) sums those
+    pieces, so every TP rank's router receives the full gradient - the same as one process.
+    """
     if values is None or tp_size == 1:
         return values
+    if values.requires_grad:
+        from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+        values = copy_to_tensor_model_parallel_region(values)
     return values.view(tp_size, -1)[tp_rank]
 
 

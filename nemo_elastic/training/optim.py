@@ -25,3 +25,23 @@ def build_scheduler(optimizer, train: TrainConfig) -> OptimizerParamScheduler:
         lr_warmup_steps=train.warmup_iters, lr_decay_steps=train.iters,
         lr_decay_style=train.lr_decay_style, start_wd=train.weight_decay,
         end_wd=train.weight_decay, wd_incr_steps=train.iters, wd_incr_style="constant")
+
+
+def wrap_ddp(model, finalize_grads=None):
+    """Megatron DDP around `model` (fp32 grad reduction, no overlap, no distributed optimizer).
+
+    The schedule all-reduces data-parallel grads (and syncs pipeline-shared params) through
+    `config.finalize_model_grads_func`; without it every data-parallel replica would step on its
+    own gradients.  `finalize_grads` replaces Megatron's `finalize_model_grads` (the elastic job
+    wraps it to also sum the router's gradients across pipeline stages).
+    """
+    from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                           finalize_model_grads)
+
+    ddp = DistributedDataParallel(
+        model.config, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False),
+        model)
+    model.config.finalize_model_grads_func = finalize_grads or finalize_model_grads
+    model.config.no_sync_func = ddp.no_sync
+    return ddp

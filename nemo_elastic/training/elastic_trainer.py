@@ -1,0 +1,271 @@
+"""`nemo-elastic train`: elastic distillation of every budget at once (paper-digest §5-§6).
+
+Starts from a model-only checkpoint (`elastic.init_checkpoint`: imported, pretrained or - best -
+`prepare`d, i.e. importance-reordered), distills every budget from a frozen teacher (by default
+the same checkpoint) through `ElasticDistillationStep` in the shared `Trainer` loop, stage by
+stage of the curriculum.  The router is replicated on every rank and has its own optimizer
+(own LR, warmup and clipping: Megatron's optimizer would clip router and model gradients
+jointly); its gradients are summed over pipeline stages and averaged over data-parallel replicas
+inside the schedule's finalize hook, so every copy stays identical.
+
+Every checkpoint's `nemo_elastic.json` holds the family: each budget's argmax sub-network with its
+parameters and memory (`nemo-elastic info CKPT`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from nemo_elastic import runtime
+from nemo_elastic.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
+                                     read_meta, resolve_checkpoint)
+from nemo_elastic.config import Config, ConfigError, TrainConfig, to_dict
+from nemo_elastic.training.elastic_step import ElasticDistillationStep, reduce_reports
+from nemo_elastic.training.loop import Segment, StopRequest, Trainer, global_param_count, \
+    write_metrics
+
+logger = logging.getLogger(__name__)
+
+
+def elastic_output_dir(cfg: Config) -> Path:
+    return Path(cfg.elastic.output_dir or Path(cfg.output_dir) / "elastic")
+
+
+def _require_elastic(cfg: Config) -> None:
+    if cfg.elastic is None:
+        raise ConfigError("the recipe has no `elastic:` section; add one (see conf/tiny.yaml) "
+                          "or pass e.g. elastic.iters=100 elastic.init_checkpoint=CKPT")
+    if not cfg.elastic.init_checkpoint:
+        raise ConfigError("elastic.init_checkpoint=None: give the parent checkpoint to start "
+                          "from (imported, pretrained or prepared), e.g. "
+                          "elastic.init_checkpoint=runs/tiny/prepared")
+
+
+def parent_config(cfg: Config) -> tuple[Config, Path, Path]:
+    """The recipe with the init checkpoint's model shape; (cfg, init path, teacher path).
+
+    The parent's shape is the checkpoint's: the recipe's `model:` section may only add pipeline
+    stage boundaries ('|') and a training dtype.
+    """
+    _require_elastic(cfg)
+    init = resolve_checkpoint(cfg.elastic.init_checkpoint)
+    try:
+        meta = read_meta(init)
+    except CheckpointError as err:
+        raise ConfigError(f"elastic.init_checkpoint={cfg.elastic.init_checkpoint!r}: {err}") from None
+    stored = meta["config"]["model"]
+    ours = to_dict(cfg)["model"]
+    differs = sorted(k for k in stored if k not in ("hybrid_layer_pattern", "params_dtype")
+                     and stored[k] != ours.get(k))
+    symbols = lambda p: p.replace("|", "")  # noqa: E731
+    if symbols(stored["hybrid_layer_pattern"]) != symbols(ours["hybrid_layer_pattern"]):
+        differs.insert(0, "hybrid_layer_pattern")
+    if differs:
+        logger.warning("model fields %s of the recipe differ from the init checkpoint %s; "
+                       "training uses the checkpoint's (it is the parent)", differs, init)
+        pattern = stored["hybrid_layer_pattern"]
+        if cfg.parallel.pipeline_model_parallel_size > 1 and "|" not in pattern:
+            raise ConfigError(f"model.hybrid_layer_pattern: with pipeline parallelism give the "
+                              f"checkpoint's pattern {pattern!r} with '|' stage boundaries")
+        merged = {**stored, "params_dtype": ours["params_dtype"]}
+        if symbols(ours["hybrid_layer_pattern"]) == symbols(pattern):
+            merged["hybrid_layer_pattern"] = ours["hybrid_layer_pattern"]
+        from nemo_elastic.config import load_config
+
+        cfg = load_config(base={**to_dict(cfg), "model": merged})
+    teacher = resolve_checkpoint(cfg.elastic.distill.teacher) if cfg.elastic.distill.teacher \
+        else init
+    if cfg.elastic.distill.teacher_mode == "frozen":
+        try:
+            read_meta(teacher)
+        except CheckpointError as err:
+            raise ConfigError(f"elastic.distill.teacher={str(teacher)!r}: {err}") from None
+    return cfg, init, teacher
+
+
+def _segments(cfg: Config, info) -> list[Segment]:
+    """Curriculum stages (or one implicit stage) with their own data and budget probabilities."""
+    from nemo_elastic.data.loaders import build_training_data
+
+    e, d = cfg.elastic, cfg.data
+    stages = e.curriculum or [dataclasses.replace(
+        _implicit_stage(), iters=e.iters)]
+    segments, begin = [], 0
+    for k, stage in enumerate(stages):
+        data_cfg = dataclasses.replace(
+            d, seq_length=stage.seq_length or d.seq_length, seed=d.seed + k,
+            micro_batch_size=stage.micro_batch_size or d.micro_batch_size,
+            global_batch_size=stage.global_batch_size or d.global_batch_size)
+        stage_cfg = dataclasses.replace(cfg, data=data_cfg)
+        weights = [float((stage.budget_probs or {}).get(n, 0.0)) if stage.budget_probs else 1.0
+                   for n in e.budget_names]
+        probs = [w / sum(weights) for w in weights]
+        segments.append(Segment(
+            name=stage.name, begin=begin, end=begin + stage.iters, seq_length=data_cfg.seq_length,
+            micro_batch_size=data_cfg.micro_batch_size,
+            global_batch_size=data_cfg.global_batch_size,
+            data_factory=partial(build_training_data, stage_cfg, info),
+            extra={"budget_probs": probs, "config": stage_cfg}))
+        begin += stage.iters
+    return segments
+
+
+def _implicit_stage():
+    from nemo_elastic.config_elastic import StageConfig
+
+    return StageConfig(name="elastic", iters=1)
+
+
+def _lr_factor(iteration: int, warmup: int, total: int, style: str, min_ratio: float) -> float:
+    """Linear warmup, then constant / linear / cosine decay to `min_ratio` at `total`."""
+    if warmup and iteration < warmup:
+        return (iteration + 1) / warmup
+    if style == "constant" or total <= warmup:
+        return 1.0
+    t = min(1.0, (iteration - warmup) / max(1, total - warmup))
+    decay = 1 - t if style == "linear" else 0.5 * (1 + math.cos(math.pi * t))
+    return min_ratio + (1 - min_ratio) * decay
+
+
+def sync_router_grads(router: torch.nn.Module) -> None:
+    """Sum the router's gradients over pipeline stages (each stage's copy only sees its own
+    layers' masks; the last stage adds the budget loss) and average them over data-parallel
+    replicas (as DDP does for the model).  Tensor-parallel ranks already agree (see masks.shard)."""
+    from megatron.core import parallel_state as ps
+
+    params = [p for p in router.parameters()]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.flatten() for p in params])
+    pp = ps.get_pipeline_model_parallel_group()
+    if torch.distributed.get_world_size(pp) > 1:
+        torch.distributed.all_reduce(flat, group=pp)
+    dp = ps.get_data_parallel_group()
+    if torch.distributed.get_world_size(dp) > 1:
+        torch.distributed.all_reduce(flat, group=dp)
+        flat /= torch.distributed.get_world_size(dp)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def _finalize_with_router(model_chunks, *args, router, **kwargs):
+    from megatron.core.distributed import finalize_model_grads
+
+    finalize_model_grads(model_chunks, *args, **kwargs)
+    sync_router_grads(router)
+
+
+class ElasticTrainer(Trainer):
+    kind, desc = "elastic", "elastic"
+
+    def __init__(self, *args, step: ElasticDistillationStep, router, router_optimizer,
+                 router_scheduler, teacher, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.forward_step = step
+        self.step, self.router, self.teacher = step, router, teacher
+        self.router_optimizer, self.router_scheduler = router_optimizer, router_scheduler
+        self.val: dict[str, float] = {}
+        self.teacher_val: Optional[float] = None
+
+    # ------------------------------------------------------------------ hooks
+    def begin_iteration(self, iteration: int, seg: Segment) -> None:
+        self.router_optimizer.zero_grad(set_to_none=True)
+        self.step.begin_iteration(iteration, seg.extra["budget_probs"])
+
+    def schedule_kwargs(self, seg: Segment) -> dict:
+        if self.info.pp_size > 1:
+            return {"adjust_tensor_shapes_fn": self.step.adjust_tensor_shapes}
+        return {}
+
+    def reduce_losses(self, losses: list[dict]) -> dict:
+        from megatron.core import parallel_state as ps
+
+        names = self.router.names
+        r = reduce_reports(losses, len(names), ps.get_data_parallel_group())
+        values = torch.tensor([r["kd"], r["budget_loss"], r["ce"], *r["kd_by_budget"]],
+                              dtype=torch.float64)
+        if self.info.pp_size > 1:  # only the last stage computed losses
+            if not ps.is_pipeline_last_stage(ignore_virtual=True):
+                values.zero_()
+            torch.distributed.all_reduce(values, group=ps.get_pipeline_model_parallel_group())
+        kd_by = {n: v for n, v in zip(names, values[3:].tolist()) if not math.isnan(v)}
+        drawn = {n: 0 for n in names}
+        for i in self.step.budgets_drawn:
+            drawn[names[i]] += 1
+        return {"train_loss": values[0].item(), "kd": values[0].item(),
+                "budget_loss": values[1].item(), "ce": values[2].item(), "kd_by_budget": kd_by,
+                "budgets_drawn": drawn}
+
+    def after_step(self, iteration: int) -> dict:
+        clip = self.cfg.elastic.router.clip_grad
+        norm = torch.nn.utils.clip_grad_norm_(self.router.parameters(), clip if clip > 0 else
+                                              float("inf"))
+        self.router_optimizer.step()
+        self.router_scheduler.step()
+        record = {"router_lr": self.router_optimizer.param_groups[0]["lr"],
+                  "router_grad_norm": float(norm), "tau": self.router.temperature(iteration),
+                  "logit_scale": self.router.logit_scale(iteration)}
+        if iteration % self.log_interval == 0 or iteration == self.total_iters:
+            record["choices"] = choice_summary(self.router)
+        return record
+
+    def evaluate(self, iteration: int) -> dict:
+        seg = self.segment_at(iteration - 1)
+        self.val = evaluate_family(self, seg, self.router.family())
+        return {"val_by_budget": dict(self.val)}
+
+    def postfix(self, record: dict) -> dict:
+        out = {n[:6]: f"{v:.3f}" for n, v in record.get("kd_by_budget", {}).items()}
+        out["tau"] = f"{record['tau']:.2f}"
+        return out
+
+    def extra_state(self) -> dict:
+        return {"router": self.router.state_dict(),
+                "router_optimizer": self.router_optimizer.state_dict(),
+                "router_scheduler": self.router_scheduler.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        if "router" not in state:
+            raise CheckpointError("the elastic checkpoint holds no router state (was it written "
+                                  "by `pretrain`?); start the elastic run in an empty output dir")
+        self.router.load_state_dict(state["router"])
+        self.router_optimizer.load_state_dict(state["router_optimizer"])
+        self.router_scheduler.load_state_dict(state["router_scheduler"])
+
+    def extra_meta(self) -> dict:
+        return {"family": self.router.family_table(), "budget_names": self.router.names,
+                "budget_type": self.cfg.elastic.budget_type}
+
+
+def choice_summary(router) -> dict:
+    """{budget: {axis: chosen size (mean over layers for heterogeneous axes)}} (argmax)."""
+    out = {}
+    with torch.no_grad():
+        for i, name in enumerate(router.names):
+            probs = router(i, noise=False).probs
+            out[name] = {axis: float(sum(router.choices[axis][int(j)] for j in p.argmax(-1))
+                                     / p.shape[0]) for axis, p in probs.items()}
+    return out
+
+
+def evaluate_family(trainer: Trainer, seg: Segment, family: dict, model=None) -> dict:
+    """Validation loss of each budget's sub-network (every rank gets the values)."""
+    from nemo_elastic.training.evaluation import validation_loss
+
+    model = model if model is not None else trainer.ddp
+    n_micro = trainer.num_microbatches(seg)
+    stage_cfg = seg.extra["config"]
+    return {name: validation_loss(stage_cfg, model, seg.data, n_micro, trainer.info,
+                                  subnetwork=subnet, all_stages=True)
+            for name, subnet in family.items()}

@@ -1,0 +1,287 @@
+"""The one training loop shared by `pretrain` and the elastic `train`.
+
+One iteration = one global batch = `num_microbatches` micro-batches per data-parallel rank run by
+Megatron's `get_forward_backward_func()` (pipeline-aware) with a *pluggable forward step*, then
+the Megatron optimizer step (Adam, grad clipping), the LR scheduler, and `after_step` (the
+elastic job's router optimizer).  A run is a list of `Segment`s (curriculum stages: each with its
+own sequence length, batch and data iterator); pretraining is one segment.
+
+Checkpoints (model, optimizer, scheduler, RNG, data position, and whatever `extra_state()` adds,
+e.g. the router and its optimizer) are written every `save_interval` iterations, at every segment
+end, at the end, and when SIGTERM / Ctrl-C arrives (Slurm preemption), so a rerun resumes exactly
+where it stopped — also across a stage transition.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from tqdm import tqdm
+
+from nemo_elastic.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, \
+    start_writer_processes
+from nemo_elastic.config import Config, ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+class StopRequest:
+    """SIGTERM (Slurm preemption / scancel) or a first Ctrl-C -> checkpoint at the next iteration
+    boundary, then exit; a second Ctrl-C aborts at once.  The decision is all-reduced so every
+    rank stops at the same iteration even if only some received the signal."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no signal handling
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        name = signal.Signals(signum).name
+        logger.warning("%s received: saving a checkpoint at the end of this iteration "
+                       "(Ctrl-C again aborts without saving)", name)
+        self.requested = True
+
+    def agreed(self) -> bool:
+        if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+            return self.requested
+        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.requested = bool(flag.item())
+        return self.requested
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+def from_last_stage(value: float) -> float:
+    """Make a last-pipeline-stage scalar known on every rank (for logging on rank 0)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return value
+    is_last = ps.is_pipeline_last_stage(ignore_virtual=True)
+    t = torch.tensor([value if is_last else 0.0], dtype=torch.float64)
+    torch.distributed.all_reduce(t, group=ps.get_pipeline_model_parallel_group())
+    return t.item()
+
+
+def global_param_count(model: torch.nn.Module) -> int:
+    """Parameters of the whole model: summed over pipeline stages and tensor-parallel shards."""
+    from megatron.core import parallel_state as ps
+
+    local = 0
+    for p in model.parameters():
+        # Replicated (non-TP) params are counted once: only on TP rank 0.
+        if getattr(p, "tensor_model_parallel", False) or ps.get_tensor_model_parallel_rank() == 0:
+            local += p.numel()
+    total = torch.tensor([local], dtype=torch.int64)
+    group = ps.get_model_parallel_group()
+    if torch.distributed.get_world_size(group) > 1:
+        torch.distributed.all_reduce(total, group=group)
+    return int(total.item())
+
+
+@dataclass
+class Segment:
+    """A stretch of iterations with one data shape: iterations (begin, end] of the run."""
+
+    name: str
+    begin: int
+    end: int
+    seq_length: int
+    micro_batch_size: int
+    global_batch_size: int
+    data_factory: Callable[[], Any]  # -> TrainingData for this segment (built on first use)
+    extra: dict = field(default_factory=dict)  # e.g. budget probabilities
+    _data: Any = None
+
+    @property
+    def data(self):
+        if self._data is None:
+            self._data = self.data_factory()
+        return self._data
+
+
+class Trainer:
+    """Subclasses set `forward_step` and may override the hooks; `run()` is the loop."""
+
+    kind = "pretrain"  # checkpoint kind
+    desc = "train"  # progress-bar label
+
+    def __init__(self, cfg: Config, info, *, out_dir: Path, model, ddp, optimizer, scheduler,
+                 segments: list[Segment], log_interval: int, eval_interval: int,
+                 save_interval: int, progress: bool = True) -> None:
+        self.cfg, self.info, self.out_dir = cfg, info, Path(out_dir)
+        self.model, self.ddp, self.optimizer, self.scheduler = model, ddp, optimizer, scheduler
+        self.segments = segments
+        self.total_iters = segments[-1].end
+        self.log_interval, self.eval_interval, self.save_interval = \
+            log_interval, eval_interval, save_interval
+        self.progress = progress
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.history: list[dict] = []
+        self.ckpt_path: Optional[Path] = None
+        self.wall_time_s = 0.0
+        for seg in segments:
+            per_step = seg.micro_batch_size * info.dp_size
+            if seg.global_batch_size % per_step:
+                raise ConfigError(
+                    f"global batch {seg.global_batch_size} of stage {seg.name!r} must be a "
+                    f"multiple of micro batch x data-parallel size = {seg.micro_batch_size} x "
+                    f"{info.dp_size}")
+
+    # ------------------------------------------------------------------ hooks
+    forward_step: Callable
+
+    def num_microbatches(self, seg: Segment) -> int:
+        return seg.global_batch_size // (seg.micro_batch_size * self.info.dp_size)
+
+    def begin_iteration(self, iteration: int, seg: Segment) -> None:
+        """Before the schedule runs iteration `iteration` (1-based) of segment `seg`."""
+
+    def schedule_kwargs(self, seg: Segment) -> dict:
+        """Extra keyword arguments of Megatron's forward-backward function."""
+        return {}
+
+    def after_step(self, iteration: int) -> dict:
+        """After the model's optimizer step; returns metrics to record."""
+        return {}
+
+    def reduce_losses(self, losses: list[dict]) -> dict:
+        raise NotImplementedError
+
+    def evaluate(self, iteration: int) -> dict:
+        """Periodic validation; returns metrics (known on every rank)."""
+        return {}
+
+    def postfix(self, record: dict) -> dict:
+        return {"loss": f"{record.get('train_loss', math.nan):.3f}"}
+
+    def extra_state(self) -> dict:
+        """Picklable state saved with each checkpoint (common, replicated on every rank)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def extra_meta(self) -> dict:
+        return {}
+
+    # ------------------------------------------------------------------ checkpoints
+    def segment_at(self, iteration: int) -> Segment:
+        """The segment that runs iteration `iteration + 1` (the last one once finished)."""
+        for seg in self.segments:
+            if iteration < seg.end:
+                return seg
+        return self.segments[-1]
+
+    def resume(self, resume: bool) -> int:
+        latest = latest_checkpoint(self.ckpt_root) if resume else None
+        if latest is None:
+            return 0
+        state = load_checkpoint(latest, model=self.model, optimizer=self.optimizer,
+                                scheduler=self.scheduler)
+        it = int(state["iteration"])
+        seg = self.segment_at(it)
+        # A checkpoint at a segment's last iteration holds that segment's data position; the
+        # next segment starts its own data from the beginning.
+        if state["data_state"] is not None and state.get("segment", seg.name) == seg.name:
+            seg.data.train_iter.load_state_dict(state["data_state"])
+        self.load_extra_state(state.get("extra") or {})
+        self.ckpt_path = latest
+        logger.info("resuming from %s at iteration %d (stage %s)", latest, it, seg.name)
+        return it
+
+    def save(self, iteration: int) -> Path:
+        seg = self.segment_at(iteration - 1)
+        self.ckpt_path = save_checkpoint(
+            self.ckpt_root / f"iter_{iteration:07d}", cfg=self.cfg, model=self.model,
+            optimizer=self.optimizer, scheduler=self.scheduler, iteration=iteration,
+            data_state=seg.data.train_iter.state_dict(), kind=self.kind,
+            extra_meta={"segment": seg.name, **self.extra_meta()},
+            extra_common={"segment": seg.name, "extra": self.extra_state()}, overwrite=True)
+        return self.ckpt_path
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, stop: StopRequest, *, resume: bool = True) -> int:
+        """Train from the latest checkpoint (or scratch) to the end; returns the start iteration."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        start = self.resume(resume)
+        if start >= self.total_iters:
+            logger.info("checkpoint %s already reached %d iterations; nothing to train",
+                        self.ckpt_path, self.total_iters)
+            return start
+        start_writer_processes()  # before any signal can arrive mid-training (see its docstring)
+        fwd_bwd = get_forward_backward_func()
+        started = time.perf_counter()
+        bar = tqdm(total=self.total_iters, initial=start, desc=self.desc, unit="it",
+                   disable=not (self.progress and self.info.is_main), dynamic_ncols=True)
+        logger.info("training iterations %d..%d", start + 1, self.total_iters)
+        it = start
+        try:
+            while it < self.total_iters:
+                seg = self.segment_at(it)
+                if it == seg.begin and it > start:
+                    logger.info("stage %r begins at iteration %d: sequence length %d, global "
+                                "batch %d", seg.name, it + 1, seg.seq_length, seg.global_batch_size)
+                self.ddp.train()
+                self.ddp.zero_grad_buffer()
+                self.optimizer.zero_grad()
+                self.begin_iteration(it + 1, seg)
+                losses = fwd_bwd(
+                    forward_step_func=self.forward_step, data_iterator=seg.data.train_iter,
+                    model=[self.ddp], num_microbatches=self.num_microbatches(seg),
+                    seq_length=seg.seq_length, micro_batch_size=seg.micro_batch_size,
+                    forward_only=False, **self.schedule_kwargs(seg))
+                ok, grad_norm, _ = self.optimizer.step()
+                self.scheduler.step(increment=1)
+                it += 1
+                record = {"iteration": it, "stage": seg.name, **self.reduce_losses(losses),
+                          "lr": self.optimizer.param_groups[0]["lr"],
+                          "grad_norm": float(grad_norm) if grad_norm is not None else None}
+                record.update(self.after_step(it))
+                if it % self.eval_interval == 0 or it == self.total_iters or it == seg.end:
+                    record.update(self.evaluate(it))
+                self.history.append(record)
+                bar.update(1)
+                bar.set_postfix(self.postfix(record), refresh=False)
+                if it % self.log_interval == 0:
+                    logger.debug("iter %d %s", it, record)
+                stopping = stop.agreed()
+                if it % self.save_interval == 0 or it == self.total_iters or it == seg.end \
+                        or stopping:
+                    self.save(it)
+                if stopping:
+                    raise SystemExit(f"stopped by a signal at iteration {it}; checkpoint "
+                                     f"{self.ckpt_path}; rerun the same command to resume")
+        finally:
+            bar.close()
+            self.wall_time_s = time.perf_counter() - started
+        return start
+
+
+def write_metrics(out_dir: Path, history: list[dict], name: str = "metrics.jsonl") -> None:
+    with open(out_dir / name, "w") as f:
+        for record in history:
+            f.write(json.dumps(record) + "\n")

@@ -1,0 +1,195 @@
+"""`nemo-elastic train`: build student, teacher and router, run the curriculum, report the family.
+
+Outputs in `elastic.output_dir` (default `<output_dir>/elastic`): `checkpoints/` (resumable;
+each one's `nemo_elastic.json` holds the family), `metrics.jsonl`, TensorBoard event files in
+`tb/`, `kd_by_budget.png` (per-budget KD loss), `router_choices.png` (each budget's chosen
+sizes over training), `family.json` and a closing table: per budget the chosen sizes,
+parameters vs. target, validation loss and answer accuracy before (zero-shot prefix of the
+initial weights) and after training, and the teacher's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from nemo_elastic import runtime
+from nemo_elastic.checkpoint import latest_checkpoint, load_checkpoint
+from nemo_elastic.config import Config, TrainConfig, to_dict
+from nemo_elastic.training.elastic_step import ElasticDistillationStep
+from nemo_elastic.training.elastic_trainer import (ElasticTrainer, _finalize_with_router,
+                                                   _lr_factor, _segments, elastic_output_dir,
+                                                   evaluate_family, parent_config)
+from nemo_elastic.training.loop import StopRequest, global_param_count, write_metrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    iterations: int
+    wall_time_s: float
+    checkpoint: Optional[str]
+    family: list[dict] = field(default_factory=list)  # one row per budget (see _family_rows)
+    teacher: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+
+def train(cfg: Config, *, resume: bool = True, progress: bool = True) -> TrainResult:
+    """Elastic distillation of `cfg.elastic`'s budgets; resumes from its output dir."""
+    cfg, init, teacher_ckpt = parent_config(cfg)
+    with StopRequest() as stop:
+        return _train(cfg, init, teacher_ckpt, stop, resume=resume, progress=progress)
+
+
+def build_teacher(cfg: Config, ckpt: Path):
+    """The frozen parent at this rank's TP/PP layout: eval mode, no gradients."""
+    from nemo_elastic.elastic.specs import build_elastic_model
+
+    teacher = build_elastic_model(cfg)
+    load_checkpoint(ckpt, model=teacher, restore_rng=False)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def _train(cfg: Config, init: Path, teacher_ckpt: Path, stop: StopRequest, *, resume: bool,
+           progress: bool) -> TrainResult:
+    info = runtime.initialize(cfg.parallel, cfg.elastic.seed)
+    try:
+        out_dir = elastic_output_dir(cfg)
+        resuming = resume and latest_checkpoint(out_dir / "checkpoints") is not None
+        if info.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        trainer = build_trainer(cfg, init, teacher_ckpt, info, load_init=not resuming,
+                                progress=progress)
+        trainer.run(stop, resume=resume)
+        result = _closing_report(cfg, trainer, init, teacher_ckpt, info)
+        if info.is_main:
+            _write_outputs(trainer.out_dir, result, trainer)
+        return result
+    finally:
+        runtime.destroy()
+
+
+def build_trainer(cfg: Config, init: Path, teacher_ckpt: Path, info, *, load_init: bool = True,
+                  progress: bool = False) -> ElasticTrainer:
+    """Student (from `init` unless resuming), frozen teacher, router, both optimizers, stages.
+    Needs an initialized runtime; `cfg` as returned by `parent_config`."""
+    from megatron.core import parallel_state as ps
+
+    from nemo_elastic.checkpoint import read_meta
+    from nemo_elastic.elastic.specs import build_elastic_model
+    from nemo_elastic.router import ElasticRouter
+    from nemo_elastic.training.optim import build_optimizer, build_scheduler, wrap_ddp
+
+    e = cfg.elastic
+    student = build_elastic_model(cfg)
+    if load_init:  # before the optimizer: bf16 optimizers copy the weights at build time
+        load_checkpoint(init, model=student, restore_rng=False)
+    device = next(student.parameters()).device
+    router = ElasticRouter(cfg.model, e, total_iters=e.total_iters,
+                           layer_ranking=read_meta(init).get("layer_ranking")).to(device)
+    teacher = None if e.distill.teacher_mode == "trainable" else build_teacher(cfg, teacher_ckpt)
+    ddp = wrap_ddp(student, finalize_grads=partial(_finalize_with_router, router=router))
+    model_train = TrainConfig(
+        iters=e.total_iters, lr=e.lr, min_lr=e.min_lr, warmup_iters=e.warmup_iters,
+        lr_decay_style=e.lr_decay_style, weight_decay=e.weight_decay, clip_grad=e.clip_grad,
+        adam_beta1=cfg.train.adam_beta1, adam_beta2=cfg.train.adam_beta2, seed=e.seed)
+    optimizer = build_optimizer([ddp], model_train, student.config.params_dtype)
+    scheduler = build_scheduler(optimizer, model_train)
+    r = e.router
+    router_opt = torch.optim.AdamW(router.parameters(), lr=r.lr, weight_decay=r.weight_decay,
+                                   betas=(cfg.train.adam_beta1, cfg.train.adam_beta2))
+    router_sched = torch.optim.lr_scheduler.LambdaLR(router_opt, partial(
+        _lr_factor, warmup=r.warmup_iters, total=e.total_iters, style=e.lr_decay_style,
+        min_ratio=e.min_lr / e.lr))
+    step = ElasticDistillationStep(router=router, teacher=teacher, elastic_cfg=e,
+                                   tp_group=ps.get_tensor_model_parallel_group())
+    trainer = ElasticTrainer(
+        cfg, info, out_dir=elastic_output_dir(cfg), model=student, ddp=ddp, optimizer=optimizer,
+        scheduler=scheduler, segments=_segments(cfg, info), log_interval=e.log_interval,
+        eval_interval=e.eval_interval, save_interval=e.save_interval, progress=progress,
+        step=step, router=router, router_optimizer=router_opt, router_scheduler=router_sched,
+        teacher=teacher)
+    logger.info("elastic distillation: %s parameters, budgets %s (%s), stages %s, teacher %s",
+                f"{global_param_count(student):,}", e.budgets, e.budget_type,
+                [(s.name, s.end - s.begin) for s in trainer.segments],
+                "trainable (full budget)" if teacher is None else teacher_ckpt)
+    return trainer
+
+
+def _closing_report(cfg: Config, trainer: ElasticTrainer, init: Path, teacher_ckpt: Path,
+                    info) -> TrainResult:
+    """Per budget: sizes, parameters vs target, val loss / accuracy before and after."""
+    from nemo_elastic.training.evaluation import answer_accuracy_of, validation_loss
+
+    router = trainer.router
+    seg = trainer.segments[-1]
+    family = router.family()
+    table = {row["name"]: row for row in router.family_table()}
+    after = evaluate_family(trainer, seg, family)
+    # "before": the same sub-networks on the initial weights (zero-shot prefixes).
+    initial = trainer.teacher if trainer.teacher is not None and Path(teacher_ckpt) == Path(init) \
+        else build_teacher(cfg, init)
+    before = evaluate_family(trainer, seg, family, model=initial)
+    stage_cfg = seg.extra["config"]
+    n_micro = trainer.num_microbatches(seg)
+    teacher_model = trainer.teacher if trainer.teacher is not None else trainer.ddp
+    teacher = {"val_loss": validation_loss(stage_cfg, teacher_model, seg.data, n_micro, info,
+                                           all_stages=True)}
+    acc = lambda model, subnet=None: _accuracy(answer_accuracy_of(  # noqa: E731
+        stage_cfg, model, seg.data, info, subnetwork=subnet))
+    teacher["answer_accuracy"] = acc(teacher_model)
+    rows = []
+    for name, subnet in family.items():
+        row = dict(table[name])
+        row.update(val_loss_before=before[name], val_loss_after=after[name],
+                   answer_accuracy_before=acc(initial, subnet),
+                   answer_accuracy_after=acc(trainer.model, subnet))
+        rows.append(row)
+    return TrainResult(iterations=trainer.total_iters, wall_time_s=trainer.wall_time_s,
+                       checkpoint=str(trainer.ckpt_path) if trainer.ckpt_path else None,
+                       family=rows, teacher=teacher, history=trainer.history)
+
+
+def _accuracy(result: Optional[dict]) -> Optional[float]:
+    return None if result is None else result["accuracy"]
+
+
+def _pct(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _write_outputs(out_dir: Path, result: TrainResult, trainer: ElasticTrainer) -> None:
+    from nemo_elastic.report import format_table
+    from nemo_elastic.training.report import plot_kd_by_budget, plot_router_choices, \
+        write_tensorboard
+
+    write_metrics(out_dir, result.history)
+    summary = {k: v for k, v in result.__dict__.items() if k != "history"}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "family.json").write_text(json.dumps(result.family, indent=2))
+    if result.history:
+        names = trainer.router.names
+        plot_kd_by_budget(result.history, names, out_dir / "kd_by_budget.png")
+        plot_router_choices(result.history, names, trainer.router, out_dir / "router_choices.png")
+        write_tensorboard(result.history, out_dir / "tb")
+    rows = [(r["name"], f"{r['target']:g}", r["summary"],
+             f"{r['parameters']:,} ({r['parameter_fraction']:.1%})",
+             f"{r['val_loss_before']:.4f}", f"{r['val_loss_after']:.4f}",
+             _pct(r["answer_accuracy_before"]), _pct(r["answer_accuracy_after"]))
+            for r in result.family]
+    rows.append(("teacher", "-", "parent", "-", "-", f"{result.teacher['val_loss']:.4f}", "-",
+                 _pct(result.teacher["answer_accuracy"])))
+    logger.info("elastic family (before = zero-shot prefix of the initial weights; after = "
+                "elastic distillation), %.1f s\n%s", result.wall_time_s, format_table(
+                    ("budget", "target", "sizes", "parameters", "val loss before",
+                     "val loss after", "acc before", "acc after"), rows))

@@ -1,0 +1,113 @@
+"""Elastic distillation (`nemo-elastic train`): config, step, resume across stages, family."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from nemo_elastic import runtime
+from nemo_elastic.checkpoint import LATEST_FILE, read_meta, save_checkpoint
+from nemo_elastic.config import ConfigError, ParallelConfig, load_config
+from nemo_elastic.training.elastic_step import sample_budget
+from tests.conftest import perturb, tiny_model_dict
+
+PATTERN = "M-*M-"
+
+
+def _parent(tmp_path, pattern=PATTERN):
+    """A random (perturbed) parent checkpoint of the tiny test shape: model-only."""
+    cfg = _cfg(tmp_path, pattern=pattern, init=None)
+    from nemo_elastic.model import build_hybrid_model
+
+    with runtime.distributed(ParallelConfig()):
+        model = build_hybrid_model(cfg.single_process())
+        perturb(model, seed=3)
+        save_checkpoint(tmp_path / "parent", cfg=cfg.single_process(), model=model, kind="test")
+    return tmp_path / "parent"
+
+
+def _cfg(tmp_path, *extra, pattern=PATTERN, init="parent", stage1=4, stage2=2, **kw):
+    model = tiny_model_dict(hybrid_layer_pattern=pattern)
+    overrides = [f"model.{k}={v}" for k, v in model.items()] + [
+        "data.synthetic.num_train=400", "data.synthetic.num_val=40", "data.seq_length=64",
+        "data.micro_batch_size=4", "data.global_batch_size=8", "train.eval_accuracy_samples=4",
+        "train.eval_iters=1", f"output_dir={tmp_path / 'run'}",
+        f"elastic.init_checkpoint={tmp_path / init if init else 'null'}",
+        f"elastic.curriculum.0.iters={stage1}", f"elastic.curriculum.1.iters={stage2}",
+        "elastic.curriculum.1.seq_length=96", "elastic.curriculum.1.global_batch_size=4",
+        "elastic.curriculum.1.micro_batch_size=4", "elastic.curriculum.0.seq_length=64",
+        "elastic.curriculum.0.global_batch_size=8", "elastic.warmup_iters=1",
+        "elastic.router.warmup_iters=1", "elastic.save_interval=2", "elastic.eval_interval=3",
+        "elastic.log_interval=1", "elastic.router.hidden_dim=16", *extra]
+    return load_config("conf/tiny.yaml", overrides)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def test_budget_sampling_is_a_pure_function_and_follows_the_probabilities():
+    draws = [sample_budget([0.5, 0.3, 0.2], 7, it, mb) for it in range(400) for mb in range(5)]
+    assert draws == [sample_budget([0.5, 0.3, 0.2], 7, it, mb) for it in range(400) for mb in range(5)]
+    freq = [draws.count(i) / len(draws) for i in range(3)]
+    assert freq == pytest.approx([0.5, 0.3, 0.2], abs=0.03)
+    assert {sample_budget([0, 1, 0], 1, it, 0) for it in range(50)} == {1}
+
+
+@pytest.mark.parametrize("override, match", [
+    ("elastic.budgets.b2=1.5", r"elastic.budgets.b2=1.5: must be a fraction"),
+    ("elastic.curriculum.1.budget_probs.nope=1", r"budget_probs.nope=1: unknown budget"),
+    ("elastic.router.mode=medium", r"elastic.router.mode='medium': must be one of"),
+    ("elastic.choices.ffn=[1000]", r"elastic.choices.ffn=\[1000\]: 1000 exceeds"),
+    ("elastic.choices.mamba_heads=[3]", r"not a multiple of model.mamba_num_groups"),
+    ("elastic.curriculum.0.seq_length=100000", r"exceeds model.max_sequence_length"),
+    ("elastic.warmup_iters=100", r"elastic.warmup_iters=100: must be below the run's"),
+    ("elastic.distill.teacher_mode=trainable", r"ce_weight=0.0: must be > 0 with"),
+    ("elastic.lr=fast", r"elastic.lr='fast': must be a number"),
+    ("elastic.routr.lr=1", r"unknown config key 'elastic.routr'; did you mean 'router'"),
+])
+def test_elastic_section_errors_name_the_field(tmp_path, override, match):
+    with pytest.raises(ConfigError, match=match):
+        _cfg(tmp_path, override)
+
+
+def test_tokens_resolve_to_iterations_and_memory_budgets_are_checked(tmp_path):
+    cfg = _cfg(tmp_path, "elastic.curriculum.0.iters=null", "elastic.curriculum.0.tokens=2560")
+    assert cfg.elastic.curriculum[0].iters == 5  # 2560 / (8 x 64)
+    with pytest.raises(ConfigError, match="elastic.budgets.full=.*exceeds the parent's memory"):
+        _cfg(tmp_path, "elastic.budget_type=memory", "elastic.budgets.full=10.0",
+             "elastic.budgets.75pct=0.0001", "elastic.budgets.50pct=0.00005")
+
+
+# ----------------------------------------------------------------------------- training
+
+def test_train_resumes_bit_exactly_mid_stage_and_at_the_stage_transition(tmp_path):
+    """6 iterations (stage 1: 4, stage 2: 2) in one go == resuming from the iteration-2
+    checkpoint (mid stage 1) == resuming from iteration 4 (exactly at the transition)."""
+    from nemo_elastic.training.train import train
+
+    _parent(tmp_path)
+    straight = train(_cfg(tmp_path), progress=False)
+    losses = [h["kd"] for h in straight.history]
+    assert len(losses) == 6 and all(l == l for l in losses)
+    assert [h["stage"] for h in straight.history] == ["stage1"] * 4 + ["stage2"] * 2
+    for resume_at in (2, 4):
+        run = tmp_path / f"resume{resume_at}"
+        ckpt = f"iter_{resume_at:07d}"
+        shutil.copytree(tmp_path / "run/elastic/checkpoints" / ckpt, run / "elastic/checkpoints" / ckpt)
+        (run / "elastic/checkpoints" / LATEST_FILE).write_text(ckpt + "\n")
+        resumed = train(_cfg(tmp_path, f"output_dir={run}"), progress=False)
+        assert [h["iteration"] for h in resumed.history] == list(range(resume_at + 1, 7))
+        assert [h["kd"] for h in resumed.history] == losses[resume_at:], resume_at
+        assert [h["budgets_drawn"] for h in resumed.history] == \
+            [h["budgets_drawn"] for h in straight.history[resume_at:]]
+        assert resumed.family == straight.family
+
+    meta = read_meta(tmp_path / "run/elastic/checkpoints/iter_0000006")
+    assert meta["kind"] == "elastic" and [r["name"] for r in meta["family"]] == ["full", "75pct", "50pct"]
+    out = tmp_path / "run/elastic"
+    for name in ("metrics.jsonl", "summary.json", "family.json", "kd_by_budget.png",
+                 "router_choices.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert any((out / "tb").iterdir())
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["name"] for r in summary["family"]] == ["full", "75pct", "50pct"]
