@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
-import time
 import warnings
 
 import torch
@@ -36,8 +34,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from _common import bench_config, median_times
     from nemo_elastic import runtime
-    from nemo_elastic.config import Config, ParallelConfig, from_dict
+    from nemo_elastic.config import ParallelConfig
     from nemo_elastic.elastic import SubNetwork
     from nemo_elastic.elastic.masks import SoftAxis, SoftLayer, SoftSubNetwork
     from nemo_elastic.elastic.specs import build_elastic_model
@@ -45,11 +44,7 @@ def main() -> None:
     from nemo_elastic.report import format_table
 
     h = args.hidden
-    cfg = from_dict(Config, {"model": dict(
-        hybrid_layer_pattern=args.pattern, hidden_size=h, ffn_hidden_size=4 * h,
-        num_attention_heads=8, num_query_groups=4, kv_channels=h // 8, mamba_num_heads=16,
-        mamba_head_dim=2 * h // 16, mamba_num_groups=4, mamba_state_dim=64, mamba_chunk_size=64,
-        vocab_size=1024, max_sequence_length=args.seq)})
+    cfg = bench_config(h, args.pattern, args.seq)
     m = cfg.model
     with runtime.distributed(ParallelConfig()):
         plain = build_hybrid_model(cfg)
@@ -78,19 +73,12 @@ def main() -> None:
 
         def step(model, kwargs):
             model.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
             model(tokens, pos, None, labels=tokens, **kwargs).mean().backward()
-            return time.perf_counter() - t0
 
-        for model, kwargs in cases.values():  # warm-up
-            step(model, kwargs)
-        times = {name: [] for name in cases}
-        for _ in range(args.reps):
-            for name, (model, kwargs) in cases.items():
-                times[name].append(step(model, kwargs))
-        base = statistics.median(times["plain HybridModel"])
-        rows = [(name, f"{statistics.median(t) * 1e3:.1f}", f"{statistics.median(t) / base:.3f}")
-                for name, t in times.items()]
+        med = median_times({name: (lambda m=model, k=kwargs: step(m, k))
+                            for name, (model, kwargs) in cases.items()}, args.reps)
+        base = med["plain HybridModel"]
+        rows = [(name, f"{t * 1e3:.1f}", f"{t / base:.3f}") for name, t in med.items()]
     print(f"forward+backward, pattern {m.hybrid_layer_pattern}, hidden {h}, batch {args.batch} x "
           f"seq {args.seq}, {args.threads} threads, median of {args.reps}")
     print(format_table(("case", "ms", "ratio vs plain"), rows))

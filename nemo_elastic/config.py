@@ -11,17 +11,17 @@ This module imports neither torch nor megatron: a recipe can be validated on a l
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, get_type_hints
+from typing import Any, Mapping, Optional
 
-from nemo_elastic.errors import ConfigError, UserError, fail as _fail, require_positive  # noqa: F401
+from nemo_elastic.errors import ConfigError, fail as _fail, require_positive  # noqa: F401
 
 # Pure Python (no torch): the synthetic corpus knobs are a config section as they are.
 from nemo_elastic.data.synthetic import SyntheticReasoningConfig
-from nemo_elastic.config_elastic import AXES as ELASTIC_AXES, ElasticConfig, _section
+from nemo_elastic.config_elastic import AXES as ELASTIC_AXES, ElasticConfig
+from nemo_elastic.config_io import from_dict
 
 # Hybrid layer symbols we support (Megatron-Core `Symbols`): Mamba2, self-attention, dense MLP,
 # plus the pipeline-stage separator.  MoE ('E'), GDN ('G'), MLA ('+'), DSA ('D') and MTP ('/')
@@ -279,7 +279,7 @@ class Config:
             _fail("data.global_batch_size", d.global_batch_size,
                   f"must be a multiple of data.micro_batch_size={d.micro_batch_size}")
         if self.elastic is not None:
-            self.elastic = _section(ElasticConfig, self.elastic, "elastic.")
+            self.elastic = from_dict(ElasticConfig, self.elastic, "elastic.")
             self._check_elastic()
 
     def _check_elastic(self) -> None:
@@ -338,43 +338,6 @@ class Config:
 def _split_hint(symbols: str, parts: int) -> str:
     size = -(-len(symbols) // parts)
     return PIPE.join(symbols[i:i + size] for i in range(0, len(symbols), size))
-
-
-# ---------------------------------------------------------------------------------------------
-# dict <-> dataclass with strict key checking (unknown keys are named, with the closest match)
-# ---------------------------------------------------------------------------------------------
-
-def _closest(name: str, valid: list[str]) -> str:
-    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(sorted(valid))}"
-
-
-def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
-    """Build dataclass `cls` from a nested mapping; unknown keys raise a ConfigError."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path.rstrip('.') or 'config'}={data!r}: must be a mapping")
-    hints = get_type_hints(cls)
-    valid = [f.name for f in dataclasses.fields(cls)]
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in valid:
-            raise ConfigError(f"unknown config key {path + str(key)!r}{_closest(str(key), valid)}")
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            kwargs[key] = from_dict(hint, value or {}, f"{path}{key}.")
-        else:
-            kwargs[key] = value
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.name not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"missing required config key(s): {', '.join(path + m for m in missing)}")
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as err:  # wrong types, or a section validated elsewhere
-        raise ConfigError(f"{path.rstrip('.') or 'config'}: {err}") from err
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -21,12 +21,12 @@ length vs. `model.max_sequence_length`, memory budgets vs. the parent's memory) 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
-from nemo_elastic.errors import ConfigError, fail, require_number, require_positive
+from nemo_elastic.config_io import from_dict
+from nemo_elastic.errors import fail, require_number, require_positive
 
 # Elastic width axes: axis name -> (SubNetwork / ModelConfig size field, group-count field whose
 # multiple every size must be, so that every group keeps the same number of heads).
@@ -188,9 +188,9 @@ class ElasticConfig:
             fail(f"{p}depth_choices", self.depth_choices, "must be a list of positive layer counts")
         if len(set(self.depth_choices)) != len(self.depth_choices):
             fail(f"{p}depth_choices", self.depth_choices, "has duplicates")
-        self.router = _section(RouterConfig, self.router, f"{p}router.")
-        self.loss = _section(BudgetLossConfig, self.loss, f"{p}loss.")
-        self.distill = _section(DistillConfig, self.distill, f"{p}distill.")
+        self.router = from_dict(RouterConfig, self.router, f"{p}router.")
+        self.loss = from_dict(BudgetLossConfig, self.loss, f"{p}loss.")
+        self.distill = from_dict(DistillConfig, self.distill, f"{p}distill.")
         self._check_curriculum(p)
         require_number(self, "lr", prefix=p)
         require_number(self, "min_lr", prefix=p, low_open=False, high=self.lr)
@@ -251,7 +251,7 @@ class ElasticConfig:
             prefix = f"{p}curriculum[{i}]."
             if not isinstance(stage, (dict, StageConfig)):
                 fail(f"{p}curriculum[{i}]", stage, "must be a mapping (name, iters or tokens, ...)")
-            stages.append(_section(StageConfig, stage, prefix).validate(prefix))
+            stages.append(from_dict(StageConfig, stage, prefix).validate(prefix))
             for name in stages[-1].budget_probs or {}:
                 if name not in self.budgets:
                     fail(f"{prefix}budget_probs.{name}", stages[-1].budget_probs[name],
@@ -280,23 +280,3 @@ class ElasticConfig:
         if not self.curriculum:
             return int(self.iters)
         return sum(s.iters for s in self.curriculum)
-
-
-def _section(cls: type, value: Any, prefix: str) -> Any:
-    """A nested dataclass from a mapping (or as given), naming unknown keys with the prefix."""
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, dict):
-        fail(prefix.rstrip("."), value, "must be a mapping")
-    valid = [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_")]
-    for key in value:
-        if key not in valid:
-            import difflib
-
-            match = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
-            hint = f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(valid)}"
-            raise ConfigError(f"unknown config key {prefix + str(key)!r}{hint}")
-    try:
-        return cls(**value)
-    except TypeError as err:
-        raise ConfigError(f"{prefix.rstrip('.')}: {err}") from err

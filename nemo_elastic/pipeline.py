@@ -4,21 +4,25 @@
 2. `prepare`: importance scores + reordering -> `output_dir/prepared` (same function);
 3. zero-shot budgets: the masked prefix sub-networks at 100 / 75 / 50 % of every width axis,
    evaluated on the parent as trained and on the prepared parent - validation loss and (on the
-   synthetic corpus) greedy answer accuracy - written to `output_dir/zero_shot.json` and a table.
+   synthetic corpus) greedy answer accuracy - written to `output_dir/zero_shot.json` and a table;
+4. elastic distillation of the recipe's `elastic:` budgets from the prepared parent
+   (`nemo-elastic train`, resumes from `output_dir/elastic`): the trained family.
 
 Steps 2-3 run in a single process (they need whole tensors); under torchrun with several ranks
-only step 1 runs.  Later stages (router, multi-budget distillation, budget extraction) extend
-this same command.
+only step 1 runs.  A finished stage is not redone: pretrain and train resume from their last
+checkpoint, and an existing prepared checkpoint is reused (unless --no-resume).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Optional, Sequence
 
+from nemo_elastic.checkpoint import META_FILE
 from nemo_elastic.config import Config
 from nemo_elastic.report import format_table, plot_budgets
 
@@ -40,11 +44,26 @@ def run(cfg: Config, *, resume: bool = True, progress: bool = True,
     if result.checkpoint is None:
         return None
     out = Path(cfg.output_dir)
-    prepared = prepare(result.checkpoint, out / "prepared", overwrite=True, progress=progress)
+    prepared = out / "prepared"
+    if resume and (prepared / META_FILE).is_file():
+        logger.info("reusing the prepared checkpoint %s (--no-resume redoes it)", prepared)
+    else:
+        prepared = prepare(result.checkpoint, prepared, overwrite=True, progress=progress)
     table = zero_shot_budgets(cfg, {"original order": Path(result.checkpoint),
                                     "importance order": prepared}, fractions)
     (out / "zero_shot.json").write_text(json.dumps(table, indent=2))
     plot_budgets(table["budgets"], out / "zero_shot.png", uniform_loss=result.uniform_loss)
+    if cfg.elastic is None:
+        logger.info("the recipe has no `elastic:` section: no elastic distillation stage")
+        return table
+    from nemo_elastic.training.train import train
+
+    elastic_cfg = dataclasses.replace(
+        cfg, elastic=dataclasses.replace(cfg.elastic, init_checkpoint=str(prepared)))
+    trained = train(elastic_cfg, resume=resume, progress=progress)
+    table["family"] = trained.family
+    table["teacher"] = trained.teacher
+    (out / "zero_shot.json").write_text(json.dumps({"budgets": table["budgets"]}, indent=2))
     return table
 
 

@@ -196,6 +196,7 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> RankInfo:
         else:
             dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     world_size = dist.get_world_size()
+    _share_cpu_threads(world_size)
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     if world_size % (tp * pp) != 0:
         raise ConfigError(
@@ -210,6 +211,17 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> RankInfo:
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     set_seed(seed)
     return rank_info()
+
+
+def _share_cpu_threads(world_size: int) -> None:
+    """Without CUDA, ranks on one machine compute on its cores: give each rank its share of
+    intra-op threads (torchrun sets OMP_NUM_THREADS=1 itself; torch.multiprocessing and srun do
+    not), because oversubscribed OpenMP threads spin and slow every rank down several-fold."""
+    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if local > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
 def rank_info() -> RankInfo:

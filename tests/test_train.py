@@ -80,7 +80,7 @@ def test_tokens_resolve_to_iterations_and_memory_budgets_are_checked(tmp_path):
 
 # ----------------------------------------------------------------------------- training
 
-def test_train_resumes_bit_exactly_mid_stage_and_at_the_stage_transition(tmp_path):
+def test_train_resumes_bit_exactly_mid_stage_and_at_the_stage_transition(tmp_path, capsys):
     """6 iterations (stage 1: 4, stage 2: 2) in one go == resuming from the iteration-2
     checkpoint (mid stage 1) == resuming from iteration 4 (exactly at the transition)."""
     from nemo_elastic.training.train import train
@@ -111,3 +111,106 @@ def test_train_resumes_bit_exactly_mid_stage_and_at_the_stage_transition(tmp_pat
     assert any((out / "tb").iterdir())
     summary = json.loads((out / "summary.json").read_text())
     assert [r["name"] for r in summary["family"]] == ["full", "75pct", "50pct"]
+    # `nemo-elastic info --json`: one entry per budget, counts from the closed-form cost model
+    from nemo_elastic.budget import subnetwork_parameters
+    from nemo_elastic.cli import main
+    from nemo_elastic.elastic import SubNetwork
+
+    capsys.readouterr()
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["iteration"] == 6 and len(info["budgets"]) == 3
+    parent = _cfg(tmp_path).model
+    for entry in info["budgets"]:
+        subnet = SubNetwork.from_dict(entry["subnetwork"]).validate(parent)
+        assert entry["parameters"] == subnetwork_parameters(parent, subnet)
+        assert {"name", "target", "parameters", "memory_bytes", "summary"} <= set(entry)
+
+
+# ----------------------------------------------------------------------------- parallel identity
+
+LAYOUTS = {"tp1": ("M-*M-", {}), "tp2": ("M-*M-", {"tensor_model_parallel_size": 2}),
+           "pp2": ("M-|*M-", {"pipeline_model_parallel_size": 2})}
+
+
+def _step_in_layout(rank, world_size, tmp_path, layout):
+    """One elastic forward-backward at `layout`; save its model gradients as a (resharding)
+    checkpoint, the losses and the router gradients; then train 3 iterations and save this
+    rank's router weights (copies on every stage must agree)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from nemo_elastic.training.elastic_trainer import parent_config
+    from nemo_elastic.training.loop import StopRequest
+    from nemo_elastic.training.train import build_trainer
+
+    pattern, parallel = LAYOUTS[layout]
+    overrides = [f"parallel.{k}={v}" for k, v in parallel.items()]
+    cfg, init, teacher = parent_config(_cfg(tmp_path, *overrides, f"output_dir={tmp_path / layout}",
+                                            "elastic.router.mode=soft", pattern=pattern,
+                                            stage1=2, stage2=1))
+    with runtime.distributed(cfg.parallel) as info:
+        trainer = build_trainer(cfg, init, teacher, info)
+        seg = trainer.segments[0]
+        trainer.ddp.train()
+        trainer.ddp.zero_grad_buffer()
+        trainer.begin_iteration(1, seg)
+        losses = get_forward_backward_func()(
+            forward_step_func=trainer.forward_step, data_iterator=seg.data.train_iter,
+            model=[trainer.ddp], num_microbatches=trainer.num_microbatches(seg),
+            seq_length=seg.seq_length, micro_batch_size=seg.micro_batch_size, forward_only=False,
+            **trainer.schedule_kwargs(seg))
+        record = trainer.reduce_losses(losses)
+        params = list(trainer.model.parameters())
+        weights = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p in params:
+                p.copy_(p.main_grad)
+        save_checkpoint(tmp_path / f"grads_{layout}", cfg=cfg, model=trainer.model, kind="test")
+        with torch.no_grad():
+            for p, w in zip(params, weights):
+                p.copy_(w)
+        torch.save({"record": record, "drawn": trainer.step.budgets_drawn,
+                    "router_grads": {n: p.grad.clone() for n, p in trainer.router.named_parameters()}},
+                   tmp_path / f"{layout}_rank{rank}.pt")
+        # fresh start for the multi-step check (the manual step above left its gradients)
+        trainer = build_trainer(cfg, init, teacher, info)
+        with StopRequest() as stop:
+            trainer.run(stop, resume=False)
+        torch.save({n: p.detach().clone() for n, p in trainer.router.named_parameters()},
+                   tmp_path / f"{layout}_router_rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_tp2_and_pp2_elastic_steps_equal_one_process(tmp_path):
+    from nemo_elastic.checkpoint import load_checkpoint
+    from nemo_elastic.elastic.specs import build_elastic_model
+    from tests.multiproc import run_multiprocess
+
+    _parent(tmp_path)
+    for layout, world in (("tp1", 1), ("tp2", 2), ("pp2", 2)):
+        run_multiprocess(_step_in_layout, world, tmp_path, layout)
+    cfg = _cfg(tmp_path).single_process()
+    grads = {}
+    with runtime.distributed(ParallelConfig()):
+        for layout in LAYOUTS:
+            model = build_elastic_model(cfg)
+            load_checkpoint(tmp_path / f"grads_{layout}", model=model, restore_rng=False)
+            grads[layout] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref = torch.load(tmp_path / "tp1_rank0.pt")
+    assert ref["record"]["kd"] > 0 and len(set(ref["drawn"])) >= 1
+    for layout, world in (("tp2", 2), ("pp2", 2)):
+        for name, g in grads["tp1"].items():
+            rel = ((grads[layout][name] - g).norm() / g.norm().clamp(min=1e-12)).item()
+            assert rel <= 1e-5, (layout, name, rel)
+        for rank in range(world):
+            other = torch.load(tmp_path / f"{layout}_rank{rank}.pt")
+            assert other["drawn"] == ref["drawn"]
+            for key in ("kd", "budget_loss"):
+                assert other["record"][key] == pytest.approx(ref["record"][key], rel=1e-5), key
+            for name, g in ref["router_grads"].items():
+                rel = ((other["router_grads"][name] - g).norm() / g.norm()).item()
+                assert rel <= 1e-5, (layout, rank, name, rel)
+        copies = [torch.load(tmp_path / f"{layout}_router_rank{r}.pt") for r in range(world)]
+        for name in copies[0]:
+            assert torch.equal(copies[0][name], copies[1][name]), (layout, name)
+    assert any(g.abs().sum() > 0 for g in ref["router_grads"].values())

@@ -15,7 +15,6 @@ parameters and memory (`nemo-elastic info CKPT`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from functools import partial
@@ -24,13 +23,10 @@ from typing import Optional
 
 import torch
 
-from nemo_elastic import runtime
-from nemo_elastic.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
-                                     read_meta, resolve_checkpoint)
-from nemo_elastic.config import Config, ConfigError, TrainConfig, to_dict
+from nemo_elastic.checkpoint import CheckpointError, read_meta, resolve_checkpoint
+from nemo_elastic.config import Config, ConfigError, to_dict
 from nemo_elastic.training.elastic_step import ElasticDistillationStep, reduce_reports
-from nemo_elastic.training.loop import Segment, StopRequest, Trainer, global_param_count, \
-    write_metrics
+from nemo_elastic.training.loop import Segment, Trainer
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ def _validation_batches(cfg: Config, data, num_microbatches: int,
     return itertools.islice(batches, count), count
 
 
-def _to_every_stage(value: float) -> float:
+def to_every_stage(value: float) -> float:
     """The last pipeline stage's value on every stage (the others contribute zero)."""
     from megatron.core import parallel_state as ps
 
@@ -77,7 +77,7 @@ def validation_loss(cfg: Config, model, data, num_microbatches: int, info: RankI
     finally:
         model.train(was_training)
     loss = reduce_lm_loss(losses, ps.get_data_parallel_group())[0]
-    return _to_every_stage(loss) if all_stages else loss
+    return to_every_stage(loss) if all_stages else loss
 
 
 def greedy_logits_fn(model, subnetwork=None):

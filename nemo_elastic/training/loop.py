@@ -73,18 +73,6 @@ class StopRequest:
             signal.signal(sig, previous)
 
 
-def from_last_stage(value: float) -> float:
-    """Make a last-pipeline-stage scalar known on every rank (for logging on rank 0)."""
-    from megatron.core import parallel_state as ps
-
-    if ps.get_pipeline_model_parallel_world_size() == 1:
-        return value
-    is_last = ps.is_pipeline_last_stage(ignore_virtual=True)
-    t = torch.tensor([value if is_last else 0.0], dtype=torch.float64)
-    torch.distributed.all_reduce(t, group=ps.get_pipeline_model_parallel_group())
-    return t.item()
-
-
 def global_param_count(model: torch.nn.Module) -> int:
     """Parameters of the whole model: summed over pipeline stages and tensor-parallel shards."""
     from megatron.core import parallel_state as ps

@@ -20,9 +20,9 @@ from nemo_elastic.config import Config, to_dict
 from nemo_elastic.data.loaders import build_training_data
 from nemo_elastic.model import build_hybrid_model
 from nemo_elastic.report import format_table, plot_curves
-from nemo_elastic.training.evaluation import answer_accuracy_of, validation_loss
-from nemo_elastic.training.loop import Segment, StopRequest, Trainer, from_last_stage, \
-    global_param_count, write_metrics
+from nemo_elastic.training.evaluation import answer_accuracy_of, to_every_stage, validation_loss
+from nemo_elastic.training.loop import Segment, StopRequest, Trainer, global_param_count, \
+    write_metrics
 from nemo_elastic.training.optim import build_optimizer, build_scheduler, wrap_ddp
 from nemo_elastic.training.step import lm_forward_step, reduce_lm_loss
 
@@ -53,11 +53,11 @@ class PretrainTrainer(Trainer):
     def reduce_losses(self, losses: list[dict]) -> dict:
         from megatron.core import parallel_state as ps
 
-        return {"train_loss": from_last_stage(reduce_lm_loss(losses, ps.get_data_parallel_group())[0])}
+        return {"train_loss": to_every_stage(reduce_lm_loss(losses, ps.get_data_parallel_group())[0])}
 
     def evaluate(self, iteration: int) -> dict:
         seg = self.segments[0]
-        self.val_loss = from_last_stage(validation_loss(
+        self.val_loss = to_every_stage(validation_loss(
             self.cfg, self.ddp, seg.data, self.num_microbatches(seg), self.info))
         return {"val_loss": self.val_loss}
 
