@@ -99,3 +99,29 @@ def test_budget_loss_alone_steers_the_router_into_the_band(budget_index):
     assert abs(ratio / target - 1) <= 0.12, (ratio, target)
     if target == 1.0:
         assert ratio == 1.0
+
+
+def test_memory_budgets_in_gb_steer_the_router_into_the_band():
+    """budget_type=memory: targets in GB (weights + KV cache + Mamba state at the given batch /
+    context / dtype); the budget loss alone moves the argmax sub-network's memory into the band."""
+    from nemo_elastic.budget import GB, MemorySpec, count_memory, subnetwork_memory
+
+    m = _model()
+    # short context: the weights dominate (the KV cache of a kept attention layer cannot shrink)
+    spec = {"batch_size": 1, "seq_length": 64, "bytes_per_param": 2.0, "bytes_per_cache": 2.0}
+    parent_gb = count_memory(m, MemorySpec(**spec)) / GB
+    budgets = {"full": parent_gb, "small": 0.6 * parent_gb}
+    router = _router(m, total_iters=150, budgets=budgets, budget_type="memory", memory=spec)
+    assert router.is_full(0) and not router.is_full(1)
+    opt = torch.optim.Adam(router.parameters(), lr=1e-2)
+    for it in range(200):
+        out = router(1, iteration=it)
+        loss = router.budget_loss(out, 1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    final = router(1, iteration=200, noise=False).subnetwork.hard()
+    ratio = subnetwork_memory(m, final, MemorySpec(**spec)) / (0.6 * parent_gb * GB)
+    assert abs(ratio - 1) <= 0.12, ratio
+    table = {row["name"]: row for row in router.family_table()}
+    assert table["small"]["memory_bytes"] == subnetwork_memory(m, final, MemorySpec(**spec))
