@@ -3,6 +3,7 @@
 The per-head attention output (`linear_proj` input, `[s, b, heads_local * kv_channels]`, heads in
 global order within this rank's block) is scaled by the head mask, so a pruned head contributes
 nothing - the same as a model without it.  Then the residual-stream output is hidden-masked.
+Both masks act outside core attention, so Megatron's "core_attn" recompute needs no masks.
 """
 
 from __future__ import annotations

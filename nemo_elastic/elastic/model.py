@@ -6,8 +6,9 @@
 
 The sub-network is an explicit argument of each forward call.  It is resolved to masks in the
 global index space (`masks.py`), bound to the elastic modules of this pipeline stage for the
-duration of the call, and cleared afterwards (also on error).  The embedding output is
-hidden-masked, so pruned residual channels are zero from the first layer on.
+duration of the call, and cleared afterwards (also on error).  Activation recompute runs after
+the call (in the backward pass) and re-binds the masks of the call it recomputes (`recompute.py`).
+The embedding output is hidden-masked, so pruned residual channels are zero from the first layer on.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from megatron.core.models.hybrid.hybrid_model import HybridModel
 
 from nemo_elastic.elastic.masks import ElasticMasks, SoftSubNetwork, hard_masks, soft_masks
 from nemo_elastic.elastic.norm import ElasticRMSNorm
-from nemo_elastic.elastic.state import ElasticMixin, ModuleMasks
+from nemo_elastic.elastic.stack import ElasticHybridStack
+from nemo_elastic.elastic.state import bound_layers, pinned
 from nemo_elastic.elastic.subnet import SubNetwork
 
 SubNetworkLike = Union[SubNetwork, SoftSubNetwork, ElasticMasks]
@@ -32,6 +34,10 @@ class ElasticHybridModel(HybridModel):
             raise ValueError("ElasticHybridModel needs model_config (nemo_elastic ModelConfig); "
                              "build it with nemo_elastic.elastic.build_elastic_model")
         super().__init__(*args, **kwargs)
+        if not isinstance(self.decoder, ElasticHybridStack):
+            raise ValueError("ElasticHybridModel needs an ElasticHybridStack decoder (depth "
+                             f"gates, masked recompute), got {type(self.decoder).__name__}; "
+                             "build it with nemo_elastic.elastic.specs.build_elastic_model")
         self.model_config = model_config
 
     # ------------------------------------------------------------------ masks
@@ -50,36 +56,14 @@ class ElasticHybridModel(HybridModel):
     @contextlib.contextmanager
     def bound(self, masks: ElasticMasks):
         """Bind `masks` to every elastic module of this stage; always unbind on exit."""
-        touched = []
-
-        def bind(module, value):
-            module.elastic = value
-            touched.append(module)
-
-        def bind_norm(norm):
-            if isinstance(norm, ElasticRMSNorm):
-                norm.elastic_fraction = masks.hidden.fraction
-                touched.append(norm)
-
-        try:
-            decoder = self.decoder
-            bind(decoder, masks)
-            for layer in decoder.layers:
-                state = ModuleMasks(hidden=masks.hidden, layer=masks.layer(layer.layer_number - 1))
-                for name in ("norm", "input_layernorm", "pre_mlp_layernorm"):
-                    bind_norm(getattr(layer, name, None))
-                for name in ("mixer", "self_attention", "mlp"):
-                    child = getattr(layer, name, None)
-                    if isinstance(child, ElasticMixin):
-                        bind(child, state)
-            bind_norm(getattr(decoder, "final_norm", None))
+        decoder = self.decoder
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(pinned(decoder, "elastic", masks))
+            stack.enter_context(bound_layers(decoder.layers, masks))
+            final_norm = getattr(decoder, "final_norm", None)
+            if isinstance(final_norm, ElasticRMSNorm):
+                stack.enter_context(pinned(final_norm, "elastic_fraction", masks.hidden.fraction))
             yield masks
-        finally:
-            for module in touched:
-                if isinstance(module, ElasticRMSNorm):
-                    module.elastic_fraction = None
-                else:
-                    module.elastic = None
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None,
