@@ -225,6 +225,12 @@ class TrainConfig:
     eval_iters: int = 10
     save_interval: int = 100
     eval_accuracy_samples: int = 64  # greedy-decoding answer accuracy at the end (synthetic data)
+    # Megatron activation recompute (TransformerConfig fields of the same names); masks of
+    # elastic sub-networks survive it (nemo_elastic/elastic/recompute.py).
+    recompute_granularity: Optional[str] = None  # None | full | selective
+    recompute_method: Optional[str] = None  # full: uniform | block
+    recompute_num_layers: Optional[int] = None  # full: layers per chunk / recomputed layers
+    recompute_modules: Optional[list] = None  # selective: core_attn, mlp, layernorm
 
     def __post_init__(self) -> None:
         require_positive(self, "iters", "log_interval", "eval_interval", "eval_iters",
@@ -239,6 +245,26 @@ class TrainConfig:
             _fail("train.lr_decay_style", self.lr_decay_style, "must be constant, linear or cosine")
         if self.clip_grad < 0:
             _fail("train.clip_grad", self.clip_grad, "must be >= 0 (0 disables clipping)")
+        if self.recompute_granularity not in (None, "full", "selective"):
+            _fail("train.recompute_granularity", self.recompute_granularity,
+                  "must be null, 'full' or 'selective'")
+        if self.recompute_granularity == "full":
+            if self.recompute_method not in ("uniform", "block"):
+                _fail("train.recompute_method", self.recompute_method,
+                      "full recompute needs 'uniform' or 'block'")
+            require_positive(self, "recompute_num_layers", prefix="train.")
+
+    def recompute_overrides(self) -> dict:
+        """TransformerConfig overrides for activation recompute (empty when off)."""
+        if self.recompute_granularity is None:
+            return {}
+        out = {"recompute_granularity": self.recompute_granularity}
+        if self.recompute_granularity == "full":
+            out.update(recompute_method=self.recompute_method,
+                       recompute_num_layers=self.recompute_num_layers)
+        elif self.recompute_modules is not None:
+            out["recompute_modules"] = list(self.recompute_modules)
+        return out
 
 
 @dataclass(kw_only=True)

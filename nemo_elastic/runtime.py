@@ -126,9 +126,33 @@ def _install_cpu_measures() -> None:
 
     transformer_utils.get_default_causal_mask = _cpu_causal_mask
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
+    _activation_checkpoints_without_gpu()
     _CudaToCpuMode().__enter__()  # process-global; a CPU process never has real CUDA tensors
     _CPU_MEASURES_INSTALLED = True
     logger.info("CUDA is not available: Megatron-Core runs on CPU (gloo, torch Mamba2 path)")
+
+
+class _NoFp8:
+    """Transformer-Engine's FP8GlobalStateManager with fp8 off."""
+
+    is_fp8_enabled = staticmethod(lambda: False)
+    get_fp8_recipe = staticmethod(lambda: None)
+
+
+def _activation_checkpoints_without_gpu() -> None:
+    """Megatron's activation checkpoints (`tensor_parallel.checkpoint`,
+    `CheckpointWithoutOutput`, i.e. full and selective recompute) save and restore the CUDA RNG
+    state, which a CPU process has not: an empty state.  `CheckpointWithoutOutput()` also treats
+    fp8=False as fp8 on and calls Transformer-Engine's fp8 state manager: without TE, fp8 is off."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
+    mrandom._set_cuda_rng_state = lambda *a, **k: None
+    if not getattr(mrandom, "HAVE_TE", False):
+        off = lambda *a, **k: contextlib.nullcontext()  # noqa: E731
+        mrandom.FP8GlobalStateManager = _NoFp8
+        mrandom.activation_recompute_forward = off
+        mrandom.fp8_autocast = off
 
 
 # ---------------------------------------------------------------------------------------------

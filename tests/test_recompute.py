@@ -5,7 +5,6 @@ logits, for hard, soft one-hot and soft non-one-hot sub-networks (with dropped a
 layers), also when two micro-batches with different sub-networks interleave (1F1B order).
 """
 
-import contextlib
 import types
 
 import pytest
@@ -34,37 +33,10 @@ RECOMPUTE = {
 }
 
 
-class _NoFp8:
-    """Transformer-Engine's FP8GlobalStateManager with fp8 off (see `_stub_gpu_checkpoint_deps`)."""
-
-    is_fp8_enabled = staticmethod(lambda: False)
-    get_fp8_recipe = staticmethod(lambda: None)
-
-
-def _stub_gpu_checkpoint_deps(set_attr) -> None:
-    """Megatron-Core 0.19's checkpoints assume a GPU with Transformer-Engine; stub exactly that:
-
-    * they save and restore the CUDA RNG state - a CPU process has none (runtime.py's CPU
-      measures do not stub it): an empty state;
-    * `CheckpointWithoutOutput()` ("layernorm" recompute) takes fp8=False for fp8 on and calls
-      TE's FP8GlobalStateManager / activation_recompute_forward / fp8_autocast: TE with fp8 off.
-    """
-    from megatron.core.tensor_parallel import random as mrandom
-
-    if not torch.cuda.is_available():
-        set_attr(mrandom, "_get_cuda_rng_state", lambda *a, **k: torch.empty(0, dtype=torch.uint8))
-        set_attr(mrandom, "_set_cuda_rng_state", lambda *a, **k: None)
-    if not mrandom.HAVE_TE:
-        off = lambda *a, **k: contextlib.nullcontext()  # noqa: E731
-        set_attr(mrandom, "FP8GlobalStateManager", _NoFp8)
-        set_attr(mrandom, "activation_recompute_forward", off)
-        set_attr(mrandom, "fp8_autocast", off)
-
-
 @pytest.fixture
-def recompute_env(megatron_env, monkeypatch):
-    _stub_gpu_checkpoint_deps(lambda obj, name, value: monkeypatch.setattr(obj, name, value,
-                                                                          raising=False))
+def recompute_env(megatron_env):
+    """The runtime's CPU measures make Megatron's activation checkpoints run without a GPU
+    (empty CUDA RNG state, Transformer-Engine fp8 off: `runtime._activation_checkpoints_without_gpu`)."""
     return megatron_env
 
 
@@ -255,7 +227,6 @@ def _pp2_1f1b(rank, world_size, recomputes):
 
     from nemo_elastic import runtime
 
-    _stub_gpu_checkpoint_deps(setattr)
     cfg = tiny_config({"hybrid_layer_pattern": "M-|*M-"},
                       parallel={"pipeline_model_parallel_size": 2})
     tokens, pos = _tokens(cfg)

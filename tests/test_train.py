@@ -214,3 +214,93 @@ def test_tp2_and_pp2_elastic_steps_equal_one_process(tmp_path):
         for name in copies[0]:
             assert torch.equal(copies[0][name], copies[1][name]), (layout, name)
     assert any(g.abs().sum() > 0 for g in ref["router_grads"].values())
+
+
+def _val_loss(tmp_path, cfg, ckpt):
+    """Validation loss of a checkpoint's full model (one process, the schedule path)."""
+    from nemo_elastic.checkpoint import config_from_checkpoint, load_checkpoint
+    from nemo_elastic.data.loaders import build_training_data
+    from nemo_elastic.elastic.specs import build_elastic_model
+    from nemo_elastic.training.evaluation import validation_loss
+
+    run_cfg = load_config(base={**__import__("dataclasses").asdict(cfg),
+                                "model": __import__("dataclasses").asdict(
+                                    config_from_checkpoint(ckpt).model)})
+    with runtime.distributed(ParallelConfig()) as info:
+        model = build_elastic_model(run_cfg)
+        load_checkpoint(ckpt, model=model, restore_rng=False)
+        data = build_training_data(run_cfg, info)
+        return validation_loss(run_cfg, model, data, 1, info)
+
+
+def test_real_user_flow_import_hf_prepare_train(tmp_path):
+    """A nemotron_h parent from Hugging Face -> import-hf -> prepare -> train: the model-only
+    checkpoint starts training with a fresh optimizer and the same parent is the teacher; the
+    recipe's own `model:` section (tiny.yaml's) is replaced by the checkpoint's shape."""
+    from nemo_elastic.export import import_hf
+    from nemo_elastic.importance.prepare import prepare
+    from nemo_elastic.training.train import train
+    from tests.hf_util import hf_config, random_hf_model, save_hf
+
+    hf = save_hf(random_hf_model(hf_config("M-*M-", max_position_embeddings=128), seed=5),
+                 tmp_path / "hf")
+    imported = import_hf(hf, tmp_path / "imported")
+    recipe = _cfg(tmp_path, stage1=2, stage2=1)
+    prepared = prepare(imported, tmp_path / "prepared", num_batches=2, data_config=recipe.data,
+                       progress=False)
+    cfg = load_config("conf/tiny.yaml", [*(f"data.{k}" for k in (
+        "synthetic.num_train=400", "synthetic.num_val=40", "seq_length=64", "micro_batch_size=4",
+        "global_batch_size=4")), f"output_dir={tmp_path / 'run'}",
+        f"elastic.init_checkpoint={prepared}", f"elastic.distill.teacher={imported}",
+        "elastic.curriculum=[{name: only, iters: 3}]", "elastic.warmup_iters=1",
+        "elastic.router.warmup_iters=1", "elastic.eval_interval=3", "train.eval_accuracy_samples=2",
+        "train.eval_iters=1"])
+    result = train(cfg, progress=False)
+    assert len(result.history) == 3 and all(h["kd"] == h["kd"] for h in result.history)
+    stored = json.loads((tmp_path / "run/elastic/config.json").read_text())["model"]
+    assert stored["hidden_size"] == 32 and stored["hybrid_layer_pattern"] == "M-*M-"
+    # the teacher (imported, original order) and the prepared parent compute the same function
+    assert abs(result.teacher["val_loss"] - _val_loss(tmp_path, cfg, prepared)) <= 1e-5
+    assert read_meta(tmp_path / "run/elastic/checkpoints/iter_0000003")["family"]
+
+
+def _one_step(trainer):
+    """One elastic forward-backward (no optimizer step) -> (record, model grads, router grads)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    seg = trainer.segments[0]
+    trainer.ddp.train()
+    trainer.ddp.zero_grad_buffer()
+    trainer.begin_iteration(1, seg)
+    losses = get_forward_backward_func()(
+        forward_step_func=trainer.forward_step, data_iterator=seg.data.train_iter,
+        model=[trainer.ddp], num_microbatches=trainer.num_microbatches(seg),
+        seq_length=seg.seq_length, micro_batch_size=seg.micro_batch_size, forward_only=False)
+    return (trainer.reduce_losses(losses),
+            {n: p.main_grad.clone() for n, p in trainer.model.named_parameters()},
+            {n: p.grad.clone() for n, p in trainer.router.named_parameters()})
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_elastic_step_with_activation_recompute_equals_without(tmp_path, mode):
+    """train.recompute_* turns on Megatron's recompute for the student: the router's masks
+    survive it (same loss, model and router gradients)."""
+    from nemo_elastic.training.elastic_trainer import parent_config
+    from nemo_elastic.training.train import build_trainer
+
+    _parent(tmp_path)
+    results = []
+    for extra in ([], ["train.recompute_granularity=full", "train.recompute_method=uniform",
+                       "train.recompute_num_layers=1"]):
+        cfg, init, teacher = parent_config(_cfg(tmp_path, f"elastic.router.mode={mode}", *extra))
+        with runtime.distributed(cfg.parallel) as info:
+            trainer = build_trainer(cfg, init, teacher, info)
+            assert trainer.model.config.recompute_granularity == (
+                "full" if extra else None)
+            results.append(_one_step(trainer))
+    (rec_a, model_a, router_a), (rec_b, model_b, router_b) = results
+    assert rec_a["kd"] == pytest.approx(rec_b["kd"], rel=1e-6)
+    for grads_a, grads_b in ((model_a, model_b), (router_a, router_b)):
+        scale = max(g.abs().max() for g in grads_a.values())
+        for name, g in grads_a.items():
+            assert (grads_b[name] - g).abs().max() <= 1e-6 * scale, name

@@ -19,7 +19,6 @@ import logging
 import math
 from functools import partial
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -172,7 +171,7 @@ class ElasticTrainer(Trainer):
         self.step, self.router, self.teacher = step, router, teacher
         self.router_optimizer, self.router_scheduler = router_optimizer, router_scheduler
         self.val: dict[str, float] = {}
-        self.teacher_val: Optional[float] = None
+        self.sizes: dict[str, float] = {}  # budget -> argmax sub-network's parameter fraction
 
     # ------------------------------------------------------------------ hooks
     def begin_iteration(self, iteration: int, seg: Segment) -> None:
@@ -212,8 +211,9 @@ class ElasticTrainer(Trainer):
         record = {"router_lr": self.router_optimizer.param_groups[0]["lr"],
                   "router_grad_norm": float(norm), "tau": self.router.temperature(iteration),
                   "logit_scale": self.router.logit_scale(iteration)}
-        if iteration % self.log_interval == 0 or iteration == self.total_iters:
+        if iteration % self.log_interval == 0 or iteration == self.total_iters or not self.sizes:
             record["choices"] = choice_summary(self.router)
+            self.sizes = {n: c["params_fraction"] for n, c in record["choices"].items()}
         return record
 
     def evaluate(self, iteration: int) -> dict:
@@ -222,9 +222,12 @@ class ElasticTrainer(Trainer):
         return {"val_by_budget": dict(self.val)}
 
     def postfix(self, record: dict) -> dict:
-        out = {n[:6]: f"{v:.3f}" for n, v in record.get("kd_by_budget", {}).items()}
-        out["tau"] = f"{record['tau']:.2f}"
-        return out
+        """Progress bar: KD loss of the budgets drawn this iteration, each budget's current
+        argmax size (fraction of the parent's parameters) and the Gumbel temperature."""
+        kd = record.get("kd_by_budget", {})
+        return {"kd": " ".join(f"{n}:{kd[n]:.3f}" for n in self.router.names if n in kd),
+                "size": "/".join(f"{self.sizes.get(n, math.nan):.2f}" for n in self.router.names),
+                "tau": f"{record['tau']:.2f}"}
 
     def extra_state(self) -> dict:
         return {"router": self.router.state_dict(),
@@ -245,13 +248,18 @@ class ElasticTrainer(Trainer):
 
 
 def choice_summary(router) -> dict:
-    """{budget: {axis: chosen size (mean over layers for heterogeneous axes)}} (argmax)."""
+    """{budget: {axis: chosen size (mean over layers for heterogeneous axes), params_fraction}}
+    of the router's argmax sub-networks (no noise)."""
+    from nemo_elastic.budget import subnetwork_parameters
+
     out = {}
     with torch.no_grad():
         for i, name in enumerate(router.names):
-            probs = router(i, noise=False).probs
+            routed = router(i, noise=False)
             out[name] = {axis: float(sum(router.choices[axis][int(j)] for j in p.argmax(-1))
-                                     / p.shape[0]) for axis, p in probs.items()}
+                                     / p.shape[0]) for axis, p in routed.probs.items()}
+            out[name]["params_fraction"] = subnetwork_parameters(
+                router.model, routed.subnetwork.hard()) / router.full_parameters
     return out
 
 

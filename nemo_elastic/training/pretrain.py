@@ -78,7 +78,7 @@ def _pretrain(cfg: Config, stop: StopRequest, *, resume: bool, progress: bool) -
         if info.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        model = build_hybrid_model(cfg)
+        model = build_hybrid_model(cfg, **cfg.train.recompute_overrides())
         n_params = global_param_count(model)
         ddp = wrap_ddp(model)
         optimizer = build_optimizer([ddp], cfg.train, model.config.params_dtype)

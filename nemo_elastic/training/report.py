@@ -37,16 +37,16 @@ def plot_router_choices(history: list[dict], names: list[str], router, path: Pat
     import matplotlib.pyplot as plt
 
     records = [h for h in history if "choices" in h]
-    axes_names = list(router.choices)
+    axes_names = [*router.choices, "params_fraction"]
     fig, axs = plt.subplots(1, len(axes_names), figsize=(3.0 * len(axes_names), 3.2), dpi=120,
                             squeeze=False)
     for ax, axis in zip(axs[0], axes_names):
-        full = max(router.choices[axis])
+        full = max(router.choices[axis]) if axis in router.choices else 1.0
         for k, name in enumerate(names):
             pts = [(h["iteration"], h["choices"][name][axis] / full) for h in records]
             if pts:
                 ax.plot(*zip(*pts), color=f"C{k}", label=name)
-        ax.set_title(axis)
+        ax.set_title("parameters" if axis == "params_fraction" else axis)
         ax.set_xlabel("iteration")
         ax.set_ylim(0, 1.05)
         ax.grid(alpha=0.3)
