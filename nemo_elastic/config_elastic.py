@@ -40,6 +40,7 @@ AXES = {
 ROUTER_MODES = {"hard": "scaled", "soft": "mixture"}  # config name -> masks.SoftAxis mode
 BUDGET_TYPES = ("params", "memory")
 TEACHER_MODES = ("frozen", "trainable")
+BANDS = ("symmetric", "ceiling")
 
 
 @dataclass(kw_only=True)
@@ -81,9 +82,14 @@ class BudgetLossConfig:
     weight: float = 1.0  # lambda
     tolerance: float = 0.05
     full_budget_weight: float = 10.0
+    # symmetric: zero within target x (1 +- tolerance) (Megatron-LM); ceiling: zero within
+    # target x [1 - tolerance, 1] - the budget is an upper bound (memory that must fit).
+    band: str = "symmetric"
 
     def __post_init__(self) -> None:
         p = "elastic.loss."
+        if self.band not in BANDS:
+            fail(f"{p}band", self.band, f"must be one of {list(BANDS)}")
         require_number(self, "weight", "full_budget_weight", prefix=p, low_open=False)
         require_number(self, "tolerance", prefix=p, low_open=False, high=1.0)
 

@@ -219,12 +219,15 @@ class ElasticRouter(nn.Module):
 
     # ------------------------------------------------------------------ loss
     def budget_loss(self, output: RouterOutput, budget_index: int) -> torch.Tensor:
-        """|E[cost] / target - 1| outside the tolerance band (0 inside); a full budget adds
-        full_budget_weight x MSE(probs, one-hot of the largest choice)."""
+        """|E[cost] / target - 1| outside the band (0 inside: +-tolerance, or [-tolerance, 0]
+        with band=ceiling); a full budget adds full_budget_weight x MSE(probs, one-hot of the
+        largest choice)."""
         loss_cfg = self.config.loss
         cost = self.expected_cost(output.subnetwork)
-        deviation = (cost / self.targets[budget_index] - 1.0).abs()
-        loss = torch.where(deviation < loss_cfg.tolerance, torch.zeros_like(deviation), deviation)
+        signed = cost / self.targets[budget_index] - 1.0
+        upper = 0.0 if loss_cfg.band == "ceiling" else loss_cfg.tolerance
+        inside = (signed > -loss_cfg.tolerance) & (signed <= upper)
+        loss = torch.where(inside, torch.zeros_like(signed), signed.abs())
         if self.is_full(budget_index):
             for probs in output.probs.values():
                 target = torch.zeros_like(probs)

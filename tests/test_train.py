@@ -304,3 +304,33 @@ def test_elastic_step_with_activation_recompute_equals_without(tmp_path, mode):
         scale = max(g.abs().max() for g in grads_a.values())
         for name, g in grads_a.items():
             assert (grads_b[name] - g).abs().max() <= 1e-6 * scale, name
+
+
+@pytest.mark.slow
+def test_tiny_family_lands_in_its_bands_and_beats_its_zero_shot_prefixes(tmp_path):
+    """The embedded recipe end to end at reduced size: pretrain -> prepare -> train.  Every
+    budget's chosen sub-network lies inside the dead band of its target, every smaller budget's
+    validation loss is much better than its zero-shot prefix before training, and the full
+    budget stays close to the teacher."""
+    from nemo_elastic.importance.prepare import prepare
+    from nemo_elastic.training.pretrain import pretrain
+    from nemo_elastic.training.train import train
+    from tests.test_pretrain import FAST
+
+    cfg = load_config("conf/tiny.yaml", [*FAST, f"output_dir={tmp_path}", "train.iters=400",
+                                         "train.eval_interval=400", "train.save_interval=400",
+                                         "train.eval_accuracy_samples=0"])
+    parent = pretrain(cfg, progress=False)
+    prepared = prepare(parent.checkpoint, tmp_path / "prepared", num_batches=8, progress=False)
+    import dataclasses
+
+    result = train(dataclasses.replace(cfg, elastic=dataclasses.replace(
+        cfg.elastic, init_checkpoint=str(prepared))), progress=False)
+    tol = cfg.elastic.loss.tolerance
+    rows = {r["name"]: r for r in result.family}
+    for name, row in rows.items():
+        assert abs(row["parameter_fraction"] / row["target"] - 1) <= tol, row
+    for name in ("75pct", "50pct"):
+        assert rows[name]["val_loss_after"] < 0.8 * rows[name]["val_loss_before"], rows[name]
+    assert rows["full"]["val_loss_after"] <= 1.05 * result.teacher["val_loss"], rows["full"]
+    assert rows["50pct"]["val_loss_after"] > rows["full"]["val_loss_after"]
