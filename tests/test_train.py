@@ -330,7 +330,9 @@ def test_tiny_family_lands_in_its_bands_and_beats_its_zero_shot_prefixes(tmp_pat
     rows = {r["name"]: r for r in result.family}
     for name, row in rows.items():
         assert abs(row["parameter_fraction"] / row["target"] - 1) <= tol, row
-    for name in ("75pct", "50pct"):
-        assert rows[name]["val_loss_after"] < 0.8 * rows[name]["val_loss_before"], rows[name]
-    assert rows["full"]["val_loss_after"] <= 1.05 * result.teacher["val_loss"], rows["full"]
+    teacher = result.teacher["val_loss"]
+    for name in ("75pct", "50pct"):  # distillation closes most of the gap to the teacher
+        before, after = rows[name]["val_loss_before"], rows[name]["val_loss_after"]
+        assert after - teacher < 0.5 * (before - teacher), (rows[name], teacher)
+    assert rows["full"]["val_loss_after"] <= 1.05 * teacher, (rows["full"], teacher)
     assert rows["50pct"]["val_loss_after"] > rows["full"]["val_loss_after"]
