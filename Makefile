@@ -42,6 +42,7 @@ bench: install
 	$(PY) bench/bench_elastic.py
 	$(PY) bench/bench_masked_vs_sliced.py
 	$(PY) bench/bench_importance.py
+	$(PY) bench/bench_train_step.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache

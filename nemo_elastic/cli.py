@@ -105,9 +105,20 @@ def cmd_info(args) -> int:
         return 0
     rows = [(r["name"], f"{r['target']:g} ({r['budget_type']})", r["summary"],
              f"{r['parameters']:,} ({r['parameter_fraction']:.1%})",
-             f"{r['memory_bytes'] / 1e9:.4f} GB") for r in family]
+             _bytes(r["memory_bytes"])) for r in family]
+    spec = family[0].get("memory_spec", {})
     print(format_table(("budget", "target", "sizes", "parameters", "memory"), rows))
+    logger.info("memory: weights + KV cache + Mamba state at batch %s x %s tokens, %s bytes per "
+                "parameter / cache element", spec.get("batch_size"), spec.get("seq_length"),
+                spec.get("bytes_per_param"))
     return 0
+
+
+def _bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
 
 
 def cmd_eval(args) -> int:
