@@ -9,9 +9,11 @@
     nemo-elastic prepare    --ckpt CKPT --out CKPT [--config CONF]       importance scores + reordering
     nemo-elastic preprocess --input FILE --tokenizer tokenizer.json --out PREFIX
     nemo-elastic import-hf  DIR --out CKPT                              nemotron_h -> Megatron checkpoint
-    nemo-elastic export     --ckpt CKPT --format hf --out DIR           Megatron checkpoint -> nemotron_h
-    nemo-elastic extract    --ckpt CKPT (--subnet FILE | --hidden-size N ...) --out CKPT
-                                                                        slice a sub-network out
+    nemo-elastic export     --ckpt CKPT [--budget NAME] --format hf --out DIR
+                                                                        checkpoint (or one trained
+                                                                        budget) -> nemotron_h
+    nemo-elastic extract    --ckpt CKPT --out CKPT (--budget NAME | --all | --subnet FILE |
+                            --hidden-size N ...)                        slice a sub-network out
 
 Errors in user input (config, checkpoint, data files) print one line naming the field/path and
 the fix, and exit with status 2; anything else is a bug and shows its traceback.
@@ -164,11 +166,37 @@ def cmd_import_hf(args) -> int:
 def cmd_export(args) -> int:
     if args.format != "hf":
         raise ConfigError(f"--format={args.format!r}: only 'hf' is supported")
-    from nemo_elastic.export import export_hf
+    from nemo_elastic.export import export_budget_hf, export_hf
 
-    path = export_hf(args.ckpt, args.out, overwrite=args.overwrite)
-    logger.info("exported %s -> %s (Hugging Face nemotron_h)", args.ckpt, path)
+    if args.budget is None:
+        path = export_hf(args.ckpt, args.out, overwrite=args.overwrite)
+        logger.info("exported %s -> %s (Hugging Face nemotron_h)", args.ckpt, path)
+        return 0
+    path = export_budget_hf(args.ckpt, args.budget, args.out, overwrite=args.overwrite)
+    logger.info("exported budget %r of %s -> %s (Hugging Face nemotron_h): %s",
+                args.budget, args.ckpt, path, _budget_size(args.ckpt, args.budget))
     return 0
+
+
+SIZE_FLAGS = ("hidden_size", "mamba_num_heads", "mamba_head_dim", "num_attention_heads",
+              "ffn_hidden_size", "drop_layers")
+
+
+def _budget_size(ckpt, name: str) -> str:
+    """'N parameters (x% of M); sizes' of a trained budget, for the log line."""
+    from nemo_elastic.checkpoint import config_from_checkpoint
+    from nemo_elastic.export import budget_subnetwork
+
+    parent = config_from_checkpoint(ckpt).model
+    return _size_line(parent, budget_subnetwork(ckpt, name))
+
+
+def _size_line(parent, subnet) -> str:
+    from nemo_elastic.budget import count_parameters, subnetwork_parameters
+
+    full, kept = count_parameters(parent), subnetwork_parameters(parent, subnet)
+    return (f"{kept:,} parameters ({100 * kept / full:.1f}% of {full:,}); "
+            f"{subnet.describe(parent)}")
 
 
 def _subnetwork_from_args(args, model_cfg):
@@ -189,18 +217,40 @@ def _subnetwork_from_args(args, model_cfg):
         ffn_hidden_size=args.ffn_hidden_size, drop_layers=drop)
 
 
-def cmd_extract(args) -> int:
-    from nemo_elastic.budget import count_parameters, subnetwork_parameters
-    from nemo_elastic.checkpoint import config_from_checkpoint, resolve_checkpoint
-    from nemo_elastic.export import extract_checkpoint
+def _check_extract_selection(args) -> None:
+    """Exactly one way to choose the sub-network: a trained budget (--budget / --all), a file
+    (--subnet) or the size flags; mixing them would leave one silently ignored."""
+    sizes = [f"--{f.replace('_', '-')}" for f in SIZE_FLAGS if getattr(args, f)]
+    chosen = [flag for flag, given in (("--budget", args.budget is not None), ("--all", args.all),
+                                       ("--subnet", bool(args.subnet))) if given]
+    if len(chosen) + (1 if sizes else 0) > 1:
+        raise ConfigError(
+            f"extract: {' and '.join(chosen + sizes)} cannot be combined; choose the sub-network "
+            "with one of --budget NAME, --all, --subnet FILE or the size flags")
 
+
+def cmd_extract(args) -> int:
+    from nemo_elastic.checkpoint import config_from_checkpoint, resolve_checkpoint
+    from nemo_elastic.export import extract_budget, extract_checkpoint, extract_family, family_of
+
+    _check_extract_selection(args)
     ckpt = resolve_checkpoint(args.ckpt)
     parent = config_from_checkpoint(ckpt).model
+    if args.all:
+        family = family_of(ckpt)
+        paths = extract_family(ckpt, args.out, overwrite=args.overwrite)
+        for name, path in paths.items():
+            logger.info("extracted budget %r -> %s: %s", name, path,
+                        _size_line(parent, family[name]))
+        return 0
+    if args.budget is not None:
+        path = extract_budget(ckpt, args.budget, args.out, overwrite=args.overwrite)
+        logger.info("extracted budget %r of %s -> %s: %s", args.budget, ckpt, path,
+                    _budget_size(ckpt, args.budget))
+        return 0
     subnet = _subnetwork_from_args(args, parent).validate(parent)
     path = extract_checkpoint(ckpt, subnet, args.out, overwrite=args.overwrite)
-    full, kept = count_parameters(parent), subnetwork_parameters(parent, subnet)
-    logger.info("extracted %s -> %s: %s parameters (%.1f%% of %s); %s", ckpt, path, f"{kept:,}",
-                100 * kept / full, f"{full:,}", subnet.describe(parent))
+    logger.info("extracted %s -> %s: %s", ckpt, path, _size_line(parent, subnet))
     return 0
 
 
@@ -285,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="Megatron checkpoint -> Hugging Face nemotron_h folder")
     p.add_argument("--ckpt", required=True)
+    p.add_argument("--budget", default=None, metavar="NAME",
+                   help="export only this trained budget of an elastic checkpoint (see `info`)")
     p.add_argument("--format", default="hf", choices=["hf"])
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
@@ -292,7 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("extract", help="slice a sub-network out of a checkpoint (zero-shot)")
     p.add_argument("--ckpt", required=True, help="parent checkpoint (or a run's output dir)")
-    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--out", required=True, help="output checkpoint directory (--all: one "
+                   "sub-folder per budget under it)")
+    p.add_argument("--budget", default=None, metavar="NAME",
+                   help="a trained budget of an elastic checkpoint (see `nemo-elastic info`)")
+    p.add_argument("--all", action="store_true", help="every trained budget, into OUT/<name>")
     p.add_argument("--subnet", help="YAML/JSON sub-network (SubNetwork.to_dict() format)")
     for flag in ("hidden-size", "mamba-num-heads", "mamba-head-dim", "num-attention-heads",
                  "ffn-hidden-size"):

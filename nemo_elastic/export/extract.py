@@ -1,6 +1,7 @@
 """Parent checkpoint + hard `SubNetwork` -> a standalone checkpoint of the smaller plain model.
 
     extract_checkpoint("runs/x/checkpoints", subnet, "runs/x/extracted_4b")
+    extract_checkpoints("runs/x/checkpoints", {"out/4b": subnet_4b, "out/6b": subnet_6b})
 
 The parent is loaded whole in one process (TP=1/PP=1, any stored layout is resharded on load),
 sliced by `nemo_elastic.export.slicing.slice_model`, and the child saved as an ordinary
@@ -13,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 from nemo_elastic.checkpoint import (
     CheckpointError, config_from_checkpoint, load_checkpoint, read_meta, resolve_checkpoint,
@@ -25,36 +26,57 @@ from nemo_elastic.export.slicing import slice_model
 
 logger = logging.getLogger(__name__)
 
+SubNetworkLike = Union[SubNetwork, Mapping[str, Any]]
 
-def extract_checkpoint(ckpt: str | Path, subnet: Union[SubNetwork, Mapping[str, Any]],
-                       out: str | Path, *, overwrite: bool = False) -> Path:
+
+def extract_checkpoint(ckpt: str | Path, subnet: SubNetworkLike, out: str | Path, *,
+                       overwrite: bool = False, extra_meta: Optional[dict] = None) -> Path:
     """Write the checkpoint of `subnet` (a SubNetwork or its `to_dict()`) of parent `ckpt`.
 
     `ckpt` may be a checkpoint directory or a run's `checkpoints/` (its `latest` is used).
     Raises CheckpointError if `out` exists and not `overwrite` or the parent is unreadable,
     ConfigError if `subnet` is not a sub-network of the parent.  Returns `out`.
     """
+    return extract_checkpoints(ckpt, {out: subnet}, overwrite=overwrite,
+                               extra_meta={out: extra_meta or {}})[0]
+
+
+def extract_checkpoints(ckpt: str | Path, targets: Mapping[str | Path, SubNetworkLike], *,
+                        overwrite: bool = False,
+                        extra_meta: Optional[Mapping[str | Path, dict]] = None) -> list[Path]:
+    """`extract_checkpoint` for several sub-networks: {out dir: subnet}; the parent is loaded
+    once.  Every output and sub-network is checked before anything is loaded or written, so a
+    bad target leaves no partial set behind.  `extra_meta[out]` goes into that child's
+    `nemo_elastic.json`.  Returns the output paths in the order given."""
     start = time.perf_counter()
-    ckpt, out = resolve_checkpoint(ckpt), Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{str(out)!r} already exists; pass overwrite=True (--overwrite) "
-                              "to replace it")
-    if not isinstance(subnet, SubNetwork):
-        subnet = SubNetwork.from_dict(subnet)
+    ckpt = resolve_checkpoint(ckpt)
     meta = read_meta(ckpt)
     cfg = config_from_checkpoint(ckpt).single_process()
-    subnet.validate(cfg.model)  # fail before loading the parent weights
-    extra = {"subnetwork": subnet.to_dict(), "parent": str(ckpt),
-             "parent_iteration": meta.get("iteration")}
-    if meta.get("hf_passthrough"):  # token ids of an imported HF model: keep them for export
-        extra["hf_passthrough"] = meta["hf_passthrough"]
+    plan: list[tuple[Path, SubNetwork, dict]] = []
+    for out, subnet in targets.items():
+        path = Path(out)
+        if path.exists() and not overwrite:
+            raise CheckpointError(f"{str(path)!r} already exists; pass overwrite=True "
+                                  "(--overwrite) to replace it")
+        if not isinstance(subnet, SubNetwork):
+            subnet = SubNetwork.from_dict(subnet)
+        subnet.validate(cfg.model)  # fail before loading the parent weights
+        extra = {"subnetwork": subnet.to_dict(), "parent": str(ckpt),
+                 "parent_iteration": meta.get("iteration"),
+                 **((extra_meta or {}).get(out) or {})}
+        if meta.get("hf_passthrough"):  # token ids of an imported HF model: keep them for export
+            extra["hf_passthrough"] = meta["hf_passthrough"]
+        plan.append((path, subnet, extra))
     with tp1_runtime():
         parent = build_tp1_model(cfg)  # local spec, uninitialized: overwritten by the load
         load_checkpoint(ckpt, model=parent, restore_rng=False)
-        child_cfg, child = slice_model(parent, cfg, subnet, spec_backend="local")
+        for path, subnet, extra in plan:
+            child_cfg, child = slice_model(parent, cfg, subnet, spec_backend="local")
+            save_checkpoint(path, cfg=child_cfg, model=child, kind="extract", extra_meta=extra,
+                            overwrite=overwrite)
+            del child  # one child in memory at a time next to the parent
+            logger.info("extracted %s (%s) -> %s", ckpt, subnet.describe(cfg.model), path)
         del parent
-        save_checkpoint(out, cfg=child_cfg, model=child, kind="extract", extra_meta=extra,
-                        overwrite=overwrite)
-    logger.info("extracted %s (%s) -> %s in %.1f s, peak RSS %.0f MiB", ckpt,
-                subnet.describe(cfg.model), out, time.perf_counter() - start, peak_rss_mib())
-    return out
+    logger.info("extracted %d sub-network(s) of %s in %.1f s, peak RSS %.0f MiB", len(plan),
+                ckpt, time.perf_counter() - start, peak_rss_mib())
+    return [path for path, _, _ in plan]

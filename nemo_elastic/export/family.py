@@ -1,0 +1,112 @@
+"""The trained budget family of an elastic checkpoint, by name: extract or export one budget.
+
+    family_of("runs/x/elastic/checkpoints")            # {"full": SubNetwork, "50pct": ...}
+    extract_budget(ckpt, "50pct", "out")               # -> out (Megatron checkpoint)
+    extract_family(ckpt, "out")                        # every budget -> out/<name>
+    export_budget_hf(ckpt, "50pct", "hf_50pct")        # -> Hugging Face nemotron_h
+
+`nemo-elastic train` writes the family (one row per budget, `subnetwork` = SubNetwork.to_dict())
+into every checkpoint's `nemo_elastic.json`; everything here reads it from there, so a budget
+is always the sub-network that was trained, never a re-derived one.  All slicing goes through
+`extract.extract_checkpoints` (-> `slicing.slice_model`).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from nemo_elastic.checkpoint import (
+    CheckpointError, config_from_checkpoint, read_meta, resolve_checkpoint)
+from nemo_elastic.config import ConfigError
+from nemo_elastic.elastic.subnet import SubNetwork
+from nemo_elastic.export.extract import extract_checkpoints
+
+logger = logging.getLogger(__name__)
+
+
+def family_of(ckpt: str | Path) -> dict[str, SubNetwork]:
+    """{budget name: trained SubNetwork} of an elastic checkpoint, in training order.
+
+    Raises CheckpointError when the checkpoint holds no family (not written by `nemo-elastic
+    train`)."""
+    ckpt = resolve_checkpoint(ckpt)
+    meta = read_meta(ckpt)
+    rows = meta.get("family")
+    if not rows:
+        raise CheckpointError(
+            f"checkpoint {str(ckpt)!r} (kind {meta.get('kind')!r}) holds no trained budget family: "
+            "it was not written by `nemo-elastic train`; pass a checkpoint of an elastic run, or "
+            "choose the sizes yourself with --subnet FILE or the size flags")
+    return {row["name"]: SubNetwork.from_dict(row["subnetwork"]) for row in rows}
+
+
+def budget_subnetwork(ckpt: str | Path, name: str) -> SubNetwork:
+    """The trained SubNetwork of budget `name`; ConfigError listing the trained names if unknown."""
+    family = family_of(ckpt)
+    if name not in family:
+        where = str(resolve_checkpoint(ckpt))
+        raise ConfigError(f"--budget {name!r}: no such trained budget in {where!r}; "
+                          f"trained budgets: {', '.join(family)}")
+    return family[name]
+
+
+def _folder_name(name: str) -> str:
+    """A budget name as one path component (names come from the recipe: refuse '/', '..')."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(f"budget name {name!r} cannot be used as a folder name; extract it "
+                          "alone with --budget and an explicit --out")
+    return name
+
+
+def extract_budget(ckpt: str | Path, name: str, out: str | Path, *,
+                   overwrite: bool = False) -> Path:
+    """Megatron checkpoint of trained budget `name` in `out`."""
+    subnet = budget_subnetwork(ckpt, name)
+    return extract_checkpoints(ckpt, {out: subnet}, overwrite=overwrite,
+                               extra_meta={out: {"budget": name}})[0]
+
+
+def extract_family(ckpt: str | Path, out: str | Path, *,
+                   overwrite: bool = False) -> dict[str, Path]:
+    """Every trained budget as a Megatron checkpoint `out/<name>` (parent loaded once);
+    returns {name: path}."""
+    family = family_of(ckpt)
+    targets = {name: Path(out) / _folder_name(name) for name in family}
+    paths = extract_checkpoints(
+        ckpt, {targets[name]: subnet for name, subnet in family.items()}, overwrite=overwrite,
+        extra_meta={targets[name]: {"budget": name} for name in family})
+    return dict(zip(family, paths))
+
+
+def export_budget_hf(ckpt: str | Path, name: str, out: str | Path, *,
+                     overwrite: bool = False) -> Path:
+    """Budget `name` as a Hugging Face nemotron_h directory: sliced into a temporary checkpoint
+    (next to `out`, removed afterwards), then `export_hf`.  Refuses, before any weight is loaded,
+    an existing `out` (without `overwrite`) and a budget transformers cannot represent."""
+    from nemo_elastic.export.hf_adapter import HFConfigError, hf_config_from_model
+    from nemo_elastic.export.hf_export import export_hf
+
+    ckpt, out = resolve_checkpoint(ckpt), Path(out)
+    subnet = budget_subnetwork(ckpt, name)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{str(out)!r} already exists; pass overwrite=True (--overwrite) "
+                              "to replace it")
+    parent = config_from_checkpoint(ckpt).model
+    child = subnet.model_config(parent)
+    if child.per_layer and any(child.per_layer):
+        # Stock transformers' NemotronH config has one size per layer type.
+        raise HFConfigError(
+            f"budget {name!r} cannot be exported to Hugging Face: the router chose different "
+            f"sizes for layers of the same type ({subnet.describe(parent)}), and stock "
+            "transformers' NemotronH has one size per layer type; keep it as a Megatron "
+            f"checkpoint (`nemo-elastic extract --budget {name}`)")
+    hf_config_from_model(child, read_meta(ckpt).get("hf_passthrough"))  # any other refusal, now
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Same filesystem as `out`: the sliced checkpoint is as large as the exported weights.
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.slice-", dir=out.parent) as tmp:
+        sliced = Path(tmp) / "checkpoint"
+        extract_checkpoints(ckpt, {sliced: subnet}, extra_meta={sliced: {"budget": name}})
+        return export_hf(sliced, out, overwrite=overwrite)
