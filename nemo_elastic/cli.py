@@ -166,8 +166,10 @@ def cmd_import_hf(args) -> int:
 def cmd_export(args) -> int:
     if args.format != "hf":
         raise ConfigError(f"--format={args.format!r}: only 'hf' is supported")
+    from nemo_elastic.checkpoint import resolve_checkpoint
     from nemo_elastic.export import export_budget_hf, export_hf
 
+    args.ckpt = str(resolve_checkpoint(args.ckpt))  # a run's output dir means its latest
     if args.budget is None:
         path = export_hf(args.ckpt, args.out, overwrite=args.overwrite)
         logger.info("exported %s -> %s (Hugging Face nemotron_h)", args.ckpt, path)

@@ -177,3 +177,18 @@ def test_export_heterogeneous_budget_is_refused_with_the_reason(elastic, tmp_pat
     assert "budget 'hetero' cannot be exported to Hugging Face" in caplog.text
     assert "one size per layer type" in caplog.text
     assert list(tmp_path.iterdir()) == []
+
+
+def test_extract_and_export_accept_a_run_directory(elastic, tmp_path):
+    """`--ckpt RUN_DIR` means the run's latest checkpoint, for extract and export alike."""
+    import shutil
+
+    root, *_ = elastic
+    run = tmp_path / "run"
+    shutil.copytree(root / "ckpt", run / "checkpoints" / "iter_0000006")
+    (run / "checkpoints" / "latest").write_text("iter_0000006\n")
+    assert cli.main(["extract", "--ckpt", str(run), "--budget", "uniform",
+                     "--out", str(tmp_path / "x")]) == 0
+    assert cli.main(["export", "--ckpt", str(run), "--budget", "uniform", "--format", "hf",
+                     "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
