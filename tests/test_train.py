@@ -95,13 +95,22 @@ def test_train_resumes_bit_exactly_mid_stage_and_at_the_stage_transition(tmp_pat
         ckpt = f"iter_{resume_at:07d}"
         shutil.copytree(tmp_path / "run/elastic/checkpoints" / ckpt, run / "elastic/checkpoints" / ckpt)
         (run / "elastic/checkpoints" / LATEST_FILE).write_text(ckpt + "\n")
+        # the crashed run's metrics ran ahead of its checkpoint: those records are redone
+        shutil.copy(tmp_path / "run/elastic/metrics.jsonl", run / "elastic/metrics.jsonl")
         resumed = train(_cfg(tmp_path, f"output_dir={run}"), progress=False)
+        metrics = [json.loads(l) for l in (run / "elastic/metrics.jsonl").read_text().splitlines()]
+        assert [m["iteration"] for m in metrics] == list(range(1, 7))  # whole history kept
+        assert [m["kd"] for m in metrics] == losses
         assert [h["iteration"] for h in resumed.history] == list(range(resume_at + 1, 7))
         assert [h["kd"] for h in resumed.history] == losses[resume_at:], resume_at
         assert [h["budgets_drawn"] for h in resumed.history] == \
             [h["budgets_drawn"] for h in straight.history[resume_at:]]
         assert resumed.family == straight.family
 
+    again = train(_cfg(tmp_path), progress=False)  # a finished run: nothing trained or lost
+    assert again.history == [] and again.family == straight.family
+    metrics = (tmp_path / "run/elastic/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["kd"] for l in metrics] == losses
     meta = read_meta(tmp_path / "run/elastic/checkpoints/iter_0000006")
     assert meta["kind"] == "elastic" and [r["name"] for r in meta["family"]] == ["full", "75pct", "50pct"]
     out = tmp_path / "run/elastic"

@@ -127,7 +127,8 @@ class Trainer:
             log_interval, eval_interval, save_interval
         self.progress = progress
         self.ckpt_root = self.out_dir / "checkpoints"
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # this invocation's iterations
+        self.earlier: list[dict] = []  # metrics of earlier invocations, up to the resume point
         self.ckpt_path: Optional[Path] = None
         self.wall_time_s = 0.0
         for seg in segments:
@@ -196,6 +197,7 @@ class Trainer:
         if state["data_state"] is not None and state.get("segment", seg.name) == seg.name:
             seg.data.train_iter.load_state_dict(state["data_state"])
         self.load_extra_state(state.get("extra") or {})
+        self.earlier = read_metrics(self.out_dir, up_to=it)
         self.ckpt_path = latest
         logger.info("resuming from %s at iteration %d (stage %s)", latest, it, seg.name)
         return it
@@ -269,7 +271,36 @@ class Trainer:
         return start
 
 
-def write_metrics(out_dir: Path, history: list[dict], name: str = "metrics.jsonl") -> None:
-    with open(out_dir / name, "w") as f:
+    @property
+    def full_history(self) -> list[dict]:
+        """Every iteration of the run so far, across resumes (what plots and files show)."""
+        return self.earlier + self.history
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(out_dir: Path, *, up_to: int) -> list[dict]:
+    """Records of an earlier invocation's `metrics.jsonl` up to iteration `up_to` (those after
+    it belong to iterations that the resumed run does again).  Missing file: none."""
+    path = Path(out_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a crash mid-write
+            continue
+        if isinstance(record, dict) and record.get("iteration", up_to + 1) <= up_to:
+            records.append(record)
+    return records
+
+
+def write_metrics(out_dir: Path, history: list[dict], name: str = METRICS_FILE) -> None:
+    """Rewrite the metrics file atomically from the whole history."""
+    tmp = Path(out_dir) / f".{name}.tmp"
+    with open(tmp, "w") as f:
         for record in history:
             f.write(json.dumps(record) + "\n")
+    tmp.replace(Path(out_dir) / name)

@@ -110,20 +110,21 @@ def _pretrain(cfg: Config, stop: StopRequest, *, resume: bool, progress: bool) -
             wall_time_s=trainer.wall_time_s, checkpoint=str(ckpt_path) if ckpt_path else None,
             history=history)
         if info.is_main:
-            _write_outputs(out_dir, result, accuracy)
+            _write_outputs(out_dir, result, accuracy, trainer.full_history)
         return result
     finally:
         runtime.destroy()
 
 
-def _write_outputs(out_dir: Path, result: PretrainResult, accuracy: Optional[dict]) -> None:
+def _write_outputs(out_dir: Path, result: PretrainResult, accuracy: Optional[dict],
+                   full_history: list[dict]) -> None:
     summary = {k: v for k, v in result.__dict__.items() if k != "history"}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_metrics(out_dir, result.history)
+    write_metrics(out_dir, full_history)
     if accuracy is not None:
         (out_dir / "answer_examples.json").write_text(json.dumps(accuracy["examples"], indent=2))
-    if result.history:
-        plot_curves(result.history, out_dir / "loss.png", uniform_loss=result.uniform_loss)
+    if full_history:
+        plot_curves(full_history, out_dir / "loss.png", uniform_loss=result.uniform_loss)
     rows = [
         ("parameters", f"{result.parameters:,}"),
         ("iterations", str(result.iterations)),

@@ -173,15 +173,16 @@ def _write_outputs(out_dir: Path, result: TrainResult, trainer: ElasticTrainer) 
     from nemo_elastic.training.report import plot_kd_by_budget, plot_router_choices, \
         write_tensorboard
 
-    write_metrics(out_dir, result.history)
+    history = trainer.full_history  # across resumes
+    write_metrics(out_dir, history)
     summary = {k: v for k, v in result.__dict__.items() if k != "history"}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "family.json").write_text(json.dumps(result.family, indent=2))
-    if result.history:
+    if history:
         names = trainer.router.names
-        plot_kd_by_budget(result.history, names, out_dir / "kd_by_budget.png")
-        plot_router_choices(result.history, names, trainer.router, out_dir / "router_choices.png")
-        write_tensorboard(result.history, out_dir / "tb")
+        plot_kd_by_budget(history, names, out_dir / "kd_by_budget.png")
+        plot_router_choices(history, names, trainer.router, out_dir / "router_choices.png")
+        write_tensorboard(history, out_dir / "tb")
     rows = [(r["name"], f"{r['target']:g}", r["summary"],
              f"{r['parameters']:,} ({r['parameter_fraction']:.1%})",
              f"{r['val_loss_before']:.4f}", f"{r['val_loss_after']:.4f}",
