@@ -14,6 +14,9 @@
                                                                         budget) -> nemotron_h
     nemo-elastic extract    --ckpt CKPT --out CKPT (--budget NAME | --all | --subnet FILE |
                             --hidden-size N ...)                        slice a sub-network out
+    nemo-elastic generate   --ckpt CKPT --budget NAME [--budget NAME ...] --prompt TEXT
+                            [--max-new-tokens N] [--temperature T --top-k K --seed S]
+                                                                        text at trained budgets
 
 Errors in user input (config, checkpoint, data files) print one line naming the field/path and
 the fix, and exit with status 2; anything else is a bug and shows its traceback.
@@ -256,6 +259,22 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from nemo_elastic.export import budget_subnetwork
+    from nemo_elastic.serve import ElasticGenerator
+
+    for name in args.budget:  # an unknown name fails before any weight is loaded
+        budget_subnetwork(args.ckpt, name)
+    with ElasticGenerator.load(args.ckpt) as gen:
+        for name in args.budget:
+            result = gen.generate(args.prompt, name, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+            # stdout carries the completions only: bare for one budget, labelled for several
+            print(result.text if len(args.budget) == 1 else f"[{name}] {result.text}",
+                  flush=True)
+    return 0
+
+
 # ------------------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -359,6 +378,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-layers", default="", help="comma-separated global layer indices")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("generate", help="complete a prompt at one or more trained budgets of "
+                       "an elastic checkpoint (loaded once; each budget runs sliced)")
+    p.add_argument("--ckpt", required=True, help="elastic checkpoint (or a run's output dir)")
+    p.add_argument("--budget", action="append", required=True, metavar="NAME",
+                   help="a trained budget (see `nemo-elastic info`); repeat for several "
+                        "(each completion is then printed as '[NAME] text')")
+    p.add_argument("--prompt", required=True,
+                   help="text to complete (a newline in bash: $'Q:1+2=?\\nS:')")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the K likeliest")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 
