@@ -1,7 +1,7 @@
 """`nemo-elastic` command line.
 
     nemo-elastic run        [--config conf/tiny.yaml] [key=value ...]   the main job (embedded default):
-                                                                        pretrain, prepare, zero-shot budgets
+                                                                        pretrain, prepare, zero-shot budgets, train
     nemo-elastic pretrain   --config CONF [key=value ...]              train the parent
     nemo-elastic train      [--config conf/tiny.yaml] [key=value ...]   elastic distillation (all budgets)
     nemo-elastic info       CKPT [--json]                               a checkpoint's budget family
@@ -294,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("run", help="the main job: pretrain, importance-reorder, zero-shot "
-                       "budgets (default config: the embedded conf/tiny.yaml)")
+                       "budgets, elastic distillation (default config: the embedded "
+                       "conf/tiny.yaml)")
     train_args(p, config_required=False)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("pretrain", help="train the hybrid parent")

@@ -146,8 +146,8 @@ def test_preprocess_then_pretrain_on_the_indexed_dataset(tmp_path):
 
 # ---------------------------------------------------------------------------------- help text
 
-ALL_COMMANDS = ("run", "pretrain", "eval", "prepare", "preprocess", "import-hf", "export",
-                "extract")
+ALL_COMMANDS = ("run", "pretrain", "train", "info", "generate", "eval", "prepare", "preprocess",
+                "import-hf", "export", "extract")
 
 
 def test_help_lists_every_command(capsys):
