@@ -345,3 +345,26 @@ def test_tiny_family_lands_in_its_bands_and_beats_its_zero_shot_prefixes(tmp_pat
         assert after - teacher < 0.5 * (before - teacher), (rows[name], teacher)
     assert rows["full"]["val_loss_after"] <= 1.05 * teacher, (rows["full"], teacher)
     assert rows["50pct"]["val_loss_after"] > rows["full"]["val_loss_after"]
+
+
+def test_memory_budgets_train_and_report_gb(tmp_path):
+    """budget_type=memory end to end: targets in GB, the family reports its memory."""
+    from nemo_elastic.budget import GB, MemorySpec, count_memory, subnetwork_memory
+    from nemo_elastic.elastic import SubNetwork
+    from nemo_elastic.training.train import train
+
+    _parent(tmp_path)
+    spec = {"batch_size": 1, "seq_length": 64, "bytes_per_param": 2.0, "bytes_per_cache": 2.0}
+    parent = _cfg(tmp_path).model
+    full_gb = count_memory(parent, MemorySpec(**spec)) / GB
+    budgets = [f"elastic.budgets.full={full_gb}", f"elastic.budgets.75pct={0.75 * full_gb}",
+               f"elastic.budgets.50pct={0.5 * full_gb}"]
+    result = train(_cfg(tmp_path, "elastic.budget_type=memory", *budgets, "elastic.memory={"
+                        + ", ".join(f"{k}: {v}" for k, v in spec.items()) + "}",
+                        stage1=2, stage2=1), progress=False)
+    for row in result.family:
+        assert row["budget_type"] == "memory" and row["memory_spec"] == spec
+        subnet = SubNetwork.from_dict(row["subnetwork"])
+        assert row["memory_bytes"] == subnetwork_memory(parent, subnet, MemorySpec(**spec))
+    assert [r["target"] for r in result.family] == pytest.approx([full_gb, 0.75 * full_gb,
+                                                                  0.5 * full_gb])
