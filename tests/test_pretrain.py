@@ -71,9 +71,16 @@ def test_resume_is_bit_exact(tmp_path):
 def test_already_finished_run_is_not_retrained(tmp_path):
     cfg = _cfg(tmp_path, "train.iters=4", "train.warmup_iters=1", "train.save_interval=2",
                "train.eval_interval=2")
-    pretrain(cfg, progress=False)
+    first = pretrain(cfg, progress=False)
     again = pretrain(cfg, progress=False)
     assert again.history == []
+    # nothing lost or made NaN by the rerun: same figures, whole metrics file kept
+    assert again.final_val_loss == first.final_val_loss
+    assert again.final_train_loss == first.final_train_loss
+    summary = json.loads((tmp_path / "summary.json").read_text())  # strict JSON: no NaN
+    assert math.isfinite(summary["final_val_loss"]) and math.isfinite(summary["final_train_loss"])
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["iteration"] for l in lines] == [1, 2, 3, 4]
     assert read_meta(latest_checkpoint(tmp_path / "checkpoints"))["iteration"] == 4
 
 

@@ -95,11 +95,14 @@ def _pretrain(cfg: Config, stop: StopRequest, *, resume: bool, progress: bool) -
         logger.info("model: %s parameters, pattern %s; %d micro-batch(es) of %d per iteration, "
                     "data-parallel %d", f"{n_params:,}", cfg.model.hybrid_layer_pattern,
                     trainer.num_microbatches(segment), d.micro_batch_size, info.dp_size)
-        start = trainer.run(stop, resume=resume)
+        trainer.run(stop, resume=resume)
         history = trainer.history
-        train_loss = history[-1]["train_loss"] if history else math.nan
+        # A rerun of a finished run trains nothing: its figures come from the earlier records
+        # and a fresh validation pass, never NaN (which is not even valid JSON).
+        done = trainer.full_history
+        train_loss = done[-1]["train_loss"] if done else math.nan
         val_loss = trainer.val_loss
-        if math.isnan(val_loss) and start < t.iters:
+        if math.isnan(val_loss):
             val_loss = trainer.evaluate(t.iters)["val_loss"]
         accuracy = answer_accuracy_of(cfg, model, data, info)
         ckpt_path = trainer.ckpt_path
