@@ -14,7 +14,6 @@ is always the sub-network that was trained, never a re-derived one.  All slicing
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 
