@@ -146,8 +146,6 @@ def _step_in_layout(rank, world_size, tmp_path, layout):
     """One elastic forward-backward at `layout`; save its model gradients as a (resharding)
     checkpoint, the losses and the router gradients; then train 3 iterations and save this
     rank's router weights (copies on every stage must agree)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     from nemo_elastic.training.elastic_trainer import parent_config
     from nemo_elastic.training.loop import StopRequest
     from nemo_elastic.training.train import build_trainer
@@ -159,16 +157,7 @@ def _step_in_layout(rank, world_size, tmp_path, layout):
                                             stage1=2, stage2=1))
     with runtime.distributed(cfg.parallel) as info:
         trainer = build_trainer(cfg, init, teacher, info)
-        seg = trainer.segments[0]
-        trainer.ddp.train()
-        trainer.ddp.zero_grad_buffer()
-        trainer.begin_iteration(1, seg)
-        losses = get_forward_backward_func()(
-            forward_step_func=trainer.forward_step, data_iterator=seg.data.train_iter,
-            model=[trainer.ddp], num_microbatches=trainer.num_microbatches(seg),
-            seq_length=seg.seq_length, micro_batch_size=seg.micro_batch_size, forward_only=False,
-            **trainer.schedule_kwargs(seg))
-        record = trainer.reduce_losses(losses)
+        record, _, router_grads = _one_step(trainer)
         params = list(trainer.model.parameters())
         weights = [p.detach().clone() for p in params]
         with torch.no_grad():
@@ -179,7 +168,7 @@ def _step_in_layout(rank, world_size, tmp_path, layout):
             for p, w in zip(params, weights):
                 p.copy_(w)
         torch.save({"record": record, "drawn": trainer.step.budgets_drawn,
-                    "router_grads": {n: p.grad.clone() for n, p in trainer.router.named_parameters()}},
+                    "router_grads": router_grads},
                    tmp_path / f"{layout}_rank{rank}.pt")
         # fresh start for the multi-step check (the manual step above left its gradients)
         trainer = build_trainer(cfg, init, teacher, info)
@@ -284,7 +273,8 @@ def _one_step(trainer):
     losses = get_forward_backward_func()(
         forward_step_func=trainer.forward_step, data_iterator=seg.data.train_iter,
         model=[trainer.ddp], num_microbatches=trainer.num_microbatches(seg),
-        seq_length=seg.seq_length, micro_batch_size=seg.micro_batch_size, forward_only=False)
+        seq_length=seg.seq_length, micro_batch_size=seg.micro_batch_size, forward_only=False,
+        **trainer.schedule_kwargs(seg))
     return (trainer.reduce_losses(losses),
             {n: p.main_grad.clone() for n, p in trainer.model.named_parameters()},
             {n: p.grad.clone() for n, p in trainer.router.named_parameters()})
