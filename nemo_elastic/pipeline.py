@@ -63,7 +63,6 @@ def run(cfg: Config, *, resume: bool = True, progress: bool = True,
     trained = train(elastic_cfg, resume=resume, progress=progress)
     table["family"] = trained.family
     table["teacher"] = trained.teacher
-    (out / "zero_shot.json").write_text(json.dumps({"budgets": table["budgets"]}, indent=2))
     return table
 
 

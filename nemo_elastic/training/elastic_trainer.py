@@ -24,6 +24,7 @@ import torch
 
 from nemo_elastic.checkpoint import CheckpointError, read_meta, resolve_checkpoint
 from nemo_elastic.config import Config, ConfigError, to_dict
+from nemo_elastic.config_elastic import StageConfig
 from nemo_elastic.training.elastic_step import ElasticDistillationStep, reduce_reports
 from nemo_elastic.training.loop import Segment, Trainer
 
@@ -91,8 +92,7 @@ def _segments(cfg: Config, info) -> list[Segment]:
     from nemo_elastic.data.loaders import build_training_data
 
     e, d = cfg.elastic, cfg.data
-    stages = e.curriculum or [dataclasses.replace(
-        _implicit_stage(), iters=e.iters)]
+    stages = e.curriculum or [StageConfig(name="elastic", iters=e.iters)]
     segments, begin = [], 0
     for k, stage in enumerate(stages):
         data_cfg = dataclasses.replace(
@@ -111,12 +111,6 @@ def _segments(cfg: Config, info) -> list[Segment]:
             extra={"budget_probs": probs, "config": stage_cfg}))
         begin += stage.iters
     return segments
-
-
-def _implicit_stage():
-    from nemo_elastic.config_elastic import StageConfig
-
-    return StageConfig(name="elastic", iters=1)
 
 
 def _lr_factor(iteration: int, warmup: int, total: int, style: str, min_ratio: float) -> float:

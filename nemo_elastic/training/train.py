@@ -135,7 +135,9 @@ def _closing_report(cfg: Config, trainer: ElasticTrainer, init: Path, teacher_ck
     seg = trainer.segments[-1]
     family = router.family()
     table = {row["name"]: row for row in router.family_table()}
-    after = evaluate_family(trainer, seg, family)
+    # The loop's last evaluation (it always evaluates the final iteration) already scored this
+    # family on this stage; recompute only when this invocation trained nothing.
+    after = trainer.val or evaluate_family(trainer, seg, family)
     # "before": the same sub-networks on the initial weights (zero-shot prefixes).
     initial = trainer.teacher if trainer.teacher is not None and Path(teacher_ckpt) == Path(init) \
         else build_teacher(cfg, init)
