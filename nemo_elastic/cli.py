@@ -33,6 +33,7 @@ from typing import Optional, Sequence
 
 from nemo_elastic.config import ConfigError, load_config
 from nemo_elastic.errors import UserError
+from nemo_elastic.jobs import budget_size_line as _budget_size, size_line as _size_line
 
 logger = logging.getLogger("nemo_elastic")
 
@@ -93,37 +94,16 @@ def cmd_train(args) -> int:
 def cmd_info(args) -> int:
     import json
 
-    from nemo_elastic.checkpoint import read_meta, resolve_checkpoint
-    from nemo_elastic.report import format_table
+    from nemo_elastic.jobs import checkpoint_info, format_info
 
-    path = resolve_checkpoint(args.ckpt)
-    meta = read_meta(path)
-    family = meta.get("family")
+    info = checkpoint_info(args.ckpt)
     if args.json:
-        print(json.dumps({"checkpoint": str(path), "kind": meta.get("kind"),
-                          "iteration": meta.get("iteration"), "budgets": family or []}, indent=2))
+        print(json.dumps(info, indent=2))
         return 0
-    logger.info("checkpoint %s: kind %s, iteration %s", path, meta.get("kind"), meta.get("iteration"))
-    if not family:
-        logger.info("no trained budget family in this checkpoint (written by `%s`; the family "
-                    "comes from `nemo-elastic train`)", meta.get("kind"))
-        return 0
-    rows = [(r["name"], f"{r['target']:g} ({r['budget_type']})", r["summary"],
-             f"{r['parameters']:,} ({r['parameter_fraction']:.1%})",
-             _bytes(r["memory_bytes"])) for r in family]
-    spec = family[0].get("memory_spec", {})
-    print(format_table(("budget", "target", "sizes", "parameters", "memory"), rows))
-    logger.info("memory: weights + KV cache + Mamba state at batch %s x %s tokens, %s bytes per "
-                "parameter / cache element", spec.get("batch_size"), spec.get("seq_length"),
-                spec.get("bytes_per_param"))
+    table = format_info(info)
+    if table is not None:
+        print(table)
     return 0
-
-
-def _bytes(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 def cmd_eval(args) -> int:
@@ -167,41 +147,14 @@ def cmd_import_hf(args) -> int:
 
 
 def cmd_export(args) -> int:
-    if args.format != "hf":
-        raise ConfigError(f"--format={args.format!r}: only 'hf' is supported")
-    from nemo_elastic.checkpoint import resolve_checkpoint
-    from nemo_elastic.export import export_budget_hf, export_hf
+    from nemo_elastic.jobs import export
 
-    args.ckpt = str(resolve_checkpoint(args.ckpt))  # a run's output dir means its latest
-    if args.budget is None:
-        path = export_hf(args.ckpt, args.out, overwrite=args.overwrite)
-        logger.info("exported %s -> %s (Hugging Face nemotron_h)", args.ckpt, path)
-        return 0
-    path = export_budget_hf(args.ckpt, args.budget, args.out, overwrite=args.overwrite)
-    logger.info("exported budget %r of %s -> %s (Hugging Face nemotron_h): %s",
-                args.budget, args.ckpt, path, _budget_size(args.ckpt, args.budget))
+    export(args.ckpt, args.out, budget=args.budget, format=args.format, overwrite=args.overwrite)
     return 0
 
 
 SIZE_FLAGS = ("hidden_size", "mamba_num_heads", "mamba_head_dim", "num_attention_heads",
               "ffn_hidden_size", "drop_layers")
-
-
-def _budget_size(ckpt, name: str) -> str:
-    """'N parameters (x% of M); sizes' of a trained budget, for the log line."""
-    from nemo_elastic.checkpoint import config_from_checkpoint
-    from nemo_elastic.export import budget_subnetwork
-
-    parent = config_from_checkpoint(ckpt).model
-    return _size_line(parent, budget_subnetwork(ckpt, name))
-
-
-def _size_line(parent, subnet) -> str:
-    from nemo_elastic.budget import count_parameters, subnetwork_parameters
-
-    full, kept = count_parameters(parent), subnetwork_parameters(parent, subnet)
-    return (f"{kept:,} parameters ({100 * kept / full:.1f}% of {full:,}); "
-            f"{subnet.describe(parent)}")
 
 
 def _subnetwork_from_args(args, model_cfg):
@@ -260,18 +213,11 @@ def cmd_extract(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from nemo_elastic.export import budget_subnetwork
-    from nemo_elastic.serve import ElasticGenerator
+    from nemo_elastic.jobs import generate, print_completion
 
-    for name in args.budget:  # an unknown name fails before any weight is loaded
-        budget_subnetwork(args.ckpt, name)
-    with ElasticGenerator.load(args.ckpt) as gen:
-        for name in args.budget:
-            result = gen.generate(args.prompt, name, max_new_tokens=args.max_new_tokens,
-                                  temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-            # stdout carries the completions only: bare for one budget, labelled for several
-            print(result.text if len(args.budget) == 1 else f"[{name}] {result.text}",
-                  flush=True)
+    generate(args.ckpt, args.budget, args.prompt, max_new_tokens=args.max_new_tokens,
+             temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+             on_completion=print_completion)
     return 0
 
 

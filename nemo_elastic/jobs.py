@@ -1,0 +1,133 @@
+"""What every entry point calls: `nemo-elastic` (cli.py) and `nemo elastic` (NeMo-Run,
+integrations/nemo_run.py) run the same functions, so both commands have the same options,
+checks and outputs.  Heavy imports stay inside the functions (`import nemo_elastic.jobs` is
+cheap and needs no torch).
+
+Training jobs already live in their modules (`training.pretrain.pretrain`, `training.train.train`,
+`importance.prepare.prepare`); this module holds the checkpoint jobs that used to be written
+inside cli.py: `checkpoint_info` / `format_info`, `export`, `generate`, and the size lines shared
+by `export` and `extract`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from nemo_elastic.errors import ConfigError
+
+logger = logging.getLogger("nemo_elastic")
+
+EXPORT_FORMATS = ("hf",)
+
+
+# ------------------------------------------------------------------------------------ info
+
+def checkpoint_info(ckpt) -> dict:
+    """{checkpoint, kind, iteration, budgets}: a checkpoint's (or a run dir's latest) metadata
+    with its trained budget family (`[]` when it has none)."""
+    from nemo_elastic.checkpoint import read_meta, resolve_checkpoint
+
+    path = resolve_checkpoint(ckpt)
+    meta = read_meta(path)
+    return {"checkpoint": str(path), "kind": meta.get("kind"), "iteration": meta.get("iteration"),
+            "budgets": meta.get("family") or []}
+
+
+def format_info(info: dict) -> Optional[str]:
+    """The family table of `checkpoint_info(...)` (None without a family); logs the header."""
+    from nemo_elastic.report import format_table
+
+    logger.info("checkpoint %s: kind %s, iteration %s", info["checkpoint"], info["kind"],
+                info["iteration"])
+    family = info["budgets"]
+    if not family:
+        logger.info("no trained budget family in this checkpoint (written by `%s`; the family "
+                    "comes from `nemo-elastic train`)", info["kind"])
+        return None
+    rows = [(r["name"], f"{r['target']:g} ({r['budget_type']})", r["summary"],
+             f"{r['parameters']:,} ({r['parameter_fraction']:.1%})",
+             readable_bytes(r["memory_bytes"])) for r in family]
+    spec = family[0].get("memory_spec", {})
+    logger.info("memory: weights + KV cache + Mamba state at batch %s x %s tokens, %s bytes per "
+                "parameter / cache element", spec.get("batch_size"), spec.get("seq_length"),
+                spec.get("bytes_per_param"))
+    return format_table(("budget", "target", "sizes", "parameters", "memory"), rows)
+
+
+def readable_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+# ------------------------------------------------------------------------------------ export
+
+def export(ckpt, out, *, budget: Optional[str] = None, format: str = "hf",
+           overwrite: bool = False) -> Path:
+    """A checkpoint (a run dir: its latest), or one trained budget of it, -> `format` folder."""
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"--format={format!r}: only {', '.join(map(repr, EXPORT_FORMATS))} "
+                          "is supported")
+    from nemo_elastic.checkpoint import resolve_checkpoint
+    from nemo_elastic.export import export_budget_hf, export_hf
+
+    ckpt = str(resolve_checkpoint(ckpt))  # a run's output dir means its latest
+    if budget is None:
+        path = export_hf(ckpt, out, overwrite=overwrite)
+        logger.info("exported %s -> %s (Hugging Face nemotron_h)", ckpt, path)
+        return path
+    path = export_budget_hf(ckpt, budget, out, overwrite=overwrite)
+    logger.info("exported budget %r of %s -> %s (Hugging Face nemotron_h): %s",
+                budget, ckpt, path, budget_size_line(ckpt, budget))
+    return path
+
+
+def budget_size_line(ckpt, name: str) -> str:
+    """'N parameters (x% of M); sizes' of a trained budget, for the log line."""
+    from nemo_elastic.checkpoint import config_from_checkpoint
+    from nemo_elastic.export import budget_subnetwork
+
+    parent = config_from_checkpoint(ckpt).model
+    return size_line(parent, budget_subnetwork(ckpt, name))
+
+
+def size_line(parent, subnet) -> str:
+    from nemo_elastic.budget import count_parameters, subnetwork_parameters
+
+    full, kept = count_parameters(parent), subnetwork_parameters(parent, subnet)
+    return (f"{kept:,} parameters ({100 * kept / full:.1f}% of {full:,}); "
+            f"{subnet.describe(parent)}")
+
+
+# ------------------------------------------------------------------------------------ generate
+
+def generate(ckpt, budgets: Sequence[str], prompt: str, *, max_new_tokens: int = 32,
+             temperature: float = 0.0, top_k: Optional[int] = None,
+             seed: Optional[int] = None,
+             on_completion: Optional[Callable[[str, str, int], None]] = None) -> dict[str, str]:
+    """{budget: completion} from one loaded elastic checkpoint (each budget on its sliced
+    weights).  An unknown budget name fails before any weight is loaded.  `on_completion(name,
+    text, n_budgets)` sees each completion as soon as it is ready (the CLIs print it)."""
+    from nemo_elastic.export import budget_subnetwork
+    from nemo_elastic.serve import ElasticGenerator
+
+    if not budgets:
+        raise ConfigError("budget=[]: name at least one trained budget (see `info`)")
+    for name in budgets:
+        budget_subnetwork(ckpt, name)
+    out = {}
+    with ElasticGenerator.load(ckpt) as gen:
+        for name in budgets:
+            out[name] = gen.generate(prompt, name, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, top_k=top_k, seed=seed).text
+            if on_completion is not None:
+                on_completion(name, out[name], len(budgets))
+    return out
+
+
+def print_completion(name: str, text: str, n_budgets: int) -> None:
+    """stdout carries the completions only: bare for one budget, '[NAME] text' for several."""
+    print(text if n_budgets == 1 else f"[{name}] {text}", flush=True)
