@@ -4,12 +4,20 @@ The per-head attention output (`linear_proj` input, `[s, b, heads_local * kv_cha
 global order within this rank's block) is scaled by the head mask, so a pruned head contributes
 nothing - the same as a model without it.  Then the residual-stream output is hidden-masked.
 Both masks act outside core attention, so Megatron's "core_attn" recompute needs no masks.
+
+Sliced execution (`sliced.py`): upstream's forward runs with this rank's kept query heads only -
+`linear_qkv` rows [kept q heads | k | v] of every local query group and the kept hidden columns,
+`linear_proj` [kept hidden, kept heads], and the head counts it reads pinned for the call.
 """
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from megatron.core.transformer.attention import SelfAttention
 
+from nemo_elastic.elastic.sliced import Index, local, pinned_attributes, swapped_parameters, take
 from nemo_elastic.elastic.state import ElasticMixin
 
 
@@ -19,11 +27,62 @@ class ElasticSelfAttention(ElasticMixin, SelfAttention):
         self.linear_proj.register_forward_pre_hook(self._mask_heads)
 
     def _mask_heads(self, module, args):
-        mask = self._local_inner()  # [heads_local]
+        sliced = self._sliced()
+        mask = self._inner_multiplier(self._kept()[0] if sliced else None)  # [heads_local(kept)]
         if mask is None:
             return None
         return (self._mask_last_dim_blocks(args[0], mask), *args[1:])
 
     def forward(self, *args, **kwargs):
-        out, bias = super().forward(*args, **kwargs)
+        if self._sliced() is None:
+            out, bias = super().forward(*args, **kwargs)
+        else:
+            with self._sliced_weights():
+                out, bias = super().forward(*args, **kwargs)
         return self._mask_hidden(out), bias
+
+    # ------------------------------------------------------------------ sliced execution
+    def _kept(self) -> tuple[Index, Index, Index]:
+        """(local kept heads, linear_qkv rows, linear_proj columns) of this rank."""
+        from nemo_elastic.export.slicing import first_of_each_group, head_channels
+
+        kept = self.elastic.sliced.choice.num_attention_heads
+        rank, size = self._tp()
+        # From the config: the per-partition head counts are pinned during a sliced call.
+        heads_all, groups_all = self.config.num_attention_heads, self.config.num_query_groups
+        heads_local, groups_local = heads_all // size, groups_all // size
+        c = self.hidden_size_per_attention_head
+
+        def build(part):
+            heads = local(first_of_each_group(heads_all, groups_all, kept), heads_local, rank)
+            if part == "heads":
+                return heads, heads_local
+            if part == "proj":
+                return head_channels(heads, c, c), heads_local * c
+            per = heads_local // groups_local  # query heads per group; rows per group (per+2)*c
+            rows = []
+            for q in range(groups_local):
+                start = q * (per + 2) * c
+                js = [int(h) % per for h in heads if int(h) // per == q]
+                rows += [start + j * c + torch.arange(c) for j in js]
+                rows.append(start + per * c + torch.arange(2 * c))  # k and v of the group
+            return torch.cat(rows), groups_local * (per + 2) * c
+
+        return tuple(self._index(("attention", part, kept), lambda part=part: build(part))
+                     for part in ("heads", "qkv", "proj"))
+
+    @contextlib.contextmanager
+    def _sliced_weights(self):
+        heads, qkv_rows, proj_cols = self._kept()
+        hidden = self._hidden_index(self.linear_proj.weight.shape[0])
+        qkv = take(take(self.linear_qkv.weight, 0, qkv_rows), 1, hidden)
+        proj = take(take(self.linear_proj.weight, 0, hidden), 1, proj_cols)
+        n = heads.size
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(swapped_parameters(self.linear_qkv, weight=qkv))
+            stack.enter_context(swapped_parameters(self.linear_proj, weight=proj))
+            stack.enter_context(pinned_attributes(self, num_attention_heads_per_partition=n))
+            stack.enter_context(pinned_attributes(
+                self.core_attention, num_attention_heads_per_partition=n,
+                hidden_size_per_partition=n * self.hidden_size_per_attention_head))
+            yield

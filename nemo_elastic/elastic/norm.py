@@ -13,6 +13,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 
 @contextlib.contextmanager
@@ -38,13 +39,18 @@ def corrected(norm: torch.nn.Module, fraction: float, *args, **kwargs) -> torch.
 
 class ElasticRMSNorm(torch.nn.RMSNorm):
     """torch RMSNorm over the residual stream; `elastic_fraction` is set by the elastic model for
-    the duration of a masked forward (None = plain upstream behaviour)."""
+    the duration of a masked forward, `elastic_width` for a sliced one (the input then has only
+    the first `elastic_width` channels; None = plain upstream behaviour)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.elastic_fraction: Optional[float] = None
+        self.elastic_width: Optional[int] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.elastic_width is not None:
+            w = self.elastic_width
+            return F.rms_norm(x, (w,), self.weight[:w], self.eps)
         if self.elastic_fraction is None or self.elastic_fraction == 1.0:
             return super().forward(x)
         with scaled_eps(self, self.elastic_fraction):

@@ -16,6 +16,8 @@ import torch
 
 from nemo_elastic.elastic.masks import AxisMask, ElasticMasks, LayerMasks, shard
 from nemo_elastic.elastic.norm import ElasticRMSNorm
+from nemo_elastic.elastic.sliced import Index, SlicedLayer, take
+from nemo_elastic.elastic.subnet import SubNetwork
 
 # Sub-modules of a Megatron layer that take masks: residual-stream pre-norms and the mixers.
 NORMS = ("norm", "input_layernorm", "pre_mlp_layernorm")
@@ -31,6 +33,7 @@ ADOPTED = "elastic_recompute_adopted"
 class ModuleMasks:
     hidden: AxisMask
     layer: LayerMasks
+    sliced: Optional[SlicedLayer] = None  # set: run on the kept weights (`sliced.py`)
 
 
 class ElasticMixin:
@@ -52,10 +55,40 @@ class ElasticMixin:
         return shard(self.elastic.layer.inner.values, *self._tp())
 
     def _mask_hidden(self, out: torch.Tensor) -> torch.Tensor:
-        """out [s, b, h]: zero (or scale) the residual-stream channels outside the sub-network."""
+        """out [s, b, h]: zero (or scale) the residual-stream channels outside the sub-network
+        (sliced: out [s, b, h_kept] scaled by the mask's kept entries)."""
         if self.elastic is None or self.elastic.hidden.is_full:
             return out
-        return out * self.elastic.hidden.values
+        values = self.elastic.hidden.values
+        if self.elastic.sliced is not None:
+            values = values[:self.elastic.sliced.hidden_size]
+        return out * values
+
+    # ------------------------------------------------------------------ sliced execution
+    def _sliced(self) -> Optional[SlicedLayer]:
+        return None if self.elastic is None else self.elastic.sliced
+
+    def _inner_multiplier(self, kept: Optional[Index] = None) -> Optional[torch.Tensor]:
+        """What the inner activation is multiplied by: this rank's mask (masked), or its entries
+        at the kept local positions `kept` (sliced); None when the axis is unmasked."""
+        mask = self._local_inner()
+        if mask is None or kept is None:
+            return mask
+        return take(mask, 0, kept)
+
+    def _index(self, key: tuple, build) -> Index:
+        """Cached `Index` for `key` (sizes, rank, device): `build()` -> (cpu index, total)."""
+        cache = self.__dict__.setdefault("_slice_indices", {})
+        device = next(self.parameters()).device
+        full_key = (*key, self._tp(), device)
+        if full_key not in cache:
+            cpu, total = build()
+            cache[full_key] = Index(cpu, total, device)
+        return cache[full_key]
+
+    def _hidden_index(self, total: int) -> Index:
+        h = self.elastic.sliced.hidden_size
+        return self._index(("hidden", h, total), lambda: (torch.arange(h), total))
 
     @staticmethod
     def _mask_last_dim_blocks(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -87,18 +120,35 @@ def check_recompute_adopted(layer: torch.nn.Module) -> None:
             "re-binds the masks in every recompute)")
 
 
+def pinned_norm(stack: contextlib.ExitStack, norm: ElasticRMSNorm, masks: ElasticMasks,
+                sliced: Optional[SubNetwork]) -> None:
+    """Masked: the norm corrects for the active hidden fraction; sliced: it normalizes the first
+    `hidden_size` channels it is given."""
+    if sliced is None:
+        stack.enter_context(pinned(norm, "elastic_fraction", masks.hidden.fraction))
+        return
+    width = sliced.hidden_size if sliced.hidden_size < norm.weight.shape[0] else None
+    stack.enter_context(pinned(norm, "elastic_fraction", None))
+    stack.enter_context(pinned(norm, "elastic_width", width))
+
+
 @contextlib.contextmanager
-def bound_layers(layers: Iterable[torch.nn.Module], masks: ElasticMasks) -> Iterator[None]:
+def bound_layers(layers: Iterable[torch.nn.Module], masks: ElasticMasks,
+                 sliced: Optional[SubNetwork] = None) -> Iterator[None]:
     """Bind `masks` to the pre-norms and mixers of Megatron `layers` (global masks are looked up
-    by each layer's 1-based global `layer_number`); previous bindings are restored on exit."""
+    by each layer's 1-based global `layer_number`); previous bindings are restored on exit.
+    `sliced`: the hard sizes of a sliced execution (`sliced.py`), None for masked."""
     with contextlib.ExitStack() as stack:
         for layer in layers:
             check_recompute_adopted(layer)
-            state = ModuleMasks(hidden=masks.hidden, layer=masks.layer(layer.layer_number - 1))
+            index = layer.layer_number - 1
+            state = ModuleMasks(hidden=masks.hidden, layer=masks.layer(index), sliced=None if
+                                sliced is None else SlicedLayer(sliced.hidden_size,
+                                                                sliced.layers[index]))
             for name in NORMS:
                 norm = getattr(layer, name, None)
                 if isinstance(norm, ElasticRMSNorm):
-                    stack.enter_context(pinned(norm, "elastic_fraction", masks.hidden.fraction))
+                    pinned_norm(stack, norm, masks, sliced)
             for name in MIXERS:
                 child = getattr(layer, name, None)
                 if isinstance(child, ElasticMixin):
