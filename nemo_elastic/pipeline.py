@@ -1,16 +1,24 @@
 """`nemo-elastic run`: the main job, end to end on one recipe.
 
-1. pretrain the parent (resumes from `output_dir`);
-2. `prepare`: importance scores + reordering -> `output_dir/prepared` (same function);
-3. zero-shot budgets: the masked prefix sub-networks at 100 / 75 / 50 % of every width axis,
-   evaluated on the parent as trained and on the prepared parent - validation loss and (on the
-   synthetic corpus) greedy answer accuracy - written to `output_dir/zero_shot.json` and a table;
-4. elastic distillation of the recipe's `elastic:` budgets from the prepared parent
-   (`nemo-elastic train`, resumes from `output_dir/elastic`): the trained family.
+1. **pretrain** the parent (resumes from `output_dir`);
+2. **prepare**: importance scores + reordering -> `output_dir/prepared` (same function);
+3. **zero-shot**: the masked prefix sub-networks at 100 / 75 / 50 % of every width axis,
+   evaluated on the parent as trained and on the prepared parent -> `zero_shot.json`;
+4. **elastic** distillation of the recipe's `elastic:` budgets from the prepared parent
+   (`nemo-elastic train`, resumes from `output_dir/elastic`): the trained family;
+5. **export** every budget as a standalone Megatron checkpoint (`output_dir/family/<name>`, as
+   `nemo-elastic extract --all`) and, when `transformers` is installed, as a Hugging Face
+   folder (`output_dir/hf/<name>`, as `nemo-elastic export --budget`);
+6. **evaluate** each exported model as a plain model (validation loss, greedy answer accuracy,
+   greedy decoding tokens/s) and the teacher -> `evaluation.json`; and every saved elastic
+   checkpoint's family (loss and accuracy against training tokens) -> `training_curve.json`;
+7. **report**: `report.md` with tables and PNG plots (`run_report.py`).
 
-Steps 2-3 run in a single process (they need whole tensors); under torchrun with several ranks
-only step 1 runs.  A finished stage is not redone: pretrain and train resume from their last
-checkpoint, and an existing prepared checkpoint is reused (unless --no-resume).
+Every evaluation in steps 3 and 6 uses one protocol (`evaluation_protocol`): the recipe's
+`data` section, the first `train.eval_iters` micro-batches of the validation set, the first
+`train.eval_accuracy_samples` validation problems.  Steps 2-7 run in a single process (they need
+whole tensors); under torchrun with several ranks only step 1 runs.  A stage whose output exists
+(and was made from the same inputs) is skipped; `--no-resume` redoes everything.
 """
 
 from __future__ import annotations
@@ -19,51 +27,369 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from nemo_elastic.checkpoint import META_FILE
 from nemo_elastic.config import Config
-from nemo_elastic.report import format_table, plot_budgets
+from nemo_elastic.report import fmt_loss, fmt_pct, format_table, plot_budgets
 
 logger = logging.getLogger(__name__)
 
 FRACTIONS = (1.0, 0.75, 0.5)
+STATE_FILE = "pipeline.json"  # per stage: seconds it took when it ran, and whether reused
+
+
+class _Stages:
+    """Times each stage and remembers, across invocations, how long it took when it ran."""
+
+    def __init__(self, out: Path, resume: bool) -> None:
+        self.path = out / STATE_FILE
+        old = json.loads(self.path.read_text()) if resume and self.path.is_file() else {}
+        self.stages: dict[str, dict] = old.get("stages", {})
+
+    def run(self, name: str, done: bool, fn: Callable[[], object], what: str):
+        """`fn()` unless `done` (then logs that the output `what` is reused)."""
+        if done:
+            logger.info("stage %s: reusing %s (--no-resume redoes it)", name, what)
+            self.stages.setdefault(name, {"seconds": None})["reused"] = True
+            self._write()
+            return None
+        logger.info("stage %s ...", name)
+        start = time.perf_counter()
+        value = fn()
+        self.stages[name] = {"seconds": round(time.perf_counter() - start, 1), "reused": False}
+        self._write()
+        return value
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({"stages": self.stages}, indent=2))
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    tmp.replace(path)
+
+
+def _checkpoint_iteration(ckpt) -> Optional[int]:
+    from nemo_elastic.checkpoint import CheckpointError, read_meta
+
+    try:
+        return read_meta(ckpt).get("iteration")
+    except CheckpointError:
+        return None
 
 
 def run(cfg: Config, *, resume: bool = True, progress: bool = True,
         fractions: Sequence[float] = FRACTIONS) -> Optional[dict]:
-    from nemo_elastic.importance.prepare import prepare
-    from nemo_elastic.training.pretrain import pretrain
+    """The main job; returns {"budgets": zero-shot records, "family", "teacher", "evaluation",
+    "training_curve", "report"} (None under several processes or when nothing was trained)."""
+    out = Path(cfg.output_dir)
+    stages = _Stages(out, resume)
+    parent = _pretrained(cfg, resume)
+    if parent is None:
+        from nemo_elastic.training.pretrain import pretrain
 
-    result = pretrain(cfg, resume=resume, progress=progress)
+        start = time.perf_counter()
+        parent = {k: v for k, v in dataclasses.asdict(
+            pretrain(cfg, resume=resume, progress=progress)).items() if k != "history"}
+        stages.stages["pretrain"] = {"seconds": round(time.perf_counter() - start, 1),
+                                     "reused": False}
+    else:
+        logger.info("stage pretrain: reusing %s (%d iterations done; --no-resume redoes it)",
+                    parent["checkpoint"], parent["iterations"])
+        stages.stages.setdefault("pretrain", {"seconds": None})["reused"] = True
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         logger.info("several processes: run `nemo-elastic prepare` on the checkpoint in one "
                     "process for the importance reordering and zero-shot budgets")
         return None
-    if result.checkpoint is None:
+    if parent["checkpoint"] is None:
         return None
-    out = Path(cfg.output_dir)
+    stages._write()
+    parent_ckpt = Path(parent["checkpoint"])
     prepared = out / "prepared"
-    if resume and (prepared / META_FILE).is_file():
-        logger.info("reusing the prepared checkpoint %s (--no-resume redoes it)", prepared)
+
+    def do_prepare():
+        from nemo_elastic.importance.prepare import prepare
+
+        return prepare(parent_ckpt, prepared, overwrite=True, progress=progress)
+
+    prepared_ok = (prepared / META_FILE).is_file() and _prepared_from(prepared) == str(parent_ckpt)
+    stages.run("prepare", resume and prepared_ok, do_prepare, str(prepared))
+
+    sources = {"original order": str(parent_ckpt), "importance order": str(prepared)}
+    zs_path = out / "zero_shot.json"
+    old = _read_json(zs_path)
+    zs_ok = bool(old) and old.get("checkpoints") == sources and \
+        old.get("fractions") == list(fractions)
+    table = stages.run("zero_shot", resume and zs_ok, lambda: zero_shot_budgets(
+        cfg, {k: Path(v) for k, v in sources.items()}, fractions), str(zs_path))
+    if table is None:
+        table = old
     else:
-        prepared = prepare(result.checkpoint, prepared, overwrite=True, progress=progress)
-    table = zero_shot_budgets(cfg, {"original order": Path(result.checkpoint),
-                                    "importance order": prepared}, fractions)
-    (out / "zero_shot.json").write_text(json.dumps(table, indent=2))
-    plot_budgets(table["budgets"], out / "zero_shot.png", uniform_loss=result.uniform_loss)
+        table = {"checkpoints": sources, "fractions": list(fractions), **table}
+        _write_json(zs_path, table)
+    plot_budgets(table["budgets"], out / "zero_shot.png", uniform_loss=parent["uniform_loss"])
     if cfg.elastic is None:
         logger.info("the recipe has no `elastic:` section: no elastic distillation stage")
         return table
-    from nemo_elastic.training.train import train
 
     elastic_cfg = dataclasses.replace(
         cfg, elastic=dataclasses.replace(cfg.elastic, init_checkpoint=str(prepared)))
-    trained = train(elastic_cfg, resume=resume, progress=progress)
-    table["family"] = trained.family
-    table["teacher"] = trained.teacher
+    trained = _trained(elastic_cfg) if resume else None
+
+    def do_train():
+        from nemo_elastic.training.train import train
+
+        result = train(elastic_cfg, resume=resume, progress=progress)
+        return {"checkpoint": result.checkpoint, "family": result.family,
+                "teacher": result.teacher, "iterations": result.iterations}
+
+    value = stages.run("elastic", trained is not None, do_train,
+                       f"the finished elastic run in {_elastic_dir(elastic_cfg)}")
+    trained = trained or value
+    table["family"], table["teacher"] = trained["family"], trained["teacher"]
+    ckpt = Path(trained["checkpoint"])
+
+    exported = stages.run("export", resume and _exported(out, ckpt, trained["family"]),
+                          lambda: export_family(out, ckpt, trained["family"]),
+                          str(out / "family"))
+    exported = exported or _exported(out, ckpt, trained["family"])
+
+    eval_path = out / "evaluation.json"
+    models = {"teacher": str(prepared), **{name: str(p) for name, p in exported["megatron"].items()}}
+    old = _read_json(eval_path)
+    evaluation = stages.run(
+        "evaluate", resume and bool(old) and old.get("checkpoints") == _stamped(models),
+        lambda: evaluate_exported(cfg, models, progress=progress), str(eval_path))
+    if evaluation is None:
+        evaluation = old
+    else:
+        _write_json(eval_path, evaluation)
+
+    curve_path = out / "training_curve.json"
+    checkpoints = _elastic_checkpoints(_elastic_dir(elastic_cfg))
+    old = _read_json(curve_path)
+    curve = stages.run(
+        "training_curve", resume and bool(old) and old.get("checkpoints") == _stamped(
+            {str(k): str(v) for k, v in checkpoints.items()}),
+        lambda: training_curve(cfg, prepared, checkpoints, trained["family"]), str(curve_path))
+    if curve is None:
+        curve = old
+    else:
+        _write_json(curve_path, curve)
+
+    from nemo_elastic.run_report import write_report
+
+    table.update(evaluation=evaluation, training_curve=curve, exported=
+                 {k: {n: str(p) for n, p in v.items()} for k, v in exported.items()})
+    start = time.perf_counter()
+    report = write_report(out, cfg=elastic_cfg, parent=parent, zero_shot=table,
+                          evaluation=evaluation, curve=curve, stages=stages.stages)
+    stages.stages["report"] = {"seconds": round(time.perf_counter() - start, 1), "reused": False}
+    stages._write()
+    table["report"] = str(report)
+    logger.info("report: %s", report)
     return table
+
+
+# ------------------------------------------------------------------------ stage outputs
+
+def _pretrained(cfg: Config, resume: bool) -> Optional[dict]:
+    """The finished pretraining run's summary (with an existing checkpoint) or None."""
+    from nemo_elastic.checkpoint import latest_checkpoint
+
+    if not resume:
+        return None
+    summary = _read_json(Path(cfg.output_dir) / "summary.json")
+    latest = latest_checkpoint(Path(cfg.output_dir) / "checkpoints")
+    if not summary or latest is None or summary.get("iterations") != cfg.train.iters \
+            or _checkpoint_iteration(latest) != cfg.train.iters:
+        return None
+    return {**summary, "checkpoint": str(latest)}
+
+
+def _prepared_from(prepared: Path) -> Optional[str]:
+    from nemo_elastic.checkpoint import CheckpointError, read_meta
+
+    try:
+        return read_meta(prepared).get("importance", {}).get("source")
+    except CheckpointError:
+        return None
+
+
+def _elastic_dir(cfg: Config) -> Path:
+    from nemo_elastic.training.elastic_trainer import elastic_output_dir
+
+    return elastic_output_dir(cfg)
+
+
+def _trained(cfg: Config) -> Optional[dict]:
+    """The finished elastic run (summary.json at the final iteration, from this init) or None."""
+    from nemo_elastic.checkpoint import latest_checkpoint
+
+    out = _elastic_dir(cfg)
+    summary = _read_json(out / "summary.json")
+    stored = _read_json(out / "config.json") or {}
+    latest = latest_checkpoint(out / "checkpoints")
+    total = cfg.elastic.total_iters
+    if not summary or latest is None or summary.get("iterations") != total \
+            or _checkpoint_iteration(latest) != total \
+            or (stored.get("elastic") or {}).get("init_checkpoint") != cfg.elastic.init_checkpoint:
+        return None
+    return {"checkpoint": str(latest), "family": summary["family"],
+            "teacher": summary["teacher"], "iterations": total}
+
+
+def _stamped(paths: dict[str, str]) -> dict[str, list]:
+    """{name: [path, iteration]}: what a stage's inputs were."""
+    return {name: [str(p), _checkpoint_iteration(p)] for name, p in paths.items()}
+
+
+def _exported(out: Path, ckpt: Path, family: list[dict]) -> Optional[dict]:
+    """The exported family (paths) if every budget was exported from `ckpt`, else None."""
+    from nemo_elastic.checkpoint import CheckpointError, read_meta
+
+    megatron, hf = {}, {}
+    for row in family:
+        path = out / "family" / row["name"]
+        try:
+            meta = read_meta(path)
+        except CheckpointError:
+            return None
+        if meta.get("parent") != str(ckpt):
+            return None
+        megatron[row["name"]] = path
+        if (out / "hf" / row["name"] / "config.json").is_file():
+            hf[row["name"]] = out / "hf" / row["name"]
+    return {"megatron": megatron, "hf": hf}
+
+
+def export_family(out: Path, ckpt: Path, family: list[dict]) -> dict:
+    """Every trained budget as a Megatron checkpoint `out/family/<name>` and, when transformers
+    is installed and the budget is homogeneous, a Hugging Face folder `out/hf/<name>`."""
+    import importlib.util
+
+    from nemo_elastic.export.family import export_budget_hf, extract_family
+
+    megatron = extract_family(ckpt, out / "family", overwrite=True)
+    hf = {}
+    if importlib.util.find_spec("transformers") is None:
+        logger.info("transformers is not installed: no Hugging Face export (pip install "
+                    "'nemo_elastic[hf]'); the Megatron checkpoints are in %s", out / "family")
+        return {"megatron": megatron, "hf": hf}
+    from nemo_elastic.export.hf_adapter import HFConfigError
+
+    for row in family:
+        try:
+            hf[row["name"]] = export_budget_hf(ckpt, row["name"], out / "hf" / row["name"],
+                                               overwrite=True)
+        except HFConfigError as err:
+            logger.warning("budget %r: no Hugging Face export: %s", row["name"], err)
+    return {"megatron": megatron, "hf": hf}
+
+
+def _elastic_checkpoints(out: Path) -> dict[int, Path]:
+    """{iteration: checkpoint} of every complete checkpoint of an elastic run."""
+    found = {}
+    for path in sorted((out / "checkpoints").glob("iter_*")):
+        iteration = _checkpoint_iteration(path)
+        if iteration is not None:
+            found[int(iteration)] = path
+    return found
+
+
+# ------------------------------------------------------------------------ evaluation
+
+def evaluation_protocol(cfg: Config) -> dict:
+    """What every number of the report is measured on (one protocol for every model)."""
+    d, t = cfg.data, cfg.train
+    return {"seq_length": d.seq_length, "micro_batch_size": d.micro_batch_size,
+            "val_micro_batches": t.eval_iters, "val_sequences": t.eval_iters * d.micro_batch_size,
+            "accuracy_problems": t.eval_accuracy_samples, "data": d.source}
+
+
+def _eval_config(cfg: Config) -> Config:
+    return cfg.single_process()
+
+
+def evaluate_exported(cfg: Config, models: dict[str, str], *, progress: bool = False) -> dict:
+    """Each exported checkpoint loaded as a plain model: parameters, validation loss, answer
+    accuracy, greedy decoding tokens/s (see `evaluate_checkpoint.evaluate_models`)."""
+    from nemo_elastic.training.evaluate_checkpoint import evaluate_models
+
+    run_cfg = _eval_config(cfg)
+    rows = evaluate_models(run_cfg, {name: Path(p) for name, p in models.items()},
+                           speed=True, progress=progress)
+    return {"checkpoints": _stamped(models), "protocol": evaluation_protocol(cfg),
+            "models": rows}
+
+
+def training_curve(cfg: Config, prepared: Path, checkpoints: dict[int, Path],
+                   final_family: list[dict]) -> dict:
+    """Validation loss and answer accuracy of every budget at every saved elastic checkpoint
+    (each checkpoint's own family, i.e. the router's choice at that point), and at iteration 0
+    (the prepared parent with the final family: the zero-shot prefixes)."""
+    from nemo_elastic import runtime
+    from nemo_elastic.checkpoint import load_checkpoint, read_meta
+    from nemo_elastic.data.loaders import build_training_data
+    from nemo_elastic.elastic.specs import build_elastic_model
+    from nemo_elastic.elastic.subnet import SubNetwork
+    from nemo_elastic.training.evaluation import evaluate_subnetwork
+
+    run_cfg = _eval_config(cfg)
+    tokens = _tokens_per_iteration(cfg)
+    points = [(0, prepared, final_family)] + [
+        (it, path, read_meta(path)["family"]) for it, path in sorted(checkpoints.items())]
+    records = []
+    info = runtime.initialize(run_cfg.parallel, cfg.train.seed)
+    try:
+        data = build_training_data(run_cfg, info)
+        model = build_elastic_model(run_cfg)
+        for iteration, path, family in points:
+            load_checkpoint(path, model=model, restore_rng=False)
+            model.eval()
+            for row in family:
+                logger.info("training curve: iteration %d, budget %r", iteration, row["name"])
+                metrics = evaluate_subnetwork(run_cfg, model, data, info,
+                                              SubNetwork.from_dict(row["subnetwork"]),
+                                              num_microbatches=1)
+                records.append({"iteration": iteration, "tokens": tokens(iteration),
+                                "budget": row["name"], "parameters": row["parameters"],
+                                **metrics})
+    finally:
+        runtime.destroy()
+    return {"checkpoints": _stamped({str(k): str(v) for k, v in checkpoints.items()}),
+            "protocol": evaluation_protocol(cfg), "records": records}
+
+
+def _tokens_per_iteration(cfg: Config) -> Callable[[int], int]:
+    """iteration -> training tokens the student saw up to it (curriculum stages in order)."""
+    from nemo_elastic.config_elastic import StageConfig
+
+    e, d = cfg.elastic, cfg.data
+    stages = e.curriculum or [StageConfig(name="elastic", iters=e.iters)]
+    spans = [(s.iters, (s.global_batch_size or d.global_batch_size) * (s.seq_length or d.seq_length))
+             for s in stages]
+
+    def tokens(iteration: int) -> int:
+        total, left = 0, iteration
+        for iters, per in spans:
+            step = min(left, iters)
+            total, left = total + step * per, left - step
+        return total + left * spans[-1][1]
+
+    return tokens
 
 
 def zero_shot_budgets(cfg: Config, checkpoints: dict[str, Path],
@@ -92,10 +418,10 @@ def zero_shot_budgets(cfg: Config, checkpoints: dict[str, Path],
 
 
 def _table_row(record: dict, full_parameters: int) -> tuple[str, ...]:
-    params, acc = record["parameters"], record["answer_accuracy"]
+    params = record["parameters"]
     return (record["weights"], f"{record['fraction']:.0%}",
-            f"{params:,} ({params / full_parameters:.0%})", f"{record['val_loss']:.4f}",
-            "n/a" if acc is None else f"{acc:.1%}")
+            f"{params:,} ({params / full_parameters:.1%})", fmt_loss(record["val_loss"]),
+            fmt_pct(record["answer_accuracy"]))
 
 
 def _checkpoint_budgets(run_cfg: Config, ckpt: Path, data, info,
@@ -114,9 +440,11 @@ def _checkpoint_budgets(run_cfg: Config, ckpt: Path, data, info,
     for fraction in fractions:
         subnet = fractional_subnetwork(run_cfg.model, fraction)
         # One micro-batch per eval iteration: the loss is the token mean over the first
-        # `train.eval_iters` validation micro-batches, the set the zero-shot table always used.
+        # `train.eval_iters` validation micro-batches (the report's one protocol).
         metrics = evaluate_subnetwork(run_cfg, model, data, info, subnet, num_microbatches=1)
         records.append({"fraction": fraction,
                         "parameters": subnetwork_parameters(run_cfg.model, subnet), **metrics,
                         "subnetwork": subnet.to_dict()})
     return records
+
+

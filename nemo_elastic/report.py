@@ -6,6 +6,16 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 
+def fmt_loss(value: Optional[float]) -> str:
+    """A loss in nats/token, as every table and log line prints it: 4 decimals, 'n/a' if absent."""
+    return "n/a" if value is None or value != value else f"{value:.4f}"
+
+
+def fmt_pct(value: Optional[float]) -> str:
+    """A fraction (answer accuracy, share of parameters) as a percentage with one decimal."""
+    return "n/a" if value is None or value != value else f"{100 * value:.1f}%"
+
+
 def format_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     rows = [[str(c) for c in r] for r in rows]
     widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h))

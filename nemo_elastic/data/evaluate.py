@@ -67,7 +67,7 @@ def _generate(logits_fn: LogitsFn, prompts: torch.Tensor, max_new_tokens: int, e
 def answer_accuracy(logits_fn: LogitsFn, tokenizer: TokenizerProtocol,
                     problems: Sequence[ReasoningProblem], max_new_tokens: Optional[int] = None,
                     batch_size: int = 32, *, num_examples: int = 4,
-                    device: Optional[torch.device | str] = None) -> dict:
+                    device: Optional[torch.device | str] = None, progress: bool = False) -> dict:
     """Greedy-decode every problem and compare its parsed answer with the true one.
 
     Args:
@@ -75,6 +75,7 @@ def answer_accuracy(logits_fn: LogitsFn, tokenizer: TokenizerProtocol,
             mode); it must accept any ``s`` up to the prompt length + ``max_new_tokens``.
         max_new_tokens: None = longest true completion + 2 (room for the eod).
         device: where the token tensors are put before calling ``logits_fn`` (default CPU).
+        progress: a progress bar over the problems (greedy decoding is slow on CPU).
 
     Returns:
         ``{"accuracy": float, "n": int, "examples": [dict(prompt, expected, predicted,
@@ -96,6 +97,10 @@ def answer_accuracy(logits_fn: LogitsFn, tokenizer: TokenizerProtocol,
 
     predicted: list[Optional[int]] = [None] * len(problems)
     completions: list[str] = [""] * len(problems)
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(problems), desc="answer accuracy (greedy)", unit="problem",
+               disable=not progress, dynamic_ncols=True, leave=False)
     with torch.no_grad():
         for length in sorted(by_length):
             members = by_length[length]
@@ -107,11 +112,13 @@ def answer_accuracy(logits_fn: LogitsFn, tokenizer: TokenizerProtocol,
                 for i, ids, term in zip(chunk, new_ids, terminated):
                     completions[i] = tokenizer.decode(ids)
                     predicted[i] = parse_answer(completions[i], term)
+                bar.update(len(chunk))
+    bar.close()
 
     correct = [pred is not None and pred == p.answer for pred, p in zip(predicted, problems)]
     accuracy = sum(correct) / len(problems)
     examples = [{"prompt": p.prompt, "expected": p.answer, "predicted": predicted[i],
                  "completion": completions[i], "correct": correct[i]}
                 for i, p in enumerate(problems[:num_examples])]
-    logger.info("answer accuracy %.4f on %d problems", accuracy, len(problems))
+    logger.debug("answer accuracy %.1f%% on %d problems", 100 * accuracy, len(problems))
     return {"accuracy": accuracy, "n": len(problems), "examples": examples}

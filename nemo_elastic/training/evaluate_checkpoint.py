@@ -1,23 +1,133 @@
-"""`nemo-elastic eval`: load a checkpoint with its stored config; report loss and accuracy."""
+"""`nemo-elastic eval`: load checkpoints as plain models; validation loss, answer accuracy and
+greedy decoding speed.
+
+    evaluate_checkpoint("runs/tiny")                      # CLI: its stored config, prints a table
+    evaluate_models(cfg, {"50pct": Path("runs/tiny/family/50pct"), ...}, speed=True)
+
+`evaluate_models` evaluates several checkpoints (of any shapes, e.g. an exported budget family)
+in one process on ONE protocol - `cfg`'s data section and `train.eval_iters` /
+`train.eval_accuracy_samples` - so their numbers compare; the main job's report uses it.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import time
+from pathlib import Path
+from typing import Optional
 
 from nemo_elastic import runtime
-from nemo_elastic.checkpoint import config_from_checkpoint, load_checkpoint, resolve_checkpoint
-from nemo_elastic.model import build_hybrid_model
+from nemo_elastic.checkpoint import config_from_checkpoint, load_checkpoint, read_meta, \
+    resolve_checkpoint
+from nemo_elastic.config import Config
 from nemo_elastic.data.loaders import build_training_data
+from nemo_elastic.model import build_hybrid_model
+from nemo_elastic.report import fmt_loss, fmt_pct, format_table
 from nemo_elastic.training.evaluation import answer_accuracy_of, validation_loss
-from nemo_elastic.report import format_table
 
 logger = logging.getLogger(__name__)
 
+SPEED_PROMPTS = 8  # validation prompts decoded greedily for tokens/s
+SPEED_NEW_TOKENS = 32
 
-def evaluate_checkpoint(ckpt: str, overrides=()) -> dict:
+
+def decode_speed(model, data, *, prompts: int = SPEED_PROMPTS,
+                 max_new_tokens: int = SPEED_NEW_TOKENS) -> Optional[float]:
+    """Greedy decoding tokens/s of a one-process model on the first validation prompts (one
+    prompt at a time, no KV cache: a full forward per new token, as `generate`); one warm-up
+    prompt first.  None without prompts (indexed data)."""
+    import torch
+
+    from nemo_elastic.data.protocol import document_ids
+    from nemo_elastic.serve import decode, model_logits_fn
+
+    problems = (data.val_problems or [])[:prompts]
+    if not problems:
+        return None
+    tok = data.tokenizer
+    ids = [document_ids(tok, p.prompt, append_eod=False) for p in problems]
+    logits_fn = model_logits_fn(model)
+    device = next(model.parameters()).device
+    kwargs = dict(max_new_tokens=max_new_tokens, eod_id=tok.eod_id, vocab_size=tok.vocab_size,
+                  device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            decode(logits_fn, ids[0], **kwargs)  # warm-up
+            start, produced = time.perf_counter(), 0
+            for prompt in ids:
+                produced += len(decode(logits_fn, prompt, **kwargs))
+            seconds = time.perf_counter() - start
+    finally:
+        model.train(was_training)
+    return produced / seconds if seconds > 0 else None
+
+
+def evaluate_models(cfg: Config, checkpoints: dict[str, Path], *, speed: bool = False,
+                    progress: bool = False) -> list[dict]:
+    """One row per checkpoint: {name, checkpoint, iteration, budget, parameters, val_loss,
+    answer_accuracy, tokens_per_s}.  Each model is built from its own checkpoint's model
+    section; data and evaluation settings are `cfg`'s.  One process (TP=PP=1)."""
+    from nemo_elastic.training.loop import global_param_count
+
+    run_cfg = cfg.single_process()
+    rows = []
+    info = runtime.initialize(run_cfg.parallel, cfg.train.seed)
+    try:
+        data = build_training_data(run_cfg, info)
+        for name, path in checkpoints.items():
+            path = resolve_checkpoint(path)
+            meta = read_meta(path)
+            model_cfg = config_from_checkpoint(path).single_process().model
+            model = build_hybrid_model(dataclasses_replace(run_cfg, model=model_cfg))
+            load_checkpoint(path, model=model, restore_rng=False)
+            model.eval()
+            logger.info("evaluating %s (%s): validation loss, greedy answer accuracy%s",
+                        name, path, ", decoding speed" if speed else "")
+            loss = validation_loss(run_cfg, model, data, 1, info)
+            accuracy = answer_accuracy_of(run_cfg, model, data, info, progress=progress)
+            rows.append({
+                "name": name, "checkpoint": str(path), "iteration": meta.get("iteration"),
+                "budget": meta.get("budget"), "parameters": global_param_count(model),
+                "val_loss": loss,
+                "answer_accuracy": None if accuracy is None else accuracy["accuracy"],
+                "tokens_per_s": decode_speed(model, data) if speed else None})
+    finally:
+        runtime.destroy()
+    return rows
+
+
+def dataclasses_replace(cfg: Config, **changes) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)
+
+
+def evaluate_checkpoint(ckpt: str, overrides=(), *, speed: bool = False,
+                        progress: bool = True) -> dict:
+    """`nemo-elastic eval`: the checkpoint (or a run's latest) with its stored config (+
+    overrides): validation loss over `train.eval_iters` x `data.global_batch_size` sequences,
+    answer accuracy, optionally decoding speed.  Logs a table; returns the result."""
     path = resolve_checkpoint(ckpt)
     cfg = config_from_checkpoint(path, overrides)
+    if cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size > 1:
+        return _evaluate_parallel(path, cfg)
+    # The validation set is read in micro-batches of data.micro_batch_size; one "eval
+    # iteration" covers a global batch (as in training), so the loss matches the one logged
+    # while training.
+    per_iter = max(1, cfg.data.global_batch_size // cfg.data.micro_batch_size)
+    eval_cfg = dataclasses_replace(cfg, train=dataclasses_replace(
+        cfg.train, eval_iters=cfg.train.eval_iters * per_iter))
+    row = evaluate_models(eval_cfg, {"model": path}, speed=speed, progress=progress)[0]
+    return _result(path, cfg, row["val_loss"], row["answer_accuracy"], row["parameters"],
+                   row["iteration"], row["tokens_per_s"])
+
+
+def _evaluate_parallel(path: Path, cfg: Config) -> dict:
+    """TP/PP > 1 (under torchrun): loss through the pipeline schedule, accuracy skipped."""
     info = runtime.initialize(cfg.parallel, cfg.train.seed)
     try:
         model = build_hybrid_model(cfg)
@@ -27,12 +137,47 @@ def evaluate_checkpoint(ckpt: str, overrides=()) -> dict:
         num_micro = max(1, cfg.data.global_batch_size // per_step)
         loss = validation_loss(cfg, model, data, num_micro, info)
         accuracy = answer_accuracy_of(cfg, model, data, info)
-        result = {"checkpoint": str(path), "val_loss": loss,
-                  "uniform_loss": math.log(data.tokenizer.vocab_size),
-                  "answer_accuracy": None if accuracy is None else accuracy["accuracy"]}
-        if info.is_main:
-            rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in result.items()]
-            logger.info("evaluation\n%s", format_table(("metric", "value"), rows))
-        return result
+        from nemo_elastic.training.evaluation import to_every_stage
+
+        loss = to_every_stage(loss)
     finally:
         runtime.destroy()
+    return _result(path, cfg, loss, None if accuracy is None else accuracy["accuracy"], None,
+                   read_meta(path).get("iteration"), None)
+
+
+def _result(path: Path, cfg: Config, loss: float, accuracy: Optional[float],
+            parameters: Optional[int], iteration, tokens_per_s: Optional[float]) -> dict:
+    from nemo_elastic.data.loaders import build_tokenizer
+
+    d, t = cfg.data, cfg.train
+    return {"checkpoint": str(path), "iteration": iteration, "parameters": parameters,
+            "val_loss": loss, "uniform_loss": math.log(build_tokenizer(cfg).vocab_size),
+            "answer_accuracy": accuracy, "tokens_per_s": tokens_per_s,
+            "protocol": {"seq_length": d.seq_length,
+                         "val_sequences": t.eval_iters * d.global_batch_size,
+                         "accuracy_problems": t.eval_accuracy_samples if accuracy is not None
+                         else 0}}
+
+
+def format_result(result: dict) -> str:
+    """The `eval` table (the same number formats as every other report)."""
+    p = result["protocol"]
+    rows = [("checkpoint", result["checkpoint"]), ("iteration", str(result["iteration"])),
+            ("parameters", "n/a" if result["parameters"] is None else f"{result['parameters']:,}"),
+            ("validation loss", f"{fmt_loss(result['val_loss'])} (first {p['val_sequences']} "
+                                f"validation sequences of {p['seq_length']} tokens)"),
+            ("uniform-guess loss", fmt_loss(result["uniform_loss"])),
+            ("answer accuracy (greedy)", fmt_pct(result["answer_accuracy"]) + (
+                f" ({p['accuracy_problems']} problems)" if result["answer_accuracy"] is not None
+                else "")),
+            ("decoding speed", "n/a" if result["tokens_per_s"] is None
+             else f"{result['tokens_per_s']:.1f} tokens/s (greedy, batch 1, no KV cache)")]
+    return format_table(("metric", "value"), rows)
+
+
+def write_result(result: dict, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return path

@@ -93,11 +93,12 @@ def greedy_logits_fn(model, subnetwork=None):
 
 
 def answer_accuracy_of(cfg: Config, model, data, info: RankInfo, *,
-                       subnetwork=None) -> Optional[dict]:
+                       subnetwork=None, progress: bool = False) -> Optional[dict]:
     """Exact-match accuracy of greedy answers on the first `train.eval_accuracy_samples`
     validation problems (rank 0, TP=PP=1 only; None elsewhere or without problems).
 
-    `subnetwork` (an elastic model) makes that nested model generate.
+    `subnetwork` (an elastic model) makes that nested model generate.  Greedy decoding is the
+    slowest evaluation step: it is announced in the log and `progress` shows a bar.
     """
     from nemo_elastic.data import answer_accuracy
 
@@ -110,16 +111,21 @@ def answer_accuracy_of(cfg: Config, model, data, info: RankInfo, *,
         return None
     if not info.is_main:
         return None
+    from nemo_elastic.report import fmt_pct
+
     was_training = model.training
     model.eval()
+    what = "" if subnetwork is None else " of a sub-network"
+    logger.info("greedy answer accuracy%s on %d validation problems ...", what,
+                min(n, len(data.val_problems)))
     try:
         result = answer_accuracy(greedy_logits_fn(model, subnetwork), data.tokenizer,
                                  data.val_problems[:n], batch_size=64,
-                                 device=next(model.parameters()).device)
+                                 device=next(model.parameters()).device, progress=progress)
     finally:
         model.train(was_training)
-    logger.info("answer accuracy (greedy, %d validation problems%s): %.1f%%", result["n"],
-                "" if subnetwork is None else ", a sub-network", 100 * result["accuracy"])
+    logger.info("answer accuracy%s (greedy, %d validation problems): %s", what, result["n"],
+                fmt_pct(result["accuracy"]))
     return result
 
 
