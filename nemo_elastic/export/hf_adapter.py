@@ -20,7 +20,7 @@ Tensors (TP=1 Megatron names on the left; HF on-disk prefix `backbone.`, `model.
     decoder.layers.i.mixer.out_proj.weight [h,d]     layers.i.mixer.out_proj.weight
     decoder.layers.i.input_layernorm.weight (attn)   layers.i.norm.weight
     decoder.layers.i.self_attention.linear_qkv       layers.i.mixer.{q,k,v}_proj.weight (fused,
-        [g*(a/g + 2)*c, h]: per query group [its a/g q heads | k | v], see `fuse_qkv`)
+        [g*(a/g + 2)*c, h]: per query group [its a/g q heads | k | v], see `layout.fuse_qkv`)
     decoder.layers.i.self_attention.linear_proj      layers.i.mixer.o_proj.weight
     decoder.layers.i.pre_mlp_layernorm.weight (MLP)  layers.i.norm.weight
     decoder.layers.i.mlp.linear_fc1 / linear_fc2     layers.i.mixer.up_proj / down_proj
@@ -37,9 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 from nemo_elastic.config import ATTENTION, MAMBA, MLP, ConfigError, ModelConfig
+from nemo_elastic.layout import fuse_qkv, split_qkv  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +237,7 @@ class TensorMap:
     megatron: str
     hf: tuple[str, ...]
     kind: str = "copy"
+    layer: Optional[int] = None  # global layer (qkv: its per-layer head count)
 
 
 def tensor_maps(m: ModelConfig, *, hf_prefix: str = HF_PREFIX,
@@ -258,7 +258,7 @@ def tensor_maps(m: ModelConfig, *, hf_prefix: str = HF_PREFIX,
         elif sym == ATTENTION:
             maps.append(TensorMap(meg + "input_layernorm.weight", (hf + "norm.weight",)))
             maps.append(TensorMap(meg + "self_attention.linear_qkv.weight", tuple(
-                f"{hf}mixer.{x}_proj.weight" for x in "qkv"), "qkv"))
+                f"{hf}mixer.{x}_proj.weight" for x in "qkv"), "qkv", layer=i))
             maps.append(TensorMap(meg + "self_attention.linear_proj.weight",
                                   (hf + "mixer.o_proj.weight",)))
         else:
@@ -268,33 +268,3 @@ def tensor_maps(m: ModelConfig, *, hf_prefix: str = HF_PREFIX,
     maps.append(TensorMap("decoder.final_norm.weight", (f"{p}norm_f.weight",)))
     maps.append(TensorMap("output_layer.weight", ("lm_head.weight",)))
     return maps
-
-
-def _qkv_dims(m: ModelConfig) -> tuple[int, int, int]:
-    """(query groups g, query heads per group, head dim c)."""
-    return m.num_query_groups, m.num_attention_heads // m.num_query_groups, m.head_dim
-
-
-def fuse_qkv(q, k, v, m: ModelConfig):
-    """HF q [a*c, h], k/v [g*c, h] -> Megatron linear_qkv [g*(a/g + 2)*c, h].
-
-    Query heads of group j are heads j*a/g .. (j+1)*a/g - 1 on both sides (HF's repeat_kv).
-    """
-    g, per, c = _qkv_dims(m)
-    h = q.shape[-1]
-    for name, t, rows in (("q_proj", q, g * per * c), ("k_proj", k, g * c), ("v_proj", v, g * c)):
-        if tuple(t.shape) != (rows, h):
-            raise ValueError(f"attention {name}.weight has shape {tuple(t.shape)}, expected "
-                             f"{(rows, h)} for {m.num_attention_heads} heads / {g} groups / "
-                             f"head dim {c}")
-    fused = [q.reshape(g, per * c, h), k.reshape(g, c, h), v.reshape(g, c, h)]
-    return torch.cat(fused, dim=1).reshape(g * (per + 2) * c, h)
-
-
-def split_qkv(qkv, m: ModelConfig):
-    """Megatron linear_qkv [g*(a/g + 2)*c, h] -> contiguous HF (q, k, v)."""
-    g, per, c = _qkv_dims(m)
-    h = qkv.shape[-1]
-    q, k, v = qkv.reshape(g, (per + 2) * c, h).split([per * c, c, c], dim=1)
-    return (q.reshape(g * per * c, h).contiguous(), k.reshape(g * c, h).contiguous(),
-            v.reshape(g * c, h).contiguous())

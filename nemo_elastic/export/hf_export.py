@@ -67,7 +67,7 @@ def _hf_tensors(tm: TensorMap, params: dict[str, torch.Tensor], model_cfg,
         logger.debug("casting %s from %s to %s", tm.megatron, param.dtype, dtype)
         param = param.to(dtype)
     if tm.kind == "qkv":
-        yield from zip(tm.hf, split_qkv(param, model_cfg))
+        yield from zip(tm.hf, split_qkv(param, model_cfg, tm.layer))
     elif tm.kind == "copy":
         yield tm.hf[0], param.contiguous()
     else:

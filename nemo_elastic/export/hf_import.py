@@ -102,7 +102,7 @@ def _megatron_tensor(tm: TensorMap, reader: SafetensorsReader, model_cfg) -> tor
     if tm.kind == "zeros":
         return None
     if tm.kind == "qkv":
-        return fuse_qkv(*(reader.get(n) for n in tm.hf), model_cfg)
+        return fuse_qkv(*(reader.get(n) for n in tm.hf), model_cfg, tm.layer)
     return reader.get(tm.hf[0])
 
 

@@ -1,0 +1,295 @@
+"""The parameter layout of the hybrid model, written down once.
+
+Read by every transformation of whole (TP=1) state dicts: slicing a sub-network
+(`export.slicing`), the importance reordering (`importance.permute`) and the Hugging Face
+mapping (`export.hf_adapter`).  The elastic masks (`elastic/`) stay a separate implementation on
+purpose: masked == sliced is the contract the tests check, so the two must not share code.
+
+Three things live here:
+
+1. `LAYER_FIELDS`: which per-layer size fields each layer symbol has, and `GROUPED`: the grouped
+   axes, whose size must be a multiple of a group count because the same number of units is kept
+   in every group ("k heads per group": Mamba heads in Mamba groups, query heads in query groups).
+2. `TENSOR_AXES`: the named axis of every dimension of every parameter (Megatron-Core names):
+
+       embedding / output layer [vocab, hidden]; final norm and every pre-norm [hidden]
+       Mamba (H heads x P channels in G groups, state N, d = H*P; inner index = head*P + channel)
+         in_proj  [in_proj, hidden]   rows [z (d) | x (d) | B (G*N) | C (G*N) | dt (H)]
+         conv1d   [conv, 1, kernel]   channels [x (d) | B (G*N) | C (G*N)]; conv1d_bias [conv]
+         dt_bias, A_log, D [heads] (D [inner] with Megatron's D_has_hdim); norm.weight [inner]
+         (gated RMSNorm in G groups of d/G channels); out_proj [hidden, inner]
+       attention (a query heads in Q query groups, head dim c)
+         linear_qkv [qkv, hidden]     rows per query group q: [its a/Q query heads (c rows each)
+                                      | k (c) | v (c)]; linear_proj [hidden, proj] (head j: j*c..)
+       MLP (F neurons): linear_fc1 [ffn, hidden], linear_fc2 [hidden, ffn]
+3. The fused axes as functions of the basic ones (`LayerIndex`): a transformation says which
+   hidden channels, heads (global index, each staying in its group), head channels and neurons
+   it keeps, in which order; `LayerIndex.axis(name)` expands that into the rows of in_proj, conv,
+   qkv, proj, ...  Slicing passes prefixes (the first k of each group), the reordering passes
+   permutations; `reindex` applies them to a tensor after checking its shape.
+
+Pure Python at import (torch is imported inside the functions), like `config` and `budget`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping, Optional
+
+from nemo_elastic.config import ATTENTION, MAMBA, MLP, ModelConfig
+
+if TYPE_CHECKING:
+    import torch
+
+# 1. --------------------------------------------------------------------------------- sizes
+
+# Per-layer size fields by layer symbol (SubNetwork.LayerChoice, ModelConfig.per_layer and
+# Megatron TransformerConfig use the same names).
+LAYER_FIELDS: dict[str, tuple[str, ...]] = {
+    MAMBA: ("mamba_num_heads", "mamba_head_dim"),
+    ATTENTION: ("num_attention_heads",),
+    MLP: ("ffn_hidden_size",),
+}
+# Grouped size field -> the ModelConfig field holding its group count.
+GROUPED: dict[str, str] = {"mamba_num_heads": "mamba_num_groups",
+                           "num_attention_heads": "num_query_groups"}
+
+
+def first_of_each_group(total: int, groups: int, kept: int) -> "torch.Tensor":
+    """Indices kept on an axis of `total` items in `groups` contiguous equal groups: the first
+    kept/groups items of every group, in group order (Mamba heads, attention query heads)."""
+    import torch
+
+    per, keep = total // groups, kept // groups
+    return (torch.arange(groups)[:, None] * per + torch.arange(keep)[None, :]).reshape(-1)
+
+
+def head_channels(heads: "torch.Tensor", head_dim: int, kept_dim) -> "torch.Tensor":
+    """Indices into a [num_heads * head_dim] axis (head i owns i*head_dim .. +head_dim-1): for
+    every head in `heads`, in that order, its channels `kept_dim` (an index tensor into
+    [head_dim]) or, given an int, its first `kept_dim` channels."""
+    import torch
+
+    channels = torch.arange(kept_dim) if isinstance(kept_dim, int) else kept_dim
+    return (heads[:, None] * head_dim + channels[None, :]).reshape(-1)
+
+
+# 2. --------------------------------------------------------------------------------- axes
+
+HIDDEN = "hidden"
+# dims that no transformation reindexes
+VOCAB, ONE, KERNEL = "vocab", "one", "kernel"
+
+# "decoder.layers.<global index>.<name inside the layer>"
+LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# Pre-norm weights [h]: local spec names and their Transformer-Engine fused-norm aliases.
+PRE_NORM_KEYS = ("norm.weight", "mixer.in_proj.layer_norm_weight", "input_layernorm.weight",
+                 "self_attention.linear_qkv.layer_norm_weight", "pre_mlp_layernorm.weight",
+                 "mlp.linear_fc1.layer_norm_weight")
+
+GLOBAL_AXES: dict[str, tuple[str, ...]] = {
+    "embedding.word_embeddings.weight": (VOCAB, HIDDEN),
+    "output_layer.weight": (VOCAB, HIDDEN),
+    "decoder.final_norm.weight": (HIDDEN,),
+}
+TENSOR_AXES: dict[str, dict[str, tuple[str, ...]]] = {
+    MAMBA: {"mixer.in_proj.weight": ("in_proj", HIDDEN),
+            "mixer.conv1d_weight": ("conv", ONE, KERNEL),
+            "mixer.conv1d_bias": ("conv",),
+            "mixer.dt_bias": ("heads",), "mixer.A_log": ("heads",),
+            "mixer.D": ("heads",),  # ("inner",) when it has the head dim, see `tensor_axes`
+            "mixer.norm.weight": ("inner",),
+            "mixer.out_proj.weight": (HIDDEN, "inner")},
+    ATTENTION: {"self_attention.linear_qkv.weight": ("qkv", HIDDEN),
+                "self_attention.linear_proj.weight": (HIDDEN, "proj")},
+    MLP: {"mlp.linear_fc1.weight": ("ffn", HIDDEN),
+          "mlp.linear_fc2.weight": (HIDDEN, "ffn")},
+}
+for _table in TENSOR_AXES.values():
+    _table.update({key: (HIDDEN,) for key in PRE_NORM_KEYS})
+
+
+class LayoutError(ValueError):
+    """A tensor name the layout does not know, or a shape that disagrees with the config."""
+
+
+def axis_sizes(m: ModelConfig, layer: Optional[int] = None) -> dict[str, int]:
+    """Full size of every axis of global layer `layer` (None: the model-level axes)."""
+    sizes = {HIDDEN: m.hidden_size, VOCAB: m.vocab_size, ONE: 1, KERNEL: m.mamba_conv_kernel}
+    if layer is None:
+        return sizes
+    sym = m.layer_symbols[layer]
+    if sym == MAMBA:
+        H, P = m.layer_size("mamba_num_heads", layer), m.layer_size("mamba_head_dim", layer)
+        GN = m.mamba_num_groups * m.mamba_state_dim
+        sizes.update(heads=H, inner=H * P, in_proj=2 * H * P + 2 * GN + H, conv=H * P + 2 * GN)
+    elif sym == ATTENTION:
+        a, Q, c = m.layer_size("num_attention_heads", layer), m.num_query_groups, m.head_dim
+        sizes.update(heads=a, qkv=(a + 2 * Q) * c, proj=a * c)
+    else:
+        sizes.update(ffn=m.layer_size("ffn_hidden_size", layer))
+    return sizes
+
+
+def tensor_axes(m: ModelConfig, key: str, shape) -> tuple[Optional[int], str, tuple[str, ...]]:
+    """(global layer or None, name inside the layer, axis names) of parameter `key`; checks the
+    shape against `m`.  Raises LayoutError naming the tensor."""
+    layer, name = None, key
+    match = LAYER_KEY.match(key)
+    if match:
+        layer, name = int(match.group(1)), match.group(2)
+        if layer >= m.num_layers:
+            raise LayoutError(f"tensor {key!r}: the config has only {m.num_layers} layers "
+                              f"({m.hybrid_layer_pattern!r})")
+        sym = m.layer_symbols[layer]
+        axes = TENSOR_AXES[sym].get(name)
+        if axes is None:
+            raise LayoutError(f"unexpected {_KIND[sym]} tensor {key!r}: the layout knows the "
+                              "upstream TP=1 Megatron-Core names of this model only (no biases, "
+                              "q/k layernorms, gated MLPs or MoE)")
+    else:
+        axes = GLOBAL_AXES.get(key)
+        if axes is None:
+            raise LayoutError(f"unexpected tensor {key!r}: the layout knows the upstream TP=1 "
+                              "Megatron-Core names only (unwrap DDP/Float16Module first)")
+    sizes = axis_sizes(m, layer)
+    if name == "mixer.D" and tuple(shape) == (sizes["inner"],):
+        axes = ("inner",)  # Megatron's D_has_hdim
+    expected = tuple(sizes[a] for a in axes)
+    if tuple(shape) != expected:
+        raise LayoutError(f"tensor {key!r} has shape {tuple(shape)}, expected {expected} from "
+                          "the config; pass the config the weights were built with")
+    return layer, name, axes
+
+
+_KIND = {MAMBA: "Mamba", ATTENTION: "attention", MLP: "MLP"}
+
+
+# 3. ------------------------------------------------------------------------ fused axes
+
+@dataclass(frozen=True)
+class LayerIndex:
+    """What one transformation keeps of a layer, in which order (index tensors, int64):
+
+    hidden [h'] into the hidden channels; heads [k] global head indices (Mamba or query heads;
+    each group contributes the same number and heads never leave their group); channels [p']
+    into one Mamba head's P channels (the same for every head); ffn [f'] into the neurons.
+    `axis(name)` expands them into the index of any axis in `TENSOR_AXES`.
+    """
+
+    m: ModelConfig
+    layer: Optional[int]
+    hidden: "torch.Tensor"
+    heads: Optional["torch.Tensor"] = None
+    channels: Optional["torch.Tensor"] = None
+    ffn: Optional["torch.Tensor"] = None
+
+    def axis(self, name: str) -> Optional["torch.Tensor"]:
+        """Index into axis `name`; None for axes left as they are (vocab, conv kernel)."""
+        import torch
+
+        if name == HIDDEN:
+            return self.hidden
+        if name in (VOCAB, ONE, KERNEL):
+            return None
+        m, i = self.m, self.layer
+        sym = m.layer_symbols[i]
+        if name == "ffn":
+            return self.ffn
+        if name == "heads":
+            return self.heads
+        if sym == MAMBA:
+            H, P = m.layer_size("mamba_num_heads", i), m.layer_size("mamba_head_dim", i)
+            d, GN = H * P, m.mamba_num_groups * m.mamba_state_dim
+            inner = head_channels(self.heads, P, self.channels)
+            bc = torch.arange(2 * GN)  # B and C: never pruned, never reordered
+            if name == "inner":
+                return inner
+            if name == "in_proj":  # [z | x | B | C | dt]
+                return torch.cat([inner, d + inner, 2 * d + bc, 2 * d + 2 * GN + self.heads])
+            if name == "conv":  # [x | B | C]
+                return torch.cat([inner, d + bc])
+        elif sym == ATTENTION:
+            c = m.head_dim
+            if name == "proj":
+                return head_channels(self.heads, c, c)
+            if name == "qkv":
+                return self._qkv_rows()
+        raise LayoutError(f"layer {i} ({sym!r}) has no axis {name!r}")
+
+    def _qkv_rows(self) -> "torch.Tensor":
+        import torch
+
+        m, i = self.m, self.layer
+        a, Q, c = m.layer_size("num_attention_heads", i), m.num_query_groups, m.head_dim
+        per = a // Q
+        group = self.heads // per
+        if not torch.equal(group, torch.sort(group).values):
+            raise LayoutError(f"layer {i}: query heads {self.heads.tolist()} must be listed "
+                              f"group by group ({per} per query group)")
+        rows = []
+        for q in range(Q):  # per group: [its kept query heads, in the given order | k | v]
+            slots = self.heads[group == q] - q * per
+            start = q * (per + 2) * c
+            rows += [start + head_channels(slots, c, c), start + per * c + torch.arange(2 * c)]
+        return torch.cat(rows)
+
+
+def reindex(t: "torch.Tensor", axes: tuple[str, ...], index: LayerIndex) -> "torch.Tensor":
+    """`t` with every dim whose axis `index` selects gathered by that index (a new tensor)."""
+    out = t
+    for dim, name in enumerate(axes):
+        idx = index.axis(name)
+        if idx is not None:
+            out = out.index_select(dim, idx.to(out.device))
+    return out.contiguous() if out is not t else out.clone()
+
+
+# HF's separate q/k/v projections <-> Megatron's fused linear_qkv (per group: q heads | k | v).
+
+def fuse_qkv(q, k, v, m: ModelConfig, layer: Optional[int] = None):
+    """HF q [a*c, h], k/v [Q*c, h] -> Megatron linear_qkv [Q*(a/Q + 2)*c, h] (query heads of
+    group j are heads j*a/Q .. (j+1)*a/Q - 1 on both sides, as HF's repeat_kv)."""
+    import torch
+
+    a = m.num_attention_heads if layer is None else m.layer_size("num_attention_heads", layer)
+    Q, c = m.num_query_groups, m.head_dim
+    per, h = a // Q, q.shape[-1]
+    for name, t, rows in (("q_proj", q, a * c), ("k_proj", k, Q * c), ("v_proj", v, Q * c)):
+        if tuple(t.shape) != (rows, h):
+            raise ValueError(f"attention {name}.weight has shape {tuple(t.shape)}, expected "
+                             f"{(rows, h)} for {a} heads / {Q} groups / head dim {c}")
+    fused = [q.reshape(Q, per * c, h), k.reshape(Q, c, h), v.reshape(Q, c, h)]
+    return torch.cat(fused, dim=1).reshape(Q * (per + 2) * c, h)
+
+
+def split_qkv(qkv, m: ModelConfig, layer: Optional[int] = None):
+    """Megatron linear_qkv [Q*(a/Q + 2)*c, h] -> contiguous HF (q, k, v)."""
+    a = m.num_attention_heads if layer is None else m.layer_size("num_attention_heads", layer)
+    Q, c = m.num_query_groups, m.head_dim
+    per, h = a // Q, qkv.shape[-1]
+    q, k, v = qkv.reshape(Q, (per + 2) * c, h).split([per * c, c, c], dim=1)
+    return (q.reshape(Q * per * c, h).contiguous(), k.reshape(Q * c, h).contiguous(),
+            v.reshape(Q * c, h).contiguous())
+
+
+def layer_index(m: ModelConfig, layer: int, hidden, **kept: "torch.Tensor") -> LayerIndex:
+    return LayerIndex(m=m, layer=layer, hidden=hidden, **kept)
+
+
+def reindex_state_dict(state: Mapping[str, object], m: ModelConfig, index_of) -> dict[str, object]:
+    """Every tensor of a TP=1 state dict reindexed: `index_of(layer)` returns the LayerIndex of
+    global layer `layer` (None: model-level tensors), or None to leave the layer out.
+    `_extra_state` entries are dropped.  Keys keep their names (callers renumber layers)."""
+    out: dict[str, object] = {}
+    cache: dict[Optional[int], Optional[LayerIndex]] = {}
+    for key, t in state.items():
+        if key.endswith("_extra_state"):
+            continue
+        layer, _, axes = tensor_axes(m, key, t.shape)
+        if layer not in cache:
+            cache[layer] = index_of(layer)
+        if cache[layer] is not None:
+            out[key] = reindex(t, axes, cache[layer])
+    return out
