@@ -21,7 +21,7 @@ from nemo_elastic.errors import ConfigError, fail as _fail, require_positive  # 
 # Pure Python (no torch): the synthetic corpus knobs are a config section as they are.
 from nemo_elastic.data.synthetic import SyntheticReasoningConfig
 from nemo_elastic.config_elastic import AXES as ELASTIC_AXES, ElasticConfig
-from nemo_elastic.config_io import from_dict
+from nemo_elastic.config_io import from_dict, load_yaml, yaml_problem
 
 # Hybrid layer symbols we support (Megatron-Core `Symbols`): Mamba2, self-attention, dense MLP,
 # plus the pipeline-stage separator.  MoE ('E'), GDN ('G'), MLA ('+'), DSA ('D') and MTP ('/')
@@ -380,13 +380,12 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
 
     if path is None and base is None:
         raise ConfigError("no config given: pass --config conf/tiny.yaml (or a checkpoint)")
-    if base is not None:
-        conf = OmegaConf.create(dict(base))
-    else:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        conf = OmegaConf.load(path)
+    if base is None:
+        base = load_yaml(path, "--config")
+        if not isinstance(base, Mapping):
+            raise ConfigError(f"--config={str(path)!r}: holds {type(base).__name__}, not a mapping "
+                              "of sections (model:, data:, train:, ...); see conf/tiny.yaml")
+    conf = OmegaConf.create(dict(base))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.iters=100)")
@@ -394,10 +393,18 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
         # One key at a time with update(): a path may index a list (elastic.curriculum.0.iters),
         # which a merge of from_dotlist() cannot do.  The value is typed by OmegaConf's grammar.
         key, text = item.split("=", 1)
-        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
+        try:
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
+        except Exception as err:  # yaml / OmegaConf grammar errors of the value
+            raise ConfigError(f"override {item!r}: the value {yaml_problem(err)}; quote it or "
+                              "fix the brackets") from None
         try:
             OmegaConf.update(conf, key.lstrip("+"), value, merge=True, force_add=True)
         except Exception as err:  # omegaconf raises several types for bad paths
             raise ConfigError(f"override {item!r}: {err}".splitlines()[0]) from None
-    data = OmegaConf.to_container(conf, resolve=True)
+    try:
+        data = OmegaConf.to_container(conf, resolve=True)
+    except Exception as err:  # an ${interpolation} that does not resolve
+        raise ConfigError(f"config: {str(err).splitlines()[0]}; fix or remove the ${{...}} "
+                          "reference") from None
     return from_dict(Config, data)
