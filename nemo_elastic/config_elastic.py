@@ -41,6 +41,12 @@ ROUTER_MODES = {"hard": "scaled", "soft": "mixture"}  # config name -> masks.Sof
 BUDGET_TYPES = ("params", "memory")
 TEACHER_MODES = ("frozen", "trainable")
 BANDS = ("symmetric", "ceiling")
+# How a hard-mode student runs (soft mode is always masked): on the kept slices of the weights
+# (a smaller budget costs less) or masked (the reference; every budget costs the full model).
+EXECUTIONS = ("sliced", "masked")
+# one: one budget drawn per micro-batch (the paper); all: every budget with a non-zero
+# probability on every micro-batch after one teacher forward, losses weighted by the probabilities.
+BUDGET_SAMPLINGS = ("one", "all")
 
 
 @dataclass(kw_only=True)
@@ -169,6 +175,8 @@ class ElasticConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     curriculum: list = field(default_factory=list)  # StageConfig dicts; [] = one stage
     iters: Optional[int] = None  # length of the implicit single stage (no curriculum)
+    execution: str = "sliced"  # hard-mode students: sliced | masked (see EXECUTIONS)
+    budget_sampling: str = "one"  # one | all (see BUDGET_SAMPLINGS)
     lr: float = 9.0e-5
     min_lr: float = 9.0e-6
     warmup_iters: int = 60
@@ -198,6 +206,11 @@ class ElasticConfig:
         self.loss = from_dict(BudgetLossConfig, self.loss, f"{p}loss.")
         self.distill = from_dict(DistillConfig, self.distill, f"{p}distill.")
         self._check_curriculum(p)
+        if self.execution not in EXECUTIONS:
+            fail(f"{p}execution", self.execution, f"must be one of {list(EXECUTIONS)}")
+        if self.budget_sampling not in BUDGET_SAMPLINGS:
+            fail(f"{p}budget_sampling", self.budget_sampling,
+                 f"must be one of {list(BUDGET_SAMPLINGS)}")
         require_number(self, "lr", prefix=p)
         require_number(self, "min_lr", prefix=p, low_open=False, high=self.lr)
         require_number(self, "weight_decay", "clip_grad", prefix=p, low_open=False)

@@ -7,7 +7,9 @@ Both masks act outside core attention, so Megatron's "core_attn" recompute needs
 
 Sliced execution (`sliced.py`): upstream's forward runs with this rank's kept query heads only -
 `linear_qkv` rows [kept q heads | k | v] of every local query group and the kept hidden columns,
-`linear_proj` [kept hidden, kept heads], and the head counts it reads pinned for the call.
+`linear_proj` [kept hidden, kept heads], and the head counts it reads pinned for the call.  The
+core attention takes its head count from the query it is given, so its "core_attn" recompute
+(run in the backward pass, after the call) sees the kept heads too.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ class ElasticSelfAttention(ElasticMixin, SelfAttention):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.linear_proj.register_forward_pre_hook(self._mask_heads)
+        core = self.core_attention
+        if hasattr(core, "num_attention_heads_per_partition"):  # Megatron's DotProductAttention
+            self._core_heads = (core.num_attention_heads_per_partition,
+                                core.hidden_size_per_partition)
+            core.register_forward_pre_hook(self._core_heads_of_query)
+            core.register_forward_hook(self._core_heads_restore)
 
     def _mask_heads(self, module, args):
         sliced = self._sliced()
@@ -40,6 +48,16 @@ class ElasticSelfAttention(ElasticMixin, SelfAttention):
             with self._sliced_weights():
                 out, bias = super().forward(*args, **kwargs)
         return self._mask_hidden(out), bias
+
+    def _core_heads_of_query(self, core, args):
+        """Pre-hook of the core attention: its head count is the query's ([s, b, heads, c]) -
+        fewer in a sliced call, also when Megatron's "core_attn" recompute re-runs it."""
+        query = args[0]
+        core.num_attention_heads_per_partition = query.shape[2]
+        core.hidden_size_per_partition = query.shape[2] * query.shape[3]
+
+    def _core_heads_restore(self, core, args, output):
+        core.num_attention_heads_per_partition, core.hidden_size_per_partition = self._core_heads
 
     # ------------------------------------------------------------------ sliced execution
     def _kept(self) -> tuple[Index, Index, Index]:
@@ -82,7 +100,4 @@ class ElasticSelfAttention(ElasticMixin, SelfAttention):
             stack.enter_context(swapped_parameters(self.linear_qkv, weight=qkv))
             stack.enter_context(swapped_parameters(self.linear_proj, weight=proj))
             stack.enter_context(pinned_attributes(self, num_attention_heads_per_partition=n))
-            stack.enter_context(pinned_attributes(
-                self.core_attention, num_attention_heads_per_partition=n,
-                hidden_size_per_partition=n * self.hidden_size_per_attention_head))
             yield

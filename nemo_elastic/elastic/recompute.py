@@ -182,11 +182,12 @@ def _pin_norm_recompute(layer, args, output) -> None:
         norm = getattr(layer, norm_name)
         if checkpoint.run_function is not None and isinstance(norm, ElasticRMSNorm):
             checkpoint.run_function = _with_fraction(checkpoint.run_function, norm,
-                                                     norm.elastic_fraction)
+                                                     norm.elastic_fraction, norm.elastic_width)
 
 
-def _with_fraction(run_function: Callable, norm: ElasticRMSNorm, fraction) -> Callable:
+def _with_fraction(run_function: Callable, norm: ElasticRMSNorm, fraction, width=None) -> Callable:
+    """The norm's masked hidden fraction (or sliced width) of this call, pinned in its recompute."""
     def run(*inputs):
-        with pinned(norm, "elastic_fraction", fraction):
+        with pinned(norm, "elastic_fraction", fraction), pinned(norm, "elastic_width", width):
             return run_function(*inputs)
     return run

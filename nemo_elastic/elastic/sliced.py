@@ -20,9 +20,13 @@ prefix x its probability).  Per call:
 * between pipeline stages the residual stream travels at the parent's width with zeros in the
   pruned channels (what the masked forward sends), and is cut back on arrival.
 
+Activation recompute re-runs modules in the backward pass, after the call: like the masks, the
+sizes are re-bound there (full recompute: with the chunk's masks; "mlp": with the module's
+binding; "layernorm": the norm's width; "core_attn": the core attention reads its head count from
+its query), and the recompute slices the weights again.
+
 Not supported (refused): the router's soft (mixture) mode, whose masks are non-zero everywhere;
-activation recompute (it re-runs modules in the backward pass, after the per-call weights are
-gone); inference contexts; context parallelism.
+inference contexts; context parallelism.
 """
 
 from __future__ import annotations
@@ -108,13 +112,8 @@ def pinned_attributes(obj, **values) -> Iterator[None]:
             setattr(obj, name, value)
 
 
-def check_sliceable(config, training: bool) -> None:
+def check_sliceable(config) -> None:
     """Refuse settings under which a sliced forward would not compute its masked twin."""
-    if training and torch.is_grad_enabled() and config.recompute_granularity is not None:
-        raise ValueError(
-            f"execution='sliced' with recompute_granularity={config.recompute_granularity!r}: "
-            "activation recompute re-runs modules in the backward pass, after the sliced "
-            "weights of the call are gone; use execution='masked' or turn recompute off")
     if getattr(config, "context_parallel_size", 1) > 1:
         raise ValueError(f"execution='sliced' with context_parallel_size="
                          f"{config.context_parallel_size}: not supported; use execution='masked'")

@@ -78,7 +78,7 @@ class ElasticHybridStack(NemoHybridStack):
                         *, inference_params, packed_seq_params, padding_mask):
         if inference_context is not None or inference_params is not None:
             raise NotImplementedError("sliced execution does not support inference contexts")
-        check_sliceable(self.config, self.training)
+        check_sliceable(self.config)
         width = self.sliced.hidden_size
         if not self.pre_process:
             hidden_states = self.input_tensor
@@ -86,9 +86,13 @@ class ElasticHybridStack(NemoHybridStack):
             hidden_states = hidden_states.unwrap()
         if hidden_states.shape[-1] != width:  # from the previous stage, at the parent's width
             hidden_states = hidden_states[..., :width]
-        hidden_states = self._run_layers(0, len(self.layers), hidden_states, attention_mask,
-                                         rotary_pos_emb, padding_mask, self.elastic,
-                                         packed_seq_params=packed_seq_params)
+        run = functools.partial(self._run_layers, packed_seq_params=packed_seq_params)
+        inputs = (attention_mask, rotary_pos_emb, padding_mask)
+        if self.config.recompute_granularity == "full" and self.training:
+            hidden_states = self._checkpointed_forward(hidden_states, inputs, run,
+                                                       sliced=self.sliced)
+        else:
+            hidden_states = run(0, len(self.layers), hidden_states, *inputs, self.elastic)
         if self.post_process and self.post_layer_norm:
             hidden_states = self.final_norm(hidden_states)
         if not self.post_process and width < self.config.hidden_size:
@@ -98,8 +102,9 @@ class ElasticHybridStack(NemoHybridStack):
         return make_viewless_tensor(inp=hidden_states, requires_grad=hidden_states.requires_grad,
                                     keep_graph=True)
 
-    def _checkpointed_forward(self, hidden_states, inputs, run):
-        """Megatron's full recompute (same chunks), each chunk a checkpoint of its masks too."""
+    def _checkpointed_forward(self, hidden_states, inputs, run, sliced=None):
+        """Megatron's full recompute (same chunks), each chunk a checkpoint of its masks too
+        (and, sliced, re-bound with the same sizes: the recompute slices the weights again)."""
         masks = self.elastic
         plan = recompute.full_recompute_plan(self.config, len(self.layers))
         for start, end, checkpointed in plan:
@@ -110,7 +115,7 @@ class ElasticHybridStack(NemoHybridStack):
                 continue
             hidden_states = recompute.checkpoint_with_masks(
                 functools.partial(run, start, end), masks,
-                functools.partial(bound_layers, self.layers[start:end]), hidden_states, *inputs,
+                functools.partial(_bind, self.layers[start:end], sliced), hidden_states, *inputs,
                 distribute_saved_activations=self.config.distribute_saved_activations)
         return hidden_states
 
@@ -132,3 +137,7 @@ class ElasticHybridStack(NemoHybridStack):
                 out = out[0]
             hidden_states = out if gate is None else hidden_states + gate * (out - hidden_states)
         return hidden_states
+
+
+def _bind(layers, sliced, masks):
+    return bound_layers(layers, masks, sliced)

@@ -12,9 +12,19 @@ Megatron-Bridge loop through a two-line adapter - runs it unchanged:
 4. loss = forward KL(teacher || student) (vocabulary-parallel under TP) + lambda * budget loss
    [+ ce_weight * LM cross-entropy], token-mean over the micro-batch.
 
-Pipeline parallelism: teacher and student run stage by stage side by side, so the tensor sent
-between stages is both hidden states concatenated on the last dim, `[s, b, 2h]`
-(`adjust_tensor_shapes` tells the schedule); each stage splits what it receives.
+`elastic.execution`: a hard-mode student (the router's argmax prefix x its probability) runs on
+the kept slices of the weights (`sliced`, so a smaller budget costs less) or masked (`masked`,
+the reference; same loss and gradients).  Soft mode is always masked.
+
+`elastic.budget_sampling=all`: instead of drawing one budget, every budget with a non-zero
+probability runs on the micro-batch after ONE teacher forward (K students, a BigNAS-style
+sandwich); the loss is sum_b p_b * loss_b, so its expectation equals the one-budget step's and
+Megatron's token normalization (sum, tokens) is unchanged.  All K students share the
+micro-batch's Gumbel noise.
+
+Pipeline parallelism: teacher and students run stage by stage side by side, so the tensor sent
+between stages is the K student hidden states and the teacher's concatenated on the last dim,
+`[s, b, (K+1)h]` (`adjust_tensor_shapes` tells the schedule); each stage splits what it receives.
 """
 
 from __future__ import annotations
@@ -46,7 +56,8 @@ def _unwrap(model):
 
 class ElasticDistillationStep:
     """Forward-step functor.  Call `begin_iteration(iteration, budget_probs)` before each
-    forward-backward pass; `budgets_drawn` lists the budget index of every micro-batch."""
+    forward-backward pass; `budgets_drawn` lists the budget index of every student of every
+    micro-batch (one per micro-batch unless `budget_sampling=all`)."""
 
     def __init__(self, *, router, teacher: Optional[torch.nn.Module], elastic_cfg,
                  tp_group=None) -> None:
@@ -55,6 +66,9 @@ class ElasticDistillationStep:
         if not self.trainable_teacher and teacher is None:
             raise ValueError("teacher_mode=frozen needs a teacher model")
         self.tp_group = tp_group
+        # Soft (mixture) masks are non-zero beyond the kept prefix: they always run masked.
+        self.execution = elastic_cfg.execution if router.mode == "scaled" else "masked"
+        self.sampling = elastic_cfg.budget_sampling
         self.iteration, self.micro_batch = 0, 0
         n = len(router.names)
         self.budget_probs = [1.0 / n] * n
@@ -68,9 +82,21 @@ class ElasticDistillationStep:
             self.budget_probs = list(budget_probs)
 
     def adjust_tensor_shapes(self, recv_shapes: list, send_shapes: list):
-        """Pipeline p2p carries student and teacher hidden states side by side: [s, b, 2h]."""
-        double = lambda shapes: [(*s[:-1], 2 * s[-1]) for s in shapes]  # noqa: E731
-        return double(recv_shapes), double(send_shapes)
+        """Pipeline p2p carries the K student hidden states and the teacher's side by side:
+        [s, b, (K+1)h]."""
+        k = self.students_per_micro_batch + 1
+        widen = lambda shapes: [(*s[:-1], k * s[-1]) for s in shapes]  # noqa: E731
+        return widen(recv_shapes), widen(send_shapes)
+
+    @property
+    def students_per_micro_batch(self) -> int:
+        return 1 if self.sampling == "one" else sum(p > 0 for p in self.budget_probs)
+
+    def students(self, micro: int) -> list[tuple[int, float]]:
+        """(budget index, loss weight) of each student of micro-batch `micro`."""
+        if self.sampling == "one":
+            return [(sample_budget(self.budget_probs, self.cfg.seed, self.iteration, micro), 1.0)]
+        return [(i, float(p)) for i, p in enumerate(self.budget_probs) if p > 0]
 
     # ------------------------------------------------------------------ the step
     def __call__(self, data_iterator: Iterator[dict], model):
@@ -80,18 +106,23 @@ class ElasticDistillationStep:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         micro = self.micro_batch
         self.micro_batch += 1
-        index = sample_budget(self.budget_probs, self.cfg.seed, self.iteration, micro)
-        self.budgets_drawn.append(index)
-        routed = self.router(index, iteration=self.iteration, micro_batch=micro)
+        students = self.students(micro)
+        self.budgets_drawn.extend(index for index, _ in students)
+        routed = [self.router(index, iteration=self.iteration, micro_batch=micro)
+                  for index, _ in students]
 
         teacher = student if self.trainable_teacher else self.teacher
-        if not student.pre_process:  # split what the previous stage sent: [s, b, 2h]
+        if not student.pre_process:  # split what the previous stage sent: [s, b, (K+1)h]
             received = student.decoder.input_tensor
-            h = received.shape[-1] // 2
-            student.decoder.set_input_tensor(received[..., :h])
-            teacher_input = received[..., h:]
+            parts = received.chunk(len(students) + 1, dim=-1)
+            student_inputs, teacher_input = parts[:-1], parts[-1]
         tokens, pos = batch["tokens"], batch["position_ids"]
-        out = model(tokens, pos, None, subnetwork=routed.subnetwork)
+        outs = []
+        for k, r in enumerate(routed):
+            if not student.pre_process:
+                student.decoder.set_input_tensor(student_inputs[k])
+            outs.append(model(tokens, pos, None, subnetwork=r.subnetwork,
+                              execution=self.execution))
         if not student.pre_process and not self.trainable_teacher:
             teacher.set_input_tensor(teacher_input)
         if self.trainable_teacher:
@@ -102,34 +133,45 @@ class ElasticDistillationStep:
             with torch.no_grad():
                 teacher_out = teacher(tokens, pos, None)
         if not student.post_process:
-            return torch.cat([out, teacher_out], dim=-1), _not_last_stage
-        return out, partial(self.loss, batch, teacher_out, routed, index)
+            return torch.cat([*outs, teacher_out], dim=-1), _not_last_stage
+        out = outs[0] if len(outs) == 1 else torch.stack(outs)  # [K, b, s, V(/tp)]
+        return out, partial(self.loss, batch, teacher_out, routed, students)
 
-    def loss(self, batch: dict, teacher_logits: torch.Tensor, routed, index: int,
-             student_logits: torch.Tensor):
+    def loss(self, batch: dict, teacher_logits: torch.Tensor, routed: list,
+             students: list[tuple[int, float]], student_logits: torch.Tensor):
         """-> (sum over tokens, number of tokens, report); Megatron divides by the count.
 
-        Logits are `[b, s, V]` (or the `[b, s, V/tp]` vocabulary shard under TP).
+        Logits are `[b, s, V]` (or the `[b, s, V/tp]` vocabulary shard under TP); with K > 1
+        students `[K, b, s, V]`, and the sum is weighted by each student's probability.
         """
         mask = batch["loss_mask"].float()
         n_tokens = mask.sum()
-        kd = forward_kl(student_logits, teacher_logits, temperature=self.cfg.distill.temperature,
-                        tp_group=self.tp_group)
-        kd_sum = (kd * mask).sum()
-        budget = self.router.budget_loss(routed, index)
-        total = kd_sum + self.cfg.loss.weight * budget * n_tokens
-        ce_sum = torch.zeros((), device=kd_sum.device)
-        if self.cfg.distill.ce_weight > 0:
-            # CE trains the student (frozen mode) or the full-budget teacher (trainable mode).
-            logits = teacher_logits if self.trainable_teacher else student_logits
-            ce_sum = (_cross_entropy(logits, batch["labels"], self.tp_group) * mask).sum()
-            total = total + self.cfg.distill.ce_weight * ce_sum
+        logits_of = [student_logits] if len(students) == 1 else list(student_logits.unbind(0))
+        ce_weight = self.cfg.distill.ce_weight
+        total = kd_total = budget_total = ce_total = torch.zeros((), device=mask.device)
         per_budget = torch.zeros(len(self.router.names), 2, dtype=torch.float64)
-        per_budget[index, 0], per_budget[index, 1] = kd_sum.detach().double(), n_tokens.double()
-        report = {KD: torch.stack([kd_sum.detach(), n_tokens]).double(),
-                  BUDGET: torch.stack([budget.detach().double().reshape(()),
+        for (index, weight), r, logits in zip(students, routed, logits_of):
+            kd = forward_kl(logits, teacher_logits, temperature=self.cfg.distill.temperature,
+                            tp_group=self.tp_group)
+            kd_sum = (kd * mask).sum()
+            budget = self.router.budget_loss(r, index)
+            term = kd_sum + self.cfg.loss.weight * budget * n_tokens
+            if ce_weight > 0 and not self.trainable_teacher:  # CE trains the student
+                ce_sum = (_cross_entropy(logits, batch["labels"], self.tp_group) * mask).sum()
+                term = term + ce_weight * ce_sum
+                ce_total = ce_total + weight * ce_sum.detach()
+            total = total + weight * term
+            kd_total = kd_total + weight * kd_sum.detach()
+            budget_total = budget_total + weight * budget.detach().reshape(())
+            per_budget[index, 0], per_budget[index, 1] = kd_sum.detach().double(), n_tokens.double()
+        if ce_weight > 0 and self.trainable_teacher:  # CE trains the full-budget teacher, once
+            ce_total = (_cross_entropy(teacher_logits, batch["labels"], self.tp_group) * mask).sum()
+            total = total + ce_weight * ce_total
+            ce_total = ce_total.detach()
+        report = {KD: torch.stack([kd_total, n_tokens]).double(),
+                  BUDGET: torch.stack([budget_total.double(),
                                        torch.ones((), dtype=torch.float64)]),
-                  CE: torch.stack([ce_sum.detach(), n_tokens]).double(),
+                  CE: torch.stack([ce_total, n_tokens]).double(),
                   PER_BUDGET: per_budget}
         return total, n_tokens.to(torch.int), report
 
