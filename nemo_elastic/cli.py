@@ -9,9 +9,9 @@
     nemo-elastic prepare    --ckpt CKPT --out CKPT [--config CONF]       importance scores + reordering
     nemo-elastic preprocess --input FILE --tokenizer tokenizer.json --out PREFIX
     nemo-elastic import-hf  DIR --out CKPT                              nemotron_h -> Megatron checkpoint
-    nemo-elastic export     --ckpt CKPT [--budget NAME] --format hf --out DIR
-                                                                        checkpoint (or one trained
-                                                                        budget) -> nemotron_h
+    nemo-elastic export     --ckpt CKPT (--budget NAME [--budget NAME ...] | --all)
+                            --format megatron|hf --out DIR             trained budgets -> DIR/<name>,
+                                                                        each reloaded and verified
     nemo-elastic extract    --ckpt CKPT --out CKPT (--budget NAME | --all | --subnet FILE |
                             --hidden-size N ...)                        slice a sub-network out
     nemo-elastic generate   --ckpt CKPT --budget NAME [--budget NAME ...] --prompt TEXT
@@ -149,7 +149,8 @@ def cmd_import_hf(args) -> int:
 def cmd_export(args) -> int:
     from nemo_elastic.jobs import export
 
-    export(args.ckpt, args.out, budget=args.budget, format=args.format, overwrite=args.overwrite)
+    export(args.ckpt, args.out, budget=args.budget, format=args.format, overwrite=args.overwrite,
+           all_budgets=args.all, hf_per_layer=args.hf_per_layer)
     return 0
 
 
@@ -301,12 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_import_hf)
 
-    p = sub.add_parser("export", help="Megatron checkpoint -> Hugging Face nemotron_h folder")
-    p.add_argument("--ckpt", required=True)
-    p.add_argument("--budget", default=None, metavar="NAME",
-                   help="export only this trained budget of an elastic checkpoint (see `info`)")
-    p.add_argument("--format", default="hf", choices=["hf"])
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("export", help="trained budgets of an elastic checkpoint -> one verified "
+                       "Megatron or Hugging Face folder each (or a checkpoint -> nemotron_h)")
+    p.add_argument("--ckpt", required=True, help="checkpoint dir (or a run's output dir: latest)")
+    p.add_argument("--budget", action="append", default=None, metavar="NAME",
+                   help="a trained budget (see `info`), exported to OUT/NAME; repeatable")
+    p.add_argument("--all", action="store_true", help="every trained budget, OUT/<name> each")
+    p.add_argument("--format", default="hf", choices=["megatron", "hf"],
+                   help="megatron: dist checkpoint + megatron_config.json (plain megatron-core "
+                        "HybridModel); hf: nemotron_h safetensors + tokenizer (default)")
+    p.add_argument("--hf-per-layer", action="store_true",
+                   help="hf: write heterogeneous budgets with a per-layer config.json extension "
+                        "(loads with nemo_elastic.export.load_hf_per_layer, not stock transformers)")
+    p.add_argument("--out", required=True, help="output folder (budgets: one sub-folder each)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 

@@ -19,7 +19,7 @@ from nemo_elastic.errors import ConfigError
 
 logger = logging.getLogger("nemo_elastic")
 
-EXPORT_FORMATS = ("hf",)
+EXPORT_FORMATS = ("megatron", "hf")
 
 
 # ------------------------------------------------------------------------------------ info
@@ -65,24 +65,38 @@ def readable_bytes(n: float) -> str:
 
 # ------------------------------------------------------------------------------------ export
 
-def export(ckpt, out, *, budget: Optional[str] = None, format: str = "hf",
-           overwrite: bool = False) -> Path:
-    """A checkpoint (a run dir: its latest), or one trained budget of it, -> `format` folder."""
+def export(ckpt, out, *, budget=None, format: str = "hf", overwrite: bool = False,
+           all_budgets: bool = False, hf_per_layer: bool = False):
+    """A checkpoint (a run dir: its latest) -> HF folder `out`; or trained budgets of it
+    (`budget`: a name or a list of names, or `all_budgets`) -> one verified `format` folder per
+    budget, `out/<name>` (all or none; `export.budgets.export_budgets`).  Returns the path, or
+    {name: path} for budgets."""
     if format not in EXPORT_FORMATS:
-        raise ConfigError(f"--format={format!r}: only {', '.join(map(repr, EXPORT_FORMATS))} "
-                          "is supported")
+        raise ConfigError(f"--format={format!r}: choose one of "
+                          f"{', '.join(map(repr, EXPORT_FORMATS))}")
     from nemo_elastic.checkpoint import resolve_checkpoint
-    from nemo_elastic.export import export_budget_hf, export_hf
+    from nemo_elastic.export import export_budgets, export_hf
 
     ckpt = str(resolve_checkpoint(ckpt))  # a run's output dir means its latest
-    if budget is None:
+    names = [budget] if isinstance(budget, str) else list(budget or [])
+    if names and all_budgets:
+        raise ConfigError("export: --budget and --all cannot be combined; name budgets with "
+                          "--budget NAME (repeatable) or export every trained one with --all")
+    if not names and not all_budgets:
+        if format != "hf":
+            raise ConfigError("export --format megatron needs --budget NAME or --all (a "
+                              "checkpoint is already a Megatron checkpoint; `extract` slices "
+                              "explicit sizes)")
         path = export_hf(ckpt, out, overwrite=overwrite)
         logger.info("exported %s -> %s (Hugging Face nemotron_h)", ckpt, path)
         return path
-    path = export_budget_hf(ckpt, budget, out, overwrite=overwrite)
-    logger.info("exported budget %r of %s -> %s (Hugging Face nemotron_h): %s",
-                budget, ckpt, path, budget_size_line(ckpt, budget))
-    return path
+    results = export_budgets(ckpt, out, None if all_budgets else names, format=format,
+                             overwrite=overwrite, hf_per_layer=hf_per_layer)
+    for r in results:
+        logger.info("exported budget %r of %s -> %s (%s%s): %s", r.name, ckpt, r.path, format,
+                    "" if r.plain else ", per-layer: needs nemo_elastic's loader",
+                    budget_size_line(ckpt, r.name))
+    return {r.name: r.path for r in results}
 
 
 def budget_size_line(ckpt, name: str) -> str:

@@ -4,6 +4,7 @@
     extract_budget(ckpt, "50pct", "out")               # -> out (Megatron checkpoint)
     extract_family(ckpt, "out")                        # every budget -> out/<name>
     export_budget_hf(ckpt, "50pct", "hf_50pct")        # -> Hugging Face nemotron_h
+    budgets.export_budgets(ckpt, "out", None, format="megatron")   # verified, all or none
 
 `nemo-elastic train` writes the family (one row per budget, `subnetwork` = SubNetwork.to_dict())
 into every checkpoint's `nemo_elastic.json`; everything here reads it from there, so a budget
@@ -14,11 +15,9 @@ is always the sub-network that was trained, never a re-derived one.  All slicing
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
-from nemo_elastic.checkpoint import (
-    CheckpointError, config_from_checkpoint, read_meta, resolve_checkpoint)
+from nemo_elastic.checkpoint import CheckpointError, read_meta, resolve_checkpoint
 from nemo_elastic.config import ConfigError
 from nemo_elastic.elastic.subnet import SubNetwork
 from nemo_elastic.export.extract import extract_checkpoints
@@ -81,31 +80,12 @@ def extract_family(ckpt: str | Path, out: str | Path, *,
 
 
 def export_budget_hf(ckpt: str | Path, name: str, out: str | Path, *,
-                     overwrite: bool = False) -> Path:
-    """Budget `name` as a Hugging Face nemotron_h directory: sliced into a temporary checkpoint
-    (next to `out`, removed afterwards), then `export_hf`.  Refuses, before any weight is loaded,
-    an existing `out` (without `overwrite`) and a budget transformers cannot represent."""
-    from nemo_elastic.export.hf_adapter import HFConfigError, hf_config_from_model
-    from nemo_elastic.export.hf_export import export_hf
+                     overwrite: bool = False, per_layer: bool = False) -> Path:
+    """Budget `name` as a Hugging Face nemotron_h directory `out` (with its tokenizer), verified
+    against the masked nested model (`budgets.export_to`).  Refuses, before any weight is
+    loaded, an existing `out` (without `overwrite`) and a heterogeneous budget (unless
+    `per_layer`: the per-layer config extension of `hf_per_layer`)."""
+    from nemo_elastic.export.budgets import export_to
 
-    ckpt, out = resolve_checkpoint(ckpt), Path(out)
-    subnet = budget_subnetwork(ckpt, name)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{str(out)!r} already exists; pass overwrite=True (--overwrite) "
-                              "to replace it")
-    parent = config_from_checkpoint(ckpt).model
-    child = subnet.model_config(parent)
-    if child.per_layer and any(child.per_layer):
-        # Stock transformers' NemotronH config has one size per layer type.
-        raise HFConfigError(
-            f"budget {name!r} cannot be exported to Hugging Face: the router chose different "
-            f"sizes for layers of the same type ({subnet.describe(parent)}), and stock "
-            "transformers' NemotronH has one size per layer type; keep it as a Megatron "
-            f"checkpoint (`nemo-elastic extract --budget {name}`)")
-    hf_config_from_model(child, read_meta(ckpt).get("hf_passthrough"))  # any other refusal, now
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Same filesystem as `out`: the sliced checkpoint is as large as the exported weights.
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.slice-", dir=out.parent) as tmp:
-        sliced = Path(tmp) / "checkpoint"
-        extract_checkpoints(ckpt, {sliced: subnet}, extra_meta={sliced: {"budget": name}})
-        return export_hf(sliced, out, overwrite=overwrite)
+    return export_to(ckpt, {name: out}, format="hf", overwrite=overwrite,
+                     hf_per_layer=per_layer)[0].path

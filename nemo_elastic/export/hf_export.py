@@ -96,6 +96,15 @@ def _write_weights(tmp: Path, maps: list[TensorMap], params: dict[str, torch.Ten
     return len(weight_map)
 
 
+def write_hf_weights(model: torch.nn.Module, model_cfg, directory: Path,
+                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> int:
+    """The weights of a whole TP=1 model (local spec) as HF safetensors in `directory`
+    (per-layer sizes allowed); returns the number of tensors."""
+    params = dict(model.named_parameters())
+    return _write_weights(Path(directory), tensor_maps(model_cfg), params, model_cfg,
+                          max_shard_bytes)
+
+
 def export_hf(ckpt: str | Path, out_dir: str | Path, *, overwrite: bool = False,
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Export a nemo_elastic checkpoint as a Hugging Face NemotronH directory; returns its path.
