@@ -156,10 +156,10 @@ def test_export_budget_to_hf_equals_masked_model(elastic, tmp_path, caplog):
 
     caplog.set_level(logging.INFO, logger="nemo_elastic")
     root, tokens, masked, rows = elastic
-    out = tmp_path / "hf"
     assert cli.main(["export", "--ckpt", str(root / "ckpt"), "--budget", "uniform",
-                     "--format", "hf", "--out", str(out)]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # temporary slice removed
+                     "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # staging removed
+    out = tmp_path / "hf" / "uniform"  # one sub-folder per budget
     assert json.loads((out / "config.json").read_text())["hidden_size"] == 24
     hf = NemotronHForCausalLM.from_pretrained(str(out)).eval()
     assert sum(p.numel() for p in hf.parameters()) == rows["uniform"]["parameters"]
@@ -174,7 +174,7 @@ def test_export_heterogeneous_budget_is_refused_with_the_reason(elastic, tmp_pat
     root = elastic[0]
     assert cli.main(["export", "--ckpt", str(root / "ckpt"), "--budget", "hetero",
                      "--out", str(tmp_path / "hf")]) == 2
-    assert "budget 'hetero' cannot be exported to Hugging Face" in caplog.text
+    assert "'hetero' cannot be exported for stock transformers" in caplog.text
     assert "one size per layer type" in caplog.text
     assert list(tmp_path.iterdir()) == []
 
@@ -191,4 +191,4 @@ def test_extract_and_export_accept_a_run_directory(elastic, tmp_path):
                      "--out", str(tmp_path / "x")]) == 0
     assert cli.main(["export", "--ckpt", str(run), "--budget", "uniform", "--format", "hf",
                      "--out", str(tmp_path / "hf")]) == 0
-    assert (tmp_path / "hf" / "config.json").is_file()
+    assert (tmp_path / "hf" / "uniform" / "config.json").is_file()
