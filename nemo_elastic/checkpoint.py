@@ -10,16 +10,23 @@ A training run keeps `OUTPUT/checkpoints/iter_0000100/...` and `OUTPUT/checkpoin
 (text: the directory name of the newest complete checkpoint).  Every write goes to a temporary
 sibling directory that is renamed only once complete, so a crash never leaves a checkpoint that
 looks valid but is not; `latest` is replaced atomically after the rename.
+
+Checkpoints prove they are whole: `nemo_elastic.json` lists every file with its size and SHA-256
+(hashed once written, split over the ranks); `load_checkpoint` verifies them before reading, so a
+damaged or missing file is named instead of loading garbage.  Every file and directory is
+fsync'd before the rename that publishes it.  A failed save (e.g. no space left on device)
+removes its partial directory and keeps the last good checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
 import random
 import shutil
-import signal
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,6 +36,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from nemo_elastic.config import Config, ConfigError, load_config, to_dict
+from nemo_elastic.errors import UserError, output_path_error
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +46,104 @@ FORMAT_VERSION = 1
 TRAINING_KINDS = ("pretrain", "elastic")  # runs whose checkpoints/latest is kept up to date
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, incomplete or unreadable; the message names the path."""
+
+
+CHECKSUMS_KEY = "checksums"  # nemo_elastic.json: {file name: {"bytes": n, "sha256": hex}}
+_HASH_CHUNK = 16 << 20
+
+
+def root_cause(err: BaseException) -> str:
+    """One line for what went wrong deep inside `err` (torch's CheckpointException pastes whole
+    tracebacks into its message): the first OSError of the chain (strerror and file), else the
+    innermost exception's first line."""
+    seen, chain, cur = set(), [], err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        chain.append(cur)
+        nxt = None
+        failures = getattr(cur, "failures", None)  # CheckpointException: rank -> (exc, tb)
+        if isinstance(failures, dict) and failures:
+            first = next(iter(failures.values()))
+            nxt = first[0] if isinstance(first, tuple) else first
+        cur = nxt if isinstance(nxt, BaseException) else (cur.__cause__ or cur.__context__)
+    for exc in chain:
+        if isinstance(exc, OSError) and exc.strerror:
+            where = f" ({exc.filename})" if exc.filename else ""
+            return f"{exc.strerror.lower()}{where}"
+    inner = chain[-1]
+    text = (str(inner).strip().splitlines() or [""])[0]
+    return f"{type(inner).__name__}: {text}" if text else type(inner).__name__
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _hash_file(path: Path) -> dict:
+    """Size and SHA-256 of one file, fsync'd on the way (the bytes we hashed are on disk)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+        os.fsync(f.fileno())
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _checkpoint_files(ckpt_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(ckpt_dir)) for p in ckpt_dir.rglob("*")
+                  if p.is_file() and p.name != META_FILE)
+
+
+def _split_over_ranks(names: list[str], fn) -> dict:
+    """{name: fn(name)} with the names shared out over the ranks (rank r: names[r::world])."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    local = {name: fn(name) for name in names[_rank()::world]}
+    if world == 1:
+        return local
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, local)
+    return {k: v for part in gathered for k, v in part.items()}
+
+
+def _hash_checkpoint(ckpt_dir: Path) -> dict:
+    return _split_over_ranks(_checkpoint_files(ckpt_dir), lambda n: _hash_file(ckpt_dir / n))
+
+
+def verify_checkpoint(ckpt_dir: str | Path, meta: Optional[dict] = None) -> None:
+    """Compare every file with the size and SHA-256 recorded at save time (collective when
+    distributed: the files are shared out over the ranks).  Raises CheckpointError naming the
+    first damaged or missing file.  Checkpoints written before checksums existed pass."""
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_meta(ckpt_dir) if meta is None else meta
+    expected = meta.get(CHECKSUMS_KEY)
+    if not expected:
+        logger.debug("checkpoint %s has no checksums (older format): not verified", ckpt_dir)
+        return
+
+    def check(name: str) -> Optional[str]:
+        path, want = ckpt_dir / name, expected[name]
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{name} has {size:,} bytes, {want['bytes']:,} when saved (truncated or replaced)"
+        if _hash_file(path)["sha256"] != want["sha256"]:
+            return f"{name} is damaged: its SHA-256 differs from the one recorded at save time"
+        return None
+
+    problems = _split_over_ranks(sorted(expected), check)
+    bad = [problems[name] for name in sorted(problems) if problems[name]]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {str(ckpt_dir)!r} is corrupt: {bad[0]}"
+            f"{f' (and {len(bad) - 1} more file(s))' if len(bad) > 1 else ''}; restore the file "
+            "from a copy or use an earlier checkpoint")
 
 
 def _rank() -> int:
@@ -89,11 +193,28 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
 
 
 def config_from_checkpoint(ckpt_dir: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """The checkpoint's stored config with `overrides` applied.  The model's shape is the
+    checkpoint's: an override that changes it (beyond where the pipeline stages split) is an
+    error naming the field, the checkpoint's value and the fix."""
     meta = read_meta(ckpt_dir)
     try:
-        return load_config(base=meta["config"], overrides=overrides)
+        stored = load_config(base=meta["config"])
     except ConfigError as err:
         raise CheckpointError(f"checkpoint {str(ckpt_dir)!r}: stored config is invalid: {err}") from err
+    if not overrides:
+        return stored
+    cfg = load_config(base=meta["config"], overrides=overrides)
+    old, new = to_dict(stored.model), to_dict(cfg.model)
+    for key in old:
+        same = old[key] == new[key]
+        if key == "hybrid_layer_pattern":
+            same = old[key].replace("|", "") == new[key].replace("|", "")
+        if not same:
+            raise ConfigError(
+                f"model.{key}={new[key]!r} does not match checkpoint {str(ckpt_dir)!r}, which holds "
+                f"model.{key}={old[key]!r}; the model's shape comes from the checkpoint: drop the "
+                "override (to slice a smaller model use `nemo-elastic extract`)")
+    return cfg
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -155,26 +276,21 @@ def _rng_sharded_object(state: Optional[dict[str, Any]]):
 # ---------------------------------------------------------------------------------------------
 
 def start_writer_processes() -> None:
-    """Start dist_checkpointing's writer helper process now, with SIGTERM/SIGINT ignored.
+    """Keep dist_checkpointing's writer in this process: no helper process at all.
 
-    Megatron's torch_dist writer lazily spawns a `multiprocessing.Manager` at the first save.
-    Slurm and torchrun deliver SIGTERM to the whole process group; a Manager started normally
-    would die with the trainer and make the preemption checkpoint fail.  Started here, with the
-    signals ignored, it inherits the ignore and survives until the final save is done.
+    Megatron's torch_dist writer lazily spawns a `multiprocessing.Manager` (a server process of
+    ~0.5 GB, plus multiprocessing's resource tracker) only to carry its writer threads' results
+    back.  Our saves are synchronous: the threads run in this process, so a plain in-process
+    queue does the same job.  Nothing is then left behind by a SIGKILL of the trainer, and a
+    SIGTERM to the whole process group (Slurm, torchrun) cannot kill a helper that the
+    preemption checkpoint needs.  Idempotent; `save_checkpoint` calls it too.
     """
+    import queue
+
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    previous = {}
-    try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, signal.SIG_IGN)
-    except ValueError:  # not the main thread: signals cannot be changed here
-        pass
-    try:
-        filesystem_async.get_write_results_queue()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def save_checkpoint(ckpt_dir: str | Path, *, cfg: Config, model: torch.nn.Module,
@@ -191,13 +307,66 @@ def save_checkpoint(ckpt_dir: str | Path, *, cfg: Config, model: torch.nn.Module
     from megatron.core import dist_checkpointing
 
     ckpt_dir = Path(ckpt_dir)
+    if ckpt_dir.exists() and not ckpt_dir.is_dir():
+        raise CheckpointError(f"{str(ckpt_dir)!r} is an existing file, not a checkpoint "
+                              "directory; choose another output path")
     if ckpt_dir.exists() and not overwrite:
         raise CheckpointError(f"{str(ckpt_dir)!r} already exists; pass --overwrite to replace it")
+    start_writer_processes()
     tmp_dir = ckpt_dir.with_name(f".{ckpt_dir.name}.tmp")
+    error = ""
     if _rank() == 0:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        tmp_dir.mkdir(parents=True)
-    _barrier()
+        try:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            tmp_dir.mkdir(parents=True)
+        except OSError as err:
+            error = str(output_path_error("checkpoint", ckpt_dir, err))
+    error = _broadcast_str(error)
+    if error:
+        raise CheckpointError(error)
+    try:
+        _save_into(tmp_dir, ckpt_dir, cfg=cfg, model=model, optimizer=optimizer,
+                   scheduler=scheduler, iteration=iteration, data_state=data_state, kind=kind,
+                   extra_meta=extra_meta, extra_common=extra_common)
+    except (Exception, CheckpointException) as err:  # torch's CheckpointException is a
+        # BaseException; a full disk surfaces here wrapped in one
+        if isinstance(err, CheckpointError):
+            raise
+        if _rank() == 0:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise CheckpointError(_save_failure(ckpt_dir, err)) from None
+    logger.info("saved checkpoint %s (iteration %d)", ckpt_dir, iteration)
+    return ckpt_dir
+
+
+def _save_failure(ckpt_dir: Path, err: BaseException) -> str:
+    """The one line for a failed save: root cause, what is kept, the fix."""
+    cause = root_cause(err)
+    latest = ckpt_dir.parent / LATEST_FILE
+    kept = (f"the last good checkpoint {str(ckpt_dir.parent / latest.read_text().strip())!r} is "
+            "kept" if latest.is_file() else "no earlier checkpoint was touched")
+    nospace = any(getattr(e, "errno", None) == errno.ENOSPC for e in _exc_chain(err)) \
+        or "no space left" in cause
+    fix = ("free disk space (or point the output elsewhere) and rerun the same command"
+           if nospace else "check that the output path is writable and rerun")
+    return f"saving checkpoint {str(ckpt_dir)!r} failed: {cause}; {kept}; {fix}"
+
+
+def _exc_chain(err: BaseException) -> list[BaseException]:
+    out, cur = [], err
+    while cur is not None and cur not in out:
+        out.append(cur)
+        failures = getattr(cur, "failures", None)
+        if isinstance(failures, dict) and failures:
+            first = next(iter(failures.values()))
+            out.append(first[0] if isinstance(first, tuple) else first)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def _save_into(tmp_dir: Path, ckpt_dir: Path, *, cfg, model, optimizer, scheduler, iteration,
+               data_state, kind, extra_meta, extra_common) -> None:
+    from megatron.core import dist_checkpointing
 
     model_sd = model.sharded_state_dict()
     state: dict[str, Any] = {"model": model_sd, "rng_state": _rng_sharded_object(_rng_state())}
@@ -208,28 +377,66 @@ def save_checkpoint(ckpt_dir: str | Path, *, cfg: Config, model: torch.nn.Module
               **(extra_common or {})}
     state["common"] = common
     dist_checkpointing.save(state, str(tmp_dir))
+    checksums = _hash_checkpoint(tmp_dir)  # every rank hashes (and fsyncs) its share
 
+    meta = {"format_version": FORMAT_VERSION, "kind": kind, "iteration": iteration,
+            "config": to_dict(cfg), "has_optimizer": optimizer is not None,
+            "parallel_layout": _parallel_layout(), CHECKSUMS_KEY: checksums}
+    meta.update(extra_meta or {})
+    error = ""
     if _rank() == 0:
-        meta = {"format_version": FORMAT_VERSION, "kind": kind, "iteration": iteration,
-                "config": to_dict(cfg), "has_optimizer": optimizer is not None,
-                "parallel_layout": _parallel_layout()}
-        meta.update(extra_meta or {})
-        (tmp_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if ckpt_dir.exists():
-            shutil.rmtree(ckpt_dir)
-        os.replace(tmp_dir, ckpt_dir)
-        if kind in TRAINING_KINDS:
-            _write_latest(ckpt_dir)
-    _barrier()
-    logger.info("saved checkpoint %s (iteration %d)", ckpt_dir, iteration)
-    return ckpt_dir
+        try:
+            write_text_durably(tmp_dir / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+            _fsync_path(tmp_dir)
+            if ckpt_dir.exists():
+                shutil.rmtree(ckpt_dir)
+            os.replace(tmp_dir, ckpt_dir)
+            _fsync_path(ckpt_dir.parent)
+            if kind in TRAINING_KINDS:
+                _write_latest(ckpt_dir)
+        except OSError as err:  # every rank must learn of it, or the others wait forever
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            error = _save_failure(ckpt_dir, err)
+    error = _broadcast_str(error)
+    if error:
+        raise CheckpointError(error)
+
+
+def write_text_durably(path: Path, text: str) -> None:
+    """Write `path` through a fsync'd temporary sibling and an atomic rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(path.parent)
 
 
 def _write_latest(ckpt_dir: Path) -> None:
-    latest = ckpt_dir.parent / LATEST_FILE
-    tmp = latest.with_name(LATEST_FILE + ".tmp")
-    tmp.write_text(ckpt_dir.name + "\n")
-    os.replace(tmp, latest)
+    write_text_durably(ckpt_dir.parent / LATEST_FILE, ckpt_dir.name + "\n")
+
+
+def prune_checkpoints(checkpoints_dir: str | Path, keep: Optional[int]) -> list[Path]:
+    """Delete all but the newest `keep` `iter_*` checkpoints (never the one `latest` names);
+    None keeps every one.  Rank 0 deletes; returns the deleted paths."""
+    root = Path(checkpoints_dir)
+    if keep is None or _rank() != 0 or not root.is_dir():
+        return []
+    latest = root / LATEST_FILE
+    current = latest.read_text().strip() if latest.is_file() else None
+    found = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_"))
+    doomed = [p for p in found[:max(0, len(found) - keep)] if p.name != current]
+    for path in doomed:
+        # rename first: a crash mid-delete leaves a hidden leftover, never a half checkpoint
+        trash = path.with_name(f".{path.name}.deleting")
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    if doomed:
+        logger.info("kept the last %d checkpoint(s): deleted %s", keep,
+                    ", ".join(p.name for p in doomed))
+    return doomed
 
 
 def load_checkpoint(ckpt_dir: str | Path, *, model: torch.nn.Module, optimizer=None,
@@ -239,6 +446,7 @@ def load_checkpoint(ckpt_dir: str | Path, *, model: torch.nn.Module, optimizer=N
 
     ckpt_dir = Path(ckpt_dir)
     meta = read_meta(ckpt_dir)
+    verify_checkpoint(ckpt_dir, meta)
     if optimizer is not None and not meta.get("has_optimizer", False):
         raise CheckpointError(
             f"checkpoint {str(ckpt_dir)!r} holds no optimizer state (kind={meta.get('kind')!r}); "
@@ -256,8 +464,8 @@ def load_checkpoint(ckpt_dir: str | Path, *, model: torch.nn.Module, optimizer=N
     except (Exception, CheckpointException) as err:  # many types for damaged files; torch's
         # CheckpointException derives from BaseException
         raise CheckpointError(
-            f"checkpoint {str(ckpt_dir)!r} could not be read ({type(err).__name__}: {err}); "
-            "it is corrupt or was written for a different model shape") from err
+            f"checkpoint {str(ckpt_dir)!r} could not be read: {root_cause(err)}; it is damaged or "
+            "was written for a different model shape") from None
     incompatible = model.load_state_dict(loaded["model"], strict=False)
     missing = [k for k in incompatible.missing_keys if not k.endswith("_extra_state")]
     if strict and (missing or incompatible.unexpected_keys):
@@ -274,3 +482,58 @@ def load_checkpoint(ckpt_dir: str | Path, *, model: torch.nn.Module, optimizer=N
     logger.info("loaded checkpoint %s (iteration %s)", ckpt_dir, common.get("iteration"))
     return {**common, "iteration": common.get("iteration", 0),
             "data_state": common.get("data_state"), "meta": meta}
+
+
+# ---------------------------------------------------------------------------------------------
+# one run per output folder
+# ---------------------------------------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+
+
+class OutputLock:
+    """An exclusive lock on a run's output folder, so that a second run on it refuses clearly
+    instead of racing for its checkpoints.  Rank 0 creates the folder and holds `fcntl.flock`
+    on `OUT/.lock` (the kernel drops it when the process ends, even by SIGKILL: no stale lock);
+    every rank raises the same one-line UserError when another run holds it.  Collective."""
+
+    def __init__(self, out_dir: str | Path, field_name: str) -> None:
+        self.out_dir, self.field_name = Path(out_dir), field_name
+        self._handle = None
+
+    def __enter__(self) -> "OutputLock":
+        import fcntl
+
+        from nemo_elastic.errors import ensure_output_dir
+
+        error = ""
+        if _rank() == 0:
+            try:
+                ensure_output_dir(self.out_dir, self.field_name)
+                handle = open(self.out_dir / LOCK_FILE, "a+")
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "unknown"
+                    handle.close()
+                    error = (f"{self.field_name}={str(self.out_dir)!r} is in use by another run "
+                             f"(pid {holder}); wait for it to finish or choose another "
+                             f"{self.field_name}")
+                else:
+                    handle.seek(0)
+                    handle.truncate()
+                    handle.write(f"{os.getpid()}\n")
+                    handle.flush()
+                    self._handle = handle
+            except UserError as err:
+                error = str(err)
+        error = _broadcast_str(error)
+        if error:
+            raise UserError(error)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing the file releases the flock
+            self._handle = None

@@ -1,11 +1,13 @@
 """`nemo-elastic` command line.
 
     nemo-elastic run        [--config conf/tiny.yaml] [key=value ...]   the main job (embedded default):
-                                                                        pretrain, prepare, zero-shot budgets, train
-    nemo-elastic pretrain   --config CONF [key=value ...]              train the parent
+                                                                        pretrain, prepare, zero-shot budgets, train,
+                                                                        export, evaluate, report.md
+    nemo-elastic pretrain   [--config conf/tiny.yaml] [key=value ...]   train the parent
     nemo-elastic train      [--config conf/tiny.yaml] [key=value ...]   elastic distillation (all budgets)
     nemo-elastic info       CKPT [--json]                               a checkpoint's budget family
-    nemo-elastic eval       --ckpt CKPT [key=value ...]                validation loss + answer accuracy
+    nemo-elastic eval       --ckpt CKPT [--json] [--out FILE] [key=value ...]
+                                                                        validation loss + answer accuracy
     nemo-elastic prepare    --ckpt CKPT --out CKPT [--config CONF]       importance scores + reordering
     nemo-elastic preprocess --input FILE --tokenizer tokenizer.json --out PREFIX
     nemo-elastic import-hf  DIR --out CKPT                              nemotron_h -> Megatron checkpoint
@@ -68,7 +70,9 @@ def cmd_run(args) -> int:
     from nemo_elastic.pipeline import run
 
     cfg = load_config(args.config or _default_config(), args.overrides)
-    run(cfg, resume=not args.no_resume, progress=not args.no_progress)
+    result = run(cfg, resume=not args.no_resume, progress=not args.no_progress)
+    if result and result.get("report"):
+        print(f"report: {result['report']}", flush=True)
     return 0
 
 
@@ -107,9 +111,18 @@ def cmd_info(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from nemo_elastic.training.evaluate_checkpoint import evaluate_checkpoint
+    import json
 
-    evaluate_checkpoint(args.ckpt, overrides=args.overrides)
+    from nemo_elastic.training.evaluate_checkpoint import evaluate_checkpoint, format_result, \
+        write_result
+
+    result = evaluate_checkpoint(args.ckpt, overrides=args.overrides, speed=args.speed,
+                                 progress=not args.no_progress)
+    if args.out:
+        write_result(result, Path(args.out))
+        logger.info("wrote %s", args.out)
+    # stdout carries the result: a table, or JSON for scripts
+    print(json.dumps(result, indent=2) if args.json else format_result(result), flush=True)
     return 0
 
 
@@ -163,17 +176,52 @@ def _subnetwork_from_args(args, model_cfg):
     from nemo_elastic.elastic import SubNetwork
 
     if args.subnet:
-        from omegaconf import OmegaConf
+        from nemo_elastic.config_io import load_yaml
 
-        path = Path(args.subnet)
-        if not path.is_file():
-            raise ConfigError(f"--subnet {str(path)!r} does not exist")
-        return SubNetwork.from_dict(OmegaConf.to_container(OmegaConf.load(path)))
-    drop = [int(i) for i in args.drop_layers.split(",")] if args.drop_layers else []
+        data = load_yaml(args.subnet, "--subnet")
+        if not isinstance(data, dict):
+            raise ConfigError(f"--subnet={args.subnet!r}: holds {type(data).__name__}, not a "
+                              "sub-network mapping (SubNetwork.to_dict(): hidden_size, layers)")
+        try:
+            return SubNetwork.from_dict(data)
+        except (KeyError, TypeError, AttributeError) as err:  # a wrong shape of the mapping
+            raise ConfigError(f"--subnet={args.subnet!r}: not a sub-network file ({type(err).__name__}"
+                              f": {err}); write it with SubNetwork.to_dict()") from None
+    drop = parse_int_list(args.drop_layers, "--drop-layers", low=0, high=model_cfg.num_layers - 1,
+                          what="global layer indices")
+    if len(drop) >= model_cfg.num_layers:
+        raise ConfigError(f"--drop-layers={args.drop_layers!r}: drops all {model_cfg.num_layers} "
+                          "layers; keep at least one")
+    sizes = [getattr(args, f) for f in SIZE_FLAGS if f != "drop_layers"]
+    if not drop and all(v is None for v in sizes):
+        raise ConfigError("extract: no size given, so the output would be a copy of the parent; "
+                          "pass --budget NAME, --all, --subnet FILE or at least one size flag "
+                          "(e.g. --hidden-size N, --drop-layers 1,3)")
     return SubNetwork.uniform(
         model_cfg, hidden_size=args.hidden_size, mamba_num_heads=args.mamba_num_heads,
         mamba_head_dim=args.mamba_head_dim, num_attention_heads=args.num_attention_heads,
         ffn_hidden_size=args.ffn_hidden_size, drop_layers=drop)
+
+
+def parse_int_list(text: Optional[str], flag: str, *, low: int, high: int, what: str) -> list[int]:
+    """'1,3,5' -> [1, 3, 5]; a malformed number, an index outside [low, high] or a repeated one
+    raises one line naming the flag."""
+    if not text or not text.strip():
+        return []
+    values = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            value = int(item)
+        except ValueError:
+            raise ConfigError(f"{flag}={text!r}: {item!r} is not an integer; pass comma-separated "
+                              f"{what}, e.g. {flag} 1,3") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{flag}={text!r}: {value} is outside [{low}, {high}] ({what})")
+        if value in values:
+            raise ConfigError(f"{flag}={text!r}: {value} is given twice")
+        values.append(value)
+    return values
 
 
 def _check_extract_selection(args) -> None:
@@ -225,7 +273,7 @@ def cmd_generate(args) -> int:
 # ------------------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nemo-elastic", description="Nested (many-in-one) hybrid Mamba2/attention/MLP LLMs "
         "on Megatron-Core (Nemotron Elastic).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -241,12 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("run", help="the main job: pretrain, importance-reorder, zero-shot "
-                       "budgets, elastic distillation (default config: the embedded "
-                       "conf/tiny.yaml)")
+                       "budgets, elastic distillation, export and evaluate every budget, "
+                       "OUTPUT_DIR/report.md (default config: the embedded conf/tiny.yaml)")
     train_args(p, config_required=False)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("pretrain", help="train the hybrid parent")
-    train_args(p, config_required=True)
+    train_args(p, config_required=False)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("train", help="elastic distillation: router + every budget from a frozen "
@@ -262,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation loss and greedy answer accuracy of a checkpoint")
     p.add_argument("--ckpt", required=True, help="checkpoint dir (or a run's output dir: latest)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the result as JSON")
+    p.add_argument("--speed", action="store_true",
+                   help="also measure greedy decoding tokens/s (one process)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("prepare", help="score every axis and layer on calibration data, then "
@@ -287,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("preprocess", help="text/jsonl -> Megatron indexed dataset (.bin/.idx)")
-    p.add_argument("--input", required=True, help=".txt (one document per line) or .jsonl")
+    p.add_argument("--input", required=True, help=".txt (documents separated by blank lines) "
+                   "or .jsonl (one document per line)")
     p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer.json")
     p.add_argument("--out", required=True, help="output prefix (writes PREFIX.bin and PREFIX.idx)")
     p.add_argument("--json-key", default="text", help="jsonl field holding the text")
@@ -353,13 +407,45 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    from nemo_elastic.checkpoint import CheckpointError
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     try:
-        return args.func(args)
-    except (UserError, CheckpointError, FileNotFoundError, FileExistsError) as err:
-        logger.error("%s", err)
+        with logging_redirect_tqdm():  # log lines print above progress bars, not through them
+            return args.func(args)
+    except UserError as err:  # CheckpointError, ConfigError, DataError, TrainingDiverged
+        logger.error("%s", _one_line(str(err)))
         return 2
+    except OSError as err:  # a missing input, an output that cannot be written, a full disk
+        logger.error("%s", _one_line(_os_error_line(err)))
+        return 2
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _os_error_line(err: OSError) -> str:
+    import errno
+
+    if not err.strerror:  # raised with a message of ours
+        return str(err)
+    where = f"{err.filename}: " if err.filename else ""
+    fix = {errno.ENOENT: "check the path", errno.EEXIST: "choose another path or remove it",
+           errno.ENOTDIR: "a file is in the way: choose another path",
+           errno.EISDIR: "pass a file, not a directory",
+           errno.EACCES: "choose a location you can read/write",
+           errno.EPERM: "choose a location you can read/write",
+           errno.EROFS: "choose a writable location",
+           errno.ENOSPC: "free disk space or choose another location"}.get(err.errno,
+                                                                          "check the path")
+    return f"{where}{err.strerror.lower()}; {fix}"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the command, the problem, where to look)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 if __name__ == "__main__":

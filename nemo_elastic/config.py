@@ -186,6 +186,20 @@ class IndexedDataConfig:
     split: str = "98,2,0"
     cache_dir: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        name = "data.indexed.split"
+        try:
+            weights = [float(w) for w in self.split.replace("/", ",").split(",")]
+        except ValueError:
+            weights = []
+        if len(weights) != 3 or any(not math.isfinite(w) or w < 0 for w in weights):
+            _fail(name, self.split, "must be three non-negative weights 'train,valid,test' "
+                  "(e.g. '98,2,0')")
+        if weights[0] <= 0 or weights[1] <= 0:
+            _fail(name, self.split, "gives the {} split no weight; training needs both a train "
+                  "and a validation split (e.g. '98,2,0')".format(
+                      "train" if weights[0] <= 0 else "validation"))
+
 
 @dataclass(kw_only=True)
 class DataConfig:
@@ -202,6 +216,12 @@ class DataConfig:
                           prefix="data.")
         if self.source not in ("synthetic", "indexed"):
             _fail("data.source", self.source, "must be 'synthetic' or 'indexed'")
+        if self.source == "synthetic":
+            for name in ("num_train", "num_val"):
+                if getattr(self.synthetic, name) < 1:
+                    _fail(f"data.synthetic.{name}", getattr(self.synthetic, name),
+                          "training needs at least 1 problem in the train and the validation "
+                          "split")
         if self.source == "indexed" and (not self.indexed.prefix or not self.indexed.tokenizer):
             _fail("data.indexed.prefix", self.indexed.prefix,
                   "data.source=indexed needs data.indexed.prefix (from `nemo-elastic preprocess`) "
@@ -225,6 +245,8 @@ class TrainConfig:
     eval_iters: int = 10
     save_interval: int = 100
     eval_accuracy_samples: int = 64  # greedy-decoding answer accuracy at the end (synthetic data)
+    keep_checkpoints: Optional[int] = None  # keep the newest N checkpoints (pretrain and the
+    # elastic train); None keeps every one
     # Megatron activation recompute (TransformerConfig fields of the same names); masks of
     # elastic sub-networks survive it (nemo_elastic/elastic/recompute.py).
     recompute_granularity: Optional[str] = None  # None | full | selective
@@ -235,6 +257,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         require_positive(self, "iters", "log_interval", "eval_interval", "eval_iters",
                           "save_interval", prefix="train.")
+        if self.keep_checkpoints is not None:
+            require_positive(self, "keep_checkpoints", prefix="train.")
         if self.warmup_iters < 0 or self.warmup_iters >= self.iters:
             _fail("train.warmup_iters", self.warmup_iters, f"must be in [0, train.iters={self.iters})")
         if not 0 < self.lr:

@@ -41,3 +41,48 @@ def require_number(obj, *names: str, prefix: str, low: float = 0.0, low_open: bo
         if (value <= low if low_open else value < low) or value > high:
             bracket = "(" if low_open else "["
             fail(f"{prefix}{name}", value, f"must be in {bracket}{low:g}, {high:g}]")
+
+
+class TrainingDiverged(UserError):
+    """The training loss became non-finite; the message names the iteration, stage and budgets
+    and says which checkpoint is kept."""
+
+
+def output_path_error(field_name: str, path, err: OSError) -> UserError:
+    """One line for an OSError met while creating or writing output `path` of `field_name`."""
+    import errno
+
+    where = f"{field_name}={str(path)!r}"
+    code = getattr(err, "errno", None)
+    culprit = f" ({err.filename})" if getattr(err, "filename", None) not in (None, str(path)) \
+        else ""
+    if code in (errno.EEXIST, errno.ENOTDIR):
+        return UserError(f"{where}: an existing file{culprit} is in the way of this directory; "
+                         f"choose another {field_name} or move the file")
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return UserError(f"{where}: not writable ({err.strerror.lower()}{culprit}); choose a "
+                         f"{field_name} in a folder you can write to")
+    if code == errno.ENOSPC:
+        return UserError(f"{where}: no space left on device; free disk space or choose "
+                         f"another {field_name}")
+    return UserError(f"{where}: cannot be created ({(err.strerror or str(err)).lower()}"
+                     f"{culprit}); choose another {field_name}")
+
+
+def ensure_output_dir(path, field_name: str):
+    """Create output directory `path` (and its parents); returns it as a Path.  An existing
+    file in the way, a read-only or missing place raises one line naming `field_name`."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise output_path_error(field_name, path, err) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        import errno
+
+        raise output_path_error(field_name, path, PermissionError(
+            errno.EACCES, "Permission denied", str(path)))
+    return path

@@ -37,7 +37,13 @@ class HFTokenizer:
         if not self.path.is_file():
             raise FileNotFoundError(f"HFTokenizer path={str(self.path)!r}: no such file; pass the "
                                     "tokenizer.json of a Hugging Face tokenizer")
-        self._tok = _HFTokenizer.from_file(str(self.path))
+        try:
+            self._tok = _HFTokenizer.from_file(str(self.path))
+        except Exception as err:  # tokenizers raises a bare Exception for a malformed file
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise DataError(f"tokenizer {str(self.path)!r} is not a valid Hugging Face "
+                            f"tokenizer.json ({reason}); pass the tokenizer.json saved by "
+                            "`tokenizers` / `transformers`") from None
         self.add_special_tokens = add_special_tokens
         if eod_token is None:
             present = [t for t in DEFAULT_EOD_TOKENS if self._tok.token_to_id(t) is not None]

@@ -33,6 +33,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from nemo_elastic.data.dataset import SAMPLE_KEYS
 from nemo_elastic.data.protocol import TokenizerProtocol
+from nemo_elastic.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -156,13 +157,13 @@ def build_indexed_datasets(config: IndexedDatasetsConfig, tokenizer: TokenizerPr
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, gpt_config)
     train, valid, _ = builder.build()
     if train is None or len(train) == 0:
-        raise ValueError(f"build_indexed_datasets: the train split of {list(config.prefixes)} with "
-                         f"split={config.split!r} and seq_length={config.seq_length} holds no "
-                         "sample; give train more weight, lower seq_length or add data")
+        raise DataError(f"data.indexed.split={config.split!r}: the train split of "
+                        f"{list(config.prefixes)} at seq_length={config.seq_length} holds no "
+                        "sample; give train more weight, lower seq_length or add data")
     if valid is not None and len(valid) == 0:
-        raise ValueError(f"build_indexed_datasets: the valid split with split={config.split!r} "
-                         f"and seq_length={config.seq_length} holds no sample; give it more "
-                         "weight (or 0 to disable it), lower seq_length or add data")
+        raise DataError(f"data.indexed.split={config.split!r}: the validation split of "
+                        f"{list(config.prefixes)} at seq_length={config.seq_length} holds no "
+                        "sample; give it more weight, lower seq_length or add data")
     logger.info("indexed datasets: %d train samples, %s valid samples (cache %s)", len(train),
                 "no" if valid is None else len(valid), config.cache_dir)
     return IndexedSamples(train), None if valid is None else IndexedSamples(valid)

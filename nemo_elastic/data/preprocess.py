@@ -31,7 +31,7 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 from tqdm import tqdm
 
-from nemo_elastic.errors import DataError
+from nemo_elastic.errors import DataError, ensure_output_dir
 from nemo_elastic.data.protocol import TokenizerProtocol, document_ids
 
 logger = logging.getLogger(__name__)
@@ -122,8 +122,10 @@ def preprocess_to_indexed(input_path: str | Path, tokenizer: TokenizerProtocol,
         raise DataError(f"preprocess text_mode={text_mode!r}: must be 'paragraphs' (blank-line "
                          "separated documents) or 'lines' (one document per line)")
     prefix = str(output_prefix)
-    out_dir = os.path.dirname(os.path.abspath(prefix))
-    os.makedirs(out_dir, exist_ok=True)
+    if prefix.endswith(("/", os.sep)) or os.path.isdir(prefix):
+        raise DataError(f"--out={prefix!r} is a directory; pass a file prefix inside it (writes "
+                        "PREFIX.bin and PREFIX.idx), e.g. --out data/corpus")
+    ensure_output_dir(os.path.dirname(os.path.abspath(prefix)), "--out")
     vocab_size = int(tokenizer.vocab_size)
     dtype = smallest_token_dtype(vocab_size)
     final_bin, final_idx = get_bin_path(prefix), get_idx_path(prefix)

@@ -68,14 +68,29 @@ class SafetensorsReader:
         if path not in self._handles:
             from safetensors import safe_open
 
-            self._handles[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+            try:
+                self._handles[path] = self._stack.enter_context(safe_open(str(path),
+                                                                          framework="pt"))
+            except Exception as err:  # SafetensorError (a truncated or foreign file), OSError
+                raise _damaged(path, err) from None
         return self._handles[path]
 
     def names(self) -> set[str]:
         return set(self.file_of)
 
     def get(self, name: str) -> torch.Tensor:
-        return self._open(self.file_of[name]).get_tensor(name)
+        handle = self._open(self.file_of[name])
+        try:
+            return handle.get_tensor(name)
+        except Exception as err:  # the header lists it but its bytes cannot be read
+            raise _damaged(self.file_of[name], err, name) from None
+
+
+def _damaged(path: Path, err: Exception, tensor: str = "") -> CheckpointError:
+    what = f" (tensor {tensor!r})" if tensor else ""
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return CheckpointError(f"{str(path)!r}{what} is not a readable safetensors file: {reason}; "
+                           "it is truncated or damaged: download or save it again")
 
 
 def _detect_prefix(names: set[str]) -> str:
@@ -145,8 +160,8 @@ def import_hf(hf_dir: str | Path, out_ckpt: str | Path, *, overwrite: bool = Fal
     """
     hf_dir, out_ckpt = Path(hf_dir), Path(out_ckpt)
     if out_ckpt.exists() and not overwrite:
-        raise CheckpointError(f"{str(out_ckpt)!r} already exists; pass overwrite=True "
-                              "(--overwrite) to replace it")
+        raise CheckpointError(f"{str(out_ckpt)!r} already exists; add --overwrite "
+                              "to replace it")
     start = time.perf_counter()
     hf = load_hf_config(hf_dir)
     model_cfg = model_config_from_hf(hf)

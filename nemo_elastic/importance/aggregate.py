@@ -20,6 +20,8 @@ from typing import Union
 
 import torch
 
+from nemo_elastic.errors import ConfigError
+
 REDUCTIONS = ("sum", "mean", "l2")
 # float64 running sums: thousands of samples of O(1) magnitudes stay exact enough that TP/DP
 # layouts agree to ~1e-12, far inside any ranking tie-break.
@@ -37,7 +39,7 @@ class Aggregation:
         for name in ("sequence", "batch"):
             value = getattr(self, name)
             if value not in REDUCTIONS:
-                raise ValueError(f"aggregation.{name}={value!r}: must be one of {REDUCTIONS} "
+                raise ConfigError(f"aggregation.{name}={value!r}: must be one of {REDUCTIONS} "
                                  "(e.g. Aggregation(sequence='mean', batch='l2'))")
 
     @classmethod
@@ -56,7 +58,7 @@ class Aggregation:
                 return cls(sequence=parts[0], batch=parts[0])
             if len(parts) == 2:
                 return cls(sequence=parts[0], batch=parts[1])
-        raise ValueError(f"aggregation={value!r}: use 'SEQUENCE/BATCH' with each one of "
+        raise ConfigError(f"aggregation={value!r}: use 'SEQUENCE/BATCH' with each one of "
                          f"{REDUCTIONS} (e.g. 'mean/l2'), a single name for both, or an Aggregation")
 
     def to_dict(self) -> dict[str, str]:

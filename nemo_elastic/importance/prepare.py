@@ -28,7 +28,7 @@ from tqdm import tqdm
 from nemo_elastic import runtime
 from nemo_elastic.checkpoint import (CheckpointError, config_from_checkpoint, load_checkpoint,
                                      resolve_checkpoint, save_checkpoint)
-from nemo_elastic.config import Config, load_config, to_dict
+from nemo_elastic.config import Config, ConfigError, load_config, to_dict
 from nemo_elastic.importance.aggregate import Aggregation
 from nemo_elastic.importance.depth import METHODS, depth_rankings
 from nemo_elastic.importance.order import permutations_from_scores
@@ -86,17 +86,18 @@ def prepare(ckpt: Union[str, Path], out: Union[str, Path], *, num_batches: int =
     metadata adds `importance` (a summary) and `layer_ranking` (least important layer first).
     """
     if depth_method not in METHODS:
-        raise ValueError(f"depth_method={depth_method!r}: must be one of {METHODS}")
-    if not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f"num_batches={num_batches!r}: must be a positive integer")
+        raise ConfigError(f"depth_method={depth_method!r}: must be one of {METHODS}")
+    if not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 1:
+        raise ConfigError(f"num_batches (--num-batches)={num_batches!r}: must be a positive "
+                          "integer")
     if depth_batches is not None and not 1 <= depth_batches <= num_batches:
-        raise ValueError(f"depth_batches={depth_batches!r}: must be in [1, num_batches="
-                         f"{num_batches}] (or None for all)")
+        raise ConfigError(f"depth_batches (--depth-batches)={depth_batches!r}: must be in [1, "
+                          f"num_batches={num_batches}] (or None for all)")
     agg = Aggregation.parse(aggregation)
     src = resolve_checkpoint(ckpt)
     out = Path(out)
     if out.exists() and not overwrite:
-        raise CheckpointError(f"{str(out)!r} already exists; pass overwrite=True (--overwrite) "
+        raise CheckpointError(f"{str(out)!r} already exists; add --overwrite "
                               "to replace it")
     if out.resolve() == src.resolve():
         raise CheckpointError(f"out={str(out)!r} is the parent checkpoint itself; choose a new "

@@ -10,6 +10,13 @@ Checkpoints (model, optimizer, scheduler, RNG, data position, and whatever `extr
 e.g. the router and its optimizer) are written every `save_interval` iterations, at every segment
 end, at the end, and when SIGTERM / Ctrl-C arrives (Slurm preemption), so a rerun resumes exactly
 where it stopped — also across a stage transition.
+
+Run outputs are never lost: each iteration's record is appended to `metrics.jsonl` as it is made
+(the records after the resume point, which the resumed run redoes, are dropped at resume), so
+the file always holds the whole history; `config.json` is written only once the resume checks
+passed, and a rerun of a finished run writes nothing.  A non-finite loss stops the run before
+any checkpoint is written (the last good one stays `latest`); `train.keep_checkpoints` keeps only
+the newest N checkpoints.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -26,9 +34,10 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm import tqdm
 
-from nemo_elastic.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, \
-    start_writer_processes
-from nemo_elastic.config import Config, ConfigError
+from nemo_elastic.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, \
+    save_checkpoint, start_writer_processes, write_text_durably
+from nemo_elastic.config import Config, ConfigError, to_dict
+from nemo_elastic.errors import TrainingDiverged
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +140,9 @@ class Trainer:
         self.earlier: list[dict] = []  # metrics of earlier invocations, up to the resume point
         self.ckpt_path: Optional[Path] = None
         self.wall_time_s = 0.0
+        self.trained = False  # whether this invocation ran any iteration
+        self.keep_checkpoints = cfg.train.keep_checkpoints
+        self._metrics_file = None
         for seg in segments:
             per_step = seg.micro_batch_size * info.dp_size
             if seg.global_batch_size % per_step:
@@ -210,7 +222,38 @@ class Trainer:
             data_state=seg.data.train_iter.state_dict(), kind=self.kind,
             extra_meta={"segment": seg.name, **self.extra_meta()},
             extra_common={"segment": seg.name, "extra": self.extra_state()}, overwrite=True)
+        if self._metrics_file is not None:  # the records up to this checkpoint are on disk
+            os.fsync(self._metrics_file.fileno())
+        prune_checkpoints(self.ckpt_root, self.keep_checkpoints)
         return self.ckpt_path
+
+    # ------------------------------------------------------------------ run outputs
+    def _open_outputs(self) -> None:
+        """After the resume checks passed: the run's config and the metrics so far (rank 0)."""
+        if not self.info.is_main:
+            return
+        write_text_durably(self.out_dir / "config.json", json.dumps(to_dict(self.cfg), indent=2))
+        write_metrics(self.out_dir, self.earlier)  # drops the records the resumed run redoes
+        self._metrics_file = open(self.out_dir / METRICS_FILE, "a")
+
+    def _append_metrics(self, record: dict) -> None:
+        if self._metrics_file is not None:
+            self._metrics_file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+            self._metrics_file.flush()
+
+    def _check_finite(self, record: dict, seg: Segment) -> None:
+        """A non-finite loss stops the run here, before any checkpoint of these weights."""
+        loss = record.get("train_loss")
+        if loss is None or math.isfinite(loss):
+            return
+        drawn = [n for n, k in (record.get("budgets_drawn") or {}).items() if k]
+        budgets = f", budget(s) {', '.join(drawn)}" if drawn else ""
+        kept = f"the last good checkpoint {str(self.ckpt_path)!r} is kept" if self.ckpt_path \
+            else "no checkpoint was written"
+        raise TrainingDiverged(
+            f"training loss is {loss} at iteration {record['iteration']} (stage "
+            f"{seg.name!r}{budgets}); {kept}; lower the learning rate (or raise the gradient "
+            "clipping) and rerun to resume from it")
 
     # ------------------------------------------------------------------ the loop
     def run(self, stop: StopRequest, *, resume: bool = True) -> int:
@@ -219,10 +262,12 @@ class Trainer:
 
         start = self.resume(resume)
         if start >= self.total_iters:
-            logger.info("checkpoint %s already reached %d iterations; nothing to train",
-                        self.ckpt_path, self.total_iters)
+            logger.info("checkpoint %s already reached %d iterations; nothing to train, "
+                        "outputs left as they are", self.ckpt_path, self.total_iters)
             return start
-        start_writer_processes()  # before any signal can arrive mid-training (see its docstring)
+        start_writer_processes()  # in-process checkpoint writer (see its docstring)
+        self._open_outputs()
+        self.trained = True
         fwd_bwd = get_forward_backward_func()
         started = time.perf_counter()
         bar = tqdm(total=self.total_iters, initial=start, desc=self.desc, unit="it",
@@ -250,10 +295,12 @@ class Trainer:
                 record = {"iteration": it, "stage": seg.name, **self.reduce_losses(losses),
                           "lr": self.optimizer.param_groups[0]["lr"],
                           "grad_norm": float(grad_norm) if grad_norm is not None else None}
+                self._check_finite(record, seg)
                 record.update(self.after_step(it))
                 if it % self.eval_interval == 0 or it == self.total_iters or it == seg.end:
                     record.update(self.evaluate(it))
                 self.history.append(record)
+                self._append_metrics(record)
                 bar.update(1)
                 bar.set_postfix(self.postfix(record), refresh=False)
                 if it % self.log_interval == 0:
@@ -268,6 +315,9 @@ class Trainer:
         finally:
             bar.close()
             self.wall_time_s = time.perf_counter() - started
+            if self._metrics_file is not None:
+                self._metrics_file.close()
+                self._metrics_file = None
         return start
 
 
@@ -298,9 +348,17 @@ def read_metrics(out_dir: Path, *, up_to: int) -> list[dict]:
 
 
 def write_metrics(out_dir: Path, history: list[dict], name: str = METRICS_FILE) -> None:
-    """Rewrite the metrics file atomically from the whole history."""
-    tmp = Path(out_dir) / f".{name}.tmp"
-    with open(tmp, "w") as f:
-        for record in history:
-            f.write(json.dumps(record) + "\n")
-    tmp.replace(Path(out_dir) / name)
+    """Rewrite the metrics file atomically (fsync'd) from the whole history."""
+    write_text_durably(Path(out_dir) / name, "".join(
+        json.dumps(json_safe(record), allow_nan=False) + "\n" for record in history))
+
+
+def json_safe(obj: Any) -> Any:
+    """`obj` with every non-finite float replaced by None (NaN is not JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj

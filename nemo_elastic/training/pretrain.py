@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Optional
 
 from nemo_elastic import runtime
-from nemo_elastic.config import Config, to_dict
+from nemo_elastic.checkpoint import OutputLock, write_text_durably
+from nemo_elastic.config import Config
 from nemo_elastic.data.loaders import build_training_data
 from nemo_elastic.model import build_hybrid_model
 from nemo_elastic.report import format_table, plot_curves
 from nemo_elastic.training.evaluation import answer_accuracy_of, to_every_stage, validation_loss
 from nemo_elastic.training.loop import Segment, StopRequest, Trainer, global_param_count, \
-    write_metrics
+    json_safe, write_metrics
 from nemo_elastic.training.optim import build_optimizer, build_scheduler, wrap_ddp
 from nemo_elastic.training.step import lm_forward_step, reduce_lm_loss
 
@@ -62,7 +63,11 @@ class PretrainTrainer(Trainer):
         return {"val_loss": self.val_loss}
 
     def postfix(self, record: dict) -> dict:
-        return {"loss": f"{record['train_loss']:.3f}", "val": f"{self.val_loss:.3f}"}
+        # No validation figure until the first evaluation has produced one (not 'nan').
+        shown = {"loss": f"{record['train_loss']:.3f}"}
+        if not math.isnan(self.val_loss):
+            shown["val"] = f"{self.val_loss:.3f}"
+        return shown
 
 
 def pretrain(cfg: Config, *, resume: bool = True, progress: bool = True) -> PretrainResult:
@@ -73,56 +78,63 @@ def pretrain(cfg: Config, *, resume: bool = True, progress: bool = True) -> Pret
 
 def _pretrain(cfg: Config, stop: StopRequest, *, resume: bool, progress: bool) -> PretrainResult:
     info = runtime.initialize(cfg.parallel, cfg.train.seed)
+    out_dir = Path(cfg.output_dir)
     try:
-        out_dir = Path(cfg.output_dir)
-        if info.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        model = build_hybrid_model(cfg, **cfg.train.recompute_overrides())
-        n_params = global_param_count(model)
-        ddp = wrap_ddp(model)
-        optimizer = build_optimizer([ddp], cfg.train, model.config.params_dtype)
-        scheduler = build_scheduler(optimizer, cfg.train)
-        d, t = cfg.data, cfg.train
-        data = build_training_data(cfg, info)
-        segment = Segment(name="pretrain", begin=0, end=t.iters, seq_length=d.seq_length,
-                          micro_batch_size=d.micro_batch_size, global_batch_size=d.global_batch_size,
-                          data_factory=lambda: data)
-        trainer = PretrainTrainer(cfg, info, out_dir=out_dir, model=model, ddp=ddp,
-                                  optimizer=optimizer, scheduler=scheduler, segments=[segment],
-                                  log_interval=t.log_interval, eval_interval=t.eval_interval,
-                                  save_interval=t.save_interval, progress=progress)
-        logger.info("model: %s parameters, pattern %s; %d micro-batch(es) of %d per iteration, "
-                    "data-parallel %d", f"{n_params:,}", cfg.model.hybrid_layer_pattern,
-                    trainer.num_microbatches(segment), d.micro_batch_size, info.dp_size)
-        trainer.run(stop, resume=resume)
-        history = trainer.history
-        # A rerun of a finished run trains nothing: its figures come from the earlier records
-        # and a fresh validation pass, never NaN (which is not even valid JSON).
-        done = trainer.full_history
-        train_loss = done[-1]["train_loss"] if done else math.nan
-        val_loss = trainer.val_loss
-        if math.isnan(val_loss):
-            val_loss = trainer.evaluate(t.iters)["val_loss"]
-        accuracy = answer_accuracy_of(cfg, model, data, info)
-        ckpt_path = trainer.ckpt_path
-        result = PretrainResult(
-            iterations=t.iters, parameters=n_params, final_train_loss=train_loss,
-            final_val_loss=val_loss, uniform_loss=math.log(data.tokenizer.vocab_size),
-            answer_accuracy=None if accuracy is None else accuracy["accuracy"],
-            wall_time_s=trainer.wall_time_s, checkpoint=str(ckpt_path) if ckpt_path else None,
-            history=history)
-        if info.is_main:
-            _write_outputs(out_dir, result, accuracy, trainer.full_history)
-        return result
+        with OutputLock(out_dir, "output_dir"):
+            return _pretrain_locked(cfg, info, out_dir, stop, resume=resume, progress=progress)
     finally:
         runtime.destroy()
+
+
+def _pretrain_locked(cfg: Config, info, out_dir: Path, stop: StopRequest, *, resume: bool,
+                     progress: bool) -> PretrainResult:
+    model = build_hybrid_model(cfg, **cfg.train.recompute_overrides())
+    n_params = global_param_count(model)
+    ddp = wrap_ddp(model)
+    optimizer = build_optimizer([ddp], cfg.train, model.config.params_dtype)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    d, t = cfg.data, cfg.train
+    data = build_training_data(cfg, info)
+    segment = Segment(name="pretrain", begin=0, end=t.iters, seq_length=d.seq_length,
+                      micro_batch_size=d.micro_batch_size, global_batch_size=d.global_batch_size,
+                      data_factory=lambda: data)
+    trainer = PretrainTrainer(cfg, info, out_dir=out_dir, model=model, ddp=ddp,
+                              optimizer=optimizer, scheduler=scheduler, segments=[segment],
+                              log_interval=t.log_interval, eval_interval=t.eval_interval,
+                              save_interval=t.save_interval, progress=progress)
+    logger.info("model: %s parameters, pattern %s; %d micro-batch(es) of %d per iteration, "
+                "data-parallel %d", f"{n_params:,}", cfg.model.hybrid_layer_pattern,
+                trainer.num_microbatches(segment), d.micro_batch_size, info.dp_size)
+    trainer.run(stop, resume=resume)
+    history = trainer.history
+    # A rerun of a finished run trains nothing: its figures come from the earlier records
+    # and a fresh validation pass, never NaN (which is not even valid JSON).
+    done = trainer.full_history
+    train_loss = done[-1]["train_loss"] if done else math.nan
+    val_loss = trainer.val_loss
+    if math.isnan(val_loss):
+        val_loss = trainer.evaluate(t.iters)["val_loss"]
+    accuracy = answer_accuracy_of(cfg, model, data, info)
+    ckpt_path = trainer.ckpt_path
+    result = PretrainResult(
+        iterations=t.iters, parameters=n_params, final_train_loss=train_loss,
+        final_val_loss=val_loss, uniform_loss=math.log(data.tokenizer.vocab_size),
+        answer_accuracy=None if accuracy is None else accuracy["accuracy"],
+        wall_time_s=trainer.wall_time_s, checkpoint=str(ckpt_path) if ckpt_path else None,
+        history=history)
+    if info.is_main:
+        if trainer.trained or not (out_dir / "summary.json").is_file():
+            _write_outputs(out_dir, result, accuracy, trainer.full_history)
+        else:
+            logger.info("run %s had finished: its outputs are left unchanged (validation "
+                        "loss %.4f)", out_dir, val_loss)
+    return result
 
 
 def _write_outputs(out_dir: Path, result: PretrainResult, accuracy: Optional[dict],
                    full_history: list[dict]) -> None:
     summary = {k: v for k, v in result.__dict__.items() if k != "history"}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_durably(out_dir / "summary.json", json.dumps(json_safe(summary), indent=2))
     write_metrics(out_dir, full_history)
     if accuracy is not None:
         (out_dir / "answer_examples.json").write_text(json.dumps(accuracy["examples"], indent=2))

@@ -20,13 +20,15 @@ from typing import Optional
 import torch
 
 from nemo_elastic import runtime
-from nemo_elastic.checkpoint import latest_checkpoint, load_checkpoint
-from nemo_elastic.config import Config, TrainConfig, to_dict
+from nemo_elastic.checkpoint import OutputLock, latest_checkpoint, load_checkpoint, \
+    write_text_durably
+from nemo_elastic.config import Config, TrainConfig
 from nemo_elastic.training.elastic_step import ElasticDistillationStep
 from nemo_elastic.training.elastic_trainer import (ElasticTrainer, _finalize_with_router,
                                                    _lr_factor, _segments, elastic_output_dir,
                                                    evaluate_family, parent_config)
-from nemo_elastic.training.loop import StopRequest, global_param_count, write_metrics
+from nemo_elastic.training.loop import StopRequest, global_param_count, json_safe, \
+    write_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -62,19 +64,21 @@ def build_teacher(cfg: Config, ckpt: Path):
 def _train(cfg: Config, init: Path, teacher_ckpt: Path, stop: StopRequest, *, resume: bool,
            progress: bool) -> TrainResult:
     info = runtime.initialize(cfg.parallel, cfg.elastic.seed)
+    out_dir = elastic_output_dir(cfg)
     try:
-        out_dir = elastic_output_dir(cfg)
-        resuming = resume and latest_checkpoint(out_dir / "checkpoints") is not None
-        if info.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-        trainer = build_trainer(cfg, init, teacher_ckpt, info, load_init=not resuming,
-                                progress=progress)
-        trainer.run(stop, resume=resume)
-        result = _closing_report(cfg, trainer, init, teacher_ckpt, info)
-        if info.is_main:
-            _write_outputs(trainer.out_dir, result, trainer)
-        return result
+        with OutputLock(out_dir, "elastic.output_dir"):
+            resuming = resume and latest_checkpoint(out_dir / "checkpoints") is not None
+            trainer = build_trainer(cfg, init, teacher_ckpt, info, load_init=not resuming,
+                                    progress=progress)
+            trainer.run(stop, resume=resume)  # writes config.json once the resume checks pass
+            result = _closing_report(cfg, trainer, init, teacher_ckpt, info)
+            if info.is_main:
+                if trainer.trained or not (out_dir / "summary.json").is_file():
+                    _write_outputs(trainer.out_dir, result, trainer)
+                else:
+                    logger.info("elastic run %s had finished: its outputs are left unchanged",
+                                out_dir)
+            return result
     finally:
         runtime.destroy()
 
@@ -178,8 +182,8 @@ def _write_outputs(out_dir: Path, result: TrainResult, trainer: ElasticTrainer) 
     history = trainer.full_history  # across resumes
     write_metrics(out_dir, history)
     summary = {k: v for k, v in result.__dict__.items() if k != "history"}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out_dir / "family.json").write_text(json.dumps(result.family, indent=2))
+    write_text_durably(out_dir / "summary.json", json.dumps(json_safe(summary), indent=2))
+    write_text_durably(out_dir / "family.json", json.dumps(json_safe(result.family), indent=2))
     if history:
         names = trainer.router.names
         plot_kd_by_budget(history, names, out_dir / "kd_by_budget.png")
