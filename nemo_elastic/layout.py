@@ -65,6 +65,18 @@ def first_of_each_group(total: int, groups: int, kept: int) -> "torch.Tensor":
     return (torch.arange(groups)[:, None] * per + torch.arange(keep)[None, :]).reshape(-1)
 
 
+def grouped_field(symbol: str) -> Optional[str]:
+    """The grouped size field of a layer symbol (its heads), None for MLP layers."""
+    return next((f for f in LAYER_FIELDS[symbol] if f in GROUPED), None)
+
+
+def kept_heads(m: ModelConfig, layer: int, kept: int) -> "torch.Tensor":
+    """The heads a prefix sub-network keeps in global layer `layer`: the first kept/groups of
+    every group (the one grouped-axis rule, for Mamba and attention layers alike)."""
+    field = grouped_field(m.layer_symbols[layer])
+    return first_of_each_group(m.layer_size(field, layer), getattr(m, GROUPED[field]), kept)
+
+
 def head_channels(heads: "torch.Tensor", head_dim: int, kept_dim) -> "torch.Tensor":
     """Indices into a [num_heads * head_dim] axis (head i owns i*head_dim .. +head_dim-1): for
     every head in `heads`, in that order, its channels `kept_dim` (an index tensor into

@@ -25,11 +25,12 @@ from typing import Mapping
 
 import torch
 
-from nemo_elastic.config import MAMBA, Config, ModelConfig, ParallelConfig
+from nemo_elastic.config import ATTENTION, MAMBA, Config, ModelConfig, ParallelConfig
 from nemo_elastic.elastic.subnet import SubNetwork
 # first_of_each_group / head_channels: re-exported, callers import them from here
 from nemo_elastic.layout import (  # noqa: F401
-    LAYER_KEY, LayerIndex, LayoutError, first_of_each_group, head_channels, reindex_state_dict)
+    LAYER_KEY, LayerIndex, LayoutError, first_of_each_group, head_channels, kept_heads,
+    reindex_state_dict)
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +52,12 @@ def subnetwork_index(parent: ModelConfig, subnet: SubNetwork, layer) -> LayerInd
         return None
     sym = parent.layer_symbols[layer]
     if sym == MAMBA:
-        heads = first_of_each_group(parent.layer_size("mamba_num_heads", layer),
-                                    parent.mamba_num_groups, choice.mamba_num_heads)
-        return LayerIndex(m=parent, layer=layer, hidden=hidden, heads=heads,
+        return LayerIndex(m=parent, layer=layer, hidden=hidden,
+                          heads=kept_heads(parent, layer, choice.mamba_num_heads),
                           channels=torch.arange(choice.mamba_head_dim))
-    if choice.num_attention_heads is not None:
-        heads = first_of_each_group(parent.layer_size("num_attention_heads", layer),
-                                    parent.num_query_groups, choice.num_attention_heads)
-        return LayerIndex(m=parent, layer=layer, hidden=hidden, heads=heads)
+    if sym == ATTENTION:
+        return LayerIndex(m=parent, layer=layer, hidden=hidden,
+                          heads=kept_heads(parent, layer, choice.num_attention_heads))
     return LayerIndex(m=parent, layer=layer, hidden=hidden,
                       ffn=torch.arange(choice.ffn_hidden_size))
 
