@@ -43,6 +43,7 @@ bench: install
 	$(PY) bench/bench_masked_vs_sliced.py
 	$(PY) bench/bench_importance.py
 	$(PY) bench/bench_train_step.py
+	$(PY) bench/bench_family.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache
