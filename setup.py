@@ -25,7 +25,7 @@ EXTRAS = {
     # Hugging Face nemotron_h import/export and parity tests.
     "hf": ["transformers>=5.0"],
     "bridge": ["megatron-bridge>=0.6"],
-    "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=5.0"],
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=5.0", "hypothesis>=6.100"],
 }
 
 setup(
