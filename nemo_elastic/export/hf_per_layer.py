@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from nemo_elastic.errors import ConfigError
 
 PER_LAYER_MODEL_TYPE = "nemotron_h_per_layer"
 PER_LAYER_KEY = "nemo_elastic_per_layer"
+HF_ON_DISK = re.compile(r"^backbone\.")
 # ModelConfig.per_layer field -> NemotronHConfig field
 HF_FIELD = {"mamba_num_heads": "mamba_num_heads", "mamba_head_dim": "mamba_head_dim",
             "num_attention_heads": "num_attention_heads", "ffn_hidden_size": "intermediate_size"}
@@ -71,12 +73,11 @@ def load_hf_per_layer(directory: str | Path, dtype=None):
         raise ConfigError(f"{str(directory)!r} is not a per-layer NemotronH export "
                           f"(model_type {raw.get('model_type')!r}); load it with "
                           "transformers' AutoModelForCausalLM")
-    raw["model_type"] = ext["base_model_type"]
-    for key in ("transformers_version", "architectures"):
+    for key in ("model_type", "transformers_version", "architectures"):
         raw.pop(key, None)
     config = NemotronHConfig(**raw)
     model = NemotronHForCausalLM(config)
-    for i, (entry, block) in enumerate(zip(ext["layers"], model.backbone.layers)):
+    for i, (entry, block) in enumerate(zip(ext["layers"], model.model.layers)):
         if entry:
             layer_config = copy.deepcopy(config)
             for key, value in entry.items():
@@ -84,7 +85,8 @@ def load_hf_per_layer(directory: str | Path, dtype=None):
             block.mixer = MIXER_TYPES[config.layers_block_type[i]](layer_config, layer_idx=i)
     state = {}
     for path in sorted(directory.glob("*.safetensors")):
-        state.update(load_file(str(path)))
+        # on disk `backbone.` (what save_pretrained writes), in memory `model.` (transformers 5)
+        state.update({HF_ON_DISK.sub("model.", k): v for k, v in load_file(str(path)).items()})
     model.load_state_dict(state, strict=True)
     if dtype is not None:
         model.to(dtype)
