@@ -24,7 +24,13 @@ EXTRAS = {
     "gpu": ["mamba-ssm>=2.2", "causal-conv1d>=1.5", "transformer-engine[pytorch]>=2.8"],
     # Hugging Face nemotron_h import/export and parity tests.
     "hf": ["transformers>=5.0"],
-    "bridge": ["megatron-bridge>=0.6"],
+    # `nemo elastic ...` (NeMo-Run CLI, local torchrun and Slurm executors).  leptonai is pinned:
+    # newer ones break nemo-run 0.11.1's import (`No module named leptonai.api.v1`).
+    "nemo": ["nemo-run==0.11.1", "leptonai==0.27.3"],
+    # Megatron-Bridge adapter: megatron-bridge itself goes in with --no-deps (its declared
+    # dependencies include GPU-only builds); these are what its training modules import.
+    # `make install-nemo` does both.  A NeMo container already has all of it.
+    "bridge": ["hydra-core>=1.3,<1.4", "megatron-energon>=7", "datasets>=3"],
     "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=5.0", "hypothesis>=6.100"],
 }
 
@@ -39,5 +45,7 @@ setup(
     packages=find_packages(include=["nemo_elastic", "nemo_elastic.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["nemo-elastic=nemo_elastic.cli:main"]},
+    entry_points={"console_scripts": ["nemo-elastic=nemo_elastic.cli:main"],
+                  # `nemo elastic ...` (NeMo-Run discovers namespaces through this group)
+                  "nemo_run.cli": ["elastic=nemo_elastic.integrations.nemo_run_cli"]},
 )
