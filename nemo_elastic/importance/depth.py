@@ -128,15 +128,20 @@ def iterative_ranking(model, batches: Sequence[dict], model_cfg: ModelConfig, *,
                       max_rounds: Optional[int] = None, progress: bool = True) -> DepthRanking:
     L = model_cfg.num_layers
     rounds_to_run = L - 1 if max_rounds is None else min(max_rounds, L - 1)
-    # Upper bound on forwards: full logits once per round (when not cached) + every candidate.
-    bar = _Progress(len(batches) * sum(L - r + 1 for r in range(rounds_to_run)),
+    full = full_logits_cache(model, batches) if rounds_to_run else None
+    # Exact count of forwards: every candidate of every round, plus the full model's logits
+    # once (cached, done above and shown as done) or once per round (not cached).
+    n = len(batches)
+    full_forwards = n if full is not None else n * rounds_to_run
+    bar = _Progress(n * sum(L - r for r in range(rounds_to_run)) + full_forwards,
                     "depth (iterative nMSE)", progress)
+    if full is not None:
+        bar.step(n)
     removed: list[int] = []
     remaining = list(range(L))
     rounds: list[dict] = []
     last_score: dict[int, float] = {}
     try:
-        full = full_logits_cache(model, batches, bar) if rounds_to_run else None
         for _ in range(rounds_to_run):
             scores = nmse_scores(model, batches, model_cfg, removed, remaining, bar, full)
             rounds.append({"removed_before": list(removed), "scores": scores})

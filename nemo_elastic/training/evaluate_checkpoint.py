@@ -29,8 +29,9 @@ from nemo_elastic.training.evaluation import answer_accuracy_of, validation_loss
 
 logger = logging.getLogger(__name__)
 
-SPEED_PROMPTS = 8  # validation prompts decoded greedily for tokens/s
+SPEED_PROMPTS = 4  # validation prompts decoded greedily for tokens/s
 SPEED_NEW_TOKENS = 32
+SPEED_ROUNDS = 2
 
 
 def decode_speed(model, data, *, prompts: int = SPEED_PROMPTS,
@@ -74,7 +75,7 @@ def evaluate_models(cfg: Config, checkpoints: dict[str, Path], *, speed: bool = 
     from nemo_elastic.training.loop import global_param_count
 
     run_cfg = cfg.single_process()
-    rows = []
+    rows, models = [], []
     info = runtime.initialize(run_cfg.parallel, cfg.train.seed)
     try:
         data = build_training_data(run_cfg, info)
@@ -85,8 +86,8 @@ def evaluate_models(cfg: Config, checkpoints: dict[str, Path], *, speed: bool = 
             model = build_hybrid_model(dataclasses_replace(run_cfg, model=model_cfg))
             load_checkpoint(path, model=model, restore_rng=False)
             model.eval()
-            logger.info("evaluating %s (%s): validation loss, greedy answer accuracy%s",
-                        name, path, ", decoding speed" if speed else "")
+            logger.info("evaluating %s (%s): validation loss, greedy answer accuracy",
+                        name, path)
             loss = validation_loss(run_cfg, model, data, 1, info)
             accuracy = answer_accuracy_of(run_cfg, model, data, info, progress=progress)
             rows.append({
@@ -94,10 +95,33 @@ def evaluate_models(cfg: Config, checkpoints: dict[str, Path], *, speed: bool = 
                 "budget": meta.get("budget"), "parameters": global_param_count(model),
                 "val_loss": loss,
                 "answer_accuracy": None if accuracy is None else accuracy["accuracy"],
-                "tokens_per_s": decode_speed(model, data) if speed else None})
+                "tokens_per_s": None})
+            if speed:
+                models.append(model)
+        if speed:
+            for row, speed_value in zip(rows, interleaved_speeds(models, data)):
+                row["tokens_per_s"] = speed_value
     finally:
         runtime.destroy()
     return rows
+
+
+def interleaved_speeds(models: list, data, rounds: int = SPEED_ROUNDS) -> list[Optional[float]]:
+    """Median decoding tokens/s of each model over `rounds` rounds that visit every model in
+    turn, so a slower or busier moment of the machine hits every model alike."""
+    import statistics
+
+    if not models:
+        return []
+    logger.info("greedy decoding speed of %d model(s): %d interleaved rounds of %d prompts",
+                len(models), rounds, SPEED_PROMPTS)
+    samples: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for k, model in enumerate(models):
+            value = decode_speed(model, data)
+            if value is not None:
+                samples[k].append(value)
+    return [statistics.median(v) if v else None for v in samples]
 
 
 def dataclasses_replace(cfg: Config, **changes) -> Config:
