@@ -201,8 +201,8 @@ def test_refusals_leave_nothing_behind(elastic, tmp_path, caplog):  # noqa: F811
 
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "verification"])
 def test_interrupted_or_failed_export_leaves_no_folder(elastic, tmp_path, monkeypatch, how):  # noqa: F811
-    """All or none: stopping while the second budget is verified leaves no output folder and no
-    staging folder, also for budgets that were already complete."""
+    """All or none: stopping while the second budget is verified leaves no output folder, no
+    staging folder and no parent folder the export created, also for budgets already complete."""
     real = budgets_mod._reload_logits
     calls = []
 
@@ -222,7 +222,7 @@ def test_interrupted_or_failed_export_leaves_no_folder(elastic, tmp_path, monkey
     expected = {"ctrl-c": KeyboardInterrupt, "sigterm": KeyboardInterrupt,
                 "verification": budgets_mod.ExportError}[how]
     with pytest.raises(expected):
-        export_budgets(elastic[0] / "ckpt", tmp_path / "out", None, format="megatron")
+        export_budgets(elastic[0] / "ckpt", tmp_path / "new" / "out", None, format="megatron")
     assert len(calls) == (1 if how == "verification" else 2)
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) == handler  # the export's handler is gone

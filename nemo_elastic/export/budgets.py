@@ -37,7 +37,7 @@ from nemo_elastic.checkpoint import (
     CheckpointError, config_from_checkpoint, load_checkpoint, read_meta, resolve_checkpoint,
     save_checkpoint)
 from nemo_elastic.config import ConfigError
-from nemo_elastic.elastic.subnet import SubNetwork
+from nemo_elastic.export.family import _folder_name
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +69,6 @@ class BudgetExport:
 
 def _is_heterogeneous(m) -> bool:
     return bool(m.per_layer and any(m.per_layer))
-
-
-def _folder_name(name: str) -> str:
-    """A budget name as one path component (names come from the recipe: refuse '/', '..')."""
-    if not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise ConfigError(f"budget name {name!r} cannot be used as a folder name; export it "
-                          "alone (export_budget_hf / extract_budget with an explicit path)")
-    return name
 
 
 def plan_targets(out: str | Path, names: Sequence[str]) -> dict[str, Path]:
@@ -116,8 +108,8 @@ def export_to(ckpt: str | Path, targets: Mapping[str, str | Path], *, format: st
     subnets = {name: budget_subnetwork(ckpt, name) for name in targets}  # unknown names refused
     for name, path in targets.items():
         if path.exists() and not overwrite:
-            raise CheckpointError(f"{str(path)!r} already exists; pass overwrite=True "
-                                  "(--overwrite) to replace it")
+            raise CheckpointError(f"{str(path)!r} already exists; add --overwrite "
+                                  "to replace it")
     children = {name: s.model_config(cfg.model) for name, s in subnets.items()}
     tokenizer, passthrough = _hf_preflight(cfg, meta, children, hf_per_layer) \
         if format == "hf" else (None, {})
@@ -294,13 +286,17 @@ def _staging(parent: Path):
     """(staging folder, commit) — a hidden folder on the output's filesystem; `commit(sources,
     targets)` moves every staged folder into place.  New parent: one rename of the whole staging
     folder.  Removed on any exception, Ctrl-C and SIGTERM."""
-    parent = Path(parent)
+    parent = Path(parent).absolute()
     fresh = not parent.exists()
     base = parent.parent if fresh else parent
+    created = [d for d in (base, *base.parents) if not d.exists()]  # removed again on failure
     base.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{parent.name}.export-", dir=base))
+    committed = False
 
     def commit(sources: Mapping[str, Path], targets: Mapping[str, Path]) -> None:
+        nonlocal committed
+        committed = True
         if fresh and not parent.exists():
             os.replace(staging, parent)  # the whole set appears at once
             return
@@ -314,3 +310,7 @@ def _staging(parent: Path):
             yield staging, commit
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if not committed:
+            for d in created:  # innermost first; only folders this export created, if empty
+                with contextlib.suppress(OSError):
+                    d.rmdir()
