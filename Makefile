@@ -44,6 +44,7 @@ bench: install
 	$(PY) bench/bench_importance.py
 	$(PY) bench/bench_train_step.py
 	$(PY) bench/bench_family.py
+	$(PY) bench/bench_sliced_step.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache

@@ -65,7 +65,7 @@ def main() -> None:
         for mode in ("hard", "soft"):
             e = bench_config(h, args.pattern, args.seq, elastic={
                 "budgets": budgets, "iters": 100, "warmup_iters": 0,
-                "router": {"mode": mode}}).elastic
+                "router": {"mode": mode}, "execution": "masked"}).elastic
             router = ElasticRouter(m, e, total_iters=100)
             steps[mode] = (ElasticDistillationStep(router=router, teacher=teacher, elastic_cfg=e),
                            router)

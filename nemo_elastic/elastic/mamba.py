@@ -75,8 +75,8 @@ class ElasticMambaMixer(ElasticMixin, NemoMambaMixer):
         cp = self.cp
         D = take(cp.D_cp1, 0, inner if self.D_has_hdim else heads)
         with contextlib.ExitStack() as stack:
-            stack.enter_context(swapped_parameters(
-                self.in_proj, weight=take(take(self.in_proj.weight, 0, kept["in_proj"]), 1, hidden)))
+            in_proj = take(take(self.in_proj.weight, 0, kept["in_proj"]), 1, hidden)
+            stack.enter_context(swapped_parameters(self.in_proj, weight=in_proj))
             stack.enter_context(swapped_parameters(
                 self.out_proj, weight=take(take(self.out_proj.weight, 0, hidden), 1, inner)))
             stack.enter_context(pinned_attributes(
