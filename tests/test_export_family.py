@@ -235,3 +235,35 @@ def test_export_logs_verification_and_sizes(elastic, tmp_path, caplog):  # noqa:
                      "--format", "megatron", "--out", str(tmp_path / "o")]) == 0
     assert "megatron export verified (relative logit error" in caplog.text
     assert f"{rows['shallow']['parameters']:,} parameters" in caplog.text
+
+
+def test_tokenizer_json_tokenizer_is_written_as_training_encodes(tmp_path):
+    """Indexed data: the user's tokenizer.json, whose post-processor would add a BOS that
+    training never saw, becomes an AutoTokenizer that encodes exactly as training did."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from nemo_elastic.data import HFTokenizer
+    from nemo_elastic.export.tokenizer_files import check_tokenizer, write_tokenizer
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(["Hello world. 12 + 7 = 19"] * 20 + ["alpha beta gamma"] * 20,
+                           trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                               special_tokens=["<unk>", "<s>", "</s>"],
+                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tk.save(str(tmp_path / "tokenizer.json"))
+    ours = HFTokenizer(tmp_path / "tokenizer.json", eod_token="</s>")
+    out = tmp_path / "export"
+    out.mkdir()
+    sample = write_tokenizer(ours, out, model_vocab_size=ours.vocab_size + 4, max_length=64)
+    check_tokenizer(ours, out, sample)
+    auto = AutoTokenizer.from_pretrained(str(out))
+    text = "alpha beta, Hello world."
+    assert auto(text)["input_ids"] == ours.encode(text)  # no BOS: training added none
+    assert auto.eos_token == "</s>" and auto.eos_token_id == ours.eod_id
+    gen = GenerationConfig.from_pretrained(str(out))
+    assert gen.eos_token_id == ours.eod_id
+    assert gen.suppress_tokens == list(range(ours.vocab_size, ours.vocab_size + 4))
