@@ -286,10 +286,6 @@ def split_qkv(qkv, m: ModelConfig, layer: Optional[int] = None):
             v.reshape(Q * c, h).contiguous())
 
 
-def layer_index(m: ModelConfig, layer: int, hidden, **kept: "torch.Tensor") -> LayerIndex:
-    return LayerIndex(m=m, layer=layer, hidden=hidden, **kept)
-
-
 def reindex_state_dict(state: Mapping[str, object], m: ModelConfig, index_of) -> dict[str, object]:
     """Every tensor of a TP=1 state dict reindexed: `index_of(layer)` returns the LayerIndex of
     global layer `layer` (None: model-level tensors), or None to leave the layer out.

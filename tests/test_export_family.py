@@ -27,7 +27,7 @@ from nemo_elastic.export import (
     export_budgets, load_exported_model, load_hf_per_layer, load_plain_hybrid_model)
 from nemo_elastic.export.megatron_format import read_megatron_config
 from tests.multiproc import run_multiprocess
-from tests.test_export_budget import SEQ, elastic  # noqa: F401  (module fixture)
+from tests.test_export_budget import elastic  # noqa: F401  (module fixture)
 
 NAMES = ("uniform", "hetero", "shallow")
 HOMOGENEOUS = ("uniform", "shallow")
