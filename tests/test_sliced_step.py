@@ -108,6 +108,16 @@ def test_router_hard_mode_sliced_equals_masked_with_router_gradients(megatron_en
     assert all(sliced[1][f"router.{i}"].abs().sum() > 0 for i in range(len(leaves)))
 
 
+def test_config_switches_are_validated():
+    from nemo_elastic.config import ConfigError, load_config
+
+    assert load_config("conf/tiny.yaml").elastic.execution == "sliced"
+    with pytest.raises(ConfigError, match=r"elastic.execution='fast': must be one of"):
+        load_config("conf/tiny.yaml", ["elastic.execution=fast"])
+    with pytest.raises(ConfigError, match=r"elastic.budget_sampling='some': must be one of"):
+        load_config("conf/tiny.yaml", ["elastic.budget_sampling=some"])
+
+
 def test_soft_mixture_and_mask_objects_are_refused(megatron_env):
     cfg = tiny_config({"hybrid_layer_pattern": "M-*M-"})
     model = build_elastic_model(cfg)
@@ -182,6 +192,23 @@ def _step(trainer, probs, execution, sampling):
             {n: p.grad.clone() for n, p in trainer.router.named_parameters()})
 
 
+def _uneven_ffn(model, cfg, layout):
+    """A hard sub-network whose FFN prefix (24 of 64 neurons) lies wholly in TP rank 0's block:
+    under TP=2 rank 1 keeps no neuron and contributes zeros to the all-reduce."""
+    from nemo_elastic.elastic import SubNetwork
+
+    subnet = SubNetwork.uniform(cfg.model, hidden_size=24, mamba_num_heads=2, mamba_head_dim=5,
+                                num_attention_heads=2, ffn_hidden_size=24, drop_layers=[3])
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 40), generator=gen)
+    pos = torch.arange(40).expand_as(tokens)
+    masked = _run(model, tokens, pos, subnet, [], "masked")
+    sliced = _run(model, tokens, pos, subnet, [], "sliced")
+    torch.testing.assert_close(sliced[0], masked[0], rtol=TOL, atol=0)
+    _assert_same_rel(sliced[1], masked[1], f"{layout}: uneven FFN")
+    model.zero_grad(set_to_none=True)
+
+
 def _check_layout(rank, world_size, tmp_path, layout):
     """In one layout: sliced step == masked step (loss, every local gradient, router), and the
     shared-teacher step over all budgets == the probability-weighted sum of one-budget steps."""
@@ -195,6 +222,8 @@ def _check_layout(rank, world_size, tmp_path, layout):
                                             pattern=pattern, stage1=2, stage2=1))
     with runtime.distributed(cfg.parallel) as info:
         trainer = build_trainer(cfg, init, teacher, info)
+        if layout != "pp2":
+            _uneven_ffn(trainer.model, cfg, layout)
         _dropping(trainer.router, cfg.model.num_layers)
         probs = [0.5, 0.3, 0.2]
         masked = _step(trainer, probs, "masked", "one")
