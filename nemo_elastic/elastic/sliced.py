@@ -60,7 +60,7 @@ class Index:
         start = int(cpu[0]) if self.size else 0
         self.run = (start, self.size) if self.size == 0 or \
             int(cpu[-1]) - start + 1 == self.size else None
-        self.device = None if self.run is not None else cpu.to(device)
+        self.on_device = None if self.run is not None else cpu.to(device)
 
     @property
     def is_all(self) -> bool:
@@ -73,7 +73,7 @@ def take(t: torch.Tensor, dim: int, index: Index) -> torch.Tensor:
         return t
     if index.run is not None:
         return t.narrow(dim, index.run[0], index.run[1])
-    return t.index_select(dim, index.device)
+    return t.index_select(dim, index.on_device)
 
 
 def local(global_index: torch.Tensor, block: int, rank: int) -> torch.Tensor:
