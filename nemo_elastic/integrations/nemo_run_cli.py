@@ -113,45 +113,43 @@ def elastic_local(ntasks_per_node: int = 1) -> run.Config[run.LocalExecutor]:
                       env_vars={"OMP_NUM_THREADS": "1", "TORCH_NCCL_AVOID_RECORD_STREAMS": "1"})
 
 
-def _slurm_config(*, account: str, partition: Optional[str], nodes: int, gpus_per_node: int,
-                  container_image: Optional[str], container_mounts: Optional[list[str]],
-                  time: str, job_dir: str) -> run.Config[run.SlurmExecutor]:
-    return run.Config(
-        run.SlurmExecutor, account=account, partition=partition, nodes=nodes,
-        ntasks_per_node=gpus_per_node, gpus_per_node=gpus_per_node,
-        container_image=container_image, container_mounts=list(container_mounts or []),
-        time=time, exclusive=True, signal="TERM@300", additional_parameters={"requeue": True},
-        launcher="torchrun",
-        env_vars={"TORCH_NCCL_AVOID_RECORD_STREAMS": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "240"},
-        tunnel=run.Config(run.LocalTunnel, job_dir=str(Path(job_dir).resolve())),
-        packager=run.Config(run.Packager))
-
-
-@run.cli.factory(name="elastic_slurm")
-def elastic_slurm(account: str = "REPLACE_ME", partition: Optional[str] = None, nodes: int = 1,
-                  gpus_per_node: int = 8, container_image: Optional[str] = None,
-                  container_mounts: Optional[list[str]] = None, time: str = "04:00:00",
-                  job_dir: str = "runs/nemo_run_jobs") -> run.Config[run.SlurmExecutor]:
-    """Slurm: `nodes` x `gpus_per_node` GPUs, one torchrun per node with a worker per GPU
-    (`executor=elastic_slurm executor.account=A executor.partition=P executor.nodes=2
-    executor.container_image=IMG executor.container_mounts=[/data:/data]`).  Exclusive nodes;
-    SIGTERM 5 minutes before the time limit makes every rank checkpoint, and the job is
-    requeueable (a rerun resumes).  Submits with `sbatch` from this machine; `--dryrun` only
-    prints the script."""
-    return _slurm_config(account=account, partition=partition, nodes=nodes,
-                         gpus_per_node=gpus_per_node, container_image=container_image,
-                         container_mounts=container_mounts, time=time, job_dir=job_dir)
-
-
 def slurm_executor(*, account: str, partition: Optional[str] = None, nodes: int = 1,
                    gpus_per_node: int = 8, container_image: Optional[str] = None,
                    container_mounts: Optional[list[str]] = None, time: str = "04:00:00",
-                   job_dir: str = "runs/nemo_run_jobs") -> run.SlurmExecutor:
-    """The `elastic_slurm` executor as an object (for Python launch scripts)."""
-    return run.build(elastic_slurm(account=account, partition=partition, nodes=nodes,
-                                   gpus_per_node=gpus_per_node, container_image=container_image,
-                                   container_mounts=container_mounts, time=time,
-                                   job_dir=job_dir))
+                   job_dir: str = "runs/nemo_run_jobs", max_requeues: int = 20) -> run.SlurmExecutor:
+    """Slurm: `nodes` x `gpus_per_node` GPUs; every node runs one torchrun with a worker per GPU
+    (NeMo-Run's torchrun launcher).  Exclusive nodes; SIGTERM 5 minutes before the time limit
+    makes every rank checkpoint and exit non-zero; the script then requeues the job (at most
+    `max_requeues` times) and the rerun resumes from the checkpoint.  Submits with
+    `sbatch` on this machine (a login node); scripts and logs go to `job_dir`."""
+    return run.SlurmExecutor(
+        account=account, partition=partition, nodes=nodes, ntasks_per_node=gpus_per_node,
+        gpus_per_node=gpus_per_node, container_image=container_image,
+        container_mounts=list(container_mounts or []), time=time, exclusive=True,
+        signal="TERM@300", additional_parameters={"requeue": True}, launcher="torchrun",
+        retries=max_requeues,
+        env_vars={"TORCH_NCCL_AVOID_RECORD_STREAMS": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "240"},
+        tunnel=run.LocalTunnel(job_dir=str(Path(job_dir).resolve())), packager=run.Packager())
+
+
+@run.cli.factory(name="elastic_slurm")
+def elastic_slurm() -> run.Config[run.SlurmExecutor]:
+    """`run.executor=elastic_slurm run.executor.account=A run.executor.partition=P
+    run.executor.nodes=2 run.executor.gpus_per_node=8 run.executor.container_image=IMG
+    run.executor.container_mounts=[/data:/data]` (see `slurm_executor`)."""
+    return run.Config(slurm_executor, account="REPLACE_ME")
+
+
+def sbatch_script(task, executor: run.SlurmExecutor, name: str = "elastic") -> str:
+    """The sbatch script NeMo-Run would submit for `task` (a run.Partial) on `executor`,
+    rendered without submitting (`Experiment.dryrun`)."""
+    with run.Experiment(name, executor=executor, log_level="WARN") as exp:
+        exp.add(task, name=name)
+        exp.dryrun(log=False, delete_exp_dir=False)
+        scripts = sorted(Path(exp._exp_dir).rglob("*.sh"))
+    if not scripts:
+        raise RuntimeError(f"NeMo-Run wrote no sbatch script under {exp._exp_dir}")
+    return scripts[-1].read_text()
 
 
 # ------------------------------------------------------------------------------------ commands
