@@ -70,6 +70,10 @@ def import_bridge() -> None:
         with _stubs():
             for name in _LAZY_PACKAGES:
                 _install_lazy_package(name, os.path.dirname(spec.origin))
+            # Without TE, Bridge logs every optional TE symbol it cannot import, with a
+            # traceback, at INFO on its own stream handler: keep that logger at WARNING.
+            importlib.import_module("megatron.bridge.utils.import_utils")
+            logging.getLogger("megatron.bridge.utils.import_utils").setLevel(logging.WARNING)
             importlib.import_module("megatron.bridge.models.conversion")  # the real init's order
             for module in BRIDGE_MODULES:
                 importlib.import_module(module)
