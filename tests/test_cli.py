@@ -70,11 +70,24 @@ def _copy(ckpt: Path, tmp_path: Path) -> Path:
     return dst
 
 
-def test_eval_of_a_good_checkpoint_works(tiny_checkpoint, caplog):
-    """The control for the two damaged-checkpoint tests below."""
-    caplog.set_level(logging.INFO, logger="nemo_elastic")
-    assert cli.main(["eval", "--ckpt", str(tiny_checkpoint)]) == 0
-    assert "val_loss" in caplog.text and str(tiny_checkpoint) in caplog.text
+def test_eval_of_a_good_checkpoint_works(tiny_checkpoint, tmp_path, capsys):
+    """The control for the two damaged-checkpoint tests below; `eval` prints its result to
+    stdout (a table, or --json), writes it with --out, and reports the same validation loss as
+    the training run's summary for the same checkpoint."""
+    import json
+
+    assert cli.main(["eval", "--ckpt", str(tiny_checkpoint), "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    assert "validation loss" in table and str(tiny_checkpoint) in table
+    out = tmp_path / "eval.json"
+    assert cli.main(["eval", "--ckpt", str(tiny_checkpoint), "--json", "--out", str(out),
+                     "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out.read_text())
+    summary = json.loads((tiny_checkpoint.parent.parent / "summary.json").read_text())
+    assert printed["val_loss"] == pytest.approx(summary["final_val_loss"], rel=1e-6)
+    assert f"{printed['val_loss']:.4f}" in table
+    assert printed["answer_accuracy"] == summary["answer_accuracy"]
 
 
 def test_eval_of_a_checkpoint_without_metadata_exits_2(tiny_checkpoint, tmp_path, caplog):

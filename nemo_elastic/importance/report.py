@@ -56,11 +56,28 @@ def write_ranking(path: Path, document: dict) -> Path:
     return path
 
 
+PANEL_TITLES = {
+    "iterative": "iterative nMSE of logits (score in the round the layer was removed)",
+    "one_shot": "one-shot nMSE of logits (layer removed alone)",
+    "cosine": "1 - cos(layer input, output)",
+}
+
+
+def panel_data(ranking: DepthRanking, num_layers: int) -> tuple[list[float], list[int]]:
+    """(bar heights, labels) of one ranking's panel, both from that ranking: the height is the
+    layer's score, the label its position in the ranking's own drop order (1 = dropped first)."""
+    position = {j: k + 1 for k, j in enumerate(ranking.order)}
+    heights = [ranking.scores.get(j, float("nan")) for j in range(num_layers)]
+    return heights, [position[j] for j in range(num_layers)]
+
+
 def plot_layer_importance(depth: Mapping[str, DepthRanking], model_cfg: ModelConfig,
                           path: Path, selected: str = "iterative") -> Path:
-    """Bar chart: one-shot normalized MSE of the logits per layer (log scale), coloured by layer
-    type; the label above each bar is the layer's position in the selected removal order
-    (1 = dropped first).  A second panel shows 1 - cosine when it was computed."""
+    """One bar chart per depth ranking (iterative, one-shot, cosine - those computed), coloured
+    by layer type.  In each panel the bar heights are that ranking's scores and the label above
+    each bar is the layer's position in THAT ranking's drop order (1 = dropped first), so
+    heights and labels always come from the same ranking.  The panel of `selected` (the ranking
+    `prepare` stores in the checkpoint) is marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,36 +86,30 @@ def plot_layer_importance(depth: Mapping[str, DepthRanking], model_cfg: ModelCon
 
     symbols = model_cfg.layer_symbols
     layers = list(range(len(symbols)))
-    nmse = depth.get("one_shot") or depth.get("iterative")
-    panels = [("normalized MSE of logits (layer removed alone)", nmse)]
-    if "cosine" in depth:
-        panels.append(("1 - cos(layer input, output)", depth["cosine"]))
-    panels = [(title, r) for title, r in panels if r is not None and r.scores]
+    panels = [(name, depth[name]) for name in PANEL_TITLES
+              if name in depth and depth[name].scores]
     width = max(6.4, 0.45 * len(layers))  # readable bars for deep models
     fig, axes = plt.subplots(max(1, len(panels)), 1, figsize=(width, 2.6 * max(1, len(panels))),
                              dpi=120, squeeze=False)
-    chosen = depth.get(selected)
-    removal = {j: k + 1 for k, j in enumerate(chosen.order)} if chosen else {}
-    for ax, (title, ranking) in zip(axes[:, 0], panels):
-        values = [ranking.scores.get(j, float("nan")) for j in layers]
+    for ax, (name, ranking) in zip(axes[:, 0], panels):
+        values, labels = panel_data(ranking, len(layers))
         bars = ax.bar(layers, values, color=[LAYER_COLORS[symbols[j]] for j in layers])
-        if ranking is nmse and removal:
-            for j, bar in zip(layers, bars):
-                ax.annotate(str(removal[j]), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+        for label, bar in zip(labels, bars):
+            if bar.get_height() == bar.get_height():  # not NaN
+                ax.annotate(str(label), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                             ha="center", va="bottom", fontsize=7)
         positive = [v for v in values if v == v and v > 0]
         if positive and max(positive) / min(positive) > 100:
             ax.set_yscale("log")
-        ax.set_title(title, fontsize=9)
+        used = " - used by prepare" if name == selected else ""
+        ax.set_title(f"{PANEL_TITLES[name]}{used}; labels: drop order", fontsize=9)
         ax.set_xticks(layers)
         ax.set_xticklabels([f"{j}{symbols[j]}" for j in layers], fontsize=7)
         ax.grid(axis="y", alpha=0.3)
     axes[0, 0].legend(handles=[Patch(color=c, label=LAYER_NAMES[s]) for s, c in LAYER_COLORS.items()
                                if s in symbols], fontsize=7, loc="upper right")
-    if removal:
-        axes[-1, 0].set_xlabel(f"layer (above bars: {selected} removal order, 1 = dropped first)")
-    else:
-        axes[-1, 0].set_xlabel("layer")
+    axes[-1, 0].set_xlabel("layer (label above a bar: its position in that panel's drop order, "
+                           "1 = dropped first)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
