@@ -4,7 +4,6 @@ preprocess -> indexed pretrain path, the help text, the 12B recipe, the example 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import shutil
