@@ -16,7 +16,7 @@ PYTHON312 := $(shell \
 		[ -n "$$v" ] && echo "env PYENV_VERSION=$$v $$(pyenv root)/versions/$$v/bin/python3.12"; \
 	fi)
 
-.PHONY: run test install install-test bench clean lint
+.PHONY: run test install install-test install-nemo test-nemo bench clean lint
 
 $(VENV)/.installed: setup.py constraints.txt
 	@if [ -z "$(PYTHON312)" ]; then echo "error: Python 3.12 not found (install it, e.g. 'pyenv install 3.12')" >&2; exit 1; fi
@@ -31,6 +31,19 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
+
+# NeMo tier (optional; not part of `make test`): NeMo-Run (`nemo elastic ...`) and the
+# Megatron-Bridge adapter.  megatron-bridge goes in with --no-deps: its declared dependencies
+# include GPU-only builds; the `bridge` extra lists what its training modules import.
+$(VENV)/.installed-nemo: $(VENV)/.installed-test
+	$(PIP) install -c constraints.txt -e ".[nemo,bridge]"
+	$(PIP) install -c constraints.txt --no-deps megatron-bridge==0.6.2
+	touch $@
+
+install-nemo: $(VENV)/.installed-nemo
+
+test-nemo: install-nemo
+	$(PY) -m pytest -q tests/test_nemo_run.py tests/test_bridge.py tests/test_slurm.py $(PYTEST_ARGS)
 
 run: install
 	$(VENV)/bin/nemo-elastic run $(ARGS)

@@ -195,3 +195,52 @@ def test_provider_builds_the_elastic_model_with_itself_as_config(tmp_path):
         [(n, p.shape) for n, p in ours.named_parameters()]
     for a, b in zip(model.parameters(), ours.parameters()):
         assert torch.equal(a, b)
+
+
+def test_gpu_example_assembles_the_config_from_both_kinds_of_overrides(tmp_path):
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    out = subprocess.run(
+        [sys.executable, "examples/bridge/train_bridge.py", "--recipe", "tiny",
+         "elastic.init_checkpoint=/ckpt/p", "--bridge", "train.train_iters=9",
+         "--dump-yaml", str(tmp_path / "cfg.yaml")],
+        cwd=nb.CONF_DIR.parent, capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    cfg = OmegaConf.load(tmp_path / "cfg.yaml")
+    assert cfg.train.train_iters == 9
+    assert cfg.model.elastic_recipe.elastic.init_checkpoint == "/ckpt/p"
+
+
+@pytest.mark.gpu
+def test_bridge_pretrain_end_to_end_on_gpu(tmp_path):
+    """Bridge's real `pretrain` (needs CUDA and Transformer-Engine): a tiny parent, then 4
+    elastic iterations on Bridge's mock data; the callback's family lands next to the
+    checkpoint."""
+    import subprocess
+    import sys
+
+    from nemo_elastic.integrations.bridge_import import has_transformer_engine
+
+    if not torch.cuda.is_available() or not has_transformer_engine():
+        pytest.skip("needs CUDA and Transformer-Engine (Megatron-Bridge's pretrain)")
+    root = nb.CONF_DIR.parent
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "4"}
+    out = subprocess.run([sys.executable, "-m", "nemo_elastic.cli", "pretrain", "--config",
+                          "conf/tiny.yaml", "train.iters=20", "train.warmup_iters=2",
+                          f"output_dir={tmp_path / 'parent'}", "--no-progress"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+         "examples/bridge/train_bridge.py", "--recipe", "tiny",
+         f"elastic.init_checkpoint={tmp_path / 'parent'}", "--bridge", "train.train_iters=4",
+         "checkpoint.save_interval=4", f"checkpoint.save={tmp_path / 'bridge'}",
+         f"checkpoint.load={tmp_path / 'bridge'}", f"logger.tensorboard_dir={tmp_path / 'tb'}"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-5000:]
+    meta = json.loads((tmp_path / "bridge" / "iter_0000004" / nb.META_FILE).read_text())
+    assert [r["name"] for r in meta["family"]] == ["full", "75pct", "50pct"]
