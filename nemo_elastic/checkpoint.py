@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -324,19 +325,54 @@ def save_checkpoint(ckpt_dir: str | Path, *, cfg: Config, model: torch.nn.Module
     error = _broadcast_str(error)
     if error:
         raise CheckpointError(error)
+    writer_errors = _WriterErrors()
     try:
-        _save_into(tmp_dir, ckpt_dir, cfg=cfg, model=model, optimizer=optimizer,
-                   scheduler=scheduler, iteration=iteration, data_state=data_state, kind=kind,
-                   extra_meta=extra_meta, extra_common=extra_common)
+        with writer_errors:
+            _save_into(tmp_dir, ckpt_dir, cfg=cfg, model=model, optimizer=optimizer,
+                       scheduler=scheduler, iteration=iteration, data_state=data_state,
+                       kind=kind, extra_meta=extra_meta, extra_common=extra_common)
     except (Exception, CheckpointException) as err:  # torch's CheckpointException is a
         # BaseException; a full disk surfaces here wrapped in one
         if isinstance(err, CheckpointError):
             raise
         if _rank() == 0:
             shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise CheckpointError(_save_failure(ckpt_dir, err)) from None
+        raise CheckpointError(_save_failure(ckpt_dir, writer_errors.os_error() or err)) from None
     logger.info("saved checkpoint %s (iteration %d)", ckpt_dir, iteration)
     return ckpt_dir
+
+
+class _WriterErrors(logging.Handler):
+    """Megatron's writer threads log their exception (e.g. `[Errno 28] No space left on device:
+    'FILE'`) and raise a RuntimeError that keeps only its class; collect those records during
+    a save (instead of printing them) to recover the root cause."""
+
+    LOGGER = "megatron.core.dist_checkpointing.strategies.filesystem_async"
+    _ERRNO = re.compile(r"\[Errno (\d+)\] ([^:]+)(?:: '(.*)')?")
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> "_WriterErrors":
+        self._logger = logging.getLogger(self.LOGGER)
+        self._logger.addHandler(self)
+        self._propagate, self._logger.propagate = self._logger.propagate, False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._logger.removeHandler(self)
+        self._logger.propagate = self._propagate
+
+    def os_error(self) -> Optional[OSError]:
+        for message in self.messages:
+            match = self._ERRNO.search(message)
+            if match:
+                return OSError(int(match.group(1)), match.group(2), match.group(3))
+        return None
 
 
 def _save_failure(ckpt_dir: Path, err: BaseException) -> str:

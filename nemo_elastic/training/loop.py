@@ -252,8 +252,9 @@ class Trainer:
             else "no checkpoint was written"
         raise TrainingDiverged(
             f"training loss is {loss} at iteration {record['iteration']} (stage "
-            f"{seg.name!r}{budgets}); {kept}; lower the learning rate (or raise the gradient "
-            "clipping) and rerun to resume from it")
+            f"{seg.name!r}{budgets}); {kept}; lower "
+            f"{'elastic.lr' if self.kind == 'elastic' else 'train.lr'} and rerun to resume from "
+            "that checkpoint")
 
     # ------------------------------------------------------------------ the loop
     def run(self, stop: StopRequest, *, resume: bool = True) -> int:
