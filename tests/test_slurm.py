@@ -63,18 +63,18 @@ def test_parallel_sizes_that_do_not_fit_the_job_are_refused(tmp_path):
     assert out.returncode != 0 and "set INIT" in out.stderr
 
 
-def test_export_dry_run_one_process_per_budget_and_megatron_extract(tmp_path):
+def test_export_dry_run_one_verified_export_of_the_family(tmp_path):
     out = _run("export.sbatch", tmp_path, DRY_RUN="1", BUDGETS="9b 6b", CKPT="run/elastic",
                DEST="exp")
     assert out.returncode == 0, out.stderr
-    commands = [shlex.split(l[l.index("]") + 1:]) for l in out.stdout.splitlines()
-                if l.startswith("[")]
-    assert commands == [["nemo-elastic", "export", "--ckpt", "run/elastic", "--budget", b,
-                         "--format", "hf", "--out", "exp"] for b in ("9b", "6b")]
+    assert _node_commands(out.stdout)["node001"] == [
+        "nemo-elastic", "export", "--ckpt", "run/elastic", "--budget", "9b", "--budget", "6b",
+        "--format", "hf", "--out", "exp"]
     out = _run("export.sbatch", tmp_path, DRY_RUN="1", FORMAT="megatron", CKPT="c", DEST="d",
                OVERWRITE="1")
     assert _node_commands(out.stdout)["node001"] == \
-        ["nemo-elastic", "extract", "--ckpt", "c", "--all", "--out", "d", "--overwrite"]
+        ["nemo-elastic", "export", "--ckpt", "c", "--all", "--format", "megatron", "--out", "d",
+         "--overwrite"]
     assert _run("export.sbatch", tmp_path, DRY_RUN="1", FORMAT="onnx").returncode == 2
 
 

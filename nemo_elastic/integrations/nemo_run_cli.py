@@ -154,6 +154,11 @@ def sbatch_script(task, executor: run.SlurmExecutor, name: str = "elastic") -> s
 
 # ------------------------------------------------------------------------------------ commands
 
+def _names(budget: Optional[str]) -> Optional[list[str]]:
+    """`budget=9b,6b` -> ["9b", "6b"] (NeMo-Run lists would need quoted strings)."""
+    return None if budget is None else [n.strip() for n in str(budget).split(",") if n.strip()]
+
+
 @run.cli.entrypoint(namespace=NAMESPACE, help="train the hybrid parent (nemo-elastic pretrain)")
 def pretrain(recipe: Config, resume: bool = True, verbose: bool = False) -> None:
     from nemo_elastic.training.pretrain import pretrain as _pretrain
@@ -190,14 +195,17 @@ def prepare(ckpt: str, out: str, config: Optional[str] = None, num_batches: int 
                 Path(path) / "ranking.json")
 
 
-@run.cli.entrypoint(namespace=NAMESPACE, help="a checkpoint (or one trained budget) -> Hugging "
-                    "Face nemotron_h (nemo-elastic export)")
-def export(ckpt: str, out: str, budget: Optional[str] = None, format: str = "hf",
-           overwrite: bool = False, verbose: bool = False) -> None:
+@run.cli.entrypoint(namespace=NAMESPACE, help="a checkpoint, or trained budgets of it, -> "
+                    "verified Hugging Face or Megatron folders (nemo-elastic export)")
+def export(ckpt: str, out: str, budget: Optional[str] = None, all: bool = False,
+           format: str = "hf", hf_per_layer: bool = False, overwrite: bool = False,
+           verbose: bool = False) -> None:
+    """`budget=9b,6b` or `all=true`: one folder per budget under `out` (all or none)."""
     from nemo_elastic.jobs import export as _export
 
     _setup(verbose)
-    _export(ckpt, out, budget=budget, format=format, overwrite=overwrite)
+    _export(ckpt, out, budget=_names(budget), format=format, overwrite=overwrite, all_budgets=all,
+            hf_per_layer=hf_per_layer)
 
 
 @run.cli.entrypoint(namespace=NAMESPACE, enable_executor=False, help="a checkpoint's kind, "
@@ -217,13 +225,13 @@ def info(ckpt: str, json: bool = False, verbose: bool = False) -> None:
 
 @run.cli.entrypoint(namespace=NAMESPACE, help="complete a prompt at trained budgets "
                     "(nemo-elastic generate)")
-def generate(ckpt: str, budget: list[str], prompt: str, max_new_tokens: int = 32,
+def generate(ckpt: str, budget: str, prompt: str, max_new_tokens: int = 32,
              temperature: float = 0.0, top_k: Optional[int] = None, seed: Optional[int] = None,
              verbose: bool = False) -> None:
     from nemo_elastic.jobs import generate as _generate, print_completion
 
     _setup(verbose)
-    _generate(ckpt, budget, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+    _generate(ckpt, _names(budget), prompt, max_new_tokens=max_new_tokens, temperature=temperature,
               top_k=top_k, seed=seed, on_completion=print_completion)
 
 
