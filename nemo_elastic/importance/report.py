@@ -57,7 +57,7 @@ def write_ranking(path: Path, document: dict) -> Path:
 
 
 PANEL_TITLES = {
-    "iterative": "iterative nMSE of logits (score in the round the layer was removed)",
+    "iterative": "iterative nMSE of logits (in the layer's removal round)",
     "one_shot": "one-shot nMSE of logits (layer removed alone)",
     "cosine": "1 - cos(layer input, output)",
 }
@@ -102,15 +102,17 @@ def plot_layer_importance(depth: Mapping[str, DepthRanking], model_cfg: ModelCon
         if positive and max(positive) / min(positive) > 100:
             ax.set_yscale("log")
         used = " - used by prepare" if name == selected else ""
-        ax.set_title(f"{PANEL_TITLES[name]}{used}; labels: drop order", fontsize=9)
+        ax.set_title(f"{PANEL_TITLES[name]}{used}", fontsize=9)
+        ax.margins(y=0.18)  # room for the labels
         ax.set_xticks(layers)
         ax.set_xticklabels([f"{j}{symbols[j]}" for j in layers], fontsize=7)
         ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].legend(handles=[Patch(color=c, label=LAYER_NAMES[s]) for s, c in LAYER_COLORS.items()
-                               if s in symbols], fontsize=7, loc="upper right")
+    handles = [Patch(color=c, label=LAYER_NAMES[s]) for s, c in LAYER_COLORS.items()
+               if s in symbols]
+    fig.legend(handles=handles, fontsize=7, loc="upper center", ncol=len(handles))
     axes[-1, 0].set_xlabel("layer (label above a bar: its position in that panel's drop order, "
                            "1 = dropped first)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / fig.get_figheight()))
     fig.savefig(path)
     plt.close(fig)
     return path
