@@ -67,6 +67,16 @@ class Settings:
         return cls(parent_iters=200, stage1_iters=20, stage2_iters=10, elastic_eval=10,
                    scratch_iters=200, scratch_eval=50, eval_iters=4)
 
+    def scaled(self, factor: float) -> "Settings":
+        """Every iteration count (and evaluation interval) times `factor` (a busy machine)."""
+        if factor == 1.0:
+            return self
+        f = lambda n: max(2, int(round(n * factor)))  # noqa: E731
+        return dataclasses.replace(
+            self, parent_iters=self.parent_iters, stage1_iters=f(self.stage1_iters),
+            stage2_iters=f(self.stage2_iters), elastic_eval=f(self.elastic_eval),
+            scratch_iters=f(self.scratch_iters), scratch_eval=f(self.scratch_eval))
+
     @property
     def tokens_per_iter(self) -> int:
         return self.global_batch * self.seq_length
@@ -272,7 +282,7 @@ def run(args) -> dict:
     from nemo_elastic.importance.prepare import prepare
     from nemo_elastic.training.pretrain import pretrain
 
-    s = Settings.quick() if args.quick else Settings()
+    s = (Settings.quick() if args.quick else Settings()).scaled(args.scale)
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -322,7 +332,8 @@ def run(args) -> dict:
     result = summarize(s, runs, zs, zs_random, family, uniform, m, full)
     result["seconds"] = {**{k: round(v, 1) for k, v in seconds.items()},
                          "total": round(time.perf_counter() - started, 1)}
-    result["settings"] = {**dataclasses.asdict(s), "quick": args.quick, "parent": str(parent)}
+    result["settings"] = {**dataclasses.asdict(s), "quick": args.quick, "scale": args.scale,
+                          "parent": str(parent)}
     (work / "claims.json").write_text(json.dumps(result, indent=2))
     plot(result, work)
     print_tables(result)
@@ -521,6 +532,8 @@ def main() -> None:
     parser.add_argument("--parent", default=None, help="a pretrained tiny parent (skips "
                         "pretraining; must match the bench's data)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply every training length (not the parent's) by this factor")
     args = parser.parse_args()
     args.out = args.out or ("runs/bench_claims_quick" if args.quick else "runs/bench_claims")
     torch.set_num_threads(args.threads)
