@@ -196,7 +196,12 @@ def _write_outputs(out_dir: Path, result: TrainResult, trainer: ElasticTrainer) 
             for r in result.family]
     rows.append(("teacher", "-", "parent", "-", "-", f"{result.teacher['val_loss']:.4f}", "-",
                  _pct(result.teacher["answer_accuracy"])))
+    seg = trainer.segments[-1]
+    n_val = trainer.cfg.train.eval_iters * seg.global_batch_size
     logger.info("elastic family (before = zero-shot prefix of the initial weights; after = "
-                "elastic distillation), %.1f s\n%s", result.wall_time_s, format_table(
+                "elastic distillation; validation on the last stage's data: the first %d "
+                "windows of %d tokens, so losses differ slightly from the pretraining's and "
+                "the main job's report), %.1f s\n%s", n_val, seg.seq_length,
+                result.wall_time_s, format_table(
                     ("budget", "target", "sizes", "parameters", "val loss before",
                      "val loss after", "acc before", "acc after"), rows))
