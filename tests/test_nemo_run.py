@@ -82,6 +82,7 @@ def elastic_ckpt(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- with the extra
 
+@pytest.mark.slow  # each `nemo` process starts NeMo-Run and its entry points (~10-25 s)
 def test_nemo_help_lists_elastic_and_its_commands(tmp_path):
     pytest.importorskip("nemo_run")
     out = _nemo(tmp_path, "--help")
@@ -93,6 +94,7 @@ def test_nemo_help_lists_elastic_and_its_commands(tmp_path):
         assert command in out.stdout, command
 
 
+@pytest.mark.slow  # each `nemo` process starts NeMo-Run and its entry points (~10-25 s)
 def test_nemo_elastic_info_and_export_equal_nemo_elastic(elastic_ckpt, tmp_path):
     pytest.importorskip("nemo_run")
     from safetensors.torch import load_file
