@@ -12,7 +12,6 @@ by `export` and `extract`.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from nemo_elastic.errors import ConfigError

@@ -206,3 +206,26 @@ def test_nemo_elastic_train_runs_on_two_gloo_processes_through_the_local_executo
     meta = read_meta(elastic / "checkpoints" / "iter_0000003")
     assert meta["kind"] == "elastic" and [r["name"] for r in meta["family"]] == \
         ["full", "75pct", "50pct"]
+
+
+def test_recipe_factories_are_the_yaml_recipes_and_overrides_are_validated():
+    run = pytest.importorskip("nemo_run")
+    import fiddle as fdl
+    from nemo_elastic.config import ConfigError, load_config
+    from nemo_elastic.integrations import nemo_run_cli as nr
+
+    for name, factory in (("tiny", nr.tiny), ("nemotron_nano_12b", nr.nemotron_nano_12b)):
+        built = fdl.build(factory())
+        assert built == load_config(ROOT / "conf" / nr.RECIPES[name])
+        # `--factory NAME` resolves through NeMo-Run's parse_factory, as the CLI does
+        from nemo_run.cli.cli_parser import parse_factory
+
+        for entry in (nr.train, nr.pretrain):
+            task = parse_factory(entry, "", entry, name)
+            assert task.__fn_or_cls__ is entry and fdl.build(task.recipe) == built
+    config = nr.tiny()
+    config.elastic.curriculum[1].iters = 7  # what recipe.elastic.curriculum[1].iters=7 sets
+    assert fdl.build(config).elastic.total_iters == 157
+    config.data.micro_batch_size = 5  # global batch 16 is not a multiple: refused at build
+    with pytest.raises(ConfigError, match="data.global_batch_size=16: must be a multiple"):
+        fdl.build(config)
