@@ -56,8 +56,8 @@ def extract_checkpoints(ckpt: str | Path, targets: Mapping[str | Path, SubNetwor
     for out, subnet in targets.items():
         path = Path(out)
         if path.exists() and not overwrite:
-            raise CheckpointError(f"{str(path)!r} already exists; pass overwrite=True "
-                                  "(--overwrite) to replace it")
+            raise CheckpointError(f"{str(path)!r} already exists; add --overwrite "
+                                  "to replace it")
         if not isinstance(subnet, SubNetwork):
             subnet = SubNetwork.from_dict(subnet)
         subnet.validate(cfg.model)  # fail before loading the parent weights

@@ -117,8 +117,8 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, overwrite: bool = False,
     start = time.perf_counter()
     ckpt, out_dir = resolve_checkpoint(ckpt), Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise CheckpointError(f"{str(out_dir)!r} already exists; pass overwrite=True "
-                              "(--overwrite) to replace it")
+        raise CheckpointError(f"{str(out_dir)!r} already exists; add --overwrite "
+                              "to replace it")
     meta = read_meta(ckpt)
     cfg = config_from_checkpoint(ckpt)
     hf_cfg = hf_config_from_model(cfg.model, meta.get("hf_passthrough"))  # fail before loading

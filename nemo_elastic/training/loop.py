@@ -232,6 +232,7 @@ class Trainer:
         """After the resume checks passed: the run's config and the metrics so far (rank 0)."""
         if not self.info.is_main:
             return
+        self.out_dir.mkdir(parents=True, exist_ok=True)  # a Trainer built outside a job too
         write_text_durably(self.out_dir / "config.json", json.dumps(to_dict(self.cfg), indent=2))
         write_metrics(self.out_dir, self.earlier)  # drops the records the resumed run redoes
         self._metrics_file = open(self.out_dir / METRICS_FILE, "a")
