@@ -197,12 +197,20 @@ class ElasticRouter(nn.Module):
         m, mode = self.model, self.mode
         axis_of = lambda axis, row: SoftAxis(self.choices[axis], probs[axis][row], mode)  # noqa: E731
         hidden = axis_of("hidden", 0) if "hidden" in probs else m.hidden_size
-        keep = [True] * m.num_layers
+        keep, expected, hard_keep = [True] * m.num_layers, [None] * m.num_layers, \
+            [None] * m.num_layers
         if "depth" in probs:
+            p = probs["depth"][0]
             kept_counts = torch.tensor(self.choices["depth"], device=self.rank.device)
             # kept[j, i] = layer j survives when choice i keeps kept_counts[i] layers
-            kept = (self.rank[:, None] >= m.num_layers - kept_counts[None, :]).to(probs["depth"])
-            keep = list(kept @ probs["depth"][0])
+            kept = (self.rank[:, None] >= m.num_layers - kept_counts[None, :]).to(p)
+            expected = list(kept @ p)  # survival probability of each layer (the cost's)
+            best = int(torch.argmax(p.detach()))
+            hard_keep = [bool(k) for k in kept[:, best]]
+            if mode == "mixture":
+                keep = expected
+            else:  # hard: the argmax choice's layers, scaled by its probability; others not run
+                keep = [p[best] if k else False for k in hard_keep]
         layers = []
         for i, sym in enumerate(m.layer_symbols):
             sizes = {}
@@ -214,7 +222,8 @@ class ElasticRouter(nn.Module):
                     sizes[field_name] = axis_of(axis, row)
                 else:
                     sizes[field_name] = m.layer_size(field_name, i)
-            layers.append(SoftLayer(keep=keep[i], **sizes))
+            layers.append(SoftLayer(keep=keep[i], expected_keep=expected[i],
+                                    hard_keep=hard_keep[i], **sizes))
         return SoftSubNetwork(hidden_size=hidden, layers=layers)
 
     # ------------------------------------------------------------------ loss

@@ -153,6 +153,77 @@ def recompute_env(megatron_env):
 
 # ----------------------------------------------------------------------------- the elastic step
 
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_router_hard_mode_depth_drops_layers_and_sliced_skips_them(megatron_env, seed):
+    """The router's hard mode on the depth axis (paper mode 1): the argmax depth choice's layers
+    are gated by its probability, the other layers are dropped (False) and the sliced forward
+    does not run them; masked == sliced (loss, model and router gradients, the depth router
+    included); the family's depth is the argmax choice; the budget loss counts the layers'
+    survival probabilities exactly as the soft (mixture) mode does.  (The hidden axis stays
+    fixed here: its probability's gradient is a near-cancelling sum - RMSNorm is scale-invariant
+    up to eps - whose fp32 rounding reaches ~4e-5 of the largest router gradient; the test above
+    covers it without depth.)"""
+    from nemo_elastic.config_elastic import ElasticConfig
+    from nemo_elastic.elastic.cost import expected_parameters
+    from nemo_elastic.router import ElasticRouter
+
+    cfg = tiny_config({"hybrid_layer_pattern": "M-*M-"})
+    ranking = [3, 1, 4, 0, 2]  # least important first
+    counts = [5, 4, 3, 2]
+
+    def router(mode):
+        return ElasticRouter(cfg.model, ElasticConfig(
+            budgets={"full": 1.0, "b70": 0.7, "b45": 0.45}, iters=10, warmup_iters=0,
+            axes=["mamba_heads", "ffn"], depth_choices=counts, seed=seed,
+            router={"mode": mode}), total_iters=10, layer_ranking=ranking)
+
+    hard, soft = router("hard"), router("soft")
+    budget, target = 1 + seed % 2, 1 + seed % 3  # target: a depth choice that drops layers
+    with torch.no_grad():  # lift the target choice's logit by 2 (at iteration 0: tau = scale = 1)
+        net = hard.routers["depth"].net
+        h = net[1](net[0](torch.eye(3, dtype=net[0].weight.dtype)[budget]))
+        net[2].weight[target] += 2.0 * h / h.dot(h)
+    soft.load_state_dict(hard.state_dict())
+    out = hard(budget, noise=False)
+    depth_p = out.probs["depth"][0]
+    best = int(torch.argmax(depth_p))
+    assert best == target and 0.3 < float(depth_p[best]) < 0.999  # a gate, not saturated
+    kept = sorted(ranking[len(ranking) - counts[best]:])
+    layers = out.subnetwork.layers
+    assert [i for i, layer in enumerate(layers) if layer.keep is not False] == kept
+    assert all(torch.equal(layers[i].keep, depth_p[best]) for i in kept)
+    assert out.subnetwork.hard().kept_layers == kept
+    mix = soft(budget, noise=False)
+    assert torch.allclose(mix.probs["depth"], out.probs["depth"])
+    assert expected_parameters(cfg.model, out.subnetwork).item() == pytest.approx(
+        expected_parameters(cfg.model, mix.subnetwork).item(), rel=1e-6)
+
+    model = perturb(build_elastic_model(cfg), seed=seed)
+    tokens, pos = _tokens(cfg)
+    ran = []
+    hooks = [layer.register_forward_hook(lambda mod, a, o, i=i: ran.append(i))
+             for i, layer in enumerate(model.decoder.layers)]
+    results = {}
+    for execution in ("masked", "sliced"):
+        out = hard(budget, noise=False)
+        probs = [out.probs[axis] for axis in sorted(out.probs)]  # the router's outputs
+        for t in probs:
+            t.retain_grad()
+        ran.clear()
+        loss, grads = _run(model, tokens, pos, out.subnetwork, probs, execution)
+        # an axis whose layers are all dropped gets no gradient in either execution
+        results[execution] = loss, {n: torch.zeros(1) if g is None else g
+                                    for n, g in grads.items()}
+        if execution == "sliced":
+            assert sorted(set(ran)) == kept
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(results["sliced"][0], results["masked"][0], rtol=TOL, atol=0)
+    _assert_same_rel(results["sliced"][1], results["masked"][1], f"seed {seed}")
+    depth_grad = results["sliced"][1][f"router.{sorted(out.probs).index('depth')}"]
+    assert depth_grad[0, best] != 0 and depth_grad.count_nonzero() == 1
+
+
 PATTERNS = {"tp1": ("M-*M-", {}), "tp2": ("M-*M-", {"tensor_model_parallel_size": 2}),
             "pp2": ("M-|*M-", {"pipeline_model_parallel_size": 2})}
 

@@ -4,7 +4,8 @@ Each axis's size is replaced by its expectation under the router's probabilities
 E[size] = sum_i p_i * c_i, and pushed through the same closed-form per-layer walk as
 `nemo_elastic.budget` (`budget.cost_terms`; paper-digest §5.4; Megatron-LM's Flextron computes
 the cost the same way).  A soft depth gate multiplies its layer's parameters and its cache (KV
-cache / Mamba state).  With one-hot probabilities the result equals `budget.subnetwork_parameters`
+cache / Mamba state); for the router's depth axis that is the layer's survival probability
+(`SoftLayer.expected_keep`) in both router modes, as the widths count their expectation in both.  With one-hot probabilities the result equals `budget.subnetwork_parameters`
 / `budget.subnetwork_memory` of the argmax sub-network exactly.
 
 The cost is computed in the probabilities' dtype; in float32 a 12B model's bytes (~3e10) carry
@@ -41,7 +42,7 @@ def _expected_terms(model: ModelConfig, soft: SoftSubNetwork, spec=None) -> dict
     return budget.cost_terms(
         model, spec, hidden=expected_size(soft.hidden_size),
         size=lambda field, i: expected_size(getattr(soft.layers[i], field)),
-        keep=lambda i: soft.layers[i].keep)
+        keep=lambda i: soft.layers[i].cost_keep())
 
 
 def _as_tensor(total: Number) -> torch.Tensor:

@@ -194,13 +194,34 @@ SizeOrSoft = Union[int, SoftAxis]
 
 @dataclass
 class SoftLayer:
-    """Per-layer soft choices; ints are fixed sizes; `keep` may be a soft weight tensor."""
+    """Per-layer soft choices; ints are fixed sizes; `keep` may be a soft weight tensor.
+
+    `keep` is what the forward runs: True (kept), False (dropped, not run) or a gate tensor g
+    (the layer's residual update scaled by g).  The router's depth axis also records
+    `expected_keep` (the probability that the layer survives, sum_i p_i [layer kept by choice i]:
+    what the differentiable cost counts) and `hard_keep` (the argmax choice keeps it: what
+    `hard()` and the family use).  In the router's mixture mode keep == expected_keep; in its
+    hard mode keep is p_best for the argmax choice's layers and False for the others (paper
+    mode 1: the selected mask scaled by its probability), so dropped layers are not run."""
 
     keep: Union[bool, torch.Tensor] = True
     mamba_num_heads: Optional[SizeOrSoft] = None
     mamba_head_dim: Optional[SizeOrSoft] = None
     num_attention_heads: Optional[SizeOrSoft] = None
     ffn_hidden_size: Optional[SizeOrSoft] = None
+    expected_keep: Optional[torch.Tensor] = None
+    hard_keep: Optional[bool] = None
+
+    def kept_in_hard(self) -> bool:
+        """Kept by the argmax sub-network: `hard_keep` when the router set it, else a fixed keep
+        or a gate tensor of at least 0.5."""
+        if self.hard_keep is not None:
+            return self.hard_keep
+        return bool(self.keep >= 0.5) if isinstance(self.keep, torch.Tensor) else bool(self.keep)
+
+    def cost_keep(self) -> Union[bool, torch.Tensor]:
+        """The keep weight the differentiable cost counts (the expectation when known)."""
+        return self.keep if self.expected_keep is None else self.expected_keep
 
 
 @dataclass
@@ -215,9 +236,8 @@ class SoftSubNetwork:
         pick = lambda v: v.hard_choice() if isinstance(v, SoftAxis) else v  # noqa: E731
         layers = []
         for layer in self.layers:
-            keep = bool(layer.keep >= 0.5) if isinstance(layer.keep, torch.Tensor) else layer.keep
             layers.append(LayerChoice(
-                keep=keep, mamba_num_heads=pick(layer.mamba_num_heads),
+                keep=layer.kept_in_hard(), mamba_num_heads=pick(layer.mamba_num_heads),
                 mamba_head_dim=pick(layer.mamba_head_dim),
                 num_attention_heads=pick(layer.num_attention_heads),
                 ffn_hidden_size=pick(layer.ffn_hidden_size)))

@@ -65,7 +65,8 @@ class ElasticHybridModel(HybridModel):
     def resolve_sliced(self, subnetwork: SubNetworkLike) -> tuple[ElasticMasks, SubNetwork]:
         """(masks, hard sizes) of a sub-network that sliced execution can run: its masks are zero
         outside the kept prefixes.  A dropped layer is one whose gate is 0.0; a soft depth gate
-        keeps its layer running (gated), whatever the hard choice says."""
+        keeps its layer running (gated); the router's hard mode gives gates only to the argmax depth
+        choice's layers and drops the others."""
         if isinstance(subnetwork, SubNetwork):
             return self.resolve(subnetwork), subnetwork
         if not isinstance(subnetwork, SoftSubNetwork):

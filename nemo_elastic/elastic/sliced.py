@@ -16,7 +16,10 @@ prefix x its probability).  Per call:
   column-parallel layout): each rank computes its own share, the row-parallel all-reduce sums
   them, as in the masked forward;
 * norms normalize the kept channels only (no masked-channel correction needed);
-* dropped layers (gate 0.0) are not run; a soft depth gate (a tensor) still runs its layer;
+* dropped layers (gate 0.0) are not run; a soft depth gate (a tensor) still runs its layer.
+  In the router's hard mode the depth axis is hard too: the argmax depth choice's layers carry
+  its probability as their gate, the others are dropped (`router._soft_subnetwork`), so a
+  smaller depth costs less;
 * between pipeline stages the residual stream travels at the parent's width with zeros in the
   pruned channels (what the masked forward sends), and is cut back on arrival.
 
