@@ -115,7 +115,7 @@ def recipe(s: Settings, out: Path, **elastic) -> "Config":
 def _axis_size(model_cfg, subnet, axis: str, layers: list[int]) -> int:
     from nemo_elastic.router import AXES
 
-    _, field, _ = AXES[axis]
+    _, field = AXES[axis]
     if axis == "hidden":
         return subnet.hidden_size
     sizes = {getattr(subnet.layers[i], field) for i in layers}
@@ -439,7 +439,7 @@ def print_tables(r: dict) -> None:
 
     cost = r["cost_of_family"]
     T = cost["elastic_tokens"]
-    print(f"\nBudgets (the elastic run's router family): " + "; ".join(
+    print("\nBudgets (the elastic run's router family): " + "; ".join(
         f"{n} {b['parameters']:,} ({b['summary']})" for n, b in r["budgets"].items()))
     rows = []
     for label, meth in cost["methods"].items():

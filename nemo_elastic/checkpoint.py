@@ -305,7 +305,6 @@ def save_checkpoint(ckpt_dir: str | Path, *, cfg: Config, model: torch.nn.Module
     router's weights and optimizer (`{"extra": {"router": ..., "router_optimizer": ...}}`);
     `extra_meta`: JSON-serializable facts for `nemo_elastic.json` (e.g. the budget family).
     """
-    from megatron.core import dist_checkpointing
 
     ckpt_dir = Path(ckpt_dir)
     if ckpt_dir.exists() and not ckpt_dir.is_dir():

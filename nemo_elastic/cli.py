@@ -35,6 +35,7 @@ from typing import Optional, Sequence
 
 from nemo_elastic.config import ConfigError, load_config
 from nemo_elastic.errors import UserError
+from nemo_elastic.sizes import SIZE_FIELDS
 from nemo_elastic.jobs import budget_size_line as _budget_size, size_line as _size_line
 
 logger = logging.getLogger("nemo_elastic")
@@ -167,8 +168,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-SIZE_FLAGS = ("hidden_size", "mamba_num_heads", "mamba_head_dim", "num_attention_heads",
-              "ffn_hidden_size", "drop_layers")
+SIZE_FLAGS = ("hidden_size", *SIZE_FIELDS, "drop_layers")
 
 
 def _subnetwork_from_args(args, model_cfg):

@@ -20,13 +20,15 @@ from nemo_elastic.errors import ConfigError, fail as _fail, require_positive  # 
 
 # Pure Python (no torch): the synthetic corpus knobs are a config section as they are.
 from nemo_elastic.data.synthetic import SyntheticReasoningConfig
-from nemo_elastic.config_elastic import AXES as ELASTIC_AXES, ElasticConfig
+from nemo_elastic.config_elastic import ElasticConfig
 from nemo_elastic.config_io import from_dict, load_yaml, yaml_problem
 
-# Hybrid layer symbols we support (Megatron-Core `Symbols`): Mamba2, self-attention, dense MLP,
-# plus the pipeline-stage separator.  MoE ('E'), GDN ('G'), MLA ('+'), DSA ('D') and MTP ('/')
-# are real Megatron symbols that the elastic machinery does not handle yet.
-MAMBA, ATTENTION, MLP, PIPE = "M", "*", "-", "|"
+# The layer symbols and their size tables live in `sizes` (re-exported here: config.MAMBA, ...).
+# MoE ('E'), GDN ('G'), MLA ('+'), DSA ('D') and MTP ('/') are real Megatron symbols that the
+# elastic machinery does not handle yet.
+from nemo_elastic.sizes import (  # noqa: F401
+    ATTENTION, ELASTIC_AXES, GROUPED, GROUPED_WHY, LAYER_FIELDS, MAMBA, MLP, PIPE, SIZE_FIELDS)
+
 SUPPORTED_SYMBOLS = (MAMBA, ATTENTION, MLP)
 UNSUPPORTED_SYMBOLS = {"E": "MoE", "G": "GatedDeltaNet", "+": "MLA", "D": "DSA attention", "/": "MTP"}
 
@@ -113,8 +115,7 @@ class ModelConfig:
 
     def _validate_per_layer(self) -> None:
         symbols = self.layer_symbols
-        applies = {MAMBA: ("mamba_num_heads", "mamba_head_dim"), ATTENTION: ("num_attention_heads",),
-                   MLP: ("ffn_hidden_size",)}
+        applies = LAYER_FIELDS
         if not isinstance(self.per_layer, (list, tuple)) or len(self.per_layer) != len(symbols):
             _fail("model.per_layer", self.per_layer,
                   f"must be a list with one entry (a dict, possibly empty) per layer: {len(symbols)}")
@@ -126,14 +127,10 @@ class ModelConfig:
                     _fail(name, value, f"layer {i} ({sym!r}) only takes {list(applies[sym])}")
                 if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                     _fail(name, value, "must be a positive integer")
-            if "num_attention_heads" in entry:
-                _require_divides("", f"model.per_layer[{i}].num_attention_heads",
-                                 entry["num_attention_heads"], "model.num_query_groups",
-                                 self.num_query_groups)
-            if "mamba_num_heads" in entry:
-                _require_divides("", f"model.per_layer[{i}].mamba_num_heads",
-                                 entry["mamba_num_heads"], "model.mamba_num_groups",
-                                 self.mamba_num_groups)
+            for key, groups in GROUPED.items():
+                if key in entry:
+                    _require_divides("", f"model.per_layer[{i}].{key}", entry[key],
+                                     f"model.{groups}", getattr(self, groups))
 
     def layer_size(self, field_name: str, layer: int) -> int:
         """`field_name` (e.g. 'ffn_hidden_size') of global layer `layer`, per-layer aware."""
@@ -336,7 +333,8 @@ class Config:
         """Rules of the elastic section that depend on the model and data sections."""
         e, m, d = self.elastic, self.model, self.data
         for axis, sizes in e.choices.items():
-            field_name, group_name = ELASTIC_AXES[axis]
+            _, field_name = ELASTIC_AXES[axis]
+            group_name = GROUPED.get(field_name)
             full = getattr(m, field_name)
             step = getattr(m, group_name) if group_name else 1
             for size in sizes:

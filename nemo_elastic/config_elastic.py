@@ -27,16 +27,10 @@ from typing import Optional
 
 from nemo_elastic.config_io import from_dict
 from nemo_elastic.errors import fail, require_number, require_positive
+from nemo_elastic.sizes import ELASTIC_AXES
 
-# Elastic width axes: axis name -> (SubNetwork / ModelConfig size field, group-count field whose
-# multiple every size must be, so that every group keeps the same number of heads).
-AXES = {
-    "hidden": ("hidden_size", None),
-    "mamba_heads": ("mamba_num_heads", "mamba_num_groups"),
-    "mamba_head_dim": ("mamba_head_dim", None),
-    "attention_heads": ("num_attention_heads", "num_query_groups"),
-    "ffn": ("ffn_hidden_size", None),
-}
+# Elastic width axes: axis name -> (layer symbol or None, size field): `sizes.ELASTIC_AXES`.
+AXES = ELASTIC_AXES
 ROUTER_MODES = {"hard": "scaled", "soft": "mixture"}  # config name -> masks.SoftAxis mode
 BUDGET_TYPES = ("params", "memory")
 TEACHER_MODES = ("frozen", "trainable")

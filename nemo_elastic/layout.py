@@ -37,23 +37,16 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Optional
 
-from nemo_elastic.config import ATTENTION, MAMBA, MLP, ModelConfig
+from nemo_elastic.config import ATTENTION, GROUPED, LAYER_FIELDS, MAMBA, MLP, ModelConfig
 
 if TYPE_CHECKING:
     import torch
 
 # 1. --------------------------------------------------------------------------------- sizes
 
-# Per-layer size fields by layer symbol (SubNetwork.LayerChoice, ModelConfig.per_layer and
-# Megatron TransformerConfig use the same names).
-LAYER_FIELDS: dict[str, tuple[str, ...]] = {
-    MAMBA: ("mamba_num_heads", "mamba_head_dim"),
-    ATTENTION: ("num_attention_heads",),
-    MLP: ("ffn_hidden_size",),
-}
-# Grouped size field -> the ModelConfig field holding its group count.
-GROUPED: dict[str, str] = {"mamba_num_heads": "mamba_num_groups",
-                           "num_attention_heads": "num_query_groups"}
+# LAYER_FIELDS (per-layer size fields by layer symbol) and GROUPED (grouped size field -> the
+# ModelConfig field holding its group count) live in `config`, the bottom of the import graph,
+# so that the config validation, SubNetwork, the Megatron stack and the router read them too.
 
 
 def first_of_each_group(total: int, groups: int, kept: int) -> "torch.Tensor":
@@ -199,7 +192,6 @@ class LayerIndex:
 
     def axis(self, name: str) -> Optional["torch.Tensor"]:
         """Index into axis `name`; None for axes left as they are (vocab, conv kernel)."""
-        import torch
 
         if name == HIDDEN:
             return self.hidden
@@ -213,15 +205,14 @@ class LayerIndex:
             return self.heads
         if sym == MAMBA:
             H, P = m.layer_size("mamba_num_heads", i), m.layer_size("mamba_head_dim", i)
-            d, GN = H * P, m.mamba_num_groups * m.mamba_state_dim
+            d, bc = H * P, 2 * m.mamba_num_groups * m.mamba_state_dim
             inner = head_channels(self.heads, P, self.channels)
-            bc = torch.arange(2 * GN)  # B and C: never pruned, never reordered
             if name == "inner":
                 return inner
-            if name == "in_proj":  # [z | x | B | C | dt]
-                return torch.cat([inner, d + inner, 2 * d + bc, 2 * d + 2 * GN + self.heads])
-            if name == "conv":  # [x | B | C]
-                return torch.cat([inner, d + bc])
+            if name == "in_proj":
+                return in_proj_rows(inner, self.heads, d, bc)
+            if name == "conv":
+                return conv_channels(inner, d, bc)
         elif sym == ATTENTION:
             c = m.head_dim
             if name == "proj":
@@ -231,21 +222,51 @@ class LayerIndex:
         raise LayoutError(f"layer {i} ({sym!r}) has no axis {name!r}")
 
     def _qkv_rows(self) -> "torch.Tensor":
-        import torch
-
         m, i = self.m, self.layer
-        a, Q, c = m.layer_size("num_attention_heads", i), m.num_query_groups, m.head_dim
-        per = a // Q
-        group = self.heads // per
-        if not torch.equal(group, torch.sort(group).values):
-            raise LayoutError(f"layer {i}: query heads {self.heads.tolist()} must be listed "
-                              f"group by group ({per} per query group)")
-        rows = []
-        for q in range(Q):  # per group: [its kept query heads, in the given order | k | v]
-            slots = self.heads[group == q] - q * per
-            start = q * (per + 2) * c
-            rows += [start + head_channels(slots, c, c), start + per * c + torch.arange(2 * c)]
-        return torch.cat(rows)
+        a, Q = m.layer_size("num_attention_heads", i), m.num_query_groups
+        try:
+            return qkv_rows(self.heads, Q, a // Q, m.head_dim)
+        except ValueError as e:
+            raise LayoutError(f"layer {i}: {e}") from None
+
+
+# The fused row layouts as functions of kept heads / channels.  `LayerIndex` (whole TP=1
+# tensors) and sliced execution (one tensor-parallel rank's shard, local sizes: Megatron shards
+# in_proj, conv1d and linear_qkv so that every rank holds the same layout at its local sizes)
+# both call these.
+
+def in_proj_rows(inner: "torch.Tensor", heads: "torch.Tensor", d: int, bc: int) -> "torch.Tensor":
+    """Rows of Mamba's in_proj [z (d) | x (d) | B, C (bc = 2*G*N) | dt (H)] that keep the inner
+    channels `inner` (into d = H*P), the heads `heads` and every B/C row (never pruned)."""
+    import torch
+
+    return torch.cat([inner, d + inner, 2 * d + torch.arange(bc), 2 * d + bc + heads])
+
+
+def conv_channels(inner: "torch.Tensor", d: int, bc: int) -> "torch.Tensor":
+    """Channels of Mamba's conv1d [x (d) | B, C (bc)] that keep `inner` and every B/C channel."""
+    import torch
+
+    return torch.cat([inner, d + torch.arange(bc)])
+
+
+def qkv_rows(heads: "torch.Tensor", groups: int, per: int, c: int) -> "torch.Tensor":
+    """Rows of the fused linear_qkv [groups x (per query heads | k | v) x c] that keep the query
+    heads `heads` (indices into groups*per, listed group by group, each group's in the given
+    order) and every group's k and v."""
+    import torch
+
+    heads = torch.as_tensor(heads, dtype=torch.long)
+    group = heads // per
+    if not torch.equal(group, torch.sort(group).values):
+        raise ValueError(f"query heads {heads.tolist()} must be listed group by group "
+                         f"({per} per query group)")
+    rows = []
+    for q in range(groups):  # per group: [its kept query heads, in the given order | k | v]
+        slots = heads[group == q] - q * per
+        start = q * (per + 2) * c
+        rows += [start + head_channels(slots, c, c), start + per * c + torch.arange(2 * c)]
+    return torch.cat(rows)
 
 
 def reindex(t: "torch.Tensor", axes: tuple[str, ...], index: LayerIndex) -> "torch.Tensor":

@@ -25,27 +25,24 @@ import torch
 from torch import nn
 
 from nemo_elastic import budget as budget_math
-from nemo_elastic.config import ATTENTION, MAMBA, MLP, ConfigError, ModelConfig
+from nemo_elastic.config import ConfigError, ModelConfig
+from nemo_elastic.sizes import ELASTIC_AXES, GROUPED
 from nemo_elastic.config_elastic import ROUTER_MODES, ElasticConfig
 from nemo_elastic.elastic.cost import expected_parameters
 from nemo_elastic.elastic.masks import SoftAxis, SoftLayer, SoftSubNetwork
 from nemo_elastic.elastic.subnet import SubNetwork
 
-# axis name -> (layer symbol it lives on or None for global, SubNetwork field, group divisor)
-AXES = {
-    "hidden": (None, "hidden_size", None),
-    "mamba_heads": (MAMBA, "mamba_num_heads", "mamba_num_groups"),
-    "mamba_head_dim": (MAMBA, "mamba_head_dim", None),
-    "attention_heads": (ATTENTION, "num_attention_heads", "num_query_groups"),
-    "ffn": (MLP, "ffn_hidden_size", None),
-}
+# axis name -> (layer symbol it lives on or None for global, SubNetwork field); the group
+# divisor of a field is sizes.GROUPED's
+AXES = ELASTIC_AXES
 
 
 def axis_choices(model: ModelConfig, axis: str, fractions: Sequence[float],
                  layer: Optional[int] = None) -> list[int]:
     """Distinct sizes, largest first, at `fractions` of the parent's size, rounded to a multiple
     of the axis's group count (heads per group stay equal)."""
-    _, field_name, divisor_name = AXES[axis]
+    _, field_name = AXES[axis]
+    divisor_name = GROUPED.get(field_name)
     full = model.layer_size(field_name, layer) if layer is not None else getattr(model, field_name)
     step = getattr(model, divisor_name) if divisor_name else 1
     sizes = {max(step, int(round(full * f / step)) * step) for f in fractions}
@@ -214,7 +211,7 @@ class ElasticRouter(nn.Module):
         layers = []
         for i, sym in enumerate(m.layer_symbols):
             sizes = {}
-            for axis, (symbol, field_name, _) in AXES.items():
+            for axis, (symbol, field_name) in AXES.items():
                 if symbol != sym:
                     continue
                 if axis in probs:

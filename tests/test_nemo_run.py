@@ -209,7 +209,7 @@ def test_nemo_elastic_train_runs_on_two_gloo_processes_through_the_local_executo
 
 
 def test_recipe_factories_are_the_yaml_recipes_and_overrides_are_validated():
-    run = pytest.importorskip("nemo_run")
+    pytest.importorskip("nemo_run")
     import fiddle as fdl
     from nemo_elastic.config import ConfigError, load_config
     from nemo_elastic.integrations import nemo_run_cli as nr

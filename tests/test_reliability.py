@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from nemo_elastic import cli
 from nemo_elastic.checkpoint import (CHECKSUMS_KEY, LATEST_FILE, META_FILE, CheckpointError,

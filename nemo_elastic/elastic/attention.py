@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
 from megatron.core.transformer.attention import SelfAttention
 
 from nemo_elastic.elastic.sliced import Index, local, pinned_attributes, swapped_parameters, take
@@ -62,7 +61,7 @@ class ElasticSelfAttention(ElasticMixin, SelfAttention):
     # ------------------------------------------------------------------ sliced execution
     def _kept(self) -> tuple[Index, Index, Index]:
         """(local kept heads, linear_qkv rows, linear_proj columns) of this rank."""
-        from nemo_elastic.export.slicing import first_of_each_group, head_channels
+        from nemo_elastic.layout import first_of_each_group, head_channels, qkv_rows
 
         kept = self.elastic.sliced.choice.num_attention_heads
         rank, size = self._tp()
@@ -78,13 +77,7 @@ class ElasticSelfAttention(ElasticMixin, SelfAttention):
             if part == "proj":
                 return head_channels(heads, c, c), heads_local * c
             per = heads_local // groups_local  # query heads per group; rows per group (per+2)*c
-            rows = []
-            for q in range(groups_local):
-                start = q * (per + 2) * c
-                js = [int(h) % per for h in heads if int(h) // per == q]
-                rows += [start + j * c + torch.arange(c) for j in js]
-                rows.append(start + per * c + torch.arange(2 * c))  # k and v of the group
-            return torch.cat(rows), groups_local * (per + 2) * c
+            return qkv_rows(heads, groups_local, per, c), groups_local * (per + 2) * c
 
         return tuple(self._index(("attention", part, kept), lambda part=part: build(part))
                      for part in ("heads", "qkv", "proj"))

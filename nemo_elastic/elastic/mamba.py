@@ -39,7 +39,8 @@ class ElasticMambaMixer(ElasticMixin, NemoMambaMixer):
     # ------------------------------------------------------------------ sliced execution
     def _kept(self) -> dict[str, Index]:
         """This rank's kept positions: heads, channels [H_l*P], in_proj rows, conv channels."""
-        from nemo_elastic.export.slicing import first_of_each_group, head_channels
+        from nemo_elastic.layout import conv_channels, first_of_each_group, head_channels, \
+            in_proj_rows
 
         choice = self.elastic.sliced.choice
         k, p = choice.mamba_num_heads, choice.mamba_head_dim
@@ -56,10 +57,9 @@ class ElasticMambaMixer(ElasticMixin, NemoMambaMixer):
                 return heads, H_l
             if part == "inner":
                 return inner, d_l
-            if part == "in_proj":  # [z | x | B | C | dt]
-                return torch.cat([inner, d_l + inner, 2 * d_l + torch.arange(bc),
-                                  2 * d_l + bc + heads]), 2 * d_l + bc + H_l
-            return torch.cat([inner, d_l + torch.arange(bc)]), d_l + bc  # conv [x | B | C]
+            if part == "in_proj":  # [z | x | B | C | dt] at this rank's sizes
+                return in_proj_rows(inner, heads, d_l, bc), 2 * d_l + bc + H_l
+            return conv_channels(inner, d_l, bc), d_l + bc  # conv [x | B | C]
 
         return {part: self._index(("mamba", part, k, p), lambda part=part: build(part))
                 for part in ("heads", "inner", "in_proj", "conv")}

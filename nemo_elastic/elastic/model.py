@@ -31,6 +31,7 @@ from nemo_elastic.elastic.sliced import swapped_parameters
 from nemo_elastic.elastic.stack import ElasticHybridStack
 from nemo_elastic.elastic.state import bound_layers, pinned, pinned_norm
 from nemo_elastic.elastic.subnet import SubNetwork
+from nemo_elastic.sizes import SIZE_FIELDS
 
 SubNetworkLike = Union[SubNetwork, SoftSubNetwork, ElasticMasks]
 EXECUTIONS = ("masked", "sliced")
@@ -73,8 +74,7 @@ class ElasticHybridModel(HybridModel):
             raise TypeError(f"subnetwork={type(subnetwork).__name__}: sliced execution needs a "
                             "SubNetwork or a SoftSubNetwork (it needs the kept sizes)")
         axes = [subnetwork.hidden_size, *(getattr(layer, f) for layer in subnetwork.layers
-                                          for f in ("mamba_num_heads", "mamba_head_dim",
-                                                    "num_attention_heads", "ffn_hidden_size"))]
+                                          for f in SIZE_FIELDS)]
         soft = sorted({a.mode for a in axes if isinstance(a, SoftAxis) and a.mode != "scaled"})
         if soft:
             raise ValueError(f"sliced execution needs the router's hard mode (SoftAxis mode "

@@ -22,15 +22,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from nemo_elastic.config import ATTENTION, MAMBA, MLP, ConfigError, ModelConfig
-
-# Which per-layer size fields apply to which layer symbol.
-LAYER_FIELDS = {
-    MAMBA: ("mamba_num_heads", "mamba_head_dim"),
-    ATTENTION: ("num_attention_heads",),
-    MLP: ("ffn_hidden_size",),
-}
-ALL_LAYER_FIELDS = ("mamba_num_heads", "mamba_head_dim", "num_attention_heads", "ffn_hidden_size")
+from nemo_elastic.config import (ATTENTION, GROUPED, GROUPED_WHY, LAYER_FIELDS, MAMBA, MLP,
+                                 SIZE_FIELDS as ALL_LAYER_FIELDS, ConfigError, ModelConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,15 +97,11 @@ class SubNetwork:
                 if value is None:
                     raise ConfigError(f"{lp}.{f}=None: layer {i} is {_KIND[sym]} and needs {f}")
                 _check_range(f"{lp}.{f}", value, model.layer_size(f, i), f"model.{f}")
-            if sym == MAMBA:
-                _check_multiple(f"{lp}.mamba_num_heads", layer.mamba_num_heads,
-                                "model.mamba_num_groups", model.mamba_num_groups,
-                                "the same number of heads is kept in every Mamba group")
-            elif sym == ATTENTION:
-                _check_multiple(f"{lp}.num_attention_heads", layer.num_attention_heads,
-                                "model.num_query_groups", model.num_query_groups,
-                                "heads are pruned inside query groups; KV groups are kept")
-            elif sym == MLP and tp_size > 1:
+            for f in LAYER_FIELDS[sym]:
+                if f in GROUPED:
+                    _check_multiple(f"{lp}.{f}", getattr(layer, f), f"model.{GROUPED[f]}",
+                                    getattr(model, GROUPED[f]), GROUPED_WHY[f])
+            if sym == MLP and tp_size > 1:
                 _check_multiple(f"{lp}.ffn_hidden_size", layer.ffn_hidden_size,
                                 "parallel.tensor_model_parallel_size", tp_size,
                                 "tensor parallelism splits FFN neurons evenly")

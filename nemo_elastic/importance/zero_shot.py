@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from nemo_elastic.config import ModelConfig
 from nemo_elastic.elastic.subnet import SubNetwork
+from nemo_elastic.sizes import GROUPED
 
 
 def _scaled(full: int, fraction: float, multiple: int = 1) -> int:
@@ -26,15 +27,7 @@ def fractional_subnetwork(model: ModelConfig, fraction: float) -> SubNetwork:
     subnet = SubNetwork.full(model)
     subnet = SubNetwork(hidden_size=_scaled(model.hidden_size, fraction), layers=subnet.layers)
     for i, layer in enumerate(subnet.layers):
-        changes = {}
-        if layer.mamba_num_heads is not None:
-            changes["mamba_num_heads"] = _scaled(layer.mamba_num_heads, fraction,
-                                                 model.mamba_num_groups)
-            changes["mamba_head_dim"] = _scaled(layer.mamba_head_dim, fraction)
-        if layer.num_attention_heads is not None:
-            changes["num_attention_heads"] = _scaled(layer.num_attention_heads, fraction,
-                                                     model.num_query_groups)
-        if layer.ffn_hidden_size is not None:
-            changes["ffn_hidden_size"] = _scaled(layer.ffn_hidden_size, fraction)
+        changes = {f: _scaled(v, fraction, getattr(model, GROUPED[f]) if f in GROUPED else 1)
+                   for f, v in layer.sizes().items()}
         subnet = subnet.replace_layer(i, **changes)
     return subnet.validate(model)

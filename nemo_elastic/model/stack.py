@@ -26,14 +26,13 @@ from megatron.core.models.hybrid.hybrid_layer_allocation import Symbols
 from megatron.core.transformer.cuda_graphs import annotate_first_last_layer
 from megatron.core.transformer.spec_utils import build_module
 
+from nemo_elastic.sizes import LAYER_FIELDS
+
 logger = logging.getLogger(__name__)
 
-# TransformerConfig fields a per-layer override may set, by layer symbol.
-OVERRIDABLE = {
-    Symbols.MAMBA: ("mamba_num_heads", "mamba_head_dim"),
-    Symbols.ATTENTION: ("num_attention_heads",),
-    Symbols.MLP: ("ffn_hidden_size",),
-}
+# TransformerConfig fields a per-layer override may set, by layer symbol (Megatron's Symbols
+# are the same one-character strings as ours).
+OVERRIDABLE = LAYER_FIELDS
 
 
 class NemoHybridStack(HybridStack):
