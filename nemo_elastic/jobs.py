@@ -1,5 +1,5 @@
 """What every entry point calls: `nemo-elastic` (cli.py) and `nemo elastic` (NeMo-Run,
-integrations/nemo_run.py) run the same functions, so both commands have the same options,
+integrations/nemo_run_cli.py) run the same functions, so both commands have the same options,
 checks and outputs.  Heavy imports stay inside the functions (`import nemo_elastic.jobs` is
 cheap and needs no torch).
 
@@ -78,6 +78,7 @@ def export(ckpt, out, *, budget=None, format: str = "hf", overwrite: bool = Fals
 
     ckpt = str(resolve_checkpoint(ckpt))  # a run's output dir means its latest
     names = [budget] if isinstance(budget, str) else list(budget or [])
+    check_budget_names(names)
     if names and all_budgets:
         raise ConfigError("export: --budget and --all cannot be combined; name budgets with "
                           "--budget NAME (repeatable) or export every trained one with --all")
@@ -96,6 +97,16 @@ def export(ckpt, out, *, budget=None, format: str = "hf", overwrite: bool = Fals
                     "" if r.plain else ", per-layer: needs nemo_elastic's loader",
                     budget_size_line(ckpt, r.name))
     return {r.name: r.path for r in results}
+
+
+def check_budget_names(names: Sequence[str], flag: str = "--budget") -> None:
+    """A budget named twice would be exported / generated twice (or the second overwrite the
+    first): refuse it, naming the repeated one."""
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise ConfigError(f"{flag} {name!r} is given twice; name each budget once")
+        seen.add(name)
 
 
 def budget_size_line(ckpt, name: str) -> str:
@@ -125,10 +136,13 @@ def generate(ckpt, budgets: Sequence[str], prompt: str, *, max_new_tokens: int =
     weights).  An unknown budget name fails before any weight is loaded.  `on_completion(name,
     text, n_budgets)` sees each completion as soon as it is ready (the CLIs print it)."""
     from nemo_elastic.export import budget_subnetwork
-    from nemo_elastic.serve import ElasticGenerator
+    from nemo_elastic.serve import ElasticGenerator, check_sampling
 
     if not budgets:
         raise ConfigError("budget=[]: name at least one trained budget (see `info`)")
+    check_budget_names(budgets)
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                   prefix="--")
     for name in budgets:
         budget_subnetwork(ckpt, name)
     out = {}

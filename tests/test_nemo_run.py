@@ -35,10 +35,13 @@ def _nemo(tmp_path, *args, timeout=300) -> subprocess.CompletedProcess:
 # ----------------------------------------------------------------------------- without extras
 
 PROBE = """
-import json, sys
-import nemo_elastic, nemo_elastic.cli, nemo_elastic.jobs, nemo_elastic.pipeline
-import nemo_elastic.training.train, nemo_elastic.training.pretrain, nemo_elastic.export
-import nemo_elastic.importance.prepare, nemo_elastic.serve
+import importlib, json, pkgutil, sys
+import nemo_elastic, nemo_elastic.cli
+# every module of the package except the adapters that are the extras' own (integrations/)
+for mod in pkgutil.walk_packages(nemo_elastic.__path__, "nemo_elastic."):
+    if mod.name != "nemo_elastic.integrations" and \
+            not mod.name.startswith("nemo_elastic.integrations."):
+        importlib.import_module(mod.name)
 rc = nemo_elastic.cli.main(["info", sys.argv[1], "--json"])
 bad = sorted(m for m in sys.modules if m.split(".")[0] in ("nemo_run", "leptonai", "fiddle")
              or m.startswith("megatron.bridge") or m.startswith("transformer_engine"))
@@ -123,7 +126,29 @@ def test_nemo_elastic_info_and_export_equal_nemo_elastic(elastic_ckpt, tmp_path)
     # the same guarantees: an existing output is refused without overwrite=true
     out = _nemo(tmp_path, "elastic", "export", f"ckpt={elastic_ckpt}", "budget=uniform",
                 f"out={theirs.parent}", "--yes")
-    assert out.returncode != 0 and "overwrite" in (out.stdout + out.stderr)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "overwrite=true" in out.stderr
+    assert "--overwrite" not in out.stderr  # spelled for this CLI, not nemo-elastic's
+    # an unknown budget: one line, the trained names, this CLI's spelling
+    out = _nemo(tmp_path, "elastic", "export", f"ckpt={elastic_ckpt}", "budget=nope",
+                f"out={tmp_path / 'none'}", "--yes")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "budget='nope'" in out.stderr and "uniform" in out.stderr
+    assert not (tmp_path / "none").exists()
+
+
+def test_user_errors_are_spelled_for_the_nemo_cli():
+    pytest.importorskip("nemo_run")
+    from nemo_elastic.integrations.nemo_run_cli import nemo_spelling
+
+    assert nemo_spelling("'o' already exists; add --overwrite to replace it") == \
+        "'o' already exists; add overwrite=true to replace it"
+    assert nemo_spelling("--format='x': choose one of hf, megatron") == \
+        "format='x': choose one of hf, megatron"
+    assert nemo_spelling("--budget 'b': no such trained budget; use --all or --hf-per-layer") \
+        == "budget='b': no such trained budget; use all=true or hf_per_layer=true"
+    assert nemo_spelling("name --budget NAME (repeatable)") == "name budget=NAME (repeatable)"
+    assert nemo_spelling("no flags here -- none") == "no flags here -- none"
 
 
 DRY_RUN = """

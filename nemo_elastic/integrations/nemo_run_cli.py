@@ -2,11 +2,13 @@
 
 Registered through the entry-point group `nemo_run.cli` (setup.py: `elastic = this module`), so
 `nemo elastic pretrain | prepare | train | export | info | generate` take NeMo-Run's
-`key=value` overrides, `--factory`, `executor=...`, `--dryrun`, `--yes`.  Each command is a thin
-call of what `nemo-elastic` runs (same options, checks and outputs):
+`key=value` overrides, `--factory`, `run.executor=...`, `--dryrun`, `--yes`.  Each command is
+a thin call of what `nemo-elastic` runs (same options, checks and outputs; a user error is one
+line and exit status 2, spelled `overwrite=true` rather than `--overwrite`):
 
     nemo elastic train --factory tiny recipe.elastic.init_checkpoint=runs/tiny/prepared \\
-        recipe.elastic.curriculum[0].iters=20 executor=elastic_local executor.ntasks_per_node=2 --yes
+        recipe.elastic.curriculum[0].iters=20 run.executor=elastic_local \
+        run.executor.ntasks_per_node=2 --yes
     nemo elastic export ckpt=runs/tiny/elastic budget=50pct out=runs/hf_50pct --yes
     nemo elastic info ckpt=runs/tiny/elastic
 
@@ -20,9 +22,11 @@ script).  Without an executor the command runs in this process.
 """
 
 
+import contextlib
 import dataclasses
 import json as _json
 import logging
+import re
 import typing
 from pathlib import Path
 from typing import Any, Optional
@@ -38,10 +42,38 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 RECIPES = {"tiny": "tiny.yaml", "nemotron_nano_12b": "nemotron_nano_12b.yaml"}
 
 
-def _setup(verbose: bool = False) -> None:
-    from nemo_elastic.cli import _setup_logging  # the same logging as `nemo-elastic`
+# `nemo-elastic` flags that are booleans: `--overwrite` is `overwrite=true` here.
+_BOOLEAN_FLAGS = {"overwrite", "all", "hf_per_layer", "json", "verbose", "yes"}
+
+
+def nemo_spelling(message: str) -> str:
+    """A message written for `nemo-elastic` (flags `--format x`, `--overwrite`) in the
+    `key=value` spelling of `nemo elastic` (`format=x`, `overwrite=true`)."""
+    def one(match: "re.Match") -> str:
+        name = match.group(1).replace("-", "_")
+        return f"{name}=true" if name in _BOOLEAN_FLAGS else f"{name}="
+
+    spelled = re.sub(r"--([a-z][a-z0-9-]*)(?:=| (?=['\"A-Z0-9<]))?", one, message)
+    return spelled.replace("=true=", "=true ").replace("==", "=")
+
+
+@contextlib.contextmanager
+def _job(verbose: bool = False):
+    """The same logging as `nemo-elastic`, and its error contract: a user error (bad option,
+    missing or damaged file, existing output) is one line on stderr and exit status 2, in the
+    `key=value` spelling of this CLI; anything else is a bug and keeps its traceback."""
+    from nemo_elastic.cli import _one_line, _os_error_line, _setup_logging
+    from nemo_elastic.errors import UserError
 
     _setup_logging(verbose)
+    try:
+        yield
+    except UserError as err:
+        logger.error("%s", nemo_spelling(_one_line(str(err))))
+        raise SystemExit(2) from None
+    except OSError as err:
+        logger.error("%s", nemo_spelling(_one_line(_os_error_line(err))))
+        raise SystemExit(2) from None
 
 
 # ------------------------------------------------------------------------------------ recipes
@@ -163,10 +195,11 @@ def _names(budget: Optional[str]) -> Optional[list[str]]:
 def pretrain(recipe: Config, resume: bool = True, verbose: bool = False) -> None:
     from nemo_elastic.training.pretrain import pretrain as _pretrain
 
-    _setup(verbose)
-    result = _pretrain(recipe, resume=resume, progress=False)
-    logger.info("validation loss %.4f vs uniform-guess %.4f (ratio %.2f)", result.final_val_loss,
-                result.uniform_loss, result.final_val_loss / result.uniform_loss)
+    with _job(verbose):
+        result = _pretrain(recipe, resume=resume, progress=False)
+        logger.info("validation loss %.4f vs uniform-guess %.4f (ratio %.2f)",
+                    result.final_val_loss, result.uniform_loss,
+                    result.final_val_loss / result.uniform_loss)
 
 
 @run.cli.entrypoint(namespace=NAMESPACE, help="elastic distillation of every budget "
@@ -174,8 +207,8 @@ def pretrain(recipe: Config, resume: bool = True, verbose: bool = False) -> None
 def train(recipe: Config, resume: bool = True, verbose: bool = False) -> None:
     from nemo_elastic.training.train import train as _train
 
-    _setup(verbose)
-    _train(recipe, resume=resume, progress=False)
+    with _job(verbose):
+        _train(recipe, resume=resume, progress=False)
 
 
 @run.cli.entrypoint(namespace=NAMESPACE, help="importance scores + reordering "
@@ -186,13 +219,13 @@ def prepare(ckpt: str, out: str, config: Optional[str] = None, num_batches: int 
             verbose: bool = False) -> None:
     from nemo_elastic.importance.prepare import prepare as _prepare
 
-    _setup(verbose)
-    data_config = load_config(config).data if config else None
-    path = _prepare(ckpt, out, num_batches=num_batches, aggregation=aggregation,
-                    depth_method=depth_method, overwrite=overwrite, depth_batches=depth_batches,
-                    mamba_signal=mamba_signal, data_config=data_config, progress=False)
-    logger.info("prepared (importance-reordered) checkpoint: %s; rankings in %s", path,
-                Path(path) / "ranking.json")
+    with _job(verbose):
+        data_config = load_config(config).data if config else None
+        path = _prepare(ckpt, out, num_batches=num_batches, aggregation=aggregation,
+                        depth_method=depth_method, overwrite=overwrite, depth_batches=depth_batches,
+                        mamba_signal=mamba_signal, data_config=data_config, progress=False)
+        logger.info("prepared (importance-reordered) checkpoint: %s; rankings in %s", path,
+                    Path(path) / "ranking.json")
 
 
 @run.cli.entrypoint(namespace=NAMESPACE, help="a checkpoint, or trained budgets of it, -> "
@@ -203,9 +236,9 @@ def export(ckpt: str, out: str, budget: Optional[str] = None, all: bool = False,
     """`budget=9b,6b` or `all=true`: one folder per budget under `out` (all or none)."""
     from nemo_elastic.jobs import export as _export
 
-    _setup(verbose)
-    _export(ckpt, out, budget=_names(budget), format=format, overwrite=overwrite, all_budgets=all,
-            hf_per_layer=hf_per_layer)
+    with _job(verbose):
+        _export(ckpt, out, budget=_names(budget), format=format, overwrite=overwrite,
+                all_budgets=all, hf_per_layer=hf_per_layer)
 
 
 @run.cli.entrypoint(namespace=NAMESPACE, enable_executor=False, help="a checkpoint's kind, "
@@ -213,14 +246,14 @@ def export(ckpt: str, out: str, budget: Optional[str] = None, all: bool = False,
 def info(ckpt: str, json: bool = False, verbose: bool = False) -> None:
     from nemo_elastic.jobs import checkpoint_info, format_info
 
-    _setup(verbose)
-    data = checkpoint_info(ckpt)
-    if json:
-        print(_json.dumps(data, indent=2), flush=True)
-        return
-    table = format_info(data)
-    if table is not None:
-        print(table, flush=True)
+    with _job(verbose):
+        data = checkpoint_info(ckpt)
+        if json:
+            print(_json.dumps(data, indent=2), flush=True)
+            return
+        table = format_info(data)
+        if table is not None:
+            print(table, flush=True)
 
 
 @run.cli.entrypoint(namespace=NAMESPACE, help="complete a prompt at trained budgets "
@@ -230,9 +263,9 @@ def generate(ckpt: str, budget: str, prompt: str, max_new_tokens: int = 32,
              verbose: bool = False) -> None:
     from nemo_elastic.jobs import generate as _generate, print_completion
 
-    _setup(verbose)
-    _generate(ckpt, _names(budget), prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-              top_k=top_k, seed=seed, on_completion=print_completion)
+    with _job(verbose):
+        _generate(ckpt, _names(budget), prompt, max_new_tokens=max_new_tokens,
+                  temperature=temperature, top_k=top_k, seed=seed, on_completion=print_completion)
 
 
 # `nemo elastic train --factory tiny` / `--factory nemotron_nano_12b`: whole tasks per recipe.
