@@ -56,6 +56,20 @@ def test_train_dry_run_for_2_nodes_x_8_gpus(tmp_path):
     assert nodes["node001"] == nodes["node002"] == expected
 
 
+def test_pretrain_dry_run_for_2_nodes_x_8_gpus(tmp_path):
+    out = _run("pretrain.sbatch", tmp_path, "train.iters=400", DRY_RUN="1", NODES="2",
+               GPUS_PER_NODE="8", TP="8", OUT="out12b")
+    assert out.returncode == 0, out.stderr
+    nodes = _node_commands(out.stdout)
+    assert list(nodes) == ["node001", "node002"]
+    assert nodes["node001"] == nodes["node002"] == [
+        "torchrun", "--nnodes=2", "--nproc_per_node=8", "--rdzv_id=dryrun",
+        "--rdzv_backend=c10d", "--rdzv_endpoint=node001:29500", "--no-python", "nemo-elastic",
+        "pretrain", "--config", "conf/nemotron_nano_12b.yaml", "--no-progress",
+        "parallel.tensor_model_parallel_size=8", "parallel.pipeline_model_parallel_size=1",
+        "output_dir=out12b", "train.iters=400"]
+
+
 def test_parallel_sizes_that_do_not_fit_the_job_are_refused(tmp_path):
     out = _run("train.sbatch", tmp_path, DRY_RUN="1", NODES="2", TP="3", INIT="/ckpt/p")
     assert out.returncode == 2 and "TP=3 x PP=1 = 3 does not divide" in out.stderr
