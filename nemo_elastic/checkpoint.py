@@ -86,6 +86,32 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root` (and `root`): call before the rename that
+    publishes a folder, so a crash cannot leave it published with unwritten contents."""
+    root = Path(root)
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            path = Path(dirpath) / name
+            if not path.is_symlink():
+                _fsync_path(path)
+        _fsync_path(Path(dirpath))
+
+
+def replace_durably(src: Path, dst: Path) -> None:
+    """os.replace(src, dst) of a complete file or folder: its contents fsync'd before, the
+    rename itself (the parent folder) fsync'd after."""
+    src, dst = Path(src), Path(dst)
+    if src.is_dir():
+        fsync_tree(src)
+    else:
+        _fsync_path(src)
+    os.replace(src, dst)
+    _fsync_path(dst.parent)
+    if src.parent != dst.parent:
+        _fsync_path(src.parent)
+
+
 def _hash_file(path: Path) -> dict:
     """Size and SHA-256 of one file, fsync'd on the way (the bytes we hashed are on disk)."""
     digest = hashlib.sha256()
@@ -123,6 +149,10 @@ def verify_checkpoint(ckpt_dir: str | Path, meta: Optional[dict] = None) -> None
     ckpt_dir = Path(ckpt_dir)
     meta = read_meta(ckpt_dir) if meta is None else meta
     expected = meta.get(CHECKSUMS_KEY)
+    if expected is None:
+        logger.debug("checkpoint %s has no checksums (older format): not verified", ckpt_dir)
+        return
+    _check_checksums_entry(ckpt_dir, expected)
     if not expected:
         logger.debug("checkpoint %s has no checksums (older format): not verified", ckpt_dir)
         return
@@ -145,6 +175,24 @@ def verify_checkpoint(ckpt_dir: str | Path, meta: Optional[dict] = None) -> None
             f"checkpoint {str(ckpt_dir)!r} is corrupt: {bad[0]}"
             f"{f' (and {len(bad) - 1} more file(s))' if len(bad) > 1 else ''}; restore the file "
             "from a copy or use an earlier checkpoint")
+
+
+def _check_checksums_entry(ckpt_dir: Path, expected) -> None:
+    """`checksums` must map file names to {"bytes": int, "sha256": hex string}; anything else
+    means nemo_elastic.json was edited or damaged: one line naming the file."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(
+            f"checkpoint {str(ckpt_dir)!r}: {META_FILE} is corrupt ('{CHECKSUMS_KEY}' {what}); "
+            "restore the file from a copy or use an earlier checkpoint")
+
+    if not isinstance(expected, dict):
+        raise bad(f"is a {type(expected).__name__}, not a mapping of file names")
+    for name, want in expected.items():
+        if not isinstance(want, dict) or not isinstance(want.get("bytes"), int) \
+                or isinstance(want.get("bytes"), bool) or not isinstance(want.get("sha256"), str):
+            raise bad(f"entry {name!r} is {want!r}, not {{'bytes': N, 'sha256': HEX}}")
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise bad(f"entry {name!r} is not a file name inside the checkpoint")
 
 
 def _rank() -> int:
@@ -184,13 +232,32 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
         if not (ckpt_dir / required).is_file():
             raise CheckpointError(
                 f"checkpoint {str(ckpt_dir)!r} is incomplete: {required} is missing")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"checkpoint {str(ckpt_dir)!r}: {META_FILE} is corrupt ({err})") from err
-    if not isinstance(meta, dict) or "config" not in meta:
-        raise CheckpointError(f"checkpoint {str(ckpt_dir)!r}: {META_FILE} has no 'config' entry")
+    meta = read_json_file(meta_path, f"checkpoint {str(ckpt_dir)!r}: {META_FILE}")
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"checkpoint {str(ckpt_dir)!r}: {META_FILE} has no 'config' entry"
+                              "; restore the file from a copy or use an earlier checkpoint")
+    # Megatron's own metadata.json (its sharded backend): garbage there fails deep inside the
+    # load with no file name (StopIteration: 0)
+    megatron_meta = read_json_file(ckpt_dir / "metadata.json",
+                                   f"checkpoint {str(ckpt_dir)!r}: metadata.json")
+    if not isinstance(megatron_meta, dict) or "sharded_backend" not in megatron_meta:
+        raise CheckpointError(f"checkpoint {str(ckpt_dir)!r}: metadata.json is corrupt (no "
+                              "'sharded_backend' entry); restore the file from a copy or use an "
+                              "earlier checkpoint")
     return meta
+
+
+def read_json_file(path: Path, what: str, *, error=None,
+                   fix: str = "restore the file from a copy or use an earlier checkpoint") -> Any:
+    """json.loads of a file this project wrote; an unreadable, cut or garbage file raises one
+    line (`error`, default CheckpointError) naming it as `what`, with `fix`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        cause = root_cause(err) if isinstance(err, OSError) else \
+            f"not valid JSON: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        raise (error or CheckpointError)(
+            f"{what} is corrupt ({cause}); {fix}") from None
 
 
 def config_from_checkpoint(ckpt_dir: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Config:

@@ -45,8 +45,16 @@ class _Stages:
     """Times each stage and remembers, across invocations, how long it took when it ran."""
 
     def __init__(self, out: Path, resume: bool) -> None:
+        from nemo_elastic.checkpoint import read_json_file
+        from nemo_elastic.errors import UserError
+
         self.path = out / STATE_FILE
-        old = json.loads(self.path.read_text()) if resume and self.path.is_file() else {}
+        fix = "delete it (it only holds stage timings) or rerun with --no-resume"
+        old = read_json_file(self.path, repr(str(self.path)), error=UserError, fix=fix) \
+            if resume and self.path.is_file() else {}
+        stages = old.get("stages", {}) if isinstance(old, dict) else None
+        if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
+            raise UserError(f"{str(self.path)!r} is corrupt (not a mapping of stages); {fix}")
         self.stages: dict[str, dict] = old.get("stages", {})
 
     def run(self, name: str, done: bool, fn: Callable[[], object], what: str):
@@ -65,7 +73,7 @@ class _Stages:
 
     def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({"stages": self.stages}, indent=2))
+        _write_json(self.path, {"stages": self.stages})
 
 
 def _read_json(path: Path) -> Optional[dict]:
@@ -76,9 +84,10 @@ def _read_json(path: Path) -> Optional[dict]:
 
 
 def _write_json(path: Path, value) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    tmp.replace(path)
+    """Atomic and fsync'd (a crash leaves the old file or the new one, never half of one)."""
+    from nemo_elastic.checkpoint import write_text_durably
+
+    write_text_durably(path, json.dumps(value, indent=2))
 
 
 def _checkpoint_iteration(ckpt) -> Optional[int]:

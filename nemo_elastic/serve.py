@@ -48,6 +48,31 @@ class Generation:
     tokens_per_s: float
 
 
+def check_sampling(*, max_new_tokens: int, temperature: float, top_k: Optional[int],
+                   prefix: str = "") -> None:
+    """Refuse sampling options that cannot work (one line naming the option, value and fix):
+    a negative `max_new_tokens`, a temperature that is negative or not finite (NaN/inf would
+    make softmax produce NaN), a `top_k` below 1.  `prefix` "--" names them as CLI flags."""
+    import math
+
+    def name(field: str) -> str:
+        return f"{prefix}{field.replace('_', '-')}" if prefix else field
+
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ConfigError(f"{name('max_new_tokens')}={max_new_tokens!r}: must be an integer "
+                          ">= 0")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise ConfigError(f"{name('temperature')}={temperature!r}: must be a finite number "
+                          ">= 0 (0 = greedy, e.g. 0.8 to sample)")
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
+        raise ConfigError(f"{name('top_k')}={top_k!r}: must be an integer >= 1 (or leave it "
+                          "out to sample among all tokens)")
+
+
 def decode(logits_fn: LogitsFn, prompt_ids: Sequence[int], *, max_new_tokens: int, eod_id: int,
            vocab_size: int, temperature: float = 0.0, top_k: Optional[int] = None,
            generator: Optional[torch.Generator] = None,
@@ -58,12 +83,7 @@ def decode(logits_fn: LogitsFn, prompt_ids: Sequence[int], *, max_new_tokens: in
     restricted to the `top_k` most likely ids (None: all), drawing from `generator` so a seed
     reproduces the text.  Only ids < `vocab_size` (the tokenizer's) are ever produced.
     """
-    if max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens={max_new_tokens}: must be >= 0")
-    if temperature < 0:
-        raise ConfigError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
-    if top_k is not None and top_k < 1:
-        raise ConfigError(f"top_k={top_k}: must be >= 1")
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
     tokens = torch.tensor([list(prompt_ids)], dtype=torch.int64, device=device)
     new: list[int] = []
     with torch.no_grad():
@@ -170,6 +190,12 @@ class ElasticGenerator:
         `seed` makes sampled decoding reproducible (None: a fresh random seed)."""
         from nemo_elastic.data.protocol import document_ids
 
+        check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
+        vocab = self.tokenizer.vocab_size
+        if top_k is not None and top_k > vocab:
+            logger.warning("top_k=%d is larger than the vocabulary: using top_k=%d (every "
+                           "token of the tokenizer)", top_k, vocab)
+            top_k = vocab
         try:
             prompt_ids = document_ids(self.tokenizer, prompt, append_eod=False)
         except ValueError as err:  # a character the tokenizer cannot encode: user input

@@ -162,6 +162,7 @@ def preprocess_to_indexed(input_path: str | Path, tokenizer: TokenizerProtocol,
         _remove_quietly(final_idx)  # from here until the last rename, no valid pair exists
         os.replace(tmp_bin, final_bin)
         os.replace(tmp_idx, final_idx)
+        _fsync(os.path.dirname(os.path.abspath(final_idx)) or ".")
     finally:
         bar.close()
         if builder is not None and not builder.data_file.closed:

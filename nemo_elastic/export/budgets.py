@@ -34,8 +34,8 @@ from typing import Iterator, Mapping, Optional, Sequence
 import torch
 
 from nemo_elastic.checkpoint import (
-    CheckpointError, config_from_checkpoint, load_checkpoint, read_meta, resolve_checkpoint,
-    save_checkpoint)
+    CheckpointError, config_from_checkpoint, load_checkpoint, read_meta, replace_durably,
+    resolve_checkpoint, save_checkpoint)
 from nemo_elastic.config import ConfigError
 from nemo_elastic.export.family import _folder_name
 
@@ -298,12 +298,12 @@ def _staging(parent: Path):
         nonlocal committed
         committed = True
         if fresh and not parent.exists():
-            os.replace(staging, parent)  # the whole set appears at once
+            replace_durably(staging, parent)  # the whole set appears at once
             return
         for name, target in targets.items():
             if target.exists():  # overwrite (checked): keep the old one until the new is in
                 os.replace(target, staging / f".old-{target.name}")
-            os.replace(sources[name], target)
+            replace_durably(sources[name], target)
 
     try:
         with _sigterm_raises():

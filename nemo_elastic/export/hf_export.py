@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +21,8 @@ from typing import Iterator
 import torch
 
 from nemo_elastic.checkpoint import (
-    CheckpointError, config_from_checkpoint, load_checkpoint, read_meta, resolve_checkpoint)
+    CheckpointError, config_from_checkpoint, load_checkpoint, read_meta, replace_durably,
+    resolve_checkpoint)
 from nemo_elastic.export.common import (
     build_tp1_model, peak_rss_mib, same_filesystem_tmp, tp1_runtime)
 from nemo_elastic.export.hf_adapter import (
@@ -136,7 +136,7 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, overwrite: bool = False,
         hf_cfg.save_pretrained(str(tmp))  # config.json
         if out_dir.exists():
             shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        replace_durably(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

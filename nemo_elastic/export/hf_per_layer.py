@@ -67,7 +67,13 @@ def load_hf_per_layer(directory: str | Path, dtype=None):
     from transformers.models.nemotron_h.modeling_nemotron_h import MIXER_TYPES
 
     directory = Path(directory)
-    raw = json.loads((directory / "config.json").read_text())
+    from nemo_elastic.checkpoint import read_json_file
+
+    raw = read_json_file(directory / "config.json", repr(str(directory / "config.json")),
+                         error=ConfigError, fix="export the budget again with --hf-per-layer")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{str(directory / 'config.json')!r} holds {type(raw).__name__}, not a "
+                          "config object; export the budget again with --hf-per-layer")
     ext = raw.pop(PER_LAYER_KEY, None)
     if raw.get("model_type") != PER_LAYER_MODEL_TYPE or ext is None:
         raise ConfigError(f"{str(directory)!r} is not a per-layer NemotronH export "

@@ -108,9 +108,14 @@ def read_megatron_config(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{str(path)!r} does not exist: pass a folder written by "
                           "`nemo-elastic export --format megatron`")
-    cfg = json.loads(path.read_text())
-    if cfg.get("format") != FORMAT:
-        raise ConfigError(f"{str(path)!r}: format {cfg.get('format')!r}, expected {FORMAT!r}")
+    from nemo_elastic.checkpoint import read_json_file
+
+    cfg = read_json_file(path, repr(str(path)), error=ConfigError,
+                         fix="export the budget again (`nemo-elastic export --format megatron`)")
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        got = cfg.get("format") if isinstance(cfg, dict) else type(cfg).__name__
+        raise ConfigError(f"{str(path)!r}: format {got!r}, expected {FORMAT!r}; pass a folder "
+                          "written by `nemo-elastic export --format megatron`")
     return cfg
 
 

@@ -1,0 +1,109 @@
+"""Reliability, continued (issue 12 audit): the remaining ways a bad input ended in a traceback
+or was accepted silently, non-finite weights saved as a good checkpoint, and renames that were
+not durable.  Every refusal is checked against its oracle: exit 2 and exactly one line naming
+the field or file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from nemo_elastic.checkpoint import CHECKSUMS_KEY, META_FILE, latest_checkpoint
+from nemo_elastic.config import load_config
+from nemo_elastic.training.pretrain import pretrain
+from tests.test_reliability import FAST, TINY, assert_one_line_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A finished 3-iteration pretrain run, a checkpoint after every iteration."""
+    out = tmp_path_factory.mktemp("run")
+    pretrain(load_config(TINY, [*FAST, "train.iters=3", "train.save_interval=1",
+                                f"output_dir={out}"]), progress=False)
+    return out
+
+
+def _copy_latest(run_dir: Path, dst: Path) -> Path:
+    shutil.copytree(latest_checkpoint(run_dir / "checkpoints"), dst)
+    return dst
+
+
+def _edit_meta(ckpt: Path, fn) -> None:
+    meta = json.loads((ckpt / META_FILE).read_text())
+    fn(meta)
+    (ckpt / META_FILE).write_text(json.dumps(meta))
+
+
+# ------------------------------------------------------------------ 1a. sampling options
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--temperature", "nan"], "--temperature=nan: must be a finite number >= 0"),
+    (["--temperature", "inf"], "--temperature=inf: must be a finite number >= 0"),
+    (["--temperature", "-1"], "--temperature=-1.0: must be a finite number >= 0"),
+    (["--temperature", "0.8", "--top-k", "0"], "--top-k=0: must be an integer >= 1"),
+    (["--top-k", "-3"], "--top-k=-3: must be an integer >= 1"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens=-1: must be an integer >= 0"),
+    (["--budget", "full"], "--budget 'full' is given twice"),
+])
+def test_bad_sampling_options_and_repeated_budgets_are_one_line(flags, fragment, tmp_path,
+                                                                capsys):
+    """Refused before any checkpoint is read (the path does not even exist)."""
+    rc, lines = run_cli(["generate", "--ckpt", str(tmp_path / "nope"), "--budget", "full",
+                         "--prompt", "Q:", *flags], capsys)
+    assert_one_line_error(rc, lines, fragment)
+
+
+def test_sampling_api_refuses_non_finite_temperature():
+    from nemo_elastic.config import ConfigError
+    from nemo_elastic.serve import decode
+
+    with pytest.raises(ConfigError, match="temperature=nan: must be a finite number"):
+        decode(lambda t: None, [1], max_new_tokens=1, eod_id=0, vocab_size=4,
+               temperature=float("nan"))
+
+
+def test_export_refuses_a_repeated_budget(tmp_path, capsys):
+    rc, lines = run_cli(["export", "--ckpt", str(tmp_path / "nope"), "--budget", "full",
+                         "--budget", "full", "--out", str(tmp_path / "x")], capsys)
+    assert_one_line_error(rc, lines, "--budget 'full' is given twice")
+
+
+# ------------------------------------------------------------------ 1b/1d. project-written files
+
+@pytest.mark.parametrize("checksums,fragment", [
+    ({"metadata.json": 5}, "entry 'metadata.json' is 5"),
+    (["metadata.json"], "'checksums' is a list"),
+    ({"metadata.json": {"bytes": "63", "sha256": "x"}}, "entry 'metadata.json'"),
+])
+def test_malformed_checksums_are_one_line_naming_the_file(checksums, fragment, run_dir,
+                                                          tmp_path, capsys):
+    ckpt = _copy_latest(run_dir, tmp_path / "ck")
+    _edit_meta(ckpt, lambda m: m.__setitem__(CHECKSUMS_KEY, checksums))
+    rc, lines = run_cli(["eval", "--ckpt", str(ckpt), "--no-progress"], capsys)
+    assert_one_line_error(rc, lines, f"checkpoint '{ckpt}': {META_FILE} is corrupt", fragment)
+
+
+@pytest.mark.parametrize("checksums", [True, False])
+def test_garbage_megatron_metadata_json_is_named(checksums, run_dir, tmp_path, capsys):
+    ckpt = _copy_latest(run_dir, tmp_path / "ck")
+    (ckpt / "metadata.json").write_text("garbage{")
+    if not checksums:  # an older checkpoint: nothing else would name the file
+        _edit_meta(ckpt, lambda m: m.pop(CHECKSUMS_KEY))
+    rc, lines = run_cli(["eval", "--ckpt", str(ckpt), "--no-progress"], capsys)
+    assert_one_line_error(rc, lines, f"checkpoint '{ckpt}': metadata.json is corrupt")
+    rc, lines = run_cli(["info", str(ckpt)], capsys)
+    assert_one_line_error(rc, lines, "metadata.json is corrupt")
+
+
+@pytest.mark.parametrize("text", ['{"stages": {"pretrain": {"seco', "[1, 2]",
+                                  '{"stages": {"pretrain": 5}}'])
+def test_garbage_pipeline_json_is_one_line(text, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "pipeline.json").write_text(text)
+    rc, lines = run_cli(["run", "--no-progress", *FAST, "train.iters=2",
+                         f"output_dir={out}"], capsys)
+    assert_one_line_error(rc, lines, f"'{out / 'pipeline.json'}' is corrupt", "--no-resume")
