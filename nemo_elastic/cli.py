@@ -112,18 +112,19 @@ def cmd_info(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import json
+    from nemo_elastic.training.evaluate_checkpoint import check_result, evaluate_checkpoint, \
+        format_result, result_json, write_result
 
-    from nemo_elastic.training.evaluate_checkpoint import evaluate_checkpoint, format_result, \
-        write_result
-
+    if args.out and Path(args.out).is_dir():  # before the evaluation, not after it
+        write_result({}, Path(args.out))
     result = evaluate_checkpoint(args.ckpt, overrides=args.overrides, speed=args.speed,
                                  progress=not args.no_progress)
+    check_result(result)
     if args.out:
         write_result(result, Path(args.out))
         logger.info("wrote %s", args.out)
     # stdout carries the result: a table, or JSON for scripts
-    print(json.dumps(result, indent=2) if args.json else format_result(result), flush=True)
+    print(result_json(result) if args.json else format_result(result), flush=True)
     return 0
 
 

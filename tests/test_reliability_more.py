@@ -107,3 +107,61 @@ def test_garbage_pipeline_json_is_one_line(text, tmp_path, capsys):
     rc, lines = run_cli(["run", "--no-progress", *FAST, "train.iters=2",
                          f"output_dir={out}"], capsys)
     assert_one_line_error(rc, lines, f"'{out / 'pipeline.json'}' is corrupt", "--no-resume")
+
+
+# ------------------------------------------------------------------ 1c. a changed learning rate
+
+def test_resume_with_a_changed_learning_rate_uses_the_new_rate(run_dir, tmp_path, capsys):
+    """Megatron keys saved optimizer groups by their LR: a changed train.lr/min_lr failed the
+    resume with a ValueError; now the new (constant) rate applies from the resumed iteration,
+    which is what the divergence message advises."""
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    rc, lines = run_cli(["pretrain", "--config", TINY, "--no-progress", *FAST, "train.iters=5",
+                         "train.save_interval=1", "train.lr=1e-4", "train.min_lr=1e-5",
+                         "train.lr_decay_style=constant", f"output_dir={out}"], capsys)
+    assert rc == 0 and not lines, lines
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5]
+    assert [r["lr"] for r in records[3:]] == [1e-4, 1e-4]
+    assert records[2]["lr"] != 1e-4
+
+
+# ------------------------------------------------------------------ 2. non-finite weights
+
+def _checkpoint_with_huge_weights(run_dir: Path, out: Path) -> Path:
+    """The checkpoint a 1e30 step used to leave: finite weights whose loss is NaN."""
+    import torch
+
+    from nemo_elastic import runtime
+    from nemo_elastic.checkpoint import config_from_checkpoint, load_checkpoint, save_checkpoint
+    from nemo_elastic.config import ParallelConfig
+    from nemo_elastic.model import build_hybrid_model
+
+    good = latest_checkpoint(run_dir / "checkpoints")
+    cfg = config_from_checkpoint(good)
+    with runtime.distributed(ParallelConfig()):
+        model = build_hybrid_model(cfg)
+        load_checkpoint(good, model=model, restore_rng=False)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1e30)
+        save_checkpoint(out, cfg=cfg, model=model, iteration=3, kind="extracted")
+    return out
+
+
+def test_eval_of_non_finite_weights_is_an_error_not_nan(run_dir, tmp_path, capsys):
+    ckpt = _checkpoint_with_huge_weights(run_dir, tmp_path / "huge")
+    rc, lines = run_cli(["eval", "--ckpt", str(ckpt), "--json", "--no-progress"], capsys)
+    assert_one_line_error(rc, lines, f"checkpoint '{ckpt}': validation loss is nan",
+                          "evaluate an earlier checkpoint")
+
+
+def test_eval_json_and_out_file_are_strict_json(run_dir, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    rc, lines = run_cli(["eval", "--ckpt", str(run_dir), "--json", "--no-progress",
+                         "--out", str(out)], capsys)
+    assert rc == 0 and not lines
+    json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in eval JSON"))
+    rc, lines = run_cli(["eval", "--ckpt", str(run_dir), "--out", str(tmp_path)], capsys)
+    assert_one_line_error(rc, lines, f"--out='{tmp_path}' is a directory; pass a file name")

@@ -195,13 +195,41 @@ def format_result(result: dict) -> str:
             ("answer accuracy (greedy)", fmt_pct(result["answer_accuracy"]) + (
                 f" ({p['accuracy_problems']} problems)" if result["answer_accuracy"] is not None
                 else "")),
-            ("decoding speed", "n/a" if result["tokens_per_s"] is None
+            ("decoding speed", "not measured (add --speed)" if result["tokens_per_s"] is None
              else f"{result['tokens_per_s']:.1f} tokens/s (greedy, batch 1, no KV cache)")]
     return format_table(("metric", "value"), rows)
 
 
-def write_result(result: dict, path: Path) -> Path:
+def check_result(result: dict) -> None:
+    """A non-finite validation loss means the checkpoint's weights are not usable (the run that
+    wrote it diverged): one line, not a table or JSON holding NaN."""
+    from nemo_elastic.errors import UserError
+
+    loss = result.get("val_loss")
+    if isinstance(loss, float) and not math.isfinite(loss):
+        raise UserError(f"checkpoint {result['checkpoint']!r}: validation loss is {loss}: its "
+                        "weights are not usable (the training that wrote it diverged); "
+                        "evaluate an earlier checkpoint or retrain with a lower learning rate")
+
+
+def result_json(result: dict) -> str:
+    """The result as strict JSON (a non-finite number becomes null, never NaN)."""
+    from nemo_elastic.training.loop import json_safe
+
+    return json.dumps(json_safe(result), indent=2, allow_nan=False)
+
+
+def write_result(result: dict, path: Path, field_name: str = "--out") -> Path:
+    from nemo_elastic.checkpoint import write_text_durably
+    from nemo_elastic.errors import UserError, output_path_error
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    if path.is_dir():
+        raise UserError(f"{field_name}={str(path)!r} is a directory; pass a file name, e.g. "
+                        f"{field_name} {path / 'eval.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_durably(path, result_json(result))
+    except OSError as err:
+        raise output_path_error(field_name, path, err) from None
     return path

@@ -242,20 +242,46 @@ class Trainer:
             self._metrics_file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
             self._metrics_file.flush()
 
+    def weights_loss(self, seg: Segment) -> float:
+        """Loss of the current weights on the first validation micro-batch (whole model): the
+        check, before a checkpoint is written, that the optimizer step left usable weights (a
+        huge step leaves finite weights whose loss is not)."""
+        import dataclasses
+
+        from nemo_elastic.training.evaluation import validation_loss
+
+        cfg = seg.extra.get("config", self.cfg)
+        one = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_iters=1))
+        return validation_loss(one, self.ddp, seg.data, 1, self.info, all_stages=True)
+
     def _check_finite(self, record: dict, seg: Segment) -> None:
-        """A non-finite loss stops the run here, before any checkpoint of these weights."""
-        loss = record.get("train_loss")
-        if loss is None or math.isfinite(loss):
+        """A non-finite loss (training, any budget's, validation) or gradient norm stops the
+        run here, before any checkpoint of these weights."""
+        bad = _non_finite(record)
+        if not bad:
             return
+        what, value = bad
         drawn = [n for n, k in (record.get("budgets_drawn") or {}).items() if k]
         budgets = f", budget(s) {', '.join(drawn)}" if drawn else ""
-        kept = f"the last good checkpoint {str(self.ckpt_path)!r} is kept" if self.ckpt_path \
-            else "no checkpoint was written"
-        raise TrainingDiverged(
-            f"training loss is {loss} at iteration {record['iteration']} (stage "
-            f"{seg.name!r}{budgets}); {kept}; lower "
-            f"{'elastic.lr' if self.kind == 'elastic' else 'train.lr'} and rerun to resume from "
-            "that checkpoint")
+        self._diverged(f"{what} is {value} at iteration {record['iteration']} (stage "
+                       f"{seg.name!r}{budgets})")
+
+    def _diverged(self, what: str) -> None:
+        lr = "elastic.lr" if self.kind == "elastic" else "train.lr"
+        if self.ckpt_path:
+            fix = (f"the last good checkpoint {str(self.ckpt_path)!r} is kept; lower {lr} (and "
+                   "its min_lr) and rerun the same command to resume from it with the new rate")
+        else:
+            fix = f"no checkpoint was written; lower {lr} (and its min_lr) and rerun"
+        raise TrainingDiverged(f"{what}; {fix}")
+
+    def _check_weights_before_save(self, record: dict, seg: Segment) -> None:
+        if "val_loss" in record or "val_by_budget" in record:  # measured on these weights
+            return
+        loss = self.weights_loss(seg)
+        if not math.isfinite(loss):
+            self._diverged(f"the weights after iteration {record['iteration']} (stage "
+                           f"{seg.name!r}) give a validation loss of {loss}")
 
     # ------------------------------------------------------------------ the loop
     def run(self, stop: StopRequest, *, resume: bool = True) -> int:
@@ -301,6 +327,7 @@ class Trainer:
                 record.update(self.after_step(it))
                 if it % self.eval_interval == 0 or it == self.total_iters or it == seg.end:
                     record.update(self.evaluate(it))
+                    self._check_finite(record, seg)
                 self.history.append(record)
                 self._append_metrics(record)
                 bar.update(1)
@@ -310,6 +337,7 @@ class Trainer:
                 stopping = stop.agreed()
                 if it % self.save_interval == 0 or it == self.total_iters or it == seg.end \
                         or stopping:
+                    self._check_weights_before_save(record, seg)
                     self.save(it)
                 if stopping:
                     raise SystemExit(f"stopped by a signal at iteration {it}; checkpoint "
@@ -353,6 +381,28 @@ def write_metrics(out_dir: Path, history: list[dict], name: str = METRICS_FILE) 
     """Rewrite the metrics file atomically (fsync'd) from the whole history."""
     write_text_durably(Path(out_dir) / name, "".join(
         json.dumps(json_safe(record), allow_nan=False) + "\n" for record in history))
+
+
+_CHECKED = ("train_loss", "kd", "budget_loss", "ce", "val_loss", "grad_norm",
+            "router_grad_norm")
+
+
+def _non_finite(record: dict) -> Optional[tuple[str, float]]:
+    """(name, value) of the first non-finite loss or gradient norm of an iteration record:
+    the losses, each budget's KD and validation loss, the gradient norms."""
+    names = {"train_loss": "training loss", "kd": "distillation (KD) loss",
+             "budget_loss": "budget loss", "ce": "cross-entropy loss",
+             "val_loss": "validation loss", "grad_norm": "gradient norm",
+             "router_grad_norm": "router gradient norm"}
+    for key in _CHECKED:
+        value = record.get(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            return names[key], value
+    for key, label in (("kd_by_budget", "KD loss"), ("val_by_budget", "validation loss")):
+        for budget, value in (record.get(key) or {}).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                return f"{label} of budget {budget!r}", value
+    return None
 
 
 def json_safe(obj: Any) -> Any:

@@ -24,7 +24,10 @@ def build_scheduler(optimizer, train: TrainConfig) -> OptimizerParamScheduler:
         optimizer, init_lr=0.0, max_lr=train.lr, min_lr=train.min_lr,
         lr_warmup_steps=train.warmup_iters, lr_decay_steps=train.iters,
         lr_decay_style=train.lr_decay_style, start_wd=train.weight_decay,
-        end_wd=train.weight_decay, wd_incr_steps=train.iters, wd_incr_style="constant")
+        end_wd=train.weight_decay, wd_incr_steps=train.iters, wd_incr_style="constant",
+        # on resume the schedule is the config's (a changed train.lr / min_lr / iters applies
+        # from the resumed iteration); the checkpoint only supplies the step count
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
 
 
 def wrap_ddp(model, finalize_grads=None):
