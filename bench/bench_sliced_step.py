@@ -15,9 +15,11 @@ Goal: a budget at fraction f of the full step's FLOPs takes at most f + 0.1 of i
 Part 2 - stage 1 of the tiny recipe (conf/tiny.yaml: 150 iterations, 4 micro-batches of 4 x 96
 tokens, budgets full/75pct/50pct uniform) from a prepared tiny parent, three ways: masked,
 sliced, sliced + shared teacher (`elastic.budget_sampling=all`: one teacher forward, every budget
-per micro-batch).  Wall time of each; then validation loss of every budget at EQUAL WALL TIME:
+per micro-batch).  CPU time of each; then validation loss of every budget at EQUAL COMPUTE:
 the sliced variants are rerun with the iteration count that fits the masked run's time
-(schedules stretched to that length).
+(schedules stretched to that length).  Time = CPU seconds of the training process (all its
+threads), which a machine shared with other jobs does not inflate the way it inflates wall time;
+wall seconds are printed next to them.
 
 Run: `.venv/bin/python bench/bench_sliced_step.py [--prepared runs/tiny/prepared] [--skip-stage1]`
 (without a prepared parent it pretrains one for 400 iterations and prepares it first).
@@ -156,24 +158,30 @@ def _prepared_parent(args, tmp: Path) -> Path:
 
 
 def _time_aside(trainer, *methods) -> list:
-    """Wrap the trainer's `methods`; the returned one-element list accumulates their seconds."""
-    spent = [0.0]
+    """Wrap the trainer's `methods`; the returned list accumulates their [wall, CPU] seconds."""
+    spent = [0.0, 0.0]
     for name in methods:
         original = getattr(trainer, name)
 
         def timed(*a, _original=original, **k):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return _original(*a, **k)
             finally:
                 spent[0] += time.perf_counter() - t0
+                spent[1] += time.process_time() - c0
         setattr(trainer, name, timed)
     return spent
 
 
 def _stage1(prepared: Path, out: Path, iters: int, execution: str, sampling: str):
-    """Train stage 1 for `iters` iterations -> (seconds spent training: the loop without its
-    evaluations and checkpoint saves, {budget: validation loss}, {budget: parameter fraction})."""
+    """Train stage 1 for `iters` iterations -> (CPU seconds spent training: the loop without
+    its evaluations and checkpoint saves, {budget: validation loss}, {budget: parameter
+    fraction}, wall seconds of the same).
+
+    CPU time (all threads of this process) is the cost measure: on a machine shared with other
+    jobs wall time also counts the time this process waited for a core (a run sharing the cores
+    with a test suite took 4x the wall time of the same run alone), CPU time does not."""
     from nemo_elastic import runtime
     from nemo_elastic.config import load_config
     from nemo_elastic.training.elastic_trainer import (choice_summary, elastic_output_dir,
@@ -197,13 +205,14 @@ def _stage1(prepared: Path, out: Path, iters: int, execution: str, sampling: str
         for seg in trainer.segments:
             seg.data  # noqa: B018 - build the data before the clock starts
         aside = _time_aside(trainer, "evaluate", "save")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with StopRequest() as stop:
             trainer.run(stop, resume=False)
         wall = time.perf_counter() - t0 - aside[0]
+        cpu = time.process_time() - c0 - aside[1]
         val = trainer.history[-1]["val_by_budget"]
         sizes = {n: c["params_fraction"] for n, c in choice_summary(trainer.router).items()}
-    return wall, val, sizes
+    return cpu, val, sizes, wall
 
 
 def stage1(args) -> None:
@@ -217,27 +226,28 @@ def stage1(args) -> None:
         runs = {}
         for k, (name, execution, sampling) in enumerate(variants):
             runs[name] = _stage1(prepared, tmp / f"run{k}", args.iters, execution, sampling)
-            print(f"  {name}: {args.iters} iterations in {runs[name][0]:.1f} s", flush=True)
+            print(f"  {name}: {args.iters} iterations in {runs[name][0]:.1f} CPU s "
+                  f"({runs[name][3]:.1f} s wall)", flush=True)
         budget_time = runs["masked"][0]
         equal = {"masked": (args.iters, *runs["masked"])}
         for k, (name, execution, sampling) in enumerate(variants[1:]):
             iters = max(1, round(args.iters * budget_time / runs[name][0]))
             equal[name] = (iters, *_stage1(prepared, tmp / f"eq{k}", iters, execution, sampling))
-            print(f"  {name} at the masked run's time: {iters} iterations in "
-                  f"{equal[name][1]:.1f} s", flush=True)
+            print(f"  {name} at the masked run's CPU time: {iters} iterations in "
+                  f"{equal[name][1]:.1f} CPU s", flush=True)
     budgets = list(runs["masked"][1])
     print(f"\n## Stage 1 of the tiny recipe ({args.iters} iterations, 4 x 4 x 96 tokens each)")
-    print(format_table(("variant", "wall s", "vs masked",
+    print(format_table(("variant", "CPU s", "vs masked", "wall s",
                         *[f"val {b}" for b in budgets]),
-                       [(name, f"{w:.1f}", f"{w / runs['masked'][0]:.2f}",
+                       [(name, f"{c:.1f}", f"{c / runs['masked'][0]:.2f}", f"{w:.1f}",
                          *[f"{val[b]:.4f}" for b in budgets])
-                        for name, (w, val, _) in runs.items()]))
-    print(f"\n## Validation loss at equal wall time (the masked run's {budget_time:.0f} s)")
-    print(format_table(("variant", "iterations", "wall s", *[f"val {b}" for b in budgets],
+                        for name, (c, val, _, w) in runs.items()]))
+    print(f"\n## Validation loss at equal compute (the masked run's {budget_time:.0f} CPU s)")
+    print(format_table(("variant", "iterations", "CPU s", *[f"val {b}" for b in budgets],
                         *[f"size {b}" for b in budgets]),
-                       [(name, str(it), f"{w:.1f}", *[f"{val[b]:.4f}" for b in budgets],
+                       [(name, str(it), f"{c:.1f}", *[f"{val[b]:.4f}" for b in budgets],
                          *[f"{sizes[b]:.2f}" for b in budgets])
-                        for name, (it, w, val, sizes) in equal.items()]))
+                        for name, (it, c, val, sizes, _) in equal.items()]))
 
 
 def main() -> None:
