@@ -257,6 +257,12 @@ def cmd_extract(args) -> int:
                     _budget_size(ckpt, args.budget))
         return 0
     subnet = _subnetwork_from_args(args, parent).validate(parent)
+    if subnet.is_full(parent):
+        given = " ".join(f"--{f.replace('_', '-')} {getattr(args, f)}" for f in SIZE_FLAGS
+                         if getattr(args, f)) or f"--subnet {args.subnet}"
+        raise ConfigError(f"extract: {given} keeps every size of the parent, so the output "
+                          "would be a copy of it; pass a smaller size (e.g. --hidden-size "
+                          f"{parent.hidden_size // 2}) or --drop-layers")
     path = extract_checkpoint(ckpt, subnet, args.out, overwrite=args.overwrite)
     logger.info("extracted %s -> %s: %s", ckpt, path, _size_line(parent, subnet))
     return 0

@@ -256,6 +256,10 @@ class TrainConfig:
                           "save_interval", prefix="train.")
         if self.keep_checkpoints is not None:
             require_positive(self, "keep_checkpoints", prefix="train.")
+        n = self.eval_accuracy_samples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            _fail("train.eval_accuracy_samples", n, "must be an integer >= 0 (0 skips the "
+                  "answer accuracy)")
         if self.warmup_iters < 0 or self.warmup_iters >= self.iters:
             _fail("train.warmup_iters", self.warmup_iters, f"must be in [0, train.iters={self.iters})")
         if not 0 < self.lr:
@@ -392,6 +396,23 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def _override_problem(old, item: str, key: str, value, err: Exception) -> str:
+    """One line for an override OmegaConf cannot apply; a mapping (`old`, the key's value
+    before) given a list, or the other way round, says which kind the key takes and how to
+    write it."""
+    from omegaconf import DictConfig, ListConfig
+
+    kinds = {DictConfig: ("a mapping", f"{key}={{name: value, ...}}"),
+             ListConfig: ("a list", f"{key}=[a,b]")}
+    for kind, (what, example) in kinds.items():
+        if isinstance(old, kind) and not isinstance(value, dict if kind is DictConfig else list):
+            given = type(value).__name__ if value is not None else "null"
+            empty = " (it cannot be empty)" if value in ([], {}) else ""
+            return (f"override {item!r}: {key} takes {what}, not a {given}{empty}; write it as "
+                    f"{example}")
+    return f"override {item!r}: {err}".splitlines()[0]
+
+
 def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = (),
                 base: Optional[Mapping[str, Any]] = None) -> Config:
     """Load a YAML recipe, apply `key=value` overrides (OmegaConf dotlist), validate.
@@ -421,9 +442,14 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
             raise ConfigError(f"override {item!r}: the value {yaml_problem(err)}; quote it or "
                               "fix the brackets") from None
         try:
+            before = OmegaConf.select(conf, key.lstrip("+"), default=None)
+        except Exception:
+            before = None
+        try:
             OmegaConf.update(conf, key.lstrip("+"), value, merge=True, force_add=True)
         except Exception as err:  # omegaconf raises several types for bad paths
-            raise ConfigError(f"override {item!r}: {err}".splitlines()[0]) from None
+            raise ConfigError(_override_problem(before, item, key.lstrip("+"), value, err)) \
+                from None
     try:
         data = OmegaConf.to_container(conf, resolve=True)
     except Exception as err:  # an ${interpolation} that does not resolve

@@ -236,6 +236,10 @@ class ElasticConfig:
         for name in ("axes", "heterogeneous", "width_fractions"):
             if not isinstance(getattr(self, name), (list, tuple)):
                 fail(f"{p}{name}", getattr(self, name), "must be a list")
+            values = list(getattr(self, name))
+            repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+            if repeated is not None:
+                fail(f"{p}{name}", values, f"{repeated!r} is given twice; list each once")
         bad = [a for a in self.axes if a not in AXES]
         if bad or not self.axes and not self.depth_choices:
             fail(f"{p}axes", self.axes, f"unknown {bad}; valid: {list(AXES)}" if bad else

@@ -165,3 +165,50 @@ def test_eval_json_and_out_file_are_strict_json(run_dir, tmp_path, capsys):
     json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in eval JSON"))
     rc, lines = run_cli(["eval", "--ckpt", str(run_dir), "--out", str(tmp_path)], capsys)
     assert_one_line_error(rc, lines, f"--out='{tmp_path}' is a directory; pass a file name")
+
+
+# ------------------------------------------------------------------ 3. nothing accepted silently
+
+@pytest.mark.parametrize("override,fragment", [
+    ("elastic.axes=[hidden,hidden,ffn]", "elastic.axes=['hidden', 'hidden', 'ffn']: 'hidden' is "
+                                         "given twice"),
+    ("elastic.width_fractions=[1.0,0.5,0.5]", "elastic.width_fractions=[1.0, 0.5, 0.5]: 0.5 is "
+                                              "given twice"),
+    ("elastic.heterogeneous=[ffn,ffn]", "elastic.heterogeneous=['ffn', 'ffn']: 'ffn' is given"),
+    ("elastic.budgets=[]", "elastic.budgets takes a mapping, not a list"),
+    ("train.eval_accuracy_samples=-5", "train.eval_accuracy_samples=-5: must be an integer >= 0"),
+])
+def test_repeated_or_wrong_kind_elastic_settings_are_refused(override, fragment, tmp_path,
+                                                             capsys):
+    rc, lines = run_cli(["train", "--no-progress", f"output_dir={tmp_path / 'e'}", override],
+                        capsys)
+    assert_one_line_error(rc, lines, fragment)
+
+
+def test_extract_with_the_parents_own_sizes_is_refused_as_a_copy(run_dir, tmp_path, capsys):
+    rc, lines = run_cli(["extract", "--ckpt", str(run_dir), "--out", str(tmp_path / "e"),
+                         "--hidden-size", "64"], capsys)
+    assert_one_line_error(rc, lines, "--hidden-size 64 keeps every size of the parent",
+                          "would be a copy")
+    assert not (tmp_path / "e").exists()
+
+
+def test_capped_evaluation_settings_warn_with_the_asked_and_used_values(run_dir, tmp_path,
+                                                                        caplog):
+    """40 synthetic validation documents: 28 windows = 4 micro-batches of 8, a few problems."""
+    import logging
+
+    from nemo_elastic.training.evaluate_checkpoint import evaluate_checkpoint
+    from nemo_elastic.training import evaluation
+
+    evaluation._WARNED.clear()
+    with caplog.at_level(logging.WARNING, logger="nemo_elastic"):
+        result = evaluate_checkpoint(run_dir, overrides=["train.eval_iters=50",
+                                                         "train.eval_accuracy_samples=100000"],
+                                     progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("train.eval_iters=50 asks for 50 validation micro-batches" in w
+               and "using 4" in w for w in warnings), warnings
+    assert any("train.eval_accuracy_samples=100000 is more than the" in w for w in warnings), \
+        warnings
+    assert result["val_loss"] > 0

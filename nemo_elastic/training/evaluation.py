@@ -32,10 +32,25 @@ def _validation_batches(cfg: Config, data, num_microbatches: int,
 
     d = cfg.data
     batches_available = -(-len(data.val_dataset) // (d.micro_batch_size * info.dp_size))
-    count = max(1, min(cfg.train.eval_iters * num_microbatches, batches_available))
+    asked = cfg.train.eval_iters * num_microbatches
+    count = max(1, min(asked, batches_available))
+    if count < asked:
+        _warn_once("train.eval_iters", f"train.eval_iters={cfg.train.eval_iters} asks for "
+                   f"{asked} validation micro-batches, the validation split has only "
+                   f"{batches_available}: using {count}")
     batches = iterate_once(data.val_dataset, d.micro_batch_size, dp_rank=info.dp_rank,
                            dp_size=info.dp_size)
     return itertools.islice(batches, count), count
+
+
+_WARNED: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    """A capped setting is logged once per process (evaluations repeat every interval)."""
+    if (key, message) not in _WARNED:
+        _WARNED.add((key, message))
+        logger.warning("%s", message)
 
 
 def to_every_stage(value: float) -> float:
@@ -111,6 +126,10 @@ def answer_accuracy_of(cfg: Config, model, data, info: RankInfo, *,
         return None
     if not info.is_main:
         return None
+    if n > len(data.val_problems):
+        _warn_once("train.eval_accuracy_samples", f"train.eval_accuracy_samples={n} is more "
+                   f"than the {len(data.val_problems)} validation problems: using "
+                   f"{len(data.val_problems)}")
     from nemo_elastic.report import fmt_pct
 
     was_training = model.training
