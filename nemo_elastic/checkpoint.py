@@ -272,17 +272,24 @@ def config_from_checkpoint(ckpt_dir: str | Path, overrides: tuple[str, ...] | li
     if not overrides:
         return stored
     cfg = load_config(base=meta["config"], overrides=overrides)
+    check_model_matches(ckpt_dir, stored, cfg)
+    return cfg
+
+
+def check_model_matches(ckpt_dir, stored: Config, cfg: Config,
+                        fix: str = "the model's shape comes from the checkpoint: drop the "
+                        "override (to slice a smaller model use `nemo-elastic extract`)") -> None:
+    """`cfg.model` must be the checkpoint's (`stored.model`) up to where the pipeline stages
+    split: else one line naming the field, both values and `fix`."""
     old, new = to_dict(stored.model), to_dict(cfg.model)
     for key in old:
-        same = old[key] == new[key]
-        if key == "hybrid_layer_pattern":
+        same = old[key] == new.get(key)
+        if key == "hybrid_layer_pattern" and isinstance(new.get(key), str):
             same = old[key].replace("|", "") == new[key].replace("|", "")
         if not same:
             raise ConfigError(
-                f"model.{key}={new[key]!r} does not match checkpoint {str(ckpt_dir)!r}, which holds "
-                f"model.{key}={old[key]!r}; the model's shape comes from the checkpoint: drop the "
-                "override (to slice a smaller model use `nemo-elastic extract`)")
-    return cfg
+                f"model.{key}={new.get(key)!r} does not match checkpoint {str(ckpt_dir)!r}, which "
+                f"holds model.{key}={old[key]!r}; {fix}")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

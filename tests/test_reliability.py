@@ -337,7 +337,8 @@ def test_rerun_of_a_finished_run_and_a_rejected_resume_change_nothing(run_dir, c
     assert rc == 0 and not lines
     # a resume that its checks reject (another model shape) must not touch config.json either
     rc, lines = run_cli(["pretrain", *base, "train.iters=5", "model.ffn_hidden_size=128"], capsys)
-    assert_one_line_error(rc, lines, "could not be read", "for key decoder.layers.1.mlp")
+    assert_one_line_error(rc, lines, "model.ffn_hidden_size=128 does not match checkpoint",
+                          "drop the override or start a new run (--no-resume")
     after = {n: ((run_dir / n).read_bytes(), (run_dir / n).stat().st_mtime_ns) for n in names}
     assert after == before
     summary = json.loads((run_dir / "summary.json").read_text())  # valid JSON, no NaN

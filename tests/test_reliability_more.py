@@ -212,3 +212,14 @@ def test_capped_evaluation_settings_warn_with_the_asked_and_used_values(run_dir,
     assert any("train.eval_accuracy_samples=100000 is more than the" in w for w in warnings), \
         warnings
     assert result["val_loss"] > 0
+
+
+# ------------------------------------------------------------------ 4. the right message
+
+def test_prepare_with_a_model_override_says_it_does_not_match(run_dir, tmp_path, capsys):
+    """Was reported as a damaged checkpoint (Global shape mismatch)."""
+    rc, lines = run_cli(["prepare", "--ckpt", str(run_dir), "--out", str(tmp_path / "p"),
+                         "--no-progress", "model.hidden_size=32"], capsys)
+    assert_one_line_error(rc, lines, "model.hidden_size=32 does not match checkpoint",
+                          "model.hidden_size=64")
+    assert not (tmp_path / "p").exists()

@@ -106,7 +106,10 @@ def prepare(ckpt: Union[str, Path], out: Union[str, Path], *, num_batches: int =
     if data_config is not None:
         cfg = dataclasses.replace(cfg, data=data_config)
     if overrides:
-        cfg = load_config(base=to_dict(cfg), overrides=overrides)
+        from nemo_elastic.checkpoint import check_model_matches
+
+        stored, cfg = cfg, load_config(base=to_dict(cfg), overrides=overrides)
+        check_model_matches(src, stored, cfg)
     run_cfg = cfg.single_process()
     info = runtime.initialize(run_cfg.parallel, cfg.train.seed)
     try:

@@ -200,6 +200,12 @@ class Trainer:
         latest = latest_checkpoint(self.ckpt_root) if resume else None
         if latest is None:
             return 0
+        from nemo_elastic.checkpoint import check_model_matches, read_meta
+        from nemo_elastic.config import load_config
+
+        check_model_matches(latest, load_config(base=read_meta(latest)["config"]), self.cfg,
+                            fix="a run resumes with the model it started with: drop the override "
+                            "or start a new run (--no-resume, or another output_dir)")
         state = load_checkpoint(latest, model=self.model, optimizer=self.optimizer,
                                 scheduler=self.scheduler)
         it = int(state["iteration"])
