@@ -86,3 +86,38 @@ def ensure_output_dir(path, field_name: str):
         raise output_path_error(field_name, path, PermissionError(
             errno.EACCES, "Permission denied", str(path)))
     return path
+
+
+def check_output_path(path, field_name: str, overwrite: bool = False, error=UserError) -> None:
+    """Before any work: output directory `path` of `field_name` can be written.  An existing
+    file in the way (which --overwrite does not replace), an existing output without
+    `overwrite`, or a place where the folder cannot be created raises one line naming
+    `field_name`; nothing is left behind (a missing parent is probed by creating and removing
+    it).  Raises `error` (a UserError class, e.g. CheckpointError)."""
+    import errno
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    where = f"{field_name}={str(path)!r}"
+    if path.exists() and not path.is_dir():
+        raise error(f"{where}: an existing file is in the way (--overwrite replaces only an "
+                        f"output folder); choose another {field_name} or move the file")
+    if path.exists() and not overwrite:
+        raise error(f"{where} already exists; add --overwrite to replace it")
+    probe = path.absolute()
+    while not probe.parent.exists() and probe.parent != probe:
+        probe = probe.parent
+    parent = probe.parent
+    if not parent.is_dir():
+        raise error(str(output_path_error(field_name, path, NotADirectoryError(
+            errno.ENOTDIR, "Not a directory", str(parent)))))
+    if not path.exists():
+        try:
+            os.mkdir(probe)
+            os.rmdir(probe)
+        except OSError as err:
+            raise error(str(output_path_error(field_name, path, err))) from None
+    elif not os.access(path, os.W_OK | os.X_OK):
+        raise error(str(output_path_error(field_name, path, PermissionError(
+            errno.EACCES, "Permission denied", str(path)))))

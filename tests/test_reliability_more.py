@@ -5,6 +5,7 @@ the field or file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -223,3 +224,72 @@ def test_prepare_with_a_model_override_says_it_does_not_match(run_dir, tmp_path,
     assert_one_line_error(rc, lines, "model.hidden_size=32 does not match checkpoint",
                           "model.hidden_size=64")
     assert not (tmp_path / "p").exists()
+
+
+def test_output_paths_are_named_by_their_flag_before_any_work(run_dir, tmp_path, capsys):
+    """--out on a file, under a file, or where no folder can be made: one line naming --out,
+    (not a temporary path, not 'checkpoint='), and no --overwrite advice where it would not
+    help; refused before the parent is loaded (prepare used to calibrate for minutes first)."""
+    a_file = tmp_path / "afile"
+    a_file.write_text("x\n")
+    ckpt = str(run_dir)
+    cases = [
+        (["extract", "--ckpt", ckpt, "--out", "/sys/nope/p", "--hidden-size", "32"],
+         ["--out='/sys/nope/p'", "choose a --out"]),
+        (["prepare", "--ckpt", ckpt, "--out", "/sys/nope/p", "--no-progress"],
+         ["--out='/sys/nope/p'", "choose a --out"]),
+        (["extract", "--ckpt", ckpt, "--out", str(a_file), "--hidden-size", "32"],
+         [f"--out='{a_file}': an existing file is in the way", "choose another --out"]),
+        (["extract", "--ckpt", ckpt, "--out", str(a_file), "--hidden-size", "32",
+          "--overwrite"], [f"--out='{a_file}': an existing file is in the way"]),
+        (["export", "--ckpt", ckpt, "--out", str(a_file)],
+         [f"--out='{a_file}': an existing file is in the way"]),
+        (["export", "--ckpt", ckpt, "--out", str(a_file / "x")],
+         [f"--out='{a_file / 'x'}'", "existing file", "choose another --out"]),
+        (["export", "--ckpt", ckpt, "--out", "/sys/nope/x"], ["--out='/sys/nope/x'"]),
+    ]
+    for argv, fragments in cases:
+        rc, lines = run_cli(argv, capsys)
+        line = assert_one_line_error(rc, lines, *fragments)
+        assert ".tmp" not in line and "checkpoint=" not in line, line
+        if "existing file" in line:
+            assert "add --overwrite" not in line, line
+
+
+def test_preprocess_input_that_is_a_directory_says_so(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.train_from_iterator(["a b c d"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = tmp_path / "tokenizer.json"
+    tk.save(str(tok))
+    rc, lines = run_cli(["preprocess", "--input", str(tmp_path), "--tokenizer", str(tok),
+                         "--eod-token", "</s>", "--out", str(tmp_path / "c"), "--no-progress"],
+                        capsys)
+    assert_one_line_error(rc, lines, f"--input='{tmp_path}' is a directory; pass one .txt")
+
+
+def test_top_k_above_the_vocabulary_warns_with_the_used_value(run_dir, caplog):
+    import logging
+
+    from nemo_elastic.checkpoint import config_from_checkpoint, load_checkpoint
+    from nemo_elastic.data.loaders import build_tokenizer
+    from nemo_elastic.export.common import build_tp1_model, tp1_runtime
+    from nemo_elastic.serve import ElasticGenerator
+
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    cfg = config_from_checkpoint(ckpt).single_process()
+    tokenizer = build_tokenizer(cfg)
+    with tp1_runtime():
+        model = build_tp1_model(cfg)
+        load_checkpoint(ckpt, model=model, restore_rng=False)
+        gen = ElasticGenerator(ckpt, cfg, model, tokenizer, {}, contextlib.ExitStack())
+        with caplog.at_level(logging.WARNING, logger="nemo_elastic"):
+            out = gen.generate("Q:", None, max_new_tokens=2, temperature=1.0, top_k=10 ** 6,
+                               seed=0)
+    assert len(out.tokens) <= 2
+    assert any(f"top_k=1000000 is larger than the vocabulary: using top_k="
+               f"{tokenizer.vocab_size}" in r.getMessage() for r in caplog.records), caplog.text

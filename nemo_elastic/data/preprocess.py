@@ -116,8 +116,11 @@ def preprocess_to_indexed(input_path: str | Path, tokenizer: TokenizerProtocol,
     ``vocab_size``, ``bin_path``, ``idx_path``.
     """
     input_path = Path(input_path)
+    if input_path.is_dir():
+        raise DataError(f"--input={str(input_path)!r} is a directory; pass one .txt or .jsonl "
+                        "file (concatenate the files of a folder first)")
     if not input_path.is_file():
-        raise FileNotFoundError(f"preprocess input_path={str(input_path)!r}: no such file")
+        raise FileNotFoundError(f"--input={str(input_path)!r}: no such file; check the path")
     if text_mode not in ("paragraphs", "lines"):
         raise DataError(f"preprocess text_mode={text_mode!r}: must be 'paragraphs' (blank-line "
                          "separated documents) or 'lines' (one document per line)")

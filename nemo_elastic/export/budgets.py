@@ -33,8 +33,10 @@ from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 
+from nemo_elastic.errors import check_output_path
 from nemo_elastic.checkpoint import (
-    CheckpointError, config_from_checkpoint, load_checkpoint, read_meta, replace_durably,
+    CheckpointError,
+    config_from_checkpoint, load_checkpoint, read_meta, replace_durably,
     resolve_checkpoint, save_checkpoint)
 from nemo_elastic.config import ConfigError
 from nemo_elastic.export.family import _folder_name
@@ -107,9 +109,7 @@ def export_to(ckpt: str | Path, targets: Mapping[str, str | Path], *, format: st
         raise ConfigError(f"export targets must share one folder, got {sorted(map(str, parents))}")
     subnets = {name: budget_subnetwork(ckpt, name) for name in targets}  # unknown names refused
     for name, path in targets.items():
-        if path.exists() and not overwrite:
-            raise CheckpointError(f"{str(path)!r} already exists; add --overwrite "
-                                  "to replace it")
+        check_output_path(path, "--out", overwrite, CheckpointError)
     children = {name: s.model_config(cfg.model) for name, s in subnets.items()}
     tokenizer, passthrough = _hf_preflight(cfg, meta, children, hf_per_layer) \
         if format == "hf" else (None, {})

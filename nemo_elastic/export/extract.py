@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
+from nemo_elastic.errors import check_output_path
 from nemo_elastic.checkpoint import (
-    CheckpointError, config_from_checkpoint, load_checkpoint, read_meta, resolve_checkpoint,
+    CheckpointError,
+    config_from_checkpoint, load_checkpoint, read_meta, resolve_checkpoint,
     save_checkpoint)
 from nemo_elastic.elastic.subnet import SubNetwork
 from nemo_elastic.export.common import (
@@ -55,9 +57,7 @@ def extract_checkpoints(ckpt: str | Path, targets: Mapping[str | Path, SubNetwor
     plan: list[tuple[Path, SubNetwork, dict]] = []
     for out, subnet in targets.items():
         path = Path(out)
-        if path.exists() and not overwrite:
-            raise CheckpointError(f"{str(path)!r} already exists; add --overwrite "
-                                  "to replace it")
+        check_output_path(path, "--out", overwrite, CheckpointError)
         if not isinstance(subnet, SubNetwork):
             subnet = SubNetwork.from_dict(subnet)
         subnet.validate(cfg.model)  # fail before loading the parent weights

@@ -20,8 +20,10 @@ from typing import Iterator
 
 import torch
 
+from nemo_elastic.errors import check_output_path
 from nemo_elastic.checkpoint import (
-    CheckpointError, config_from_checkpoint, load_checkpoint, read_meta, replace_durably,
+    CheckpointError,
+    config_from_checkpoint, load_checkpoint, read_meta, replace_durably,
     resolve_checkpoint)
 from nemo_elastic.export.common import (
     build_tp1_model, peak_rss_mib, same_filesystem_tmp, tp1_runtime)
@@ -116,9 +118,7 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, overwrite: bool = False,
     """
     start = time.perf_counter()
     ckpt, out_dir = resolve_checkpoint(ckpt), Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise CheckpointError(f"{str(out_dir)!r} already exists; add --overwrite "
-                              "to replace it")
+    check_output_path(out_dir, "--out", overwrite, CheckpointError)
     meta = read_meta(ckpt)
     cfg = config_from_checkpoint(ckpt)
     hf_cfg = hf_config_from_model(cfg.model, meta.get("hf_passthrough"))  # fail before loading

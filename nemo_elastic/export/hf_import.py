@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from nemo_elastic.errors import check_output_path
 from nemo_elastic.checkpoint import CheckpointError, save_checkpoint
 from nemo_elastic.config import Config, DataConfig
 from nemo_elastic.export.common import build_tp1_model, peak_rss_mib, tp1_runtime
@@ -159,9 +160,7 @@ def import_hf(hf_dir: str | Path, out_ckpt: str | Path, *, overwrite: bool = Fal
     one is already initialized).
     """
     hf_dir, out_ckpt = Path(hf_dir), Path(out_ckpt)
-    if out_ckpt.exists() and not overwrite:
-        raise CheckpointError(f"{str(out_ckpt)!r} already exists; add --overwrite "
-                              "to replace it")
+    check_output_path(out_ckpt, "--out", overwrite, CheckpointError)
     start = time.perf_counter()
     hf = load_hf_config(hf_dir)
     model_cfg = model_config_from_hf(hf)

@@ -25,6 +25,7 @@ from typing import Optional, Sequence, Union
 
 from tqdm import tqdm
 
+from nemo_elastic.errors import check_output_path
 from nemo_elastic import runtime
 from nemo_elastic.checkpoint import (CheckpointError, config_from_checkpoint, load_checkpoint,
                                      resolve_checkpoint, save_checkpoint)
@@ -96,9 +97,7 @@ def prepare(ckpt: Union[str, Path], out: Union[str, Path], *, num_batches: int =
     agg = Aggregation.parse(aggregation)
     src = resolve_checkpoint(ckpt)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{str(out)!r} already exists; add --overwrite "
-                              "to replace it")
+    check_output_path(out, "--out", overwrite, CheckpointError)
     if out.resolve() == src.resolve():
         raise CheckpointError(f"out={str(out)!r} is the parent checkpoint itself; choose a new "
                               "directory")
