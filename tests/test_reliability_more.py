@@ -293,3 +293,56 @@ def test_top_k_above_the_vocabulary_warns_with_the_used_value(run_dir, caplog):
     assert len(out.tokens) <= 2
     assert any(f"top_k=1000000 is larger than the vocabulary: using top_k="
                f"{tokenizer.vocab_size}" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_elastic_train_does_not_save_weights_whose_loss_is_not_finite(tmp_path, capsys):
+    """elastic.lr=1e30: the first step leaves finite weights with a NaN loss; the check before
+    the iteration-1 save stops the run (it used to save them and stop one iteration later)."""
+    from tests.test_train import _cfg, _parent
+
+    _parent(tmp_path)
+    cfg = _cfg(tmp_path, "elastic.lr=1e30", "elastic.min_lr=0", "elastic.warmup_iters=0",
+               "elastic.save_interval=1")
+    from nemo_elastic.config import to_dict
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(to_dict(cfg)))
+    rc, lines = run_cli(["train", "--config", str(recipe), "--no-progress"], capsys)
+    assert_one_line_error(rc, lines, "the weights after iteration 1 (stage 'stage1')",
+                          "no checkpoint was written",
+                          "lower elastic.lr")
+    assert latest_checkpoint(tmp_path / "run" / "elastic" / "checkpoints") is None
+
+
+# ------------------------------------------------------------------ 5. durable renames
+
+def _record_fsyncs(monkeypatch) -> list[str]:
+    import os
+
+    synced, real = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_pipeline_json_and_published_folders_are_fsynced(tmp_path, monkeypatch):
+    from nemo_elastic.checkpoint import replace_durably
+    from nemo_elastic.pipeline import _write_json
+
+    synced = _record_fsyncs(monkeypatch)
+    _write_json(tmp_path / "pipeline.json", {"stages": {}})
+    assert str(tmp_path / ".pipeline.json.tmp") in synced and str(tmp_path) in synced
+    assert json.loads((tmp_path / "pipeline.json").read_text()) == {"stages": {}}
+
+    staged = tmp_path / ".staging" / "budget"
+    staged.mkdir(parents=True)
+    (staged / "model.safetensors").write_bytes(b"x" * 10)
+    synced.clear()
+    replace_durably(staged, tmp_path / "out")
+    assert str(staged / "model.safetensors") in synced  # the contents, before the rename
+    assert str(tmp_path) in synced  # the rename itself
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == b"x" * 10
