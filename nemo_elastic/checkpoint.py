@@ -236,6 +236,7 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"checkpoint {str(ckpt_dir)!r}: {META_FILE} has no 'config' entry"
                               "; restore the file from a copy or use an earlier checkpoint")
+    _check_meta_fields(ckpt_dir, meta)
     # Megatron's own metadata.json (its sharded backend): garbage there fails deep inside the
     # load with no file name (StopIteration: 0)
     megatron_meta = read_json_file(ckpt_dir / "metadata.json",
@@ -245,6 +246,41 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
                               "'sharded_backend' entry); restore the file from a copy or use an "
                               "earlier checkpoint")
     return meta
+
+
+_FAMILY_ROW = {"name": str, "subnetwork": dict, "target": (int, float), "budget_type": str,
+               "summary": str, "parameters": int, "parameter_fraction": (int, float),
+               "memory_bytes": (int, float)}
+
+
+def _check_meta_fields(ckpt_dir: Path, meta: dict) -> None:
+    """The fields of nemo_elastic.json that commands read (iteration, kind, the trained budget
+    family) have the types save_checkpoint wrote; an edited or damaged file is one line naming
+    the file and the field, not a TypeError later."""
+    def bad(field: str, value) -> CheckpointError:
+        return CheckpointError(
+            f"checkpoint {str(ckpt_dir)!r}: {META_FILE} is corrupt ({field!r} is {value!r}); "
+            "restore the file from a copy or use an earlier checkpoint")
+
+    iteration = meta.get("iteration")
+    if iteration is not None and (not isinstance(iteration, int) or isinstance(iteration, bool)
+                                  or iteration < 0):
+        raise bad("iteration", iteration)
+    if not isinstance(meta.get("kind", ""), str):
+        raise bad("kind", meta["kind"])
+    family = meta.get("family")
+    if family is None:
+        return
+    if not isinstance(family, list):
+        raise bad("family", family)
+    for row in family:
+        if not isinstance(row, dict):
+            raise bad("family", row)
+        for key, kind in _FAMILY_ROW.items():
+            value = row.get(key)
+            if key in ("name", "subnetwork") or key in row:
+                if not isinstance(value, kind) or isinstance(value, bool):
+                    raise bad(f"family[{row.get('name')!r}].{key}", value)
 
 
 def read_json_file(path: Path, what: str, *, error=None,

@@ -45,9 +45,17 @@ def format_info(info: dict) -> Optional[str]:
         logger.info("no trained budget family in this checkpoint (written by `%s`; the family "
                     "comes from `nemo-elastic train`)", info["kind"])
         return None
-    rows = [(r["name"], f"{r['target']:g} ({r['budget_type']})", r["summary"],
-             f"{r['parameters']:,} ({r['parameter_fraction']:.1%})",
-             readable_bytes(r["memory_bytes"])) for r in family]
+    try:
+        rows = [(r["name"], f"{r['target']:g} ({r['budget_type']})", r["summary"],
+                 f"{r['parameters']:,} ({r['parameter_fraction']:.1%})",
+                 readable_bytes(r["memory_bytes"])) for r in family]
+    except (KeyError, TypeError, ValueError) as err:
+        from nemo_elastic.checkpoint import META_FILE, CheckpointError
+
+        raise CheckpointError(
+            f"checkpoint {str(info['checkpoint'])!r}: {META_FILE} is corrupt (a 'family' row "
+            f"lacks or mistypes {err}); restore the file from a copy or use an earlier "
+            "checkpoint") from None
     spec = family[0].get("memory_spec", {})
     logger.info("memory: weights + KV cache + Mamba state at batch %s x %s tokens, %s bytes per "
                 "parameter / cache element", spec.get("batch_size"), spec.get("seq_length"),

@@ -87,6 +87,26 @@ def test_malformed_checksums_are_one_line_naming_the_file(checksums, fragment, r
     assert_one_line_error(rc, lines, f"checkpoint '{ckpt}': {META_FILE} is corrupt", fragment)
 
 
+@pytest.mark.parametrize("edit,commands,fragment", [
+    ({"iteration": "x"}, ("info", "export"), "('iteration' is 'x')"),
+    ({"family": 5}, ("info", "export"), "('family' is 5)"),
+    ({"family": [{"name": "a", "subnetwork": {"x": 1}}]}, ("export",),
+     "the sub-network of budget 'a'"),
+    ({"family": [{"name": "a", "subnetwork": {"x": 1}}]}, ("info",),
+     "a 'family' row lacks or mistypes 'target'"),
+])
+def test_malformed_metadata_fields_are_one_line_naming_the_file(edit, commands, fragment,
+                                                                run_dir, tmp_path, capsys):
+    ckpt = _copy_latest(run_dir, tmp_path / "ck")
+    _edit_meta(ckpt, lambda m: m.update(edit))
+    argvs = {"info": ["info", str(ckpt)],
+             "export": ["export", "--ckpt", str(ckpt), "--budget", "a", "--out",
+                        str(tmp_path / "x")]}
+    for command in commands:
+        rc, lines = run_cli(argvs[command], capsys)
+        assert_one_line_error(rc, lines, f"checkpoint '{ckpt}': {META_FILE} is corrupt", fragment)
+
+
 @pytest.mark.parametrize("checksums", [True, False])
 def test_garbage_megatron_metadata_json_is_named(checksums, run_dir, tmp_path, capsys):
     ckpt = _copy_latest(run_dir, tmp_path / "ck")

@@ -38,7 +38,16 @@ def family_of(ckpt: str | Path) -> dict[str, SubNetwork]:
             f"checkpoint {str(ckpt)!r} (kind {meta.get('kind')!r}) holds no trained budget family: "
             "it was not written by `nemo-elastic train`; pass a checkpoint of an elastic run, or "
             "choose the sizes yourself with --subnet FILE or the size flags")
-    return {row["name"]: SubNetwork.from_dict(row["subnetwork"]) for row in rows}
+    family = {}
+    for row in rows:
+        try:
+            family[row["name"]] = SubNetwork.from_dict(row["subnetwork"])
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise CheckpointError(
+                f"checkpoint {str(ckpt)!r}: nemo_elastic.json is corrupt (the sub-network of "
+                f"budget {row['name']!r} is unreadable: {type(err).__name__}: {err}); restore "
+                "the file from a copy or use an earlier checkpoint") from None
+    return family
 
 
 def budget_subnetwork(ckpt: str | Path, name: str) -> SubNetwork:
