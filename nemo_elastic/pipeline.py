@@ -87,7 +87,10 @@ def _write_json(path: Path, value) -> None:
     """Atomic and fsync'd (a crash leaves the old file or the new one, never half of one)."""
     from nemo_elastic.checkpoint import write_text_durably
 
-    write_text_durably(path, json.dumps(value, indent=2))
+    from nemo_elastic.training.loop import json_safe
+
+    # strict JSON: a non-finite number (a diverged budget's loss) is null, never NaN
+    write_text_durably(path, json.dumps(json_safe(value), indent=2, allow_nan=False))
 
 
 def _checkpoint_iteration(ckpt) -> Optional[int]:

@@ -357,6 +357,8 @@ def test_pipeline_json_and_published_folders_are_fsynced(tmp_path, monkeypatch):
     _write_json(tmp_path / "pipeline.json", {"stages": {}})
     assert str(tmp_path / ".pipeline.json.tmp") in synced and str(tmp_path) in synced
     assert json.loads((tmp_path / "pipeline.json").read_text()) == {"stages": {}}
+    _write_json(tmp_path / "evaluation.json", {"val_loss": float("nan")})  # a diverged budget
+    assert json.loads((tmp_path / "evaluation.json").read_text()) == {"val_loss": None}
 
     staged = tmp_path / ".staging" / "budget"
     staged.mkdir(parents=True)

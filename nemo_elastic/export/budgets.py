@@ -198,7 +198,10 @@ def _export_all(ckpt, cfg, meta, subnets, staged, format, tokenizer, passthrough
                       "subnetwork": subnet.to_dict(), "seconds": round(seconds, 3),
                       "verification": {"tokens": tokens.shape[1], "rel_logit_error": err,
                                        "tolerance": tol, "against": "masked nested model"}}
-            (folder / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+            from nemo_elastic.training.loop import json_safe
+
+            (folder / EXPORT_RECORD).write_text(
+                json.dumps(json_safe(record), indent=2, allow_nan=False) + "\n")
             logger.info("budget %r: %s export verified (relative logit error %.1e vs the masked "
                         "nested model, %s parameters) in %.2f s", name, format, err,
                         f"{params:,}", seconds)

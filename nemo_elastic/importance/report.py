@@ -52,7 +52,9 @@ def ranking_document(scores: ImportanceScores, perms: Permutations,
 
 
 def write_ranking(path: Path, document: dict) -> Path:
-    path.write_text(json.dumps(document, indent=1))
+    from nemo_elastic.training.loop import json_safe
+
+    path.write_text(json.dumps(json_safe(document), indent=1, allow_nan=False))
     return path
 
 

@@ -137,7 +137,8 @@ def _write_outputs(out_dir: Path, result: PretrainResult, accuracy: Optional[dic
     write_text_durably(out_dir / "summary.json", json.dumps(json_safe(summary), indent=2))
     write_metrics(out_dir, full_history)
     if accuracy is not None:
-        (out_dir / "answer_examples.json").write_text(json.dumps(accuracy["examples"], indent=2))
+        write_text_durably(out_dir / "answer_examples.json",
+                           json.dumps(json_safe(accuracy["examples"]), indent=2, allow_nan=False))
     if full_history:
         plot_curves(full_history, out_dir / "loss.png", uniform_loss=result.uniform_loss)
     rows = [
