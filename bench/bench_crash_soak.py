@@ -165,7 +165,7 @@ def kill_once(args: list[str], ckpt_root: Path, kind: str, stage1: int, rng: ran
     started = time.monotonic()
     deadline = started + timeout
     delay = rng.uniform(0.0, 0.6)
-    startup_delay = rng.uniform(0.5, 12.0)
+    startup_delay = rng.uniform(0.5, 5.0)  # start-up (imports, resume) takes ~3-4 s here
     moment = None
     try:
         while proc.poll() is None and time.monotonic() < deadline:
@@ -301,10 +301,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stage1", type=int, default=12, help="iterations of stage 1")
-    parser.add_argument("--stage2", type=int, default=12, help="iterations of stage 2")
+    parser.add_argument("--stage1", type=int, default=None,
+                        help="iterations of stage 1 (default: max(12, 3 x kills), so that every "
+                        "kill finds a run still going)")
+    parser.add_argument("--stage2", type=int, default=None, help="iterations of stage 2 (same)")
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
     args = parser.parse_args()
+    args.stage1 = args.stage1 or max(12, 3 * args.kills)
+    args.stage2 = args.stage2 or max(12, 3 * args.kills)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     root = Path(args.workdir or tempfile.mkdtemp(prefix="crash_soak_"))
     summary = crash_soak(root, kills=args.kills, seed=args.seed, stage1=args.stage1,
