@@ -148,6 +148,42 @@ def test_resume_with_a_changed_learning_rate_uses_the_new_rate(run_dir, tmp_path
     assert records[2]["lr"] != 1e-4
 
 
+def test_elastic_resume_with_a_changed_router_lr_uses_the_new_rate(tmp_path):
+    """The router's own optimizer and LambdaLR schedule: torch restores the saved lr and
+    base_lrs, so a changed elastic.router.lr was silently ignored on resume; now it applies
+    from the resumed iteration (the schedule's position is kept), and an unchanged recipe
+    resumes to exactly the uninterrupted run's router LRs."""
+    from nemo_elastic.checkpoint import LATEST_FILE
+    from nemo_elastic.training.train import train
+    from tests.test_train import _cfg, _parent
+
+    _parent(tmp_path)
+
+    def run(out, *extra):
+        train(_cfg(tmp_path, f"output_dir={out}", "elastic.save_interval=2", *extra),
+              progress=False)
+        return [json.loads(line) for line in
+                (out / "elastic/metrics.jsonl").read_text().splitlines()]
+
+    straight = run(tmp_path / "a")
+    assert [r["iteration"] for r in straight] == [1, 2, 3, 4, 5, 6]
+    for lr, name in ((None, "same"), ("5.0e-3", "half")):
+        out = tmp_path / name
+        shutil.copytree(tmp_path / "a", out)
+        ckpts = out / "elastic/checkpoints"
+        for later in ("iter_0000004", "iter_0000006"):
+            shutil.rmtree(ckpts / later)
+        (ckpts / LATEST_FILE).write_text("iter_0000002\n")
+        resumed = run(out, *([f"elastic.router.lr={lr}"] if lr else []))
+        assert [r["iteration"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+        ours = [r["router_lr"] for r in resumed]
+        if lr is None:
+            assert ours == [r["router_lr"] for r in straight]
+        else:
+            assert ours[:2] == [r["router_lr"] for r in straight[:2]]
+            assert ours[2:] == pytest.approx([0.5 * r["router_lr"] for r in straight[2:]],
+                                             rel=1e-12)
+
 # ------------------------------------------------------------------ 2. non-finite weights
 
 def _checkpoint_with_huge_weights(run_dir: Path, out: Path) -> Path:

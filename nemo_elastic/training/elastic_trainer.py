@@ -233,8 +233,24 @@ class ElasticTrainer(Trainer):
             raise CheckpointError("the elastic checkpoint holds no router state (was it written "
                                   "by `pretrain`?); start the elastic run in an empty output dir")
         self.router.load_state_dict(state["router"])
+        # The saved optimizer/scheduler state carries the hyperparameters of the run that wrote
+        # it (torch restores param-group lr / weight_decay / betas and LambdaLR's base_lrs).  A
+        # resume follows the recipe instead, as the model's optimizer does (Megatron-LM's
+        # --override-opt_param-scheduler): the moments and the position in the schedule are
+        # kept, elastic.router.lr / weight_decay apply from the resumed iteration on.  With an
+        # unchanged recipe this recomputes exactly the saved values (bit-exact resume).
+        configured = [{k: v for k, v in group.items() if k != "params"}
+                      for group in self.router_optimizer.param_groups]
+        base_lrs = list(self.router_scheduler.base_lrs)
         self.router_optimizer.load_state_dict(state["router_optimizer"])
         self.router_scheduler.load_state_dict(state["router_scheduler"])
+        self.router_scheduler.base_lrs = base_lrs
+        sched = self.router_scheduler
+        for group, hyper, base, factor in zip(self.router_optimizer.param_groups, configured,
+                                              base_lrs, sched.lr_lambdas):
+            group.update(hyper)
+            group["lr"] = base * factor(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in self.router_optimizer.param_groups]
 
     def extra_meta(self) -> dict:
         return {"family": self.router.family_table(), "budget_names": self.router.names,
