@@ -408,8 +408,11 @@ def save_checkpoint(ckpt_dir: str | Path, *, cfg: Config, model: torch.nn.Module
                     optimizer=None, scheduler=None, iteration: int = 0,
                     data_state: Optional[dict] = None, kind: str = "pretrain",
                     extra_meta: Optional[dict] = None, extra_common: Optional[dict] = None,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, field_name: str = "checkpoint") -> Path:
     """Write a complete checkpoint atomically. Call on every rank (collective).
+
+    `field_name`: what the user called the output (`--out`, `output_dir`, ...), named in the
+    one-line error when its folder cannot be made.
 
     `extra_common`: picklable, replicated state (identical on every rank, written once), e.g. the
     router's weights and optimizer (`{"extra": {"router": ..., "router_optimizer": ...}}`);
@@ -430,7 +433,7 @@ def save_checkpoint(ckpt_dir: str | Path, *, cfg: Config, model: torch.nn.Module
             shutil.rmtree(tmp_dir, ignore_errors=True)
             tmp_dir.mkdir(parents=True)
         except OSError as err:
-            error = str(output_path_error("checkpoint", ckpt_dir, err))
+            error = str(output_path_error(field_name, ckpt_dir, err))
     error = _broadcast_str(error)
     if error:
         raise CheckpointError(error)

@@ -215,7 +215,7 @@ def _write_megatron(folder: Path, child_cfg, child, extra) -> bool:
     from nemo_elastic.export.megatron_format import write_megatron_config
 
     save_checkpoint(folder, cfg=child_cfg, model=child, kind="export",
-                    extra_meta={**extra, "format": "megatron"})
+                    extra_meta={**extra, "format": "megatron"}, field_name="--out")
     write_megatron_config(folder, child_cfg.model)
     return not _is_heterogeneous(child_cfg.model)
 

@@ -73,7 +73,7 @@ def extract_checkpoints(ckpt: str | Path, targets: Mapping[str | Path, SubNetwor
         for path, subnet, extra in plan:
             child_cfg, child = slice_model(parent, cfg, subnet, spec_backend="local")
             save_checkpoint(path, cfg=child_cfg, model=child, kind="extract", extra_meta=extra,
-                            overwrite=overwrite)
+                            overwrite=overwrite, field_name="--out")
             del child  # one child in memory at a time next to the parent
             logger.info("extracted %s (%s) -> %s", ckpt, subnet.describe(cfg.model), path)
         del parent

@@ -177,7 +177,7 @@ def import_hf(hf_dir: str | Path, out_ckpt: str | Path, *, overwrite: bool = Fal
         meta = {"source": {"format": "hf", "path": str(hf_dir.resolve())},
                 "hf_passthrough": hf_passthrough(hf)}
         save_checkpoint(out_ckpt, cfg=cfg, model=model, kind="import", overwrite=overwrite,
-                        extra_meta=meta)
+                        extra_meta=meta, field_name="--out")
     logger.info("imported %s -> %s: %d tensors in %.1f s, peak RSS %.0f MiB", hf_dir, out_ckpt,
                 len(names), time.perf_counter() - start, peak_rss_mib())
     return out_ckpt

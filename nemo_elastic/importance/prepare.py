@@ -150,7 +150,7 @@ def _prepare(src: Path, out: Path, cfg: Config, run_cfg: Config, info, *, agg, n
                "depth_seconds": round(depth_seconds, 3), "data_parallel_size": info.dp_size,
                "ranking_file": RANKING_FILE}
     save_checkpoint(out, cfg=cfg, model=model, kind=PREPARED_KIND, overwrite=overwrite,
-                    extra_meta={"importance": summary,
+                    field_name="--out", extra_meta={"importance": summary,
                                 "layer_ranking": depth[depth_method].order})
     if info.is_main:
         write_ranking(out / RANKING_FILE, ranking_document(scores, perms, depth, depth_method))

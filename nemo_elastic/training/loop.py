@@ -227,7 +227,8 @@ class Trainer:
             optimizer=self.optimizer, scheduler=self.scheduler, iteration=iteration,
             data_state=seg.data.train_iter.state_dict(), kind=self.kind,
             extra_meta={"segment": seg.name, **self.extra_meta()},
-            extra_common={"segment": seg.name, "extra": self.extra_state()}, overwrite=True)
+            extra_common={"segment": seg.name, "extra": self.extra_state()}, overwrite=True,
+            field_name="elastic.output_dir" if self.kind == "elastic" else "output_dir")
         if self._metrics_file is not None:  # the records up to this checkpoint are on disk
             os.fsync(self._metrics_file.fileno())
         prune_checkpoints(self.ckpt_root, self.keep_checkpoints)
