@@ -7,9 +7,10 @@ purpose: masked == sliced is the contract the tests check, so the two must not s
 
 Three things live here:
 
-1. `LAYER_FIELDS`: which per-layer size fields each layer symbol has, and `GROUPED`: the grouped
-   axes, whose size must be a multiple of a group count because the same number of units is kept
-   in every group ("k heads per group": Mamba heads in Mamba groups, query heads in query groups).
+1. The grouped-axis rule: which heads a prefix keeps (`first_of_each_group`, `kept_heads`: the
+   first k/groups of every group).  The tables it reads, `LAYER_FIELDS` (per-layer size fields
+   by layer symbol) and `GROUPED` (sizes that must be a multiple of a group count), live in
+   `nemo_elastic.sizes` with the rest of the size tables.
 2. `TENSOR_AXES`: the named axis of every dimension of every parameter (Megatron-Core names):
 
        embedding / output layer [vocab, hidden]; final norm and every pre-norm [hidden]
