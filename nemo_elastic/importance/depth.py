@@ -62,6 +62,7 @@ def _check_method(method: str) -> None:
         raise ValueError(f"depth_method={method!r}: must be one of {METHODS}")
 
 
+@torch.no_grad()  # forward-only whoever calls (the public rankings are called directly too)
 def _logits(model, batch: dict, subnetwork: Optional[SubNetwork]) -> torch.Tensor:
     """[b, s, V] float32 logits (gathered over tensor parallelism)."""
     device = next(model.parameters()).device
