@@ -113,9 +113,9 @@ def recipe(s: Settings, out: Path, **elastic) -> "Config":
 # ----------------------------------------------------------------------------- fixed router
 
 def _axis_size(model_cfg, subnet, axis: str, layers: list[int]) -> int:
-    from nemo_elastic.router import AXES
+    from nemo_elastic.sizes import ELASTIC_AXES
 
-    _, field = AXES[axis]
+    _, field = ELASTIC_AXES[axis]
     if axis == "hidden":
         return subnet.hidden_size
     sizes = {getattr(subnet.layers[i], field) for i in layers}

@@ -149,10 +149,8 @@ def verify_checkpoint(ckpt_dir: str | Path, meta: Optional[dict] = None) -> None
     ckpt_dir = Path(ckpt_dir)
     meta = read_meta(ckpt_dir) if meta is None else meta
     expected = meta.get(CHECKSUMS_KEY)
-    if expected is None:
-        logger.debug("checkpoint %s has no checksums (older format): not verified", ckpt_dir)
-        return
-    _check_checksums_entry(ckpt_dir, expected)
+    if expected is not None:
+        _check_checksums_entry(ckpt_dir, expected)
     if not expected:
         logger.debug("checkpoint %s has no checksums (older format): not verified", ckpt_dir)
         return

@@ -112,11 +112,11 @@ def cmd_info(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from nemo_elastic.training.evaluate_checkpoint import check_result, evaluate_checkpoint, \
-        format_result, result_json, write_result
+    from nemo_elastic.training.evaluate_checkpoint import check_result, check_result_path, \
+        evaluate_checkpoint, format_result, result_json, write_result
 
-    if args.out and Path(args.out).is_dir():  # before the evaluation, not after it
-        write_result({}, Path(args.out))
+    if args.out:  # before the evaluation, not after it
+        check_result_path(Path(args.out))
     result = evaluate_checkpoint(args.ckpt, overrides=args.overrides, speed=args.speed,
                                  progress=not args.no_progress)
     check_result(result)

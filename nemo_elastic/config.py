@@ -115,7 +115,6 @@ class ModelConfig:
 
     def _validate_per_layer(self) -> None:
         symbols = self.layer_symbols
-        applies = LAYER_FIELDS
         if not isinstance(self.per_layer, (list, tuple)) or len(self.per_layer) != len(symbols):
             _fail("model.per_layer", self.per_layer,
                   f"must be a list with one entry (a dict, possibly empty) per layer: {len(symbols)}")
@@ -123,8 +122,8 @@ class ModelConfig:
         for i, (sym, entry) in enumerate(zip(symbols, self.per_layer)):
             for key, value in entry.items():
                 name = f"model.per_layer[{i}].{key}"
-                if key not in applies[sym]:
-                    _fail(name, value, f"layer {i} ({sym!r}) only takes {list(applies[sym])}")
+                if key not in LAYER_FIELDS[sym]:
+                    _fail(name, value, f"layer {i} ({sym!r}) only takes {list(LAYER_FIELDS[sym])}")
                 if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                     _fail(name, value, "must be a positive integer")
             for key, groups in GROUPED.items():

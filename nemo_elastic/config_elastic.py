@@ -29,8 +29,6 @@ from nemo_elastic.config_io import from_dict
 from nemo_elastic.errors import fail, require_number, require_positive
 from nemo_elastic.sizes import ELASTIC_AXES
 
-# Elastic width axes: axis name -> (layer symbol or None, size field): `sizes.ELASTIC_AXES`.
-AXES = ELASTIC_AXES
 ROUTER_MODES = {"hard": "scaled", "soft": "mixture"}  # config name -> masks.SoftAxis mode
 BUDGET_TYPES = ("params", "memory")
 TEACHER_MODES = ("frozen", "trainable")
@@ -240,9 +238,9 @@ class ElasticConfig:
             repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
             if repeated is not None:
                 fail(f"{p}{name}", values, f"{repeated!r} is given twice; list each once")
-        bad = [a for a in self.axes if a not in AXES]
+        bad = [a for a in self.axes if a not in ELASTIC_AXES]
         if bad or not self.axes and not self.depth_choices:
-            fail(f"{p}axes", self.axes, f"unknown {bad}; valid: {list(AXES)}" if bad else
+            fail(f"{p}axes", self.axes, f"unknown {bad}; valid: {list(ELASTIC_AXES)}" if bad else
                  "no elastic axis and no depth_choices: nothing to train")
         if not set(self.heterogeneous) <= set(self.axes) - {"hidden"}:
             fail(f"{p}heterogeneous", self.heterogeneous, "must be a subset of elastic.axes "

@@ -72,7 +72,6 @@ def output_path_error(field_name: str, path, err: OSError) -> UserError:
 def ensure_output_dir(path, field_name: str):
     """Create output directory `path` (and its parents); returns it as a Path.  An existing
     file in the way, a read-only or missing place raises one line naming `field_name`."""
-    import os
     from pathlib import Path
 
     path = Path(path)
@@ -80,12 +79,18 @@ def ensure_output_dir(path, field_name: str):
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise output_path_error(field_name, path, err) from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        import errno
-
-        raise output_path_error(field_name, path, PermissionError(
-            errno.EACCES, "Permission denied", str(path)))
+    _require_writable(path, field_name)
     return path
+
+
+def _require_writable(path, field_name: str, error=UserError) -> None:
+    """Existing folder `path` can be written into, else one line naming `field_name`."""
+    import errno
+    import os
+
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise error(str(output_path_error(field_name, path, PermissionError(
+            errno.EACCES, "Permission denied", str(path)))))
 
 
 def check_output_path(path, field_name: str, overwrite: bool = False, error=UserError) -> None:
@@ -118,6 +123,5 @@ def check_output_path(path, field_name: str, overwrite: bool = False, error=User
             os.rmdir(probe)
         except OSError as err:
             raise error(str(output_path_error(field_name, path, err))) from None
-    elif not os.access(path, os.W_OK | os.X_OK):
-        raise error(str(output_path_error(field_name, path, PermissionError(
-            errno.EACCES, "Permission denied", str(path)))))
+    else:
+        _require_writable(path, field_name, error)

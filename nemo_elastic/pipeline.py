@@ -55,7 +55,7 @@ class _Stages:
         stages = old.get("stages", {}) if isinstance(old, dict) else None
         if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
             raise UserError(f"{str(self.path)!r} is corrupt (not a mapping of stages); {fix}")
-        self.stages: dict[str, dict] = old.get("stages", {})
+        self.stages: dict[str, dict] = stages
 
     def run(self, name: str, done: bool, fn: Callable[[], object], what: str):
         """`fn()` unless `done` (then logs that the output `what` is reused)."""
@@ -86,11 +86,9 @@ def _read_json(path: Path) -> Optional[dict]:
 def _write_json(path: Path, value) -> None:
     """Atomic and fsync'd (a crash leaves the old file or the new one, never half of one)."""
     from nemo_elastic.checkpoint import write_text_durably
+    from nemo_elastic.report import strict_json
 
-    from nemo_elastic.training.loop import json_safe
-
-    # strict JSON: a non-finite number (a diverged budget's loss) is null, never NaN
-    write_text_durably(path, json.dumps(json_safe(value), indent=2, allow_nan=False))
+    write_text_durably(path, strict_json(value, indent=2))
 
 
 def _checkpoint_iteration(ckpt) -> Optional[int]:

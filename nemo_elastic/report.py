@@ -1,9 +1,27 @@
-"""Plain-text tables and matplotlib plots written to a run's output folder."""
+"""Plain-text tables, strict JSON and matplotlib plots written to a run's output folder."""
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
+
+
+def json_safe(obj: Any) -> Any:
+    """`obj` with every non-finite float replaced by None (NaN is not JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def strict_json(obj: Any, indent: Optional[int] = None) -> str:
+    """`obj` as strict JSON: a non-finite number (a diverged loss) is null, never NaN."""
+    return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
 
 
 def fmt_loss(value: Optional[float]) -> str:

@@ -26,22 +26,18 @@ from torch import nn
 
 from nemo_elastic import budget as budget_math
 from nemo_elastic.config import ConfigError, ModelConfig
-from nemo_elastic.sizes import ELASTIC_AXES, GROUPED
 from nemo_elastic.config_elastic import ROUTER_MODES, ElasticConfig
 from nemo_elastic.elastic.cost import expected_parameters
 from nemo_elastic.elastic.masks import SoftAxis, SoftLayer, SoftSubNetwork
 from nemo_elastic.elastic.subnet import SubNetwork
-
-# axis name -> (layer symbol it lives on or None for global, SubNetwork field); the group
-# divisor of a field is sizes.GROUPED's
-AXES = ELASTIC_AXES
+from nemo_elastic.sizes import ELASTIC_AXES, GROUPED
 
 
 def axis_choices(model: ModelConfig, axis: str, fractions: Sequence[float],
                  layer: Optional[int] = None) -> list[int]:
     """Distinct sizes, largest first, at `fractions` of the parent's size, rounded to a multiple
     of the axis's group count (heads per group stay equal)."""
-    _, field_name = AXES[axis]
+    _, field_name = ELASTIC_AXES[axis]
     divisor_name = GROUPED.get(field_name)
     full = model.layer_size(field_name, layer) if layer is not None else getattr(model, field_name)
     step = getattr(model, divisor_name) if divisor_name else 1
@@ -92,7 +88,7 @@ class ElasticRouter(nn.Module):
         routers = {}
         n_budgets, r = len(self.names), config.router
         for axis in config.axes:
-            symbol = AXES[axis][0]
+            symbol = ELASTIC_AXES[axis][0]
             layers = [i for i, s in enumerate(symbols) if s == symbol] if symbol else []
             if symbol and not layers:
                 continue  # e.g. no attention layer in the pattern
@@ -211,7 +207,7 @@ class ElasticRouter(nn.Module):
         layers = []
         for i, sym in enumerate(m.layer_symbols):
             sizes = {}
-            for axis, (symbol, field_name) in AXES.items():
+            for axis, (symbol, field_name) in ELASTIC_AXES.items():
                 if symbol != sym:
                     continue
                 if axis in probs:

@@ -88,3 +88,17 @@ def soft_one_hot(cfg, subnet, mode):
             layers.append(SoftLayer(keep=layer.keep, ffn_hidden_size=axis(layer.ffn_hidden_size,
                                                                           m.ffn_hidden_size)))
     return SoftSubNetwork(hidden_size=axis(subnet.hidden_size, m.hidden_size), layers=layers)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished 3-iteration pretrain run (the reliability tests' small recipe), a checkpoint
+    after every iteration."""
+    from nemo_elastic.config import load_config
+    from nemo_elastic.training.pretrain import pretrain
+    from tests.test_reliability import FAST, TINY
+
+    out = tmp_path_factory.mktemp("run")
+    pretrain(load_config(TINY, [*FAST, "train.iters=3", "train.save_interval=1",
+                                f"output_dir={out}"]), progress=False)
+    return out

@@ -68,15 +68,6 @@ def assert_one_line_error(rc: int, lines: list[str], *fragments: str) -> str:
 # ------------------------------------------------------------------------------ fixtures
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A finished 3-iteration pretrain run, a checkpoint after every iteration."""
-    out = tmp_path_factory.mktemp("run")
-    pretrain(load_config(TINY, [*FAST, "train.iters=3", "train.save_interval=1",
-                                f"output_dir={out}"]), progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     """Broken inputs of every kind a user might hand over."""
     root = tmp_path_factory.mktemp("inputs")

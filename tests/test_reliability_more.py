@@ -13,18 +13,7 @@ from pathlib import Path
 import pytest
 
 from nemo_elastic.checkpoint import CHECKSUMS_KEY, META_FILE, latest_checkpoint
-from nemo_elastic.config import load_config
-from nemo_elastic.training.pretrain import pretrain
 from tests.test_reliability import FAST, TINY, assert_one_line_error, run_cli
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A finished 3-iteration pretrain run, a checkpoint after every iteration."""
-    out = tmp_path_factory.mktemp("run")
-    pretrain(load_config(TINY, [*FAST, "train.iters=3", "train.save_interval=1",
-                                f"output_dir={out}"]), progress=False)
-    return out
 
 
 def _copy_latest(run_dir: Path, dst: Path) -> Path:

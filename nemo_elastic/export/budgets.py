@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -33,12 +32,12 @@ from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 
-from nemo_elastic.errors import check_output_path
 from nemo_elastic.checkpoint import (
-    CheckpointError,
-    config_from_checkpoint, load_checkpoint, read_meta, replace_durably,
+    CheckpointError, config_from_checkpoint, load_checkpoint, read_meta, replace_durably,
     resolve_checkpoint, save_checkpoint)
 from nemo_elastic.config import ConfigError
+from nemo_elastic.errors import check_output_path
+from nemo_elastic.report import strict_json
 from nemo_elastic.export.family import _folder_name
 
 logger = logging.getLogger(__name__)
@@ -198,10 +197,7 @@ def _export_all(ckpt, cfg, meta, subnets, staged, format, tokenizer, passthrough
                       "subnetwork": subnet.to_dict(), "seconds": round(seconds, 3),
                       "verification": {"tokens": tokens.shape[1], "rel_logit_error": err,
                                        "tolerance": tol, "against": "masked nested model"}}
-            from nemo_elastic.training.loop import json_safe
-
-            (folder / EXPORT_RECORD).write_text(
-                json.dumps(json_safe(record), indent=2, allow_nan=False) + "\n")
+            (folder / EXPORT_RECORD).write_text(strict_json(record, indent=2) + "\n")
             logger.info("budget %r: %s export verified (relative logit error %.1e vs the masked "
                         "nested model, %s parameters) in %.2f s", name, format, err,
                         f"{params:,}", seconds)

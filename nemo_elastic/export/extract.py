@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from nemo_elastic.errors import check_output_path
 from nemo_elastic.checkpoint import (
-    CheckpointError,
-    config_from_checkpoint, load_checkpoint, read_meta, resolve_checkpoint,
+    CheckpointError, config_from_checkpoint, load_checkpoint, read_meta, resolve_checkpoint,
     save_checkpoint)
+from nemo_elastic.errors import check_output_path
 from nemo_elastic.elastic.subnet import SubNetwork
 from nemo_elastic.export.common import (
     build_tp1_model, peak_rss_mib, tp1_runtime)

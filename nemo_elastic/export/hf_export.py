@@ -20,11 +20,10 @@ from typing import Iterator
 
 import torch
 
-from nemo_elastic.errors import check_output_path
 from nemo_elastic.checkpoint import (
-    CheckpointError,
-    config_from_checkpoint, load_checkpoint, read_meta, replace_durably,
+    CheckpointError, config_from_checkpoint, load_checkpoint, read_meta, replace_durably,
     resolve_checkpoint)
+from nemo_elastic.errors import check_output_path
 from nemo_elastic.export.common import (
     build_tp1_model, peak_rss_mib, same_filesystem_tmp, tp1_runtime)
 from nemo_elastic.export.hf_adapter import (

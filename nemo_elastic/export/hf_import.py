@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from nemo_elastic.errors import check_output_path
 from nemo_elastic.checkpoint import CheckpointError, save_checkpoint
 from nemo_elastic.config import Config, DataConfig
+from nemo_elastic.errors import check_output_path
 from nemo_elastic.export.common import build_tp1_model, peak_rss_mib, tp1_runtime
 from nemo_elastic.export.hf_adapter import (
     HF_PREFIXES, TensorMap, fuse_qkv, hf_passthrough, load_hf_config, model_config_from_hf,

@@ -25,11 +25,11 @@ from typing import Optional, Sequence, Union
 
 from tqdm import tqdm
 
-from nemo_elastic.errors import check_output_path
 from nemo_elastic import runtime
 from nemo_elastic.checkpoint import (CheckpointError, config_from_checkpoint, load_checkpoint,
                                      resolve_checkpoint, save_checkpoint)
 from nemo_elastic.config import Config, ConfigError, load_config, to_dict
+from nemo_elastic.errors import check_output_path
 from nemo_elastic.importance.aggregate import Aggregation
 from nemo_elastic.importance.depth import METHODS, depth_rankings
 from nemo_elastic.importance.order import permutations_from_scores

@@ -15,7 +15,6 @@ the scores in the new order (non-increasing, within each group for heads).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Mapping
 
@@ -52,9 +51,9 @@ def ranking_document(scores: ImportanceScores, perms: Permutations,
 
 
 def write_ranking(path: Path, document: dict) -> Path:
-    from nemo_elastic.training.loop import json_safe
+    from nemo_elastic.report import strict_json
 
-    path.write_text(json.dumps(json_safe(document), indent=1, allow_nan=False))
+    path.write_text(strict_json(document, indent=1))
     return path
 
 

@@ -11,7 +11,6 @@ in one process on ONE protocol - `cfg`'s data section and `train.eval_iters` /
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -214,19 +213,26 @@ def check_result(result: dict) -> None:
 
 def result_json(result: dict) -> str:
     """The result as strict JSON (a non-finite number becomes null, never NaN)."""
-    from nemo_elastic.training.loop import json_safe
+    from nemo_elastic.report import strict_json
 
-    return json.dumps(json_safe(result), indent=2, allow_nan=False)
+    return strict_json(result, indent=2)
+
+
+def check_result_path(path: Path, field_name: str = "--out") -> None:
+    """The result file `path` is not a directory (checked before an evaluation, too)."""
+    from nemo_elastic.errors import UserError
+
+    if Path(path).is_dir():
+        raise UserError(f"{field_name}={str(path)!r} is a directory; pass a file name, e.g. "
+                        f"{field_name} {Path(path) / 'eval.json'}")
 
 
 def write_result(result: dict, path: Path, field_name: str = "--out") -> Path:
     from nemo_elastic.checkpoint import write_text_durably
-    from nemo_elastic.errors import UserError, output_path_error
+    from nemo_elastic.errors import output_path_error
 
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{field_name}={str(path)!r} is a directory; pass a file name, e.g. "
-                        f"{field_name} {path / 'eval.json'}")
+    check_result_path(path, field_name)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_durably(path, result_json(result))

@@ -38,6 +38,7 @@ from nemo_elastic.checkpoint import latest_checkpoint, load_checkpoint, prune_ch
     save_checkpoint, start_writer_processes, write_text_durably
 from nemo_elastic.config import Config, ConfigError, to_dict
 from nemo_elastic.errors import TrainingDiverged
+from nemo_elastic.report import json_safe, strict_json  # noqa: F401  (json_safe: re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -200,10 +201,9 @@ class Trainer:
         latest = latest_checkpoint(self.ckpt_root) if resume else None
         if latest is None:
             return 0
-        from nemo_elastic.checkpoint import check_model_matches, read_meta
-        from nemo_elastic.config import load_config
+        from nemo_elastic.checkpoint import check_model_matches, config_from_checkpoint
 
-        check_model_matches(latest, load_config(base=read_meta(latest)["config"]), self.cfg,
+        check_model_matches(latest, config_from_checkpoint(latest), self.cfg,
                             fix="a run resumes with the model it started with: drop the override "
                             "or start a new run (--no-resume, or another output_dir)")
         state = load_checkpoint(latest, model=self.model, optimizer=self.optimizer,
@@ -246,7 +246,7 @@ class Trainer:
 
     def _append_metrics(self, record: dict) -> None:
         if self._metrics_file is not None:
-            self._metrics_file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+            self._metrics_file.write(strict_json(record) + "\n")
             self._metrics_file.flush()
 
     def weights_loss(self, seg: Segment) -> float:
@@ -387,37 +387,25 @@ def read_metrics(out_dir: Path, *, up_to: int) -> list[dict]:
 def write_metrics(out_dir: Path, history: list[dict], name: str = METRICS_FILE) -> None:
     """Rewrite the metrics file atomically (fsync'd) from the whole history."""
     write_text_durably(Path(out_dir) / name, "".join(
-        json.dumps(json_safe(record), allow_nan=False) + "\n" for record in history))
+        strict_json(record) + "\n" for record in history))
 
 
-_CHECKED = ("train_loss", "kd", "budget_loss", "ce", "val_loss", "grad_norm",
-            "router_grad_norm")
+# the record fields that must stay finite, in the order they are reported, with their names
+_CHECKED = {"train_loss": "training loss", "kd": "distillation (KD) loss",
+            "budget_loss": "budget loss", "ce": "cross-entropy loss",
+            "val_loss": "validation loss", "grad_norm": "gradient norm",
+            "router_grad_norm": "router gradient norm"}
 
 
 def _non_finite(record: dict) -> Optional[tuple[str, float]]:
     """(name, value) of the first non-finite loss or gradient norm of an iteration record:
     the losses, each budget's KD and validation loss, the gradient norms."""
-    names = {"train_loss": "training loss", "kd": "distillation (KD) loss",
-             "budget_loss": "budget loss", "ce": "cross-entropy loss",
-             "val_loss": "validation loss", "grad_norm": "gradient norm",
-             "router_grad_norm": "router gradient norm"}
-    for key in _CHECKED:
+    for key, name in _CHECKED.items():
         value = record.get(key)
         if isinstance(value, float) and not math.isfinite(value):
-            return names[key], value
+            return name, value
     for key, label in (("kd_by_budget", "KD loss"), ("val_by_budget", "validation loss")):
         for budget, value in (record.get(key) or {}).items():
             if isinstance(value, float) and not math.isfinite(value):
                 return f"{label} of budget {budget!r}", value
     return None
-
-
-def json_safe(obj: Any) -> Any:
-    """`obj` with every non-finite float replaced by None (NaN is not JSON)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj

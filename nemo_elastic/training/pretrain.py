@@ -23,7 +23,7 @@ from nemo_elastic.model import build_hybrid_model
 from nemo_elastic.report import format_table, plot_curves
 from nemo_elastic.training.evaluation import answer_accuracy_of, to_every_stage, validation_loss
 from nemo_elastic.training.loop import Segment, StopRequest, Trainer, global_param_count, \
-    json_safe, write_metrics
+    json_safe, strict_json, write_metrics
 from nemo_elastic.training.optim import build_optimizer, build_scheduler, wrap_ddp
 from nemo_elastic.training.step import lm_forward_step, reduce_lm_loss
 
@@ -138,7 +138,7 @@ def _write_outputs(out_dir: Path, result: PretrainResult, accuracy: Optional[dic
     write_metrics(out_dir, full_history)
     if accuracy is not None:
         write_text_durably(out_dir / "answer_examples.json",
-                           json.dumps(json_safe(accuracy["examples"]), indent=2, allow_nan=False))
+                           strict_json(accuracy["examples"], indent=2))
     if full_history:
         plot_curves(full_history, out_dir / "loss.png", uniform_loss=result.uniform_loss)
     rows = [
