@@ -46,8 +46,8 @@ if TYPE_CHECKING:
 # 1. --------------------------------------------------------------------------------- sizes
 
 # LAYER_FIELDS (per-layer size fields by layer symbol) and GROUPED (grouped size field -> the
-# ModelConfig field holding its group count) live in `config`, the bottom of the import graph,
-# so that the config validation, SubNetwork, the Megatron stack and the router read them too.
+# ModelConfig field holding its group count) live in `nemo_elastic.sizes`, a leaf of the import
+# graph, so that the config validation, SubNetwork, the Megatron stack and the router read them too.
 
 
 def first_of_each_group(total: int, groups: int, kept: int) -> "torch.Tensor":
@@ -193,7 +193,6 @@ class LayerIndex:
 
     def axis(self, name: str) -> Optional["torch.Tensor"]:
         """Index into axis `name`; None for axes left as they are (vocab, conv kernel)."""
-
         if name == HIDDEN:
             return self.hidden
         if name in (VOCAB, ONE, KERNEL):

@@ -5,8 +5,9 @@ E[size] = sum_i p_i * c_i, and pushed through the same closed-form per-layer wal
 `nemo_elastic.budget` (`budget.cost_terms`; paper-digest §5.4; Megatron-LM's Flextron computes
 the cost the same way).  A soft depth gate multiplies its layer's parameters and its cache (KV
 cache / Mamba state); for the router's depth axis that is the layer's survival probability
-(`SoftLayer.expected_keep`) in both router modes, as the widths count their expectation in both.  With one-hot probabilities the result equals `budget.subnetwork_parameters`
-/ `budget.subnetwork_memory` of the argmax sub-network exactly.
+(`SoftLayer.expected_keep`) in both router modes, as the widths count their expectation in
+both.  With one-hot probabilities the result equals `budget.subnetwork_parameters` /
+`budget.subnetwork_memory` of the argmax sub-network exactly.
 
 The cost is computed in the probabilities' dtype; in float32 a 12B model's bytes (~3e10) carry
 a relative rounding error of ~1e-7, harmless for a loss.

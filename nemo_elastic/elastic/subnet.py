@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from nemo_elastic.config import (ATTENTION, GROUPED, GROUPED_WHY, LAYER_FIELDS, MAMBA, MLP,
-                                 SIZE_FIELDS as ALL_LAYER_FIELDS, ConfigError, ModelConfig)
+                                 SIZE_FIELDS, ConfigError, ModelConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,7 +37,7 @@ class LayerChoice:
     ffn_hidden_size: Optional[int] = None
 
     def sizes(self) -> dict[str, int]:
-        return {f: getattr(self, f) for f in ALL_LAYER_FIELDS if getattr(self, f) is not None}
+        return {f: getattr(self, f) for f in SIZE_FIELDS if getattr(self, f) is not None}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,7 +87,7 @@ class SubNetwork:
             raise ConfigError(f"{p}layers: every layer is dropped; keep at least one")
         for i, (sym, layer) in enumerate(zip(symbols, self.layers)):
             lp = f"{p}layers[{i}]"
-            for f in ALL_LAYER_FIELDS:
+            for f in SIZE_FIELDS:
                 value = getattr(layer, f)
                 if f not in LAYER_FIELDS[sym]:
                     if value is not None:
@@ -124,7 +124,7 @@ class SubNetwork:
         pattern = "".join(symbols[i] for i in kept)
         base: dict[str, Any] = {"hidden_size": self.hidden_size}
         per_layer: list[dict[str, int]] = []
-        for f in ALL_LAYER_FIELDS:
+        for f in SIZE_FIELDS:
             values = [getattr(self.layers[i], f) for i in kept
                       if getattr(self.layers[i], f) is not None]
             # The global value: the most common one (or the parent's when no layer has the type).
@@ -162,7 +162,7 @@ class SubNetwork:
     def describe(self, model: ModelConfig) -> str:
         """One line per changed axis, e.g. for logs and summary tables."""
         parts = [f"hidden {self.hidden_size}/{model.hidden_size}"]
-        for f in ALL_LAYER_FIELDS:
+        for f in SIZE_FIELDS:
             vals = sorted({getattr(layer, f) for layer in self.layers
                            if layer.keep and getattr(layer, f) is not None})
             if vals:

@@ -50,11 +50,13 @@ def nemo_spelling(message: str) -> str:
     """A message written for `nemo-elastic` (flags `--format x`, `--overwrite`) in the
     `key=value` spelling of `nemo elastic` (`format=x`, `overwrite=true`)."""
     def one(match: "re.Match") -> str:
-        name = match.group(1).replace("-", "_")
-        return f"{name}=true" if name in _BOOLEAN_FLAGS else f"{name}="
+        name, separator = match.group(1).replace("-", "_"), match.group(2)
+        if name in _BOOLEAN_FLAGS:  # takes no value: what followed the flag stays apart
+            return f"{name}=true" + (" " if separator else "")
+        return f"{name}="
 
-    spelled = re.sub(r"--([a-z][a-z0-9-]*)(?:=| (?=['\"A-Z0-9<]))?", one, message)
-    return spelled.replace("=true=", "=true ").replace("==", "=")
+    # `--flag=value` and `--flag VALUE` (a quoted, capitalised or numeric value) -> `flag=value`
+    return re.sub(r"--([a-z][a-z0-9-]*)(=| (?=['\"A-Z0-9<]))?", one, message)
 
 
 @contextlib.contextmanager

@@ -30,9 +30,6 @@ from nemo_elastic.sizes import LAYER_FIELDS
 
 logger = logging.getLogger(__name__)
 
-# TransformerConfig fields a per-layer override may set, by layer symbol (Megatron's Symbols
-# are the same one-character strings as ours).
-OVERRIDABLE = LAYER_FIELDS
 
 
 class NemoHybridStack(HybridStack):
@@ -62,7 +59,9 @@ class NemoHybridStack(HybridStack):
             overrides = dict(layer_overrides.get(i + offset) or {})
             if not overrides:
                 continue
-            allowed = OVERRIDABLE.get(symbol, ())
+            # the TransformerConfig fields a per-layer override may set (Megatron's Symbols are
+            # the same one-character strings as ours)
+            allowed = LAYER_FIELDS.get(symbol, ())
             bad = sorted(set(overrides) - set(allowed))
             if bad:
                 raise ValueError(
