@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from nemo_elastic.config_io import from_dict
-from nemo_elastic.errors import fail, require_number, require_positive
+from nemo_elastic.errors import fail, first_repeated, require_number, require_positive
 from nemo_elastic.sizes import ELASTIC_AXES
 
 ROUTER_MODES = {"hard": "scaled", "soft": "mixture"}  # config name -> masks.SoftAxis mode
@@ -234,10 +234,10 @@ class ElasticConfig:
         for name in ("axes", "heterogeneous", "width_fractions"):
             if not isinstance(getattr(self, name), (list, tuple)):
                 fail(f"{p}{name}", getattr(self, name), "must be a list")
-            values = list(getattr(self, name))
-            repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+            repeated = first_repeated(getattr(self, name))
             if repeated is not None:
-                fail(f"{p}{name}", values, f"{repeated!r} is given twice; list each once")
+                fail(f"{p}{name}", list(getattr(self, name)),
+                     f"{repeated!r} is given twice; list each once")
         bad = [a for a in self.axes if a not in ELASTIC_AXES]
         if bad or not self.axes and not self.depth_choices:
             fail(f"{p}axes", self.axes, f"unknown {bad}; valid: {list(ELASTIC_AXES)}" if bad else

@@ -17,6 +17,16 @@ class ConfigError(UserError):
     """A configuration value breaks a rule; the message names the field, value and fix."""
 
 
+def first_repeated(values):
+    """The first value that occurs a second time in `values` (None: all distinct)."""
+    seen = []
+    for value in values:
+        if value in seen:
+            return value
+        seen.append(value)
+    return None
+
+
 def fail(field_name: str, value, rule: str) -> None:
     """Raise the one-line ConfigError `field=value: rule`."""
     raise ConfigError(f"{field_name}={value!r}: {rule}")

@@ -110,11 +110,11 @@ def export(ckpt, out, *, budget=None, format: str = "hf", overwrite: bool = Fals
 def check_budget_names(names: Sequence[str], flag: str = "--budget") -> None:
     """A budget named twice would be exported / generated twice (or the second overwrite the
     first): refuse it, naming the repeated one."""
-    seen = set()
-    for name in names:
-        if name in seen:
-            raise ConfigError(f"{flag} {name!r} is given twice; name each budget once")
-        seen.add(name)
+    from nemo_elastic.errors import first_repeated
+
+    repeated = first_repeated(names)
+    if repeated is not None:
+        raise ConfigError(f"{flag} {repeated!r} is given twice; name each budget once")
 
 
 def budget_size_line(ckpt, name: str) -> str:
