@@ -59,5 +59,10 @@ bench: install
 	$(PY) bench/bench_family.py
 	$(PY) bench/bench_sliced_step.py
 
+# pyflakes-class checks (unused or undefined names, syntax) with ruff, as the sessions run them
+lint: install
+	$(PIP) install -q -c constraints.txt ruff
+	$(VENV)/bin/ruff check --select F,E9 nemo_elastic tests bench examples
+
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache

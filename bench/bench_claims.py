@@ -39,9 +39,12 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from nemo_elastic.config import Config
 
 warnings.filterwarnings("ignore")
 logger = logging.getLogger("bench_claims")
