@@ -16,23 +16,28 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_autograd
 import torch.nn.functional as F
 
 
-class _AllReduceSumIdentityBackward(torch.autograd.Function):
-    """Sum over the TP group in forward; identity in backward.  The loss built from the sum is
-    the same replicated scalar on every rank, so each shard's gradient is its local term's."""
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over `group` in forward.  Backward: identity when the loss built from the sum is
+    the same replicated scalar on every rank and only each shard's own term reaches it (the
+    per-token KL); a sum over ranks when every rank's loss depends on the summed value through
+    its own shard (the softmax normalizer), since each shard's gradient collects all ranks'."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+    def forward(ctx, tensor: torch.Tensor, group, reduce_backward: bool) -> torch.Tensor:
+        ctx.group, ctx.reduce_backward = group, reduce_backward
         tensor = tensor.clone()
         dist.all_reduce(tensor, group=group)
         return tensor
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad, None
+        if ctx.reduce_backward:
+            grad = grad.clone()
+            dist.all_reduce(grad, group=ctx.group)
+        return grad, None, None
 
 
 def _log_softmax_vocab_parallel(logits: torch.Tensor, group) -> torch.Tensor:
@@ -43,7 +48,7 @@ def _log_softmax_vocab_parallel(logits: torch.Tensor, group) -> torch.Tensor:
     sum_exp = shifted.exp().sum(dim=-1, keepdim=True)
     if logits.requires_grad:
         # Backward sums over ranks: log Z depends on every shard's logits.
-        sum_exp = dist_autograd.all_reduce(sum_exp, group=group)
+        sum_exp = _AllReduceSum.apply(sum_exp, group, True)
     else:
         dist.all_reduce(sum_exp, group=group)
     return shifted - sum_exp.log()
@@ -72,7 +77,7 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
         log_p_t = F.log_softmax(teacher, dim=-1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)
     if sharded:
-        kl = _AllReduceSumIdentityBackward.apply(kl, tp_group)
+        kl = _AllReduceSum.apply(kl, tp_group, False)
     return kl
 
 

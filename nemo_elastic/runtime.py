@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -260,8 +261,22 @@ def rank_info() -> RankInfo:
 
 
 def destroy() -> None:
+    """Tear down Megatron's parallel state and the process group.
+
+    On a normal exit (no exception in flight) the ranks first meet at a barrier: a rank that
+    tears down its group and exits while a peer is still communicating or tearing down breaks
+    that peer's transport (seen in CI: a gloo rank aborted with SIGABRT, "terminate called
+    without an active exception", after its peer had exited).  While an exception propagates
+    there is no barrier, since the failed peers may never reach it.
+    """
     from megatron.core import parallel_state
 
+    if dist.is_initialized() and dist.get_world_size() > 1 and sys.exc_info()[0] is None:
+        try:
+            dist.barrier()
+        except Exception as err:  # a peer already gone: tear down anyway, and say so
+            logger.warning("barrier before process-group teardown failed (%s); a peer rank "
+                           "has probably exited already", err)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

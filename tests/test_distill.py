@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from nemo_elastic import runtime
 from nemo_elastic.distill import forward_kl, masked_mean
 from tests.multiproc import run_multiprocess
 
@@ -50,7 +51,7 @@ def _tp2(rank, world_size, path):
                        data["mask"])
     loss.backward()
     torch.save({"loss": loss.detach(), "grad": student.grad}, f"{path}.{rank}")
-    dist.destroy_process_group()
+    runtime.destroy()
 
 
 @pytest.mark.slow
