@@ -672,17 +672,26 @@ def _adopt_schedule_hyperparameters(saved: Any, optimizer, ckpt_dir: Path) -> No
 # ---------------------------------------------------------------------------------------------
 
 LOCK_FILE = ".lock"
+# Folders this process holds with `nested=True` (resolved path -> how many holders): the
+# pipeline's lock on its run folder, inside which its stages (pretrain on the same folder)
+# take their own locks without refusing themselves.
+_NESTABLE: dict[Path, int] = {}
 
 
 class OutputLock:
     """An exclusive lock on a run's output folder, so that a second run on it refuses clearly
     instead of racing for its checkpoints.  Rank 0 creates the folder and holds `fcntl.flock`
     on `OUT/.lock` (the kernel drops it when the process ends, even by SIGKILL: no stale lock);
-    every rank raises the same one-line UserError when another run holds it.  Collective."""
+    every rank raises the same one-line UserError when another run holds it.  Collective.
 
-    def __init__(self, out_dir: str | Path, field_name: str) -> None:
-        self.out_dir, self.field_name = Path(out_dir), field_name
+    `nested=True` (the whole pipeline's lock): while it is held, further OutputLocks on the
+    same folder in this process are granted at once.  Any other holder -- another process, or
+    a plain lock in this one -- makes a second lock refuse."""
+
+    def __init__(self, out_dir: str | Path, field_name: str, *, nested: bool = False) -> None:
+        self.out_dir, self.field_name, self.nested = Path(out_dir), field_name, nested
         self._handle = None
+        self._key: Optional[Path] = None
 
     def __enter__(self) -> "OutputLock":
         import fcntl
@@ -690,7 +699,11 @@ class OutputLock:
         from nemo_elastic.errors import ensure_output_dir
 
         error = ""
-        if _rank() == 0:
+        key = self.out_dir.resolve()
+        if _rank() == 0 and key in _NESTABLE:
+            _NESTABLE[key] += 1
+            self._key = key
+        elif _rank() == 0:
             try:
                 ensure_output_dir(self.out_dir, self.field_name)
                 handle = open(self.out_dir / LOCK_FILE, "a+")
@@ -709,6 +722,9 @@ class OutputLock:
                     handle.write(f"{os.getpid()}\n")
                     handle.flush()
                     self._handle = handle
+                    if self.nested:
+                        _NESTABLE[key] = 1
+                        self._key = key
             except UserError as err:
                 error = str(err)
         error = _broadcast_str(error)
@@ -717,6 +733,11 @@ class OutputLock:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._key is not None:
+            _NESTABLE[self._key] -= 1
+            if not _NESTABLE[self._key]:
+                del _NESTABLE[self._key]
+            self._key = None
         if self._handle is not None:
             self._handle.close()  # closing the file releases the flock
             self._handle = None

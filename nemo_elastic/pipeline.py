@@ -103,7 +103,21 @@ def _checkpoint_iteration(ckpt) -> Optional[int]:
 def run(cfg: Config, *, resume: bool = True, progress: bool = True,
         fractions: Sequence[float] = FRACTIONS) -> Optional[dict]:
     """The main job; returns {"budgets": zero-shot records, "family", "teacher", "evaluation",
-    "training_curve", "report"} (None under several processes or when nothing was trained)."""
+    "training_curve", "report"} (None under several processes or when nothing was trained).
+
+    In one process the whole job holds the run folder's lock (its stages nest inside it), so a
+    second `run` on the same folder refuses at once instead of racing at a later stage.  Under
+    several processes only pretraining runs, and it locks the folder itself."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _run(cfg, resume=resume, progress=progress, fractions=fractions)
+    from nemo_elastic.checkpoint import OutputLock
+
+    with OutputLock(cfg.output_dir, "output_dir", nested=True):
+        return _run(cfg, resume=resume, progress=progress, fractions=fractions)
+
+
+def _run(cfg: Config, *, resume: bool, progress: bool,
+         fractions: Sequence[float]) -> Optional[dict]:
     out = Path(cfg.output_dir)
     stages = _Stages(out, resume)
     parent = _pretrained(cfg, resume)

@@ -18,6 +18,7 @@ from nemo_elastic.checkpoint import (CHECKSUMS_KEY, LATEST_FILE, META_FILE, Chec
                                      OutputLock, config_from_checkpoint, latest_checkpoint,
                                      load_checkpoint, read_meta)
 from nemo_elastic.config import load_config
+from nemo_elastic.errors import UserError
 from nemo_elastic.training.pretrain import pretrain
 
 REPO = Path(__file__).resolve().parent.parent
@@ -315,6 +316,30 @@ def test_a_second_run_on_a_locked_output_folder_refuses(tmp_path, capsys):
         assert not (out / "checkpoints").exists() and not (out / "config.json").exists()
     rc, lines = run_cli(["pretrain", "--config", TINY, "--no-progress", *_short_run(out)], capsys)
     assert rc == 0, lines  # released: the same command now runs
+
+
+def test_the_main_job_locks_its_run_folder_for_all_its_stages(run_dir, tmp_path, capsys):
+    """`run` holds the folder's lock from its first stage to its report: a second run refuses
+    before touching anything -- also when pretraining is done and the other run is past it
+    (pretrain's own lock used to be the only one) -- while the job's own stages (pretrain
+    locks the same folder) nest inside its lock."""
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    before = sorted(p.name for p in out.iterdir())
+    with OutputLock(out, "output_dir"):  # another run, in a later stage
+        rc, lines = run_cli(["run", "--no-progress", *FAST, "train.iters=3",
+                             "train.save_interval=1", f"output_dir={out}"], capsys)
+        assert_one_line_error(rc, lines, f"output_dir='{out}' is in use by another run",
+                              "choose another output_dir")
+        assert sorted(p.name for p in out.iterdir()) == before  # no prepared/, no pipeline.json
+    with OutputLock(out, "output_dir", nested=True):  # the job's own lock ...
+        with OutputLock(out, "output_dir"), OutputLock(out, "output_dir"):  # ... lets stages in
+            pass
+    with pytest.raises(UserError, match="in use by another run"):  # a plain holder does not
+        with OutputLock(out, "output_dir"), OutputLock(out, "output_dir"):
+            pass
+    with OutputLock(out, "output_dir"):  # all released
+        pass
 
 
 # ------------------------------------------------------------------------------ 4. no output lost
