@@ -438,7 +438,7 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
         try:
             value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
         except Exception as err:  # yaml / OmegaConf grammar errors of the value
-            raise ConfigError(f"override {item!r}: the value {yaml_problem(err)}; quote it or "
+            raise ConfigError(f"override {item!r}: the value is {yaml_problem(err)}; quote it or "
                               "fix the brackets") from None
         try:
             before = OmegaConf.select(conf, key.lstrip("+"), default=None)

@@ -106,7 +106,7 @@ CONFIG_CASES = {  # argv after the command and --config; fragments the one line 
     "float field gets nan": (["train.lr=.nan"], ["train.lr=nan: must be a finite number"]),
     "negative": (["train.lr=-1"], ["train.lr=-1.0: must be > 0"]),
     "unknown key": (["train.iterz=5"], ["unknown config key 'train.iterz'; did you mean"]),
-    "unbalanced value": (["train.iters=[1"], ["override 'train.iters=[1'", "invalid YAML"]),
+    "unbalanced value": (["train.iters=[1"], ["override 'train.iters=[1'", "the value is invalid YAML", "quote it or fix the brackets"]),
     "no validation": (["data.synthetic.num_val=0"], ["data.synthetic.num_val=0", "validation"]),
     "split": (["data.source=indexed", "data.indexed.prefix=x", "data.indexed.tokenizer=y",
                "data.indexed.split=100,0,0"], ["data.indexed.split='100,0,0'", "validation"]),
