@@ -47,6 +47,18 @@ def _row(name, m, subnet):
             "summary": subnet.describe(m), "subnetwork": subnet.to_dict()}
 
 
+def save_hand_made_family(path):
+    """A tiny nested checkpoint at `path` with a family (full + the budgets above), as
+    `nemo-elastic train` writes it; for tests of the commands that read a family."""
+    cfg = tiny_config({"hybrid_layer_pattern": "M-*M-"})
+    budgets = {"full": SubNetwork.full(cfg.model), **_budgets(cfg.model)}
+    rows = [_row(name, cfg.model, subnet) for name, subnet in budgets.items()]
+    with runtime.distributed(ParallelConfig()):
+        model = perturb(build_elastic_model(cfg), seed=3)
+        save_checkpoint(path, cfg=cfg, model=model, kind="elastic", extra_meta={"family": rows})
+    return path
+
+
 @pytest.fixture(scope="module")
 def elastic(tmp_path_factory):
     """(checkpoint dir, tokens, {budget: masked logits}, {budget: family row})."""

@@ -64,23 +64,9 @@ def test_without_the_extras_nothing_imports_nemo_run_or_megatron_bridge(elastic_
 @pytest.fixture(scope="module")
 def elastic_ckpt(tmp_path_factory):
     """A tiny nested checkpoint with a family (hand-made as in test_export_budget)."""
-    from nemo_elastic import runtime
-    from nemo_elastic.checkpoint import save_checkpoint
-    from nemo_elastic.config import ParallelConfig
-    from nemo_elastic.elastic import SubNetwork
-    from nemo_elastic.elastic.specs import build_elastic_model
-    from tests.conftest import perturb, tiny_config
-    from tests.test_export_budget import _budgets, _row
+    from tests.test_export_budget import save_hand_made_family
 
-    root = tmp_path_factory.mktemp("nemo_ckpt")
-    cfg = tiny_config({"hybrid_layer_pattern": "M-*M-"})
-    budgets = {"full": SubNetwork.full(cfg.model), **_budgets(cfg.model)}
-    rows = [_row(name, cfg.model, subnet) for name, subnet in budgets.items()]
-    with runtime.distributed(ParallelConfig()):
-        model = perturb(build_elastic_model(cfg), seed=3)
-        save_checkpoint(root / "ckpt", cfg=cfg, model=model, kind="elastic",
-                        extra_meta={"family": rows})
-    return root / "ckpt"
+    return save_hand_made_family(tmp_path_factory.mktemp("nemo_ckpt") / "ckpt")
 
 
 # ----------------------------------------------------------------------------- with the extra

@@ -156,11 +156,15 @@ BASE = [*FAST, "train.iters=2"]
 # ------------------------------------------------------------------------------ training commands
 
 @pytest.mark.parametrize("command", ["pretrain", "train", "run"])
-def test_generated_recipe_overrides(command, tmp_path):
+def test_generated_recipe_overrides(command, ckpt, tmp_path):
+    # `train` starts from a parent that exists, so valid overrides get past the parent check and
+    # the elastic section's own validation is what refuses or accepts them.
+    start = [f"elastic.init_checkpoint={ckpt}"] if command == "train" else []
+
     @SETTINGS
     @given(overrides=st.lists(OVERRIDE, min_size=1, max_size=3))
     def check(overrides):
-        outcome_of(command, [command, "--config", TINY, "--no-progress", *BASE,
+        outcome_of(command, [command, "--config", TINY, "--no-progress", *BASE, *start,
                              f"output_dir={tmp_path / 'run'}", *overrides])
 
     check()
@@ -212,6 +216,16 @@ def ckpt(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def family(tmp_path_factory) -> Path:
+    """A nested checkpoint with a trained family (budgets full, uniform, hetero, shallow), so
+    that generated flags of the family commands (export, generate, extract --budget) can pass
+    validation too."""
+    from tests.test_export_budget import save_hand_made_family
+
+    return save_hand_made_family(tmp_path_factory.mktemp("family") / "ckpt")
+
+
 INT_TEXT = st.one_of(st.integers(-5, 5000).map(str), NASTY_TEXT)
 NUM_TEXT = st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr), INT_TEXT)
 
@@ -228,21 +242,28 @@ def _flags(options: dict) -> st.SearchStrategy:
     return st.lists(st.one_of(*pairs), max_size=4).map(build)
 
 
-def test_generated_flags_of_the_checkpoint_commands(ckpt, tmp_path):
+def test_generated_flags_of_the_checkpoint_commands(ckpt, family, tmp_path):
     out = str(tmp_path / "out")
-    paths = st.sampled_from([str(ckpt)] * 6 + [str(ckpt / "checkpoints"), str(tmp_path),
-                                                "/nonexistent", str(Path(TINY)), ""])
+    # hypothesis starts from the first choices: the family checkpoint first, so that the family
+    # commands see flags that pass validation, not only refusals of the wrong checkpoint.
+    paths = st.sampled_from([str(family)] * 3 + [str(ckpt)] * 3 +
+                            [str(ckpt / "checkpoints"), str(tmp_path), "/nonexistent",
+                             str(Path(TINY)), ""])
+    budgets = st.sampled_from(["full", "uniform", "hetero", "shallow"]) | NASTY_TEXT
     commands = {
         "eval": st.builds(lambda p, o: ["eval", "--ckpt", p, *o], paths,
                           st.lists(OVERRIDE, max_size=2)),
         "info": st.builds(lambda p, f: ["info", p, *f], paths, _flags({"--json": None})),
-        "extract": st.builds(lambda p, f: ["extract", "--ckpt", p, "--out", out, *f], paths,
+        # extract: a budget by name, --all, or nothing, then any size flags (which conflict
+        # with the first two)
+        "extract": st.builds(lambda p, c, f: ["extract", "--ckpt", p, "--out", out, *c, *f],
+                             paths, st.one_of(budgets.map(lambda b: [f"--budget={b}"]),
+                                              st.just(["--all"]), st.just([])),
                              _flags({"--hidden-size": INT_TEXT, "--mamba-num-heads": INT_TEXT,
                                      "--mamba-head-dim": INT_TEXT, "--ffn-hidden-size": INT_TEXT,
                                      "--num-attention-heads": INT_TEXT, "--drop-layers": NASTY_TEXT
                                      | st.lists(st.integers(-2, 9), max_size=4).map(
                                          lambda v: ",".join(map(str, v))),
-                                     "--budget": NASTY_TEXT, "--all": None,
                                      "--subnet": st.sampled_from([TINY, "/nonexistent", out])})),
         "prepare": st.builds(lambda p, f: ["prepare", "--ckpt", p, "--out", out, "--no-progress",
                                            *f], paths,
@@ -253,19 +274,25 @@ def test_generated_flags_of_the_checkpoint_commands(ckpt, tmp_path):
                                      "--config": st.sampled_from([TINY, "/nonexistent"])})),
         "export": st.builds(lambda p, f: ["export", "--ckpt", p, "--out", out, *f], paths,
                             _flags({"--format": st.sampled_from(["hf", "megatron", "onnx", ""]),
-                                    "--budget": NASTY_TEXT})),
-        "generate": st.builds(lambda p, f: ["generate", "--ckpt", p, "--prompt", "Q:1+2=?", *f],
-                              paths, _flags({"--budget": NASTY_TEXT, "--max-new-tokens": INT_TEXT,
+                                    "--budget": budgets, "--all": None})),
+        "generate": st.builds(lambda p, b, f: ["generate", "--ckpt", p, "--prompt", "Q:1+2=?",
+                                               f"--budget={b}", *f],
+                              paths, budgets,
+                              _flags({"--budget": budgets, "--max-new-tokens": INT_TEXT,
                                              "--temperature": NUM_TEXT, "--top-k": INT_TEXT,
                                              "--seed": INT_TEXT})),
     }
     for name, strategy in commands.items():
-        @SETTINGS
+        @settings(SETTINGS, max_examples=2 * EXAMPLES)  # cheap: nothing here trains
         @given(argv=strategy)
         def check(argv):
             outcome_of(name, argv)
 
         check()
+    # Inputs that only ever get refused would not show that valid ones pass validation.
+    for name in commands:
+        accepted = OUTCOMES[name].get("ran", 0) + OUTCOMES[name].get("ok", 0)
+        assert accepted > 0, (name, OUTCOMES[name])
 
 
 def test_generated_inputs_of_the_file_commands(tmp_path):
