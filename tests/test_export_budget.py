@@ -47,15 +47,21 @@ def _row(name, m, subnet):
             "summary": subnet.describe(m), "subnetwork": subnet.to_dict()}
 
 
-def save_hand_made_family(path):
-    """A tiny nested checkpoint at `path` with a family (full + the budgets above), as
-    `nemo-elastic train` writes it; for tests of the commands that read a family."""
-    cfg = tiny_config({"hybrid_layer_pattern": "M-*M-"})
-    budgets = {"full": SubNetwork.full(cfg.model), **_budgets(cfg.model)}
+def _save_family(path, cfg, model, budgets) -> list[dict]:
+    """Save `model` as an elastic checkpoint whose family is `budgets`, as `nemo-elastic train`
+    writes it (inside a runtime); returns the family rows."""
     rows = [_row(name, cfg.model, subnet) for name, subnet in budgets.items()]
+    save_checkpoint(path, cfg=cfg, model=model, kind="elastic", extra_meta={"family": rows})
+    return rows
+
+
+def save_hand_made_family(path):
+    """A tiny nested checkpoint at `path` with a family (full + the budgets above); for tests of
+    the commands that read a family."""
+    cfg = tiny_config({"hybrid_layer_pattern": "M-*M-"})
     with runtime.distributed(ParallelConfig()):
         model = perturb(build_elastic_model(cfg), seed=3)
-        save_checkpoint(path, cfg=cfg, model=model, kind="elastic", extra_meta={"family": rows})
+        _save_family(path, cfg, model, {"full": SubNetwork.full(cfg.model), **_budgets(cfg.model)})
     return path
 
 
@@ -65,7 +71,6 @@ def elastic(tmp_path_factory):
     root = tmp_path_factory.mktemp("elastic")
     cfg = tiny_config({"hybrid_layer_pattern": "M-*M-"})
     budgets = _budgets(cfg.model)
-    rows = [_row(name, cfg.model, subnet) for name, subnet in budgets.items()]
     tokens = torch.randint(0, cfg.model.vocab_size, (2, SEQ),
                            generator=torch.Generator().manual_seed(0))
     pos = torch.arange(SEQ).expand_as(tokens)
@@ -74,8 +79,7 @@ def elastic(tmp_path_factory):
         with torch.no_grad():
             masked = {name: model(tokens, pos, None, subnetwork=s).float()
                       for name, s in budgets.items()}
-        save_checkpoint(root / "ckpt", cfg=cfg, model=model, kind="elastic",
-                        extra_meta={"family": rows})
+        rows = _save_family(root / "ckpt", cfg, model, budgets)
         plain = build_hybrid_model(cfg)  # a checkpoint with no family
         save_checkpoint(root / "plain", cfg=cfg, model=plain, kind="test")
     return root, tokens, masked, {r["name"]: r for r in rows}

@@ -13,16 +13,14 @@ import pytest
 import torch
 
 from nemo_elastic import cli, runtime
-from nemo_elastic.checkpoint import config_from_checkpoint, load_checkpoint, save_checkpoint
+from nemo_elastic.checkpoint import config_from_checkpoint, load_checkpoint
 from nemo_elastic.config import ConfigError, ParallelConfig
 from nemo_elastic.data.evaluate import _generate
 from nemo_elastic.data.protocol import document_ids
-from nemo_elastic.elastic import SubNetwork
 from nemo_elastic.elastic.specs import build_elastic_model
 from nemo_elastic.model import build_hybrid_model
 from nemo_elastic.serve import ElasticGenerator, decode, model_logits_fn
-from tests.conftest import perturb, tiny_config
-from tests.test_export_budget import _budgets, _row
+from tests.test_export_budget import save_hand_made_family
 
 PROMPT = "Q:12+7*3=?\nS:"
 NEW = 16
@@ -41,15 +39,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """An elastic checkpoint whose family is the whole model plus three smaller budgets."""
-    root = tmp_path_factory.mktemp("generate")
-    cfg = tiny_config({"hybrid_layer_pattern": "M-*M-"})
-    budgets = {"full": SubNetwork.full(cfg.model), **_budgets(cfg.model)}
-    rows = [_row(name, cfg.model, subnet) for name, subnet in budgets.items()]
-    with runtime.distributed(ParallelConfig()):
-        model = perturb(build_elastic_model(cfg), seed=3)
-        save_checkpoint(root / "ckpt", cfg=cfg, model=model, kind="elastic",
-                        extra_meta={"family": rows})
-    return root / "ckpt"
+    return save_hand_made_family(tmp_path_factory.mktemp("generate") / "ckpt")
 
 
 def _greedy(model, gen, subnetwork=None):
