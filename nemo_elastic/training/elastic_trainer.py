@@ -19,6 +19,7 @@ import logging
 import math
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -159,8 +160,10 @@ class ElasticTrainer(Trainer):
     kind, desc = "elastic", "elastic"
 
     def __init__(self, *args, step: ElasticDistillationStep, router, router_optimizer,
-                 router_scheduler, teacher, **kwargs) -> None:
+                 router_scheduler, teacher, fingerprint: Optional[dict] = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.fingerprint = fingerprint  # nemo_elastic.fingerprint: checked on resume
         self.forward_step = step
         self.step, self.router, self.teacher = step, router, teacher
         self.router_optimizer, self.router_scheduler = router_optimizer, router_scheduler
@@ -223,8 +226,18 @@ class ElasticTrainer(Trainer):
                 "size": "/".join(f"{self.sizes.get(n, math.nan):.2f}" for n in self.router.names),
                 "tau": f"{record['tau']:.2f}"}
 
+    def resume(self, resume: bool) -> int:
+        """Before anything is loaded or written: the recipe must define the family and training
+        of the run that wrote the folder's latest checkpoint (`fingerprint.check_resume`); also
+        with --no-resume, which would overwrite that run's checkpoints."""
+        from nemo_elastic.fingerprint import guard_run_folder
+
+        if self.fingerprint is not None:
+            guard_run_folder(self.ckpt_root, self.fingerprint, resume)
+        return super().resume(resume)
+
     def extra_state(self) -> dict:
-        return {"router": self.router.state_dict(),
+        return {"router_names": list(self.router.names), "router": self.router.state_dict(),
                 "router_optimizer": self.router_optimizer.state_dict(),
                 "router_scheduler": self.router_scheduler.state_dict()}
 
@@ -232,7 +245,21 @@ class ElasticTrainer(Trainer):
         if "router" not in state:
             raise CheckpointError("the elastic checkpoint holds no router state (was it written "
                                   "by `pretrain`?); start the elastic run in an empty output dir")
-        self.router.load_state_dict(state["router"])
+        from nemo_elastic.fingerprint import permute_router_state
+
+        # rows are bound to budget names (older checkpoints: the recorded budget_names)
+        saved_names = state.get("router_names") or self._saved_budget_names()
+        if saved_names is not None:
+            state = permute_router_state(state, saved_names, self.router.names, self.ckpt_path
+                                         or self.ckpt_root / "latest")
+        try:
+            self.router.load_state_dict(state["router"])
+        except RuntimeError as err:  # a shape mismatch: the recipe's router is another one
+            raise CheckpointError(
+                f"the router in {str(self.ckpt_root)!r} does not match the recipe's "
+                f"({str(err).splitlines()[-1].strip()}): elastic.budgets, axes, choices or "
+                "router.hidden_dim changed; restore them, or start a new run in another "
+                "elastic.output_dir") from None
         # The saved optimizer/scheduler state carries the hyperparameters of the run that wrote
         # it (torch restores param-group lr / weight_decay / betas and LambdaLR's base_lrs).  A
         # resume follows the recipe instead, as the model's optimizer does (Megatron-LM's
@@ -252,9 +279,18 @@ class ElasticTrainer(Trainer):
             group["lr"] = base * factor(sched.last_epoch)
         sched._last_lr = [group["lr"] for group in self.router_optimizer.param_groups]
 
+    def _saved_budget_names(self) -> Optional[list]:
+        from nemo_elastic.checkpoint import latest_checkpoint
+
+        latest = latest_checkpoint(self.ckpt_root)
+        return read_meta(latest).get("budget_names") if latest is not None else None
+
     def extra_meta(self) -> dict:
-        return {"family": self.router.family_table(), "budget_names": self.router.names,
+        meta = {"family": self.router.family_table(), "budget_names": self.router.names,
                 "budget_type": self.cfg.elastic.budget_type}
+        if self.fingerprint is not None:
+            meta["fingerprint"] = self.fingerprint
+        return meta
 
 
 def choice_summary(router) -> dict:

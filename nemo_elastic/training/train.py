@@ -23,6 +23,7 @@ from nemo_elastic import runtime
 from nemo_elastic.checkpoint import OutputLock, latest_checkpoint, load_checkpoint, \
     write_text_durably
 from nemo_elastic.config import Config, TrainConfig
+from nemo_elastic.fingerprint import guard_run_folder, run_fingerprint, training_fingerprint
 from nemo_elastic.training.elastic_step import ElasticDistillationStep
 from nemo_elastic.training.elastic_trainer import (ElasticTrainer, _finalize_with_router,
                                                    _lr_factor, _segments, elastic_output_dir,
@@ -67,6 +68,10 @@ def _train(cfg: Config, init: Path, teacher_ckpt: Path, stop: StopRequest, *, re
     out_dir = elastic_output_dir(cfg)
     try:
         with OutputLock(out_dir, "elastic.output_dir"):
+            # before the model is built: a changed recipe is refused at once, nothing written
+            guard_run_folder(out_dir / "checkpoints", run_fingerprint(
+                cfg, init, None if cfg.elastic.distill.teacher_mode == "trainable" else
+                teacher_ckpt), resume)
             resuming = resume and latest_checkpoint(out_dir / "checkpoints") is not None
             trainer = build_trainer(cfg, init, teacher_ckpt, info, load_init=not resuming,
                                     progress=progress)
@@ -122,7 +127,8 @@ def build_trainer(cfg: Config, init: Path, teacher_ckpt: Path, info, *, load_ini
         scheduler=scheduler, segments=_segments(cfg, info), log_interval=e.log_interval,
         eval_interval=e.eval_interval, save_interval=e.save_interval, progress=progress,
         step=step, router=router, router_optimizer=router_opt, router_scheduler=router_sched,
-        teacher=teacher)
+        teacher=teacher, fingerprint=training_fingerprint(
+            cfg, router, init, None if teacher is None else teacher_ckpt))
     logger.info("elastic distillation: %s parameters, budgets %s (%s), stages %s, teacher %s",
                 f"{global_param_count(student):,}", e.budgets, e.budget_type,
                 [(s.name, s.end - s.begin) for s in trainer.segments],

@@ -1,0 +1,193 @@
+"""Issue 20, class 1: a resume with a changed recipe can never continue (or damage) a run.
+
+Every field of the family/training fingerprint (`nemo_elastic.fingerprint`) is changed in turn
+on a real trained run: each refusal is one line naming the field, the old and the new value and
+the way out, and leaves every byte of the run's checkpoints untouched; the safe changes (a new
+order of the same budgets, a longer last stage) are accepted, and the router's rows follow the
+budget names (the family by name is the same whatever the order)."""
+
+import copy
+import hashlib
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from nemo_elastic.config import ConfigError, load_config, to_dict
+from nemo_elastic.fingerprint import REFUSED_FIELDS, check_resume
+from tests.test_train import _cfg, _parent
+
+
+def _tree_digest(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _with_elastic(cfg, **changes):
+    """`cfg` with its elastic section's keys replaced (the order of a dict kept as given)."""
+    data = to_dict(cfg)
+    data["elastic"].update(changes)
+    if "budgets" in changes:  # stage probabilities name budgets: keep them loadable
+        for stage in data["elastic"]["curriculum"]:
+            stage["budget_probs"] = {n: p for n, p in (stage["budget_probs"] or {}).items()
+                                     if n in changes["budgets"]} or None
+    return load_config(base=data)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from nemo_elastic.training.train import train
+
+    tmp = tmp_path_factory.mktemp("guard")
+    _parent(tmp)
+    import shutil
+
+    shutil.copytree(tmp / "parent", tmp / "parent_copy")
+    result = train(_cfg(tmp, stage1=2, stage2=1), progress=False)
+    return tmp, result
+
+
+REFUSALS = [  # (recipe change, the field the one line must name)
+    (dict(budgets={"full": 1.0, "75pct": 0.75, "demi": 0.5}), "elastic.budgets"),
+    (dict(budgets={"full": 1.0, "75pct": 0.75}), "elastic.budgets"),
+    (dict(budgets={"full": 1.0, "75pct": 0.75, "50pct": 0.45}), "elastic.budgets"),
+    (dict(axes=["hidden", "ffn"]), "elastic.axes"),
+    (dict(width_fractions=[1.0, 0.5]), "elastic.width_fractions"),
+    (dict(router={"hidden_dim": 8}), "elastic.router.hidden_dim"),
+    (dict(router={"hidden_dim": 16, "mode": "soft"}), "elastic.router.mode"),
+    (dict(seed=99), "elastic.seed"),
+    (dict(budget_sampling="all"), "elastic.budget_sampling"),
+    (dict(heterogeneous=["ffn"]), "elastic.heterogeneous"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change, field", REFUSALS, ids=[f for _, f in REFUSALS])
+def test_a_changed_family_or_training_is_refused_and_the_run_untouched(trained, change, field):
+    from nemo_elastic.training.train import train
+
+    tmp, _ = trained
+    run = tmp / "run/elastic"
+    before = _tree_digest(run)
+    cfg = _with_elastic(_cfg(tmp, stage1=2, stage2=1), **change)
+    with pytest.raises(ConfigError) as err:
+        train(cfg, progress=False)
+    line = str(err.value)
+    assert "\n" not in line and f"{field}=" in line and "another elastic.output_dir" in line, line
+    assert _tree_digest(run) == before
+
+
+@pytest.mark.slow
+def test_teacher_init_and_curriculum_changes(trained, caplog):
+    from nemo_elastic.training.train import train
+
+    tmp, first = trained
+    run = tmp / "run/elastic"
+    before = _tree_digest(run)
+    base = _cfg(tmp, stage1=2, stage2=1)
+    # another teacher (a different checkpoint) is refused; the same contents moved are not
+    other = _cfg(tmp, stage1=2, stage2=1, init=None, pattern="M-*M-")
+    cases = [
+        ([f"elastic.distill.teacher={tmp / 'run/elastic/checkpoints/iter_0000002'}"],
+         "elastic.distill.teacher"),
+        (["elastic.curriculum.0.iters=1"], "elastic.curriculum[0].iters"),
+        (["elastic.curriculum.1.seq_length=64"], "elastic.curriculum[1].seq_length"),
+        (["elastic.curriculum.1.budget_probs.full=5"], "elastic.curriculum[1].budget_probs"),
+    ]
+    del other
+    for extra, field in cases:
+        with pytest.raises(ConfigError, match=rf"^{__import__('re').escape(field)}="):
+            train(_cfg(tmp, *extra, stage1=2, stage2=1), progress=False)
+        assert _tree_digest(run) == before, field
+    # the init checkpoint moved (same bytes): accepted and logged; nothing left to train
+    moved = train(_cfg(tmp, stage1=2, stage2=1, init="parent_copy"), progress=False)
+    assert moved.history == [] and moved.family == first.family
+    assert "moved from" in caplog.text
+    del base
+
+
+@pytest.mark.slow
+def test_budget_order_is_bound_to_names_and_the_last_stage_may_grow(trained):
+    from nemo_elastic.training.train import train
+
+    tmp, first = trained
+    cfg = _with_elastic(_cfg(tmp, stage1=2, stage2=1),
+                        budgets={"50pct": 0.5, "full": 1.0, "75pct": 0.75})
+    again = train(cfg, progress=False)  # finished run, budgets listed in another order
+    by_name = lambda rows: {r["name"]: r["subnetwork"] for r in rows}  # noqa: E731
+    assert again.history == [] and by_name(again.family) == by_name(first.family)
+    longer = train(_cfg(tmp, stage1=2, stage2=2), progress=False)  # extend the last stage
+    assert [h["iteration"] for h in longer.history] == [4]
+
+
+# ------------------------------------------------------------- the comparison itself (no torch)
+
+def _fingerprint():
+    return {"version": 1, "budgets": {"full": 1.0, "half": 0.5}, "budget_type": "params",
+            "memory_spec": None, "axes": ["hidden", "ffn"], "width_fractions": [1.0, 0.5],
+            "choices": {"hidden": [64, 32], "ffn": [128, 64]}, "heterogeneous": [],
+            "depth_choices": [], "router_hidden_dim": 16, "router_mode": "hard",
+            "teacher_mode": "frozen", "budget_sampling": "one", "seed": 1,
+            "init_checkpoint": {"path": "/a", "sha256": "aa"},
+            "teacher": {"path": "/a", "sha256": "aa"}, "execution": "sliced",
+            "loss": {"weight": 1.0}, "distill_temperature": 1.0, "distill_ce_weight": 0.0,
+            "router_schedule": {"lr": 0.01},
+            "curriculum": [{"name": "s1", "iters": 4, "budget_probs": {"full": .5, "half": .5},
+                            "seq_length": 8, "global_batch_size": 2, "micro_batch_size": 1},
+                           {"name": "s2", "iters": 4, "budget_probs": {"full": .5, "half": .5},
+                            "seq_length": 8, "global_batch_size": 2, "micro_batch_size": 1}]}
+
+
+_OTHER = {"budgets": {"full": 1.0, "demi": 0.5}, "budget_type": "memory",
+          "memory_spec": {"batch_size": 1}, "axes": ["hidden"], "width_fractions": [1.0],
+          "choices": {"hidden": [64]}, "heterogeneous": ["ffn"], "depth_choices": [2],
+          "router_hidden_dim": 8, "router_mode": "soft", "teacher_mode": "trainable",
+          "budget_sampling": "all", "seed": 2}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(key=st.sampled_from(sorted(REFUSED_FIELDS) + ["init_checkpoint", "teacher"]),
+       iteration=st.integers(1, 8))
+def test_every_fingerprint_field_is_refused_by_name(tmp_path_factory, key, iteration):
+    from pathlib import Path
+
+    old, new = _fingerprint(), _fingerprint()
+    new[key] = {"path": "/a", "sha256": "bb"} if key in ("init_checkpoint", "teacher") \
+        else _OTHER[key]
+    ckpt = Path("/runs/x/checkpoints/iter_0000004")
+    with pytest.raises(ConfigError) as err:
+        check_resume(ckpt, {"fingerprint": old}, new, iteration)
+    field = REFUSED_FIELDS.get(key) or {"init_checkpoint": "elastic.init_checkpoint",
+                                        "teacher": "elastic.distill.teacher"}[key]
+    assert str(err.value).startswith(f"{field}=") and "another elastic.output_dir" in str(err.value)
+
+
+@settings(max_examples=40, deadline=None)
+@given(iteration=st.integers(1, 8), grow=st.integers(-3, 6), stage=st.sampled_from([0, 1]))
+def test_curriculum_lengths_may_change_only_where_safe(iteration, grow, stage):
+    from pathlib import Path
+
+    old, new = _fingerprint(), copy.deepcopy(_fingerprint())
+    new["curriculum"][stage]["iters"] = max(1, 4 + grow)
+    begin = 4 * stage
+    old_end, new_end = begin + 4, begin + new["curriculum"][stage]["iters"]
+    started = begin < iteration
+    safe = not started or old_end == new_end or (old_end >= iteration and new_end >= iteration)
+    ckpt = Path("/runs/x/checkpoints/iter_0000004")
+    if safe:
+        check_resume(ckpt, {"fingerprint": old}, new, iteration)
+    else:
+        with pytest.raises(ConfigError, match=rf"^elastic.curriculum\[{stage}\].iters="):
+            check_resume(ckpt, {"fingerprint": old}, new, iteration)
+
+
+def test_a_checkpoint_without_fingerprint_still_compares_its_budgets(caplog):
+    from pathlib import Path
+
+    meta = {"family": [{"name": "full", "target": 1.0, "budget_type": "params"},
+                       {"name": "half", "target": 0.5, "budget_type": "params"}]}
+    new = _fingerprint()
+    check_resume(Path("/r/checkpoints/iter_1"), meta, new, 1)  # same budgets: accepted
+    assert "predates the training fingerprint" in caplog.text
+    new["budgets"] = {"full": 1.0, "demi": 0.5}
+    with pytest.raises(ConfigError, match=r"^elastic.budgets="):
+        check_resume(Path("/r/checkpoints/iter_1"), meta, new, 1)
