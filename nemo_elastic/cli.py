@@ -116,6 +116,10 @@ def cmd_eval(args) -> int:
         evaluate_checkpoint, format_result, result_json, write_result
 
     if args.out:  # before the evaluation, not after it
+        from nemo_elastic.checkpoint import resolve_checkpoint
+        from nemo_elastic.paths import check_output_location
+
+        check_output_location(args.out, "--out", {"--ckpt": resolve_checkpoint(args.ckpt)})
         check_result_path(Path(args.out))
     result = evaluate_checkpoint(args.ckpt, overrides=args.overrides, speed=args.speed,
                                  progress=not args.no_progress)
@@ -146,6 +150,10 @@ def cmd_prepare(args) -> int:
 def cmd_preprocess(args) -> int:
     from nemo_elastic.data import HFTokenizer, preprocess_to_indexed
 
+    from nemo_elastic.paths import check_outputs
+
+    check_outputs([f"{args.out}.bin", f"{args.out}.idx"], "--out",
+                  {"--input": args.input, "--tokenizer": args.tokenizer})
     tokenizer = HFTokenizer(args.tokenizer, eod_token=args.eod_token)
     stats = preprocess_to_indexed(args.input, tokenizer, args.out, json_key=args.json_key,
                                   append_eod=not args.no_eod, show_progress=not args.no_progress)

@@ -37,6 +37,8 @@ from nemo_elastic.checkpoint import (
     resolve_checkpoint, save_checkpoint)
 from nemo_elastic.config import ConfigError
 from nemo_elastic.errors import check_output_path
+from nemo_elastic.output_lock import output_lock
+from nemo_elastic.paths import check_output_location
 from nemo_elastic.report import strict_json
 from nemo_elastic.export.family import _folder_name
 
@@ -107,15 +109,20 @@ def export_to(ckpt: str | Path, targets: Mapping[str, str | Path], *, format: st
     if len(parents) != 1:
         raise ConfigError(f"export targets must share one folder, got {sorted(map(str, parents))}")
     subnets = {name: budget_subnetwork(ckpt, name) for name in targets}  # unknown names refused
-    for name, path in targets.items():
-        check_output_path(path, "--out", overwrite, CheckpointError)
-    children = {name: s.model_config(cfg.model) for name, s in subnets.items()}
-    tokenizer, passthrough = _hf_preflight(cfg, meta, children, hf_per_layer) \
-        if format == "hf" else (None, {})
-    with _staging(next(iter(targets.values())).parent) as (staging, commit):
-        staged = {name: staging / path.name for name, path in targets.items()}
-        results = _export_all(ckpt, cfg, meta, subnets, staged, format, tokenizer, passthrough)
-        commit(staged, targets)
+    folder = next(iter(targets.values())).parent
+    for path in (folder, *targets.values()):  # never into, over or under the checkpoint read
+        check_output_location(path, "--out", {"--ckpt": ckpt}, error=CheckpointError)
+    with output_lock(folder, "--out", error=CheckpointError):  # one writer per output folder
+        for name, path in targets.items():
+            check_output_path(path, "--out", overwrite, CheckpointError)
+        children = {name: s.model_config(cfg.model) for name, s in subnets.items()}
+        tokenizer, passthrough = _hf_preflight(cfg, meta, children, hf_per_layer) \
+            if format == "hf" else (None, {})
+        with _staging(folder) as (staging, commit):
+            staged = {name: staging / path.name for name, path in targets.items()}
+            results = _export_all(ckpt, cfg, meta, subnets, staged, format, tokenizer,
+                                  passthrough)
+            commit(staged, targets)
     logger.info("exported %d budget(s) of %s as %s in %.1f s", len(results), ckpt, format,
                 time.perf_counter() - start)
     return [dataclasses.replace(r, path=targets[r.name]) for r in results]
@@ -280,17 +287,26 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
-def _staging(parent: Path):
+def _staging(parent: Path, name: Optional[str] = None):
     """(staging folder, commit) — a hidden folder on the output's filesystem; `commit(sources,
     targets)` moves every staged folder into place.  New parent: one rename of the whole staging
-    folder.  Removed on any exception, Ctrl-C and SIGTERM."""
+    folder.  Removed on any exception, Ctrl-C and SIGTERM; a SIGKILL leaves it, named
+    `.NAME.export-*` (NAME: `name`, default the parent's), and the next writer of NAME removes
+    it (`output_lock.remove_stale_staging`).  Created with the umask's permissions."""
     parent = Path(parent).absolute()
     fresh = not parent.exists()
     base = parent.parent if fresh else parent
     created = [d for d in (base, *base.parents) if not d.exists()]  # removed again on failure
     base.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{parent.name}.export-", dir=base))
+    staging = Path(tempfile.mkdtemp(prefix=f".{name or parent.name}.export-", dir=base))
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700: honour the umask
     committed = False
 
     def commit(sources: Mapping[str, Path], targets: Mapping[str, Path]) -> None:

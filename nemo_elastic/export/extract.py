@@ -12,6 +12,7 @@ nemo_elastic checkpoint (kind "extract") whose config is the child's (heterogene
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -46,36 +47,63 @@ def extract_checkpoints(ckpt: str | Path, targets: Mapping[str | Path, SubNetwor
                         overwrite: bool = False,
                         extra_meta: Optional[Mapping[str | Path, dict]] = None) -> list[Path]:
     """`extract_checkpoint` for several sub-networks: {out dir: subnet}; the parent is loaded
-    once.  Every output and sub-network is checked before anything is loaded or written, so a
-    bad target leaves no partial set behind.  `extra_meta[out]` goes into that child's
+    once.  Every output and sub-network is checked before anything is loaded or written, and the
+    outputs are written all or none: each child is saved into a hidden staging folder next to
+    its output and moved into place only once every child is written (a failure, Ctrl-C or
+    SIGTERM leaves nothing).  No output may overlap the parent checkpoint or another run
+    (`paths.check_output_location`); each output folder is locked while written
+    (`output_lock`), so a second writer refuses.  `extra_meta[out]` goes into that child's
     `nemo_elastic.json`.  Returns the output paths in the order given."""
+    from nemo_elastic.export.budgets import _staging
+    from nemo_elastic.output_lock import output_locks
+    from nemo_elastic.paths import check_output_location
+
     start = time.perf_counter()
     ckpt = resolve_checkpoint(ckpt)
     meta = read_meta(ckpt)
     cfg = config_from_checkpoint(ckpt).single_process()
-    plan: list[tuple[Path, SubNetwork, dict]] = []
-    for out, subnet in targets.items():
-        path = Path(out)
-        check_output_path(path, "--out", overwrite, CheckpointError)
-        if not isinstance(subnet, SubNetwork):
-            subnet = SubNetwork.from_dict(subnet)
-        subnet.validate(cfg.model)  # fail before loading the parent weights
-        extra = {"subnetwork": subnet.to_dict(), "parent": str(ckpt),
-                 "parent_iteration": meta.get("iteration"),
-                 **((extra_meta or {}).get(out) or {})}
-        if meta.get("hf_passthrough"):  # token ids of an imported HF model: keep them for export
-            extra["hf_passthrough"] = meta["hf_passthrough"]
-        plan.append((path, subnet, extra))
-    with tp1_runtime():
-        parent = build_tp1_model(cfg)  # local spec, uninitialized: overwritten by the load
-        load_checkpoint(ckpt, model=parent, restore_rng=False)
-        for path, subnet, extra in plan:
-            child_cfg, child = slice_model(parent, cfg, subnet, spec_backend="local")
-            save_checkpoint(path, cfg=child_cfg, model=child, kind="extract", extra_meta=extra,
-                            overwrite=overwrite, field_name="--out")
-            del child  # one child in memory at a time next to the parent
-            logger.info("extracted %s (%s) -> %s", ckpt, subnet.describe(cfg.model), path)
-        del parent
+    paths = [Path(out) for out in targets]
+    groups: dict[Path, list[Path]] = {}  # output parent -> outputs (one staging folder each)
+    for path in paths:
+        groups.setdefault(Path(os.path.abspath(path)).parent, []).append(path)
+    # lock the folder a command creates: the shared parent of several outputs (extract --all's
+    # --out), else the output itself
+    units = [parent if len(outs) > 1 else outs[0] for parent, outs in groups.items()]
+    for path in dict.fromkeys([*units, *paths]):  # the folder the user named first
+        check_output_location(path, "--out", {"--ckpt": ckpt}, error=CheckpointError)
+    with output_locks(units, "--out", error=CheckpointError):
+        plan: list[tuple[Path, SubNetwork, dict]] = []
+        for out, subnet in targets.items():
+            path = Path(out)
+            check_output_path(path, "--out", overwrite, CheckpointError)
+            if not isinstance(subnet, SubNetwork):
+                subnet = SubNetwork.from_dict(subnet)
+            subnet.validate(cfg.model)  # fail before loading the parent weights
+            extra = {"subnetwork": subnet.to_dict(), "parent": str(ckpt),
+                     "parent_iteration": meta.get("iteration"),
+                     **((extra_meta or {}).get(out) or {})}
+            if meta.get("hf_passthrough"):  # token ids of an imported HF model: keep them
+                extra["hf_passthrough"] = meta["hf_passthrough"]
+            plan.append((path, subnet, extra))
+        with tp1_runtime():
+            parent = build_tp1_model(cfg)  # local spec, uninitialized: overwritten by the load
+            load_checkpoint(ckpt, model=parent, restore_rng=False)
+            for folder, outs in groups.items():
+                with _staging(folder, None if len(outs) > 1 else outs[0].name) as (staging,
+                                                                                   commit):
+                    staged = {}
+                    for path, subnet, extra in plan:
+                        if path not in outs:
+                            continue
+                        child_cfg, child = slice_model(parent, cfg, subnet, spec_backend="local")
+                        staged[str(path)] = staging / path.name
+                        save_checkpoint(staged[str(path)], cfg=child_cfg, model=child,
+                                        kind="extract", extra_meta=extra, field_name="--out")
+                        del child  # one child in memory at a time next to the parent
+                        logger.info("extracted %s (%s) -> %s", ckpt,
+                                    subnet.describe(cfg.model), path)
+                    commit(staged, {str(path): path for path in outs})
+            del parent
     logger.info("extracted %d sub-network(s) of %s in %.1f s, peak RSS %.0f MiB", len(plan),
                 ckpt, time.perf_counter() - start, peak_rss_mib())
     return [path for path, _, _ in plan]

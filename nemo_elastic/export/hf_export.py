@@ -115,8 +115,17 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, overwrite: bool = False,
     unreadable, `HFConfigError` when the model cannot be expressed as a NemotronH config.
     Runs in one process at TP=1 (any TP/PP checkpoint is resharded on load).
     """
-    start = time.perf_counter()
+    from nemo_elastic.output_lock import output_lock
+    from nemo_elastic.paths import check_output_location
+
     ckpt, out_dir = resolve_checkpoint(ckpt), Path(out_dir)
+    check_output_location(out_dir, "--out", {"--ckpt": ckpt}, error=CheckpointError)
+    with output_lock(out_dir, "--out", error=CheckpointError):  # one writer; stale tmp removed
+        return _export_hf(ckpt, out_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+
+
+def _export_hf(ckpt: Path, out_dir: Path, *, overwrite: bool, max_shard_bytes: int) -> Path:
+    start = time.perf_counter()
     check_output_path(out_dir, "--out", overwrite, CheckpointError)
     meta = read_meta(ckpt)
     cfg = config_from_checkpoint(ckpt)

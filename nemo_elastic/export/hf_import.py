@@ -159,7 +159,16 @@ def import_hf(hf_dir: str | Path, out_ckpt: str | Path, *, overwrite: bool = Fal
     `overwrite`.  Runs in one process (sets up, then tears down, a TP=1 Megatron runtime unless
     one is already initialized).
     """
+    from nemo_elastic.output_lock import output_lock
+    from nemo_elastic.paths import check_output_location
+
     hf_dir, out_ckpt = Path(hf_dir), Path(out_ckpt)
+    check_output_location(out_ckpt, "--out", {"HF_DIR": hf_dir}, error=CheckpointError)
+    with output_lock(out_ckpt, "--out", error=CheckpointError):
+        return _import_hf(hf_dir, out_ckpt, overwrite=overwrite)
+
+
+def _import_hf(hf_dir: Path, out_ckpt: Path, *, overwrite: bool) -> Path:
     check_output_path(out_ckpt, "--out", overwrite, CheckpointError)
     start = time.perf_counter()
     hf = load_hf_config(hf_dir)

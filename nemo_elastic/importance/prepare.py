@@ -17,8 +17,10 @@ calibration batches and the sums are all-reduced (the scores themselves work at 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -97,10 +99,11 @@ def prepare(ckpt: Union[str, Path], out: Union[str, Path], *, num_batches: int =
     agg = Aggregation.parse(aggregation)
     src = resolve_checkpoint(ckpt)
     out = Path(out)
+    from nemo_elastic.paths import check_output_location
+
+    # never into, over or under the parent it reads (nor into another run's checkpoints)
+    check_output_location(out, "--out", {"--ckpt": src}, error=CheckpointError)
     check_output_path(out, "--out", overwrite, CheckpointError)
-    if out.resolve() == src.resolve():
-        raise CheckpointError(f"out={str(out)!r} is the parent checkpoint itself; choose a new "
-                              "directory")
     cfg = config_from_checkpoint(src)
     if data_config is not None:
         cfg = dataclasses.replace(cfg, data=data_config)
@@ -110,13 +113,23 @@ def prepare(ckpt: Union[str, Path], out: Union[str, Path], *, num_batches: int =
         stored, cfg = cfg, load_config(base=to_dict(cfg), overrides=overrides)
         check_model_matches(src, stored, cfg)
     run_cfg = cfg.single_process()
+    from nemo_elastic.output_lock import output_lock
+
+    # one writer per output folder (rank 0 holds the lock; the other ranks write nothing)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    with output_lock(out, "--out", error=CheckpointError) if main_rank else \
+            contextlib.nullcontext():
+        return _prepare_locked(src, out, cfg, run_cfg, agg=agg, num_batches=num_batches,
+                               depth_method=depth_method, overwrite=overwrite,
+                               mamba_top_channels=mamba_top_channels, mamba_signal=mamba_signal,
+                               depth_batches=depth_batches, depth_max_rounds=depth_max_rounds,
+                               progress=progress)
+
+
+def _prepare_locked(src, out, cfg, run_cfg, *, progress, **kwargs) -> Path:
     info = runtime.initialize(run_cfg.parallel, cfg.train.seed)
     try:
-        return _prepare(src, out, cfg, run_cfg, info, agg=agg, num_batches=num_batches,
-                        depth_method=depth_method, overwrite=overwrite,
-                        mamba_top_channels=mamba_top_channels, mamba_signal=mamba_signal,
-                        depth_batches=depth_batches,
-                        depth_max_rounds=depth_max_rounds, progress=progress and info.is_main)
+        return _prepare(src, out, cfg, run_cfg, info, progress=progress and info.is_main, **kwargs)
     finally:
         runtime.destroy()
 

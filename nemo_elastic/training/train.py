@@ -22,7 +22,7 @@ import torch
 from nemo_elastic import runtime
 from nemo_elastic.checkpoint import OutputLock, latest_checkpoint, load_checkpoint, \
     write_text_durably
-from nemo_elastic.config import Config, TrainConfig
+from nemo_elastic.config import Config, ConfigError, TrainConfig
 from nemo_elastic.fingerprint import guard_run_folder, run_fingerprint, training_fingerprint
 from nemo_elastic.training.elastic_step import ElasticDistillationStep
 from nemo_elastic.training.elastic_trainer import (ElasticTrainer, _finalize_with_router,
@@ -64,8 +64,14 @@ def build_teacher(cfg: Config, ckpt: Path):
 
 def _train(cfg: Config, init: Path, teacher_ckpt: Path, stop: StopRequest, *, resume: bool,
            progress: bool) -> TrainResult:
-    info = runtime.initialize(cfg.parallel, cfg.elastic.seed)
+    from nemo_elastic.paths import check_output_location
+
     out_dir = elastic_output_dir(cfg)
+    # the run never writes into, over or under the checkpoints it reads
+    check_output_location(out_dir, "elastic.output_dir", {
+        "elastic.init_checkpoint": init, "elastic.distill.teacher": teacher_ckpt},
+        error=ConfigError, run_folder=True)
+    info = runtime.initialize(cfg.parallel, cfg.elastic.seed)
     try:
         with OutputLock(out_dir, "elastic.output_dir"):
             # before the model is built: a changed recipe is refused at once, nothing written

@@ -1,0 +1,117 @@
+"""Where a command may write: never into, over or under what it reads, nor into a checkpoint or a
+run folder another run owns.  One check (`check_output_location`) used by every command that
+reads and writes (extract, export, import-hf, prepare, eval --out, preprocess, train).
+
+Paths are compared after resolving symlinks (`Path.resolve`, also for parts that do not exist
+yet), so a link to a checkpoint is the checkpoint.  Refused, each in one line naming the flag,
+the path and the fix:
+
+* the output equal to an input, inside an input, or a parent of an input (`--overwrite` would
+  delete the input with it);
+* the output inside a checkpoint (a folder holding `nemo_elastic.json`) or inside a run's
+  `checkpoints/` folder (it holds `latest`): `train.keep_checkpoints` deletes checkpoints with
+  whatever was written into them, and checksums do not cover strangers' files;
+* the output holding a run (`checkpoints/latest` or `latest` inside it): `--overwrite` would
+  delete the run;
+* the output inside a run folder whose `.lock` another live process holds (a running train /
+  pretrain / run owns that folder).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Union
+
+from nemo_elastic.errors import UserError
+
+PathLike = Union[str, os.PathLike]
+
+
+def _resolved(path: PathLike) -> Path:
+    return Path(os.path.abspath(Path(path).expanduser())).resolve()
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child != parent and parent in child.parents
+
+
+def check_output_location(out: PathLike, field_name: str, inputs: Mapping[str, PathLike] = {},
+                          *, error=UserError, run_folder: bool = False) -> None:
+    """Refuse output `out` (of flag `field_name`) where it would overlap the command's `inputs`
+    ({what: path}, e.g. {"--ckpt": ckpt}), a checkpoint, or a folder another run owns.
+    `run_folder`: `out` is a training run's own folder (it may hold its run; its `.lock` is
+    checked by `checkpoint.OutputLock`)."""
+    from nemo_elastic.checkpoint import LATEST_FILE, META_FILE
+
+    target = _resolved(out)
+    where = f"{field_name}={str(out)!r}"
+    fix = f"choose another {field_name} outside it"
+    for what, path in inputs.items():
+        if path is None:
+            continue
+        source = _resolved(path)
+        if target == source:
+            raise error(f"{where} is the input {what}={str(path)!r} itself: the command would "
+                        f"replace what it reads; choose another {field_name}")
+        if _inside(target, source):
+            raise error(f"{where} is inside the input {what}={str(path)!r}: the command would "
+                        f"write into what it reads; {fix}")
+        if _inside(source, target):
+            raise error(f"{where} contains the input {what}={str(path)!r}: the command would "
+                        f"replace (with --overwrite, delete) what it reads; {fix}")
+    for folder in target.parents:
+        if (folder / META_FILE).is_file():
+            raise error(f"{where} is inside the checkpoint {str(folder)!r}: a checkpoint holds "
+                        "only its own files (they are checksummed and deleted together); "
+                        f"{fix}")
+        if (folder / LATEST_FILE).is_file():
+            raise error(f"{where} is inside the checkpoints folder {str(folder)!r} of a run: "
+                        f"it belongs to that run (old checkpoints are deleted there); {fix}")
+        owner = _live_owner(folder)
+        if owner is not None:
+            raise error(f"{where} is inside the run folder {str(folder)!r}, which a running "
+                        f"job (pid {owner}) owns; wait for it to finish or {fix}")
+    if run_folder:
+        return
+    for marker in (Path("checkpoints") / LATEST_FILE, Path(LATEST_FILE)):
+        if (target / marker).is_file():
+            raise error(f"{where} holds a training run ({marker} is inside it): the command "
+                        f"would replace it; choose another {field_name}")
+    owner = _live_owner(target)
+    if owner is not None:
+        raise error(f"{where} is the run folder of a running job (pid {owner}); wait for it to "
+                    f"finish or choose another {field_name}")
+
+
+def _live_owner(folder: Path) -> Optional[str]:
+    """The pid holding `folder/.lock` (checkpoint.OutputLock) if another process holds it now."""
+    import fcntl
+
+    from nemo_elastic.checkpoint import LOCK_FILE
+
+    lock = folder / LOCK_FILE
+    if not lock.is_file():
+        return None
+    try:
+        with open(lock) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = handle.read().strip() or "unknown"
+                return None if pid == str(os.getpid()) else pid
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except OSError:
+        return None
+    return None
+
+
+def inputs_of(**paths: Optional[PathLike]) -> dict:
+    """{--flag: path} without the None ones (names with '_' become '-')."""
+    return {f"--{k.replace('_', '-')}": v for k, v in paths.items() if v is not None}
+
+
+def check_outputs(outs: Iterable[PathLike], field_name: str, inputs: Mapping[str, PathLike],
+                  *, error=UserError) -> None:
+    for out in outs:
+        check_output_location(out, field_name, inputs, error=error)

@@ -1,0 +1,160 @@
+"""Issue 20, classes 2-4 and 8: a command's output never overlaps what it reads, one writer per
+output folder, all-or-none outputs, stale staging removed, the umask honoured.
+
+Every command that reads a checkpoint and writes a folder (extract --budget / --all / sizes,
+export --budget / --all, prepare, eval --out) is given an output equal to, inside, or a parent
+of its input, a symlink to it, and a folder inside a run's `checkpoints/`: each refuses in one
+line with exit 2, and not one byte of the run changes."""
+
+import fcntl
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from nemo_elastic.cli import main
+from nemo_elastic.checkpoint import LATEST_FILE
+from tests.test_export_budget import save_hand_made_family
+
+
+def _digest(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run folder RUN/checkpoints/{iter_0000001, latest} holding a nested family."""
+    root = tmp_path_factory.mktemp("safety")
+    ckpts = root / "run" / "checkpoints"
+    save_hand_made_family(ckpts / "iter_0000001")
+    (ckpts / LATEST_FILE).write_text("iter_0000001\n")
+    return root
+
+
+COMMANDS = {
+    "extract --budget": lambda c, o: ["extract", "--ckpt", c, "--budget", "uniform", "--out", o],
+    "extract --all": lambda c, o: ["extract", "--ckpt", c, "--all", "--out", o],
+    "extract sizes": lambda c, o: ["extract", "--ckpt", c, "--hidden-size", "16", "--out", o],
+    "export --budget": lambda c, o: ["export", "--ckpt", c, "--budget", "uniform", "--format",
+                                     "megatron", "--out", o],
+    "export --all": lambda c, o: ["export", "--ckpt", c, "--all", "--format", "megatron",
+                                  "--out", o],
+    "prepare": lambda c, o: ["prepare", "--ckpt", c, "--out", o],
+    "eval --out": lambda c, o: ["eval", "--ckpt", c, "--out", o],
+}
+PLACES = {  # where the output goes, relative to the run (what the line must say)
+    "equal": ("run/checkpoints/iter_0000001", "itself"),
+    "inside": ("run/checkpoints/iter_0000001/sliced", "inside"),
+    "parent": ("run/checkpoints", "contains the input"),
+    "grandparent": ("run", "contains the input"),
+    "symlink": ("link_to_ckpt", "itself"),
+    "beside, in checkpoints/": ("run/checkpoints/mine", "checkpoints folder"),
+}
+
+
+@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize("command", COMMANDS)
+def test_no_command_writes_into_over_or_under_what_it_reads(run, command, place, caplog):
+    link = run / "link_to_ckpt"
+    if not link.exists():
+        link.symlink_to(run / "run/checkpoints/iter_0000001")
+    before = _digest(run / "run")
+    rel, says = PLACES[place]
+    argv = COMMANDS[command](str(run / "run/checkpoints/iter_0000001"), str(run / rel))
+    if command != "eval --out":
+        argv.append("--overwrite")
+    caplog.clear()
+    assert main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "--out=" in errors[0], errors
+    if command != "eval --out" or place not in ("parent", "grandparent"):
+        assert says in errors[0], errors
+    assert _digest(run / "run") == before
+    assert not any(p.name.startswith(".") and p.name.endswith(".lock")
+                   for p in (run / "run/checkpoints").iterdir())
+
+
+def test_a_run_folder_and_a_live_run_are_not_overwritten(run, tmp_path, caplog):
+    """--out naming a run (it holds checkpoints/latest) or a folder inside a running job's
+    run folder (its .lock is held by another process) is refused."""
+    before = _digest(run / "run")
+    ckpt = str(run / "run/checkpoints/iter_0000001")
+    other = tmp_path / "other"
+    shutil.copytree(run / "run", other)
+    assert main(["extract", "--ckpt", ckpt, "--all", "--out", str(other), "--overwrite"]) == 2
+    assert "holds a training run" in caplog.text
+    live = tmp_path / "live"
+    live.mkdir()
+    holder = _hold_lock(live / ".lock")
+    try:
+        caplog.clear()
+        assert main(["extract", "--ckpt", ckpt, "--all", "--out", str(live / "fam")]) == 2
+        assert f"pid {holder.pid}" in caplog.text and "running job" in caplog.text
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _digest(run / "run") == before
+
+
+def _hold_lock(path):
+    """A process holding flock on `path` (as OutputLock / output_lock do) until killed."""
+    code = ("import fcntl, os, sys, time\n"
+            f"h = open({str(path)!r}, 'a+'); fcntl.flock(h, fcntl.LOCK_EX)\n"
+            "h.seek(0); h.truncate(); h.write(f'{os.getpid()}\\n'); h.flush()\n"
+            "print('ready', flush=True); time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_a_second_writer_of_one_output_refuses(run, tmp_path, caplog):
+    from nemo_elastic.output_lock import lock_path
+
+    out = tmp_path / "fam"
+    holder = _hold_lock(lock_path(out))
+    try:
+        for argv in (["export", "--all", "--format", "megatron"], ["extract", "--all"]):
+            caplog.clear()
+            assert main([*argv, "--ckpt", str(run / "run"), "--out", str(out)]) == 2
+            assert f"is being written by another command (pid {holder.pid})" in caplog.text
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not out.exists()
+
+
+def test_extract_all_is_all_or_none_and_removes_stale_staging(run, tmp_path, monkeypatch):
+    import nemo_elastic.export.extract as extract_mod
+    from nemo_elastic.checkpoint import save_checkpoint
+
+    out = tmp_path / "fam"
+    stale = tmp_path / ".fam.export-deadbeef"  # left by a SIGKILLed writer
+    (stale / "uniform").mkdir(parents=True)
+    calls = []
+
+    def failing_save(path, **kw):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device", str(path))
+        return save_checkpoint(path, **kw)
+
+    monkeypatch.setattr(extract_mod, "save_checkpoint", failing_save)
+    assert main(["extract", "--ckpt", str(run / "run"), "--all", "--out", str(out)]) == 2
+    assert len(calls) == 2 and not out.exists() and not stale.exists()
+    assert [p.name for p in tmp_path.iterdir() if "export" in p.name] == []
+    monkeypatch.undo()
+    old_umask = os.umask(0o022)
+    try:
+        assert main(["extract", "--ckpt", str(run / "run"), "--all", "--out", str(out)]) == 0
+    finally:
+        os.umask(old_umask)
+    assert sorted(p.name for p in out.iterdir()) == ["full", "hetero", "shallow", "uniform"]
+    # class 8: the output is readable by others under umask 022
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    for path in out.rglob("*"):
+        assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044, path
