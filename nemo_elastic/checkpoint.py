@@ -52,6 +52,10 @@ class CheckpointError(UserError, RuntimeError):
 
 
 CHECKSUMS_KEY = "checksums"  # nemo_elastic.json: {file name: {"bytes": n, "sha256": hex}}
+# nemo_elastic.json's own SHA-256 (of its JSON without this key, keys sorted): an edited or
+# damaged metadata file (e.g. a budget's hidden_size changed) is refused like a damaged shard.
+# Checked where `checksums` is present (a file without both is of the older format).
+META_SHA_KEY = "meta_sha256"
 _HASH_CHUNK = 16 << 20
 
 
@@ -235,6 +239,7 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {str(ckpt_dir)!r}: {META_FILE} has no 'config' entry"
                               "; restore the file from a copy or use an earlier checkpoint")
     _check_meta_fields(ckpt_dir, meta)
+    _check_meta_digest(ckpt_dir, meta)
     # Megatron's own metadata.json (its sharded backend): garbage there fails deep inside the
     # load with no file name (StopIteration: 0)
     megatron_meta = read_json_file(ckpt_dir / "metadata.json",
@@ -244,6 +249,37 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
                               "'sharded_backend' entry); restore the file from a copy or use an "
                               "earlier checkpoint")
     return meta
+
+
+def meta_digest(meta: dict) -> str:
+    """SHA-256 of `meta` as JSON (keys sorted, without META_SHA_KEY), computed on its JSON
+    round trip so that the value written and the value read back hash alike."""
+    body = json.loads(json.dumps({k: v for k, v in meta.items() if k != META_SHA_KEY}))
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _check_meta_digest(ckpt_dir: Path, meta: dict) -> None:
+    want = meta.get(META_SHA_KEY)
+    if want is None or CHECKSUMS_KEY not in meta:
+        return  # written before the metadata was checksummed
+    if want != meta_digest(meta):
+        raise CheckpointError(
+            f"checkpoint {str(ckpt_dir)!r}: {META_FILE} is corrupt (its contents differ from "
+            "the SHA-256 recorded at save time: edited or damaged); restore the file from a "
+            "copy or use an earlier checkpoint")
+
+
+def add_checksummed_files(ckpt_dir: str | Path, names: list[str]) -> None:
+    """Files written into a finished (not yet published) checkpoint after `save_checkpoint`
+    (an export's `megatron_config.json` and `export.json`, `prepare`'s ranking): hash them into
+    `checksums` (and re-seal the metadata), so every file a command reads is verified."""
+    ckpt_dir = Path(ckpt_dir)
+    meta = json.loads((ckpt_dir / META_FILE).read_text())
+    checksums = meta.setdefault(CHECKSUMS_KEY, {})
+    for name in names:
+        checksums[name] = _hash_file(ckpt_dir / name)
+    meta[META_SHA_KEY] = meta_digest(meta)
+    write_text_durably(ckpt_dir / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
 
 
 _FAMILY_ROW = {"name": str, "subnetwork": dict, "target": (int, float), "budget_type": str,
@@ -529,6 +565,7 @@ def _save_into(tmp_dir: Path, ckpt_dir: Path, *, cfg, model, optimizer, schedule
             "config": to_dict(cfg), "has_optimizer": optimizer is not None,
             "parallel_layout": _parallel_layout(), CHECKSUMS_KEY: checksums}
     meta.update(extra_meta or {})
+    meta[META_SHA_KEY] = meta_digest(meta)
     error = ""
     if _rank() == 0:
         try:

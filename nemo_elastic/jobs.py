@@ -26,10 +26,11 @@ EXPORT_FORMATS = ("megatron", "hf")
 def checkpoint_info(ckpt) -> dict:
     """{checkpoint, kind, iteration, budgets}: a checkpoint's (or a run dir's latest) metadata
     with its trained budget family (`[]` when it has none)."""
-    from nemo_elastic.checkpoint import read_meta, resolve_checkpoint
+    from nemo_elastic.checkpoint import read_meta, resolve_checkpoint, verify_checkpoint
 
     path = resolve_checkpoint(ckpt)
-    meta = read_meta(path)
+    meta = read_meta(path)  # refuses an edited or damaged nemo_elastic.json
+    verify_checkpoint(path, meta)  # and a damaged tensor file: what it reports is what loads
     return {"checkpoint": str(path), "kind": meta.get("kind"), "iteration": meta.get("iteration"),
             "budgets": meta.get("family") or []}
 

@@ -158,3 +158,44 @@ def test_extract_all_is_all_or_none_and_removes_stale_staging(run, tmp_path, mon
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     for path in out.rglob("*"):
         assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044, path
+
+
+def test_an_edited_metadata_file_is_refused_by_every_reader(run, tmp_path, caplog):
+    """Class 5: nemo_elastic.json is sealed by its own SHA-256; a valid-JSON edit of a budget's
+    hidden_size is refused (it used to export and 'verify' a wrong model)."""
+    import json
+
+    ckpt = tmp_path / "ck"
+    shutil.copytree(run / "run/checkpoints/iter_0000001", ckpt)
+    meta = json.loads((ckpt / "nemo_elastic.json").read_text())
+    row = next(r for r in meta["family"] if r["name"] == "uniform")
+    row["subnetwork"]["hidden_size"] = 16
+    (ckpt / "nemo_elastic.json").write_text(json.dumps(meta))
+    for argv in (["info", str(ckpt)],
+                 ["export", "--ckpt", str(ckpt), "--budget", "uniform", "--format", "megatron",
+                  "--out", str(tmp_path / "x")],
+                 ["extract", "--ckpt", str(ckpt), "--budget", "uniform", "--out",
+                  str(tmp_path / "y")]):
+        caplog.clear()
+        assert main(argv) == 2, argv
+        assert "nemo_elastic.json is corrupt (its contents differ from the SHA-256" in \
+            caplog.text, argv
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_damaged_byte_in_any_checkpoint_file_is_named_by_info(run, tmp_path, caplog):
+    """Class 5: every file of a checkpoint is covered; `info` (which used to exit 0 on a
+    damaged shard) names the damaged file."""
+    src = run / "run/checkpoints/iter_0000001"
+    names = sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file())
+    assert "nemo_elastic.json" in names and any(n.endswith(".distcp") for n in names)
+    for name in names:
+        ckpt = tmp_path / f"ck_{name.replace('/', '_')}"
+        shutil.copytree(src, ckpt)
+        data = bytearray((ckpt / name).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (ckpt / name).write_bytes(bytes(data))
+        caplog.clear()
+        assert main(["info", str(ckpt)]) == 2, name
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and name in errors[0], (name, errors)

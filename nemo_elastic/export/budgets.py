@@ -33,7 +33,7 @@ from typing import Iterator, Mapping, Optional, Sequence
 import torch
 
 from nemo_elastic.checkpoint import (
-    CheckpointError, config_from_checkpoint, load_checkpoint, read_meta, replace_durably,
+    CheckpointError, add_checksummed_files, config_from_checkpoint, load_checkpoint, read_meta, replace_durably,
     resolve_checkpoint, save_checkpoint)
 from nemo_elastic.config import ConfigError
 from nemo_elastic.errors import check_output_path
@@ -205,6 +205,8 @@ def _export_all(ckpt, cfg, meta, subnets, staged, format, tokenizer, passthrough
                       "verification": {"tokens": tokens.shape[1], "rel_logit_error": err,
                                        "tolerance": tol, "against": "masked nested model"}}
             (folder / EXPORT_RECORD).write_text(strict_json(record, indent=2) + "\n")
+            if format == "megatron":  # a checkpoint: every file it holds is checksummed
+                add_checksummed_files(folder, [EXPORT_RECORD])
             logger.info("budget %r: %s export verified (relative logit error %.1e vs the masked "
                         "nested model, %s parameters) in %.2f s", name, format, err,
                         f"{params:,}", seconds)
@@ -215,11 +217,12 @@ def _export_all(ckpt, cfg, meta, subnets, staged, format, tokenizer, passthrough
 
 
 def _write_megatron(folder: Path, child_cfg, child, extra) -> bool:
-    from nemo_elastic.export.megatron_format import write_megatron_config
+    from nemo_elastic.export.megatron_format import MEGATRON_CONFIG_FILE, write_megatron_config
 
     save_checkpoint(folder, cfg=child_cfg, model=child, kind="export",
                     extra_meta={**extra, "format": "megatron"}, field_name="--out")
     write_megatron_config(folder, child_cfg.model)
+    add_checksummed_files(folder, [MEGATRON_CONFIG_FILE])  # verified by every load, the reload first
     return not _is_heterogeneous(child_cfg.model)
 
 

@@ -168,6 +168,9 @@ def _prepare(src: Path, out: Path, cfg: Config, run_cfg: Config, info, *, agg, n
     if info.is_main:
         write_ranking(out / RANKING_FILE, ranking_document(scores, perms, depth, depth_method))
         plot_layer_importance(depth, run_cfg.model, out / PLOT_FILE, selected=depth_method)
+        from nemo_elastic.checkpoint import add_checksummed_files
+
+        add_checksummed_files(out, [RANKING_FILE])  # read by `train` (the layer ranking)
         _log_summary(run_cfg, depth, depth_method, scores.seconds, depth_seconds, out)
     return out
 
