@@ -372,10 +372,16 @@ class Config:
             except TypeError as err:
                 raise ConfigError(f"elastic.memory: {err}") from err
             parent_gb = count_memory(m, spec) / GB
+            smallest_gb = _smallest_memory(m, e, spec) / GB
             for name, value in e.budgets.items():
                 if value > parent_gb * (1 + e.loss.tolerance):
                     _fail(f"elastic.budgets.{name}", value, f"exceeds the parent's memory "
                           f"{parent_gb:.3f} GB at elastic.memory={e.memory}")
+                if value < smallest_gb * (1 - e.loss.tolerance):
+                    _fail(f"elastic.budgets.{name}", value, f"is below the smallest memory the "
+                          f"elastic axes can reach, {smallest_gb:.4g} GB (every axis at its "
+                          f"smallest choice, elastic.memory={e.memory}); raise the budget, or "
+                          "add smaller elastic.width_fractions / choices")
 
 
     def single_process(self) -> "Config":
@@ -455,3 +461,33 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
         raise ConfigError(f"config: {str(err).splitlines()[0]}; fix or remove the ${{...}} "
                           "reference") from None
     return from_dict(Config, data)
+
+
+def _smallest_memory(m: "ModelConfig", e, spec) -> float:
+    """Memory in bytes of the smallest sub-network the router can choose: every elastic width
+    axis at its smallest choice (explicit `choices`, else the smallest width fraction rounded as
+    `router.axis_choices` rounds it), each layer kept (with elastic depth: the parent's layers
+    minus the most memory-hungry ones it may drop, a lower bound)."""
+    from nemo_elastic.budget import count_memory
+    from nemo_elastic.elastic.subnet import SubNetwork
+    from nemo_elastic.sizes import ELASTIC_AXES, GROUPED
+
+    sizes = {}
+    for axis in e.axes:
+        _, field_name = ELASTIC_AXES[axis]
+        step = getattr(m, GROUPED[field_name]) if field_name in GROUPED else 1
+        full = getattr(m, field_name)
+        smallest = min(e.choices[axis]) if e.choices.get(axis) else \
+            max(step, int(round(full * min(e.width_fractions) / step)) * step)
+        sizes[field_name] = min(smallest, full)
+    subnet = SubNetwork.uniform(m, **sizes)
+    if not e.depth_choices:
+        return count_memory(subnet.model_config(m), spec)
+    keep = min(e.depth_choices)
+    costs = []
+    for j in range(m.num_layers):  # the memory each layer adds (drop it alone)
+        alone = SubNetwork.uniform(m, **sizes, drop_layers=[j])
+        costs.append(count_memory(subnet.model_config(m), spec)
+                     - count_memory(alone.model_config(m), spec))
+    drop = sorted(range(m.num_layers), key=lambda j: -costs[j])[:max(0, m.num_layers - keep)]
+    return count_memory(SubNetwork.uniform(m, **sizes, drop_layers=drop).model_config(m), spec)

@@ -21,13 +21,17 @@ length vs. `model.max_sequence_length`, memory budgets vs. the parent's memory) 
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 from nemo_elastic.config_io import from_dict
 from nemo_elastic.errors import fail, first_repeated, require_number, require_positive
 from nemo_elastic.sizes import ELASTIC_AXES
+
+logger = logging.getLogger(__name__)
 
 ROUTER_MODES = {"hard": "scaled", "soft": "mixture"}  # config name -> masks.SoftAxis mode
 BUDGET_TYPES = ("params", "memory")
@@ -39,6 +43,26 @@ EXECUTIONS = ("sliced", "masked")
 # one: one budget drawn per micro-batch (the paper); all: every budget with a non-zero
 # probability on every micro-batch after one teacher forward, losses weighted by the probabilities.
 BUDGET_SAMPLINGS = ("one", "all")
+
+
+def budget_name_problem(name: str) -> Optional[str]:
+    """Why `name` cannot be a budget name (it becomes a folder name), or None."""
+    if not name.strip():
+        return "is empty"
+    if name in (".", "..") or name.startswith("."):
+        return "starts with '.'"
+    if any(c in name for c in "/\\") or os.path.isabs(name):
+        return "contains a path separator"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "contains a control character (e.g. a newline)"
+    if name != name.strip():
+        return "starts or ends with a space"
+    if len(name.encode()) > MAX_BUDGET_NAME:
+        return f"is longer than {MAX_BUDGET_NAME} bytes"
+    return None
+
+
+MAX_BUDGET_NAME = 100  # bytes; a folder name (with staging prefixes) stays under NAME_MAX
 
 
 @dataclass(kw_only=True)
@@ -219,6 +243,11 @@ class ElasticConfig:
             fail(f"{p}budgets", self.budgets, "must map names to targets, e.g. "
                  "{full: 1.0, 9b: 0.72, 6b: 0.5} (fractions of the parent's parameters)")
         self.budgets = {str(k): v for k, v in self.budgets.items()}
+        for name in self.budgets:
+            problem = budget_name_problem(name)
+            if problem:
+                fail(f"{p}budgets", name, f"a budget name {problem} (names become export "
+                     "folder names); use letters, digits, '_', '-' or '.', e.g. 50pct")
         for name, value in self.budgets.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
                     or math.isinf(value):
@@ -271,6 +300,18 @@ class ElasticConfig:
                 if name not in self.budgets:
                     fail(f"{prefix}budget_probs.{name}", stages[-1].budget_probs[name],
                          f"unknown budget {name!r}; budgets are {list(self.budgets)}")
+            left_out = [n for n in self.budgets if stages[-1].budget_probs is not None
+                        and n not in stages[-1].budget_probs]
+            if left_out:
+                logger.warning("%sbudget_probs leaves out %s: probability 0 in stage %r (give "
+                               "them a weight to train them there)", prefix, left_out,
+                               stages[-1].name)
+        never = [n for n in self.budgets if stages and all(
+            s.budget_probs is not None and not s.budget_probs.get(n) for s in stages)]
+        if never:
+            fail(f"{p}budgets.{never[0]}", self.budgets[never[0]], "is never trained: every "
+                 "stage's budget_probs gives it probability 0; give it a weight in "
+                 "elastic.curriculum[*].budget_probs, or remove the budget")
         names = [s.name for s in stages]
         if len(set(names)) != len(names):
             fail(f"{p}curriculum", names, "stage names must be unique")

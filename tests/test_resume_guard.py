@@ -191,3 +191,32 @@ def test_a_checkpoint_without_fingerprint_still_compares_its_budgets(caplog):
     new["budgets"] = {"full": 1.0, "demi": 0.5}
     with pytest.raises(ConfigError, match=r"^elastic.budgets="):
         check_resume(Path("/r/checkpoints/iter_1"), meta, new, 1)
+
+
+# ------------------------------------------------------------- class 6: refused when loaded
+
+@pytest.mark.parametrize("name, problem", [
+    ("../../escape", "starts with '.'"), ("", "is empty"), ("/abs/path", "path separator"),
+    ("a\nb", "control character"), ("x" * 300, "longer than 100 bytes"),
+    ("a/b", "path separator"), (" pad", "space"),
+])
+def test_budget_names_that_cannot_be_folders_are_refused_at_load(tmp_path, name, problem):
+    cfg = _cfg(tmp_path)
+    with pytest.raises(ConfigError, match=rf"^elastic.budgets=.*a budget name .*{problem}"):
+        _with_elastic(cfg, budgets={"full": 1.0, name: 0.5})
+
+
+def test_never_drawn_and_unreachable_budgets_are_refused_at_load(tmp_path, caplog):
+    from nemo_elastic.budget import GB, MemorySpec, count_memory
+
+    cfg = _cfg(tmp_path)
+    with pytest.raises(ConfigError, match=r"^elastic.budgets.75pct=0.75: is never trained"):
+        _cfg(tmp_path, "elastic.curriculum.0.budget_probs={full: 1, 50pct: 1}",
+             "elastic.curriculum.1.budget_probs={full: 1, 75pct: 0, 50pct: 1}")
+    _cfg(tmp_path, "elastic.curriculum.0.budget_probs={full: 1, 50pct: 1}")  # only a warning
+    assert "budget_probs leaves out ['75pct']" in caplog.text
+    full_gb = count_memory(cfg.model, MemorySpec()) / GB
+    with pytest.raises(ConfigError, match=r"elastic.budgets.50pct=0.0001: is below the smallest "
+                                          r"memory the elastic axes can reach, [0-9.]+ GB"):
+        _cfg(tmp_path, "elastic.budget_type=memory", f"elastic.budgets.full={full_gb}",
+             f"elastic.budgets.75pct={0.999 * full_gb}", "elastic.budgets.50pct=0.0001")
