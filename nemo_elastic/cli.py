@@ -29,7 +29,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -422,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    previous = _sigterm_interrupts()
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     try:
@@ -433,6 +436,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as err:  # a missing input, an output that cannot be written, a full disk
         logger.error("%s", _one_line(_os_error_line(err)))
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (see _sigterm_interrupts): one line
+        signum = getattr(err, "signum", signal.SIGINT)
+        logger.error("%s interrupted by %s: an unfinished output is never published (its "
+                     "hidden staging folder is removed now or by the next run); rerun the same "
+                     "command", args.command,
+                     signal.Signals(signum).name)
+        return 128 + int(signum)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that it unwinds like Ctrl-C (staging removed)."""
+
+    signum = signal.SIGTERM
+
+
+def _sigterm_interrupts():
+    """SIGTERM unwinds as an exception (cleanup runs, one line, exit 143) instead of killing the
+    process mid-write.  Training installs its own handler (StopRequest: checkpoint, then exit)
+    while it runs, which takes precedence."""
+    def handler(signum, frame):
+        raise _Terminated(f"signal {signum}")
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)  # the previous handler, restored after
 
 
 def _one_line(message: str) -> str:

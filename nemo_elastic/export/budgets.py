@@ -273,6 +273,8 @@ def _reload_logits(folder: Path, format: str, plain: bool, tokens) -> torch.Tens
 class ExportInterrupted(KeyboardInterrupt):
     """SIGTERM during an export (handled like Ctrl-C: the staging folder is removed)."""
 
+    signum = signal.SIGTERM
+
 
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:

@@ -97,8 +97,12 @@ def _decode_float_tag(obj: dict) -> Any:
 
 def load_hf_config(hf_dir: str | Path):
     """Read `hf_dir/config.json` as a transformers `NemotronHConfig` (legacy names normalized)."""
-    from huggingface_hub.errors import StrictDataclassError
-    from transformers import NemotronHConfig
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+        from transformers import NemotronHConfig
+    except ImportError as err:
+        raise HFConfigError(f"reading a Hugging Face model needs `transformers` with nemotron_h "
+                            f"support ({err}); install it: pip install transformers") from None
 
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
@@ -115,6 +119,17 @@ def load_hf_config(hf_dir: str | Path):
     pattern = raw.get("hybrid_override_pattern")
     if isinstance(pattern, str) and "E" in pattern:
         _reject("hybrid_override_pattern", pattern, "MoE layers ('E') are not supported")
+    # the fields that define the weights' shapes: transformers would fill in defaults (an MoE
+    # layer pattern, other sizes) and the import would fail later on a misleading message
+    missing = [key for key in ("hidden_size", "vocab_size", "intermediate_size",
+                               "num_attention_heads", "mamba_num_heads", "mamba_head_dim",
+                               "ssm_state_size") if key not in raw]
+    if "layers_block_type" not in raw and "hybrid_override_pattern" not in raw:
+        missing.insert(0, "layers_block_type (or hybrid_override_pattern)")
+    if missing:
+        raise HFConfigError(f"{str(path)!r} has no {missing[0]!r}: a nemotron_h config lists "
+                            "the layer pattern and every size that shapes the weights (the file "
+                            "is incomplete); restore it from the model's source")
     try:
         return NemotronHConfig.from_dict(raw)
     except (TypeError, ValueError, KeyError, StrictDataclassError) as err:

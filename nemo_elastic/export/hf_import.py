@@ -147,6 +147,10 @@ def _copy_all(model: torch.nn.Module, maps: list[TensorMap], reader: Safetensors
                 logger.log(logging.INFO if lossless else logging.WARNING,
                            "casting %s (and any other such tensor) from %s to %s, %s", tm.hf[0],
                            src.dtype, param.dtype, "exact" if lossless else "ROUNDING values")
+            if src.is_floating_point() and not bool(torch.isfinite(src).all()):
+                raise CheckpointError(
+                    f"{'/'.join(tm.hf)} holds NaN or infinite values: "
+                    "the Hugging Face weights are damaged; re-download or re-save them")
             param.copy_(src)
             del src
 
