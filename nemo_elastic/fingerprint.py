@@ -36,8 +36,8 @@ VERSION = 1
 
 # field -> the recipe key a user edits (named in the refusal)
 REFUSED_FIELDS = {
-    "budgets": "elastic.budgets",
     "budget_type": "elastic.budget_type",
+    "budgets": "elastic.budgets",
     "memory_spec": "elastic.memory",
     "axes": "elastic.axes",
     "width_fractions": "elastic.width_fractions",
@@ -100,6 +100,7 @@ def training_fingerprint(cfg, router, init: Path, teacher: Optional[Path]) -> di
     return {
         "version": VERSION,
         "budgets": {name: float(target) for name, target in e.budgets.items()},
+        "budget_order": list(e.budgets),  # nemo_elastic.json sorts keys: the recipe's order
         "budget_type": e.budget_type,
         "memory_spec": dataclasses.asdict(router.memory_spec) if router.memory_spec else None,
         "axes": list(e.axes),
@@ -184,7 +185,10 @@ def check_resume(ckpt: Path, meta: dict, new: dict, iteration: int) -> None:
                        "and sampling cannot be); make sure they are unchanged", ckpt)
     for key, field_name in REFUSED_FIELDS.items():
         if key in old and old[key] != new.get(key):
-            _refuse(ckpt, field_name, old[key], new.get(key))
+            before, after = old[key], new.get(key)
+            if key == "budgets":  # shown in the recipes' order
+                before = {n: before[n] for n in old.get("budget_order", before) if n in before}
+            _refuse(ckpt, field_name, before, after)
     for key, field_name in _CHECKPOINT_FIELDS.items():
         if key not in old:
             continue
@@ -197,9 +201,9 @@ def check_resume(ckpt: Path, meta: dict, new: dict, iteration: int) -> None:
         if before and after and before.get("path") != after.get("path"):
             logger.info("%s moved from %s to %s (same contents, SHA-256 %s): accepted",
                         field_name, before["path"], after["path"], after["sha256"][:12])
-    if old.get("budgets") and list(old["budgets"]) != list(new["budgets"]):
+    if old.get("budget_order") and old["budget_order"] != new["budget_order"]:
         logger.info("the budgets are listed in a new order %s (was %s): the router's rows "
-                    "follow the names", list(new["budgets"]), list(old["budgets"]))
+                    "follow the names", new["budget_order"], old["budget_order"])
     for key, field_name in LOGGED_FIELDS.items():
         if key in old and old[key] != new.get(key):
             logger.warning("resuming %s with %s changed: %s -> %s (applies from iteration %d)",

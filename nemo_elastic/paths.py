@@ -58,8 +58,9 @@ def check_output_location(out: PathLike, field_name: str, inputs: Mapping[str, P
             raise error(f"{where} is inside the input {what}={str(path)!r}: the command would "
                         f"write into what it reads; {fix}")
         if _inside(source, target):
-            raise error(f"{where} contains the input {what}={str(path)!r}: the command would "
-                        f"replace (with --overwrite, delete) what it reads; {fix}")
+            harm = "a run deletes its old checkpoints" if run_folder else \
+                "the command would replace (with --overwrite, delete) what it reads"
+            raise error(f"{where} contains the input {what}={str(path)!r}: {harm}; {fix}")
     for folder in target.parents:
         if (folder / META_FILE).is_file():
             raise error(f"{where} is inside the checkpoint {str(folder)!r}: a checkpoint holds "

@@ -8,8 +8,10 @@ budget names (the family by name is the same whatever the order)."""
 
 import copy
 import hashlib
+import re
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from nemo_elastic.config import ConfigError, load_config, to_dict
@@ -18,8 +20,9 @@ from tests.test_train import _cfg, _parent
 
 
 def _tree_digest(root):
+    """Every file of the run but its `.lock` (the refused run held the lock a moment)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def _with_elastic(cfg, **changes):
@@ -33,17 +36,33 @@ def _with_elastic(cfg, **changes):
     return load_config(base=data)
 
 
+def _build(cfg):
+    """(trainer, cfg, init, teacher) inside an initialized runtime (caller's `with`)."""
+    from nemo_elastic.training.elastic_trainer import parent_config
+    from nemo_elastic.training.train import build_trainer
+
+    cfg, init, teacher = parent_config(cfg)
+    return cfg, init, teacher, lambda info: build_trainer(cfg, init, teacher, info)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from nemo_elastic.training.train import train
+    """A real elastic run of 2 iterations (no closing report): RUN/elastic/checkpoints."""
+    import shutil
+
+    from nemo_elastic import runtime
+    from nemo_elastic.training.loop import StopRequest
 
     tmp = tmp_path_factory.mktemp("guard")
     _parent(tmp)
-    import shutil
-
     shutil.copytree(tmp / "parent", tmp / "parent_copy")
-    result = train(_cfg(tmp, stage1=2, stage2=1), progress=False)
-    return tmp, result
+    cfg, init, teacher, build = _build(_cfg(tmp, stage1=1, stage2=1))
+    with runtime.distributed(cfg.parallel) as info:
+        trainer = build(info)
+        with StopRequest() as stop:
+            trainer.run(stop, resume=False)
+        router = {k: v.clone() for k, v in trainer.router.state_dict().items()}
+    return tmp, router
 
 
 REFUSALS = [  # (recipe change, the field the one line must name)
@@ -57,66 +76,86 @@ REFUSALS = [  # (recipe change, the field the one line must name)
     (dict(seed=99), "elastic.seed"),
     (dict(budget_sampling="all"), "elastic.budget_sampling"),
     (dict(heterogeneous=["ffn"]), "elastic.heterogeneous"),
+    (dict(budget_type="memory", budgets={"full": 0.0084, "75pct": 0.00842, "50pct": 0.00843}),
+     "elastic.budget_type"),
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("change, field", REFUSALS, ids=[f for _, f in REFUSALS])
 def test_a_changed_family_or_training_is_refused_and_the_run_untouched(trained, change, field):
+    """Through `train` itself: refused before the model is built, not one byte changed, also
+    with --no-resume (which would overwrite the run's checkpoints)."""
     from nemo_elastic.training.train import train
 
     tmp, _ = trained
     run = tmp / "run/elastic"
     before = _tree_digest(run)
-    cfg = _with_elastic(_cfg(tmp, stage1=2, stage2=1), **change)
-    with pytest.raises(ConfigError) as err:
-        train(cfg, progress=False)
-    line = str(err.value)
-    assert "\n" not in line and f"{field}=" in line and "another elastic.output_dir" in line, line
-    assert _tree_digest(run) == before
+    cfg = _with_elastic(_cfg(tmp, stage1=1, stage2=1), **change)
+    for resume in (True, False):
+        with pytest.raises(ConfigError) as err:
+            train(cfg, resume=resume, progress=False)
+        line = str(err.value)
+        assert "\n" not in line and line.startswith(f"{field}=") and \
+            "another elastic.output_dir" in line, line
+        assert _tree_digest(run) == before
 
 
 @pytest.mark.slow
 def test_teacher_init_and_curriculum_changes(trained, caplog):
+    import logging
+
+    from nemo_elastic.fingerprint import guard_run_folder, run_fingerprint
+    from nemo_elastic.training.elastic_trainer import parent_config
     from nemo_elastic.training.train import train
 
-    tmp, first = trained
+    tmp, _ = trained
     run = tmp / "run/elastic"
     before = _tree_digest(run)
-    base = _cfg(tmp, stage1=2, stage2=1)
-    # another teacher (a different checkpoint) is refused; the same contents moved are not
-    other = _cfg(tmp, stage1=2, stage2=1, init=None, pattern="M-*M-")
-    cases = [
-        ([f"elastic.distill.teacher={tmp / 'run/elastic/checkpoints/iter_0000002'}"],
-         "elastic.distill.teacher"),
-        (["elastic.curriculum.0.iters=1"], "elastic.curriculum[0].iters"),
-        (["elastic.curriculum.1.seq_length=64"], "elastic.curriculum[1].seq_length"),
+    import shutil
+
+    other = tmp / "other_teacher"  # a checkpoint with other contents (the run's, copied)
+    if not other.exists():
+        shutil.copytree(run / "checkpoints/iter_0000002", other)
+    cases = [  # another teacher; stages already run changed
+        ([f"elastic.distill.teacher={other}"], "elastic.distill.teacher"),
+        ([f"elastic.distill.teacher={run / 'checkpoints'}"], "elastic.output_dir"),
+        (["elastic.curriculum.0.seq_length=32"], "elastic.curriculum[0].seq_length"),
         (["elastic.curriculum.1.budget_probs.full=5"], "elastic.curriculum[1].budget_probs"),
     ]
-    del other
     for extra, field in cases:
-        with pytest.raises(ConfigError, match=rf"^{__import__('re').escape(field)}="):
-            train(_cfg(tmp, *extra, stage1=2, stage2=1), progress=False)
+        with pytest.raises(ConfigError, match=rf"^{re.escape(field)}="):
+            train(_cfg(tmp, *extra, stage1=1, stage2=1), progress=False)
         assert _tree_digest(run) == before, field
-    # the init checkpoint moved (same bytes): accepted and logged; nothing left to train
-    moved = train(_cfg(tmp, stage1=2, stage2=1, init="parent_copy"), progress=False)
-    assert moved.history == [] and moved.family == first.family
-    assert "moved from" in caplog.text
-    del base
+    caplog.set_level(logging.INFO, logger="nemo_elastic.fingerprint")
+    # the same init contents elsewhere, and a longer last stage: accepted and logged
+    cfg, init, teacher = parent_config(_cfg(tmp, stage1=1, stage2=3, init="parent_copy"))
+    guard_run_folder(run / "checkpoints", run_fingerprint(cfg, init, teacher), True)
+    assert "moved from" in caplog.text and "now ends at iteration 4 (was 2)" in caplog.text
 
 
 @pytest.mark.slow
-def test_budget_order_is_bound_to_names_and_the_last_stage_may_grow(trained):
-    from nemo_elastic.training.train import train
+def test_router_rows_are_bound_to_budget_names(trained):
+    """The same budgets listed in another order: the resumed router's column of each budget is
+    the one that budget trained (not the one at its old position)."""
+    from nemo_elastic import runtime
 
-    tmp, first = trained
-    cfg = _with_elastic(_cfg(tmp, stage1=2, stage2=1),
+    tmp, saved = trained
+    order = ["50pct", "full", "75pct"]
+    cfg = _with_elastic(_cfg(tmp, stage1=1, stage2=1),
                         budgets={"50pct": 0.5, "full": 1.0, "75pct": 0.75})
-    again = train(cfg, progress=False)  # finished run, budgets listed in another order
-    by_name = lambda rows: {r["name"]: r["subnetwork"] for r in rows}  # noqa: E731
-    assert again.history == [] and by_name(again.family) == by_name(first.family)
-    longer = train(_cfg(tmp, stage1=2, stage2=2), progress=False)  # extend the last stage
-    assert [h["iteration"] for h in longer.history] == [4]
+    cfg, _, _, build = _build(cfg)
+    with runtime.distributed(cfg.parallel) as info:
+        trainer = build(info)
+        assert trainer.resume(True) == 2
+        loaded = trainer.router.state_dict()
+    old = ["full", "75pct", "50pct"]
+    for key, value in saved.items():
+        if key.endswith("net.0.weight"):
+            for j, name in enumerate(order):
+                assert torch.equal(loaded[key][:, j], value[:, old.index(name)]), (key, name)
+        else:
+            assert torch.equal(loaded[key], value), key
 
 
 # ------------------------------------------------------------- the comparison itself (no torch)
