@@ -4,7 +4,8 @@ both reporting success for a folder that holds only one's result.
 
 The lock is `fcntl.flock` on a hidden sibling file `PARENT/.NAME.lock` (the output itself may
 not exist yet, and is replaced by a rename): the kernel drops it when the process ends, even by
-SIGKILL, so a lock is never stale.  The sibling file stays (empty but for the holder's pid).
+SIGKILL, so a lock is never stale.  The file holds the holder's pid and is removed on release
+(a SIGKILLed holder leaves it, unlocked: harmless, reused by the next writer).
 
 While the lock is held no other live writer of that output exists, so the hidden staging
 folders a killed writer left next to it (`.NAME.export-*`, `.NAME.tmp`) are removed
@@ -37,28 +38,46 @@ def output_lock(out, field_name: str = "--out", *, error=UserError) -> Iterator[
     holder in another process (or another lock in this one) gets `error` naming `field_name`."""
     out = Path(out)
     path = lock_path(out)
+    handle = _acquire(path, out, field_name, error)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+")
-    except OSError as err:
-        raise error(str(output_path_error(field_name, out, err))) from None
-    try:
+        remove_stale_staging(out)
+        yield out
+    finally:
+        # unlinked while still held (a writer that opened it meanwhile sees another inode and
+        # retries on a fresh file), then released: no lock file is left behind
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        handle.close()
+
+
+def _acquire(path: Path, out: Path, field_name: str, error):
+    for _ in range(100):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a+")
+        except OSError as err:
+            raise error(str(output_path_error(field_name, out, err))) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
+            handle.close()
             raise error(f"{field_name}={str(out)!r} is being written by another command (pid "
                         f"{holder}); wait for it to finish or choose another {field_name}") \
                 from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        remove_stale_staging(out)
-        yield out
-    finally:
-        handle.close()  # releases the flock
+        try:
+            same = os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            return handle
+        handle.close()  # the previous holder removed that file as we locked it: retry
+    raise error(f"{field_name}={str(out)!r}: could not take its lock {str(path)!r}; retry")
 
 
 @contextlib.contextmanager
