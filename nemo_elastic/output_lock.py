@@ -38,6 +38,7 @@ def output_lock(out, field_name: str = "--out", *, error=UserError) -> Iterator[
     holder in another process (or another lock in this one) gets `error` naming `field_name`."""
     out = Path(out)
     path = lock_path(out)
+    created = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
     handle = _acquire(path, out, field_name, error)
     try:
         remove_stale_staging(out)
@@ -48,6 +49,9 @@ def output_lock(out, field_name: str = "--out", *, error=UserError) -> Iterator[
         with contextlib.suppress(OSError):
             os.unlink(path)
         handle.close()
+        for folder in created:  # innermost first: only the folders made for the lock, if empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _acquire(path: Path, out: Path, field_name: str, error):
