@@ -154,8 +154,11 @@ def cmd_preprocess(args) -> int:
 
     from nemo_elastic.paths import check_outputs
 
+    # (a missing or directory input is refused by its own, more precise check below)
     check_outputs([f"{args.out}.bin", f"{args.out}.idx"], "--out",
-                  {"--input": args.input, "--tokenizer": args.tokenizer})
+                  {flag: path for flag, path in (("--input", args.input),
+                                                 ("--tokenizer", args.tokenizer))
+                   if Path(path).is_file()})
     tokenizer = HFTokenizer(args.tokenizer, eod_token=args.eod_token)
     stats = preprocess_to_indexed(args.input, tokenizer, args.out, json_key=args.json_key,
                                   append_eod=not args.no_eod, show_progress=not args.no_progress)
