@@ -58,9 +58,10 @@ def make_family(root: Path) -> Path:
     with runtime.distributed(ParallelConfig()):
         model = build_elastic_model(cfg)
         load_checkpoint(parent, model=model, restore_rng=False)
-        save_checkpoint(root / "family", cfg=cfg, model=model, kind="elastic",
+        # kind "elastic" also writes `latest`: the checkpoint gets a checkpoints folder of its own
+        save_checkpoint(root / "ckpts" / "family", cfg=cfg, model=model, kind="elastic",
                         extra_meta={"family": rows}, overwrite=True)
-    return root / "family"
+    return root / "ckpts" / "family"
 
 
 def argv(command: str, ckpt: Path, out: Path) -> list[str]:

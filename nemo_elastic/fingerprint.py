@@ -5,8 +5,7 @@ Every elastic checkpoint's `nemo_elastic.json` holds `"fingerprint"`: the budget
 target, the budget type and memory spec, the axes and their resolved choice lists, heterogeneity,
 depth choices, the router's shape and mode, the init and teacher checkpoints (path + SHA-256 of
 their `nemo_elastic.json`, which lists the SHA-256 of every tensor file), budget sampling, the
-seed and the curriculum.  On resume (and before a `--no-resume` run overwrites the folder) every
-difference is either
+seed and the curriculum.  On resume every difference is either
 
 * refused: one line naming the field, the checkpoint's value, the recipe's value and the way out
   (another `elastic.output_dir`); nothing is written, the checkpoint stays untouched; or
@@ -16,7 +15,8 @@ difference is either
   `permute_router_state`), and the hyperparameters a resume is meant to change
   (`LOGGED_FIELDS`: learning rates, loss weights, execution mode, ...).
 
-Checkpoints written before the fingerprint existed: the budgets (names and targets) and budget
+`--no-resume` is a deliberate fresh start in the folder: a difference is logged as a WARNING
+naming what the new run replaces.  Checkpoints written before the fingerprint existed: the budgets (names and targets) and budget
 type recorded in their family are still compared; the rest cannot be, and a warning says so.
 """
 
@@ -137,8 +137,9 @@ def run_fingerprint(cfg, init: Path, teacher: Optional[Path]) -> dict:
 
 
 def guard_run_folder(ckpt_root: Path, fingerprint: dict, resume: bool) -> None:
-    """Refuse to resume (or, with --no-resume, to overwrite) the run in `ckpt_root` (a run's
-    `checkpoints/`) when `fingerprint` differs from its latest checkpoint's where unsafe."""
+    """Refuse to resume the run in `ckpt_root` (a run's `checkpoints/`) when `fingerprint`
+    differs from its latest checkpoint's where unsafe; with --no-resume (`resume=False`, a
+    deliberate fresh start in this folder) the difference is a WARNING instead."""
     from nemo_elastic.checkpoint import CheckpointError, latest_checkpoint, read_meta
 
     try:
@@ -147,9 +148,19 @@ def guard_run_folder(ckpt_root: Path, fingerprint: dict, resume: bool) -> None:
         if resume:
             raise
         return  # --no-resume over an unreadable checkpoint: the new run replaces it
-    if latest is not None:
-        meta = read_meta(latest)
+    if latest is None:
+        return
+    meta = read_meta(latest)
+    try:
         check_resume(latest, meta, fingerprint, int(meta.get("iteration") or 0))
+    except ConfigError as err:
+        if resume:
+            raise
+        # --no-resume: the user starts over in this folder on purpose (`run --no-resume`
+        # redoes everything); say loudly what is being replaced
+        logger.warning("--no-resume in %s, which holds a run of another family or training "
+                       "(%s): the new run replaces its checkpoints", ckpt_root.parent,
+                       str(err).split(";")[0])
 
 
 def _normalized(probs: Optional[dict], names: list[str]) -> dict:

@@ -228,8 +228,8 @@ class ElasticTrainer(Trainer):
 
     def resume(self, resume: bool) -> int:
         """Before anything is loaded or written: the recipe must define the family and training
-        of the run that wrote the folder's latest checkpoint (`fingerprint.check_resume`); also
-        with --no-resume, which would overwrite that run's checkpoints."""
+        of the run that wrote the folder's latest checkpoint (`fingerprint.check_resume`);
+        with --no-resume a difference is a warning (a deliberate fresh start)."""
         from nemo_elastic.fingerprint import guard_run_folder
 
         if self.fingerprint is not None:
