@@ -115,3 +115,20 @@ def test_sigterm_sigint_and_sigkill_mid_write_then_a_rerun(run, tmp_path, comman
     assert rerun.returncode == 0, err
     assert not staging() and sorted(p.name for p in out.iterdir()) == \
         ["full", "hetero", "shallow", "uniform"]
+
+
+def test_import_hf_and_preprocess_never_write_over_their_inputs(hf_dir, tmp_path, caplog):
+    before = {p.name: p.read_bytes() for p in hf_dir.iterdir()}
+    for out, says in ((hf_dir, "itself"), (hf_dir / "ck", "inside the input"),
+                      (hf_dir.parent, "contains the input")):
+        caplog.clear()
+        assert main(["import-hf", str(hf_dir), "--out", str(out), "--overwrite"]) == 2
+        assert says in caplog.text, caplog.text
+    assert {p.name: p.read_bytes() for p in hf_dir.iterdir()} == before
+    corpus = tmp_path / "c.bin"
+    corpus.write_text("some text\n")
+    caplog.clear()
+    assert main(["preprocess", "--input", str(corpus), "--tokenizer", str(corpus), "--out",
+                 str(tmp_path / "c")]) == 2
+    assert "--out=" in caplog.text and "is the input --input=" in caplog.text
+    assert corpus.read_text() == "some text\n"
