@@ -16,8 +16,9 @@ seed and the curriculum.  On resume every difference is either
   (`LOGGED_FIELDS`: learning rates, loss weights, execution mode, ...).
 
 `--no-resume` is a deliberate fresh start in the folder: a difference is logged as a WARNING
-naming what the new run replaces.  Checkpoints written before the fingerprint existed: the budgets (names and targets) and budget
-type recorded in their family are still compared; the rest cannot be, and a warning says so.
+naming what the new run replaces.  Checkpoints written before the fingerprint existed: the
+budgets (names and targets) and budget type recorded in their family are still compared; the
+rest cannot be, and a warning says so.
 """
 
 from __future__ import annotations

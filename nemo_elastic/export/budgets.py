@@ -33,8 +33,8 @@ from typing import Iterator, Mapping, Optional, Sequence
 import torch
 
 from nemo_elastic.checkpoint import (
-    CheckpointError, add_checksummed_files, config_from_checkpoint, load_checkpoint, read_meta, replace_durably,
-    resolve_checkpoint, save_checkpoint)
+    CheckpointError, add_checksummed_files, config_from_checkpoint, load_checkpoint, read_meta,
+    replace_durably, resolve_checkpoint, save_checkpoint)
 from nemo_elastic.config import ConfigError
 from nemo_elastic.errors import check_output_path
 from nemo_elastic.output_lock import output_lock
@@ -222,7 +222,7 @@ def _write_megatron(folder: Path, child_cfg, child, extra) -> bool:
     save_checkpoint(folder, cfg=child_cfg, model=child, kind="export",
                     extra_meta={**extra, "format": "megatron"}, field_name="--out")
     write_megatron_config(folder, child_cfg.model)
-    add_checksummed_files(folder, [MEGATRON_CONFIG_FILE])  # verified by every load, the reload first
+    add_checksummed_files(folder, [MEGATRON_CONFIG_FILE])  # verified by every load (the reload)
     return not _is_heterogeneous(child_cfg.model)
 
 

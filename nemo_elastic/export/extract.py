@@ -89,8 +89,8 @@ def extract_checkpoints(ckpt: str | Path, targets: Mapping[str | Path, SubNetwor
             parent = build_tp1_model(cfg)  # local spec, uninitialized: overwritten by the load
             load_checkpoint(ckpt, model=parent, restore_rng=False)
             for folder, outs in groups.items():
-                with _staging(folder, None if len(outs) > 1 else outs[0].name) as (staging,
-                                                                                   commit):
+                name = None if len(outs) > 1 else outs[0].name  # the locked folder's name
+                with _staging(folder, name) as (staging, commit):
                     staged = {}
                     for path, subnet, extra in plan:
                         if path not in outs:
