@@ -86,10 +86,15 @@ def check_output_location(out: PathLike, field_name: str, inputs: Mapping[str, P
 
 
 def _live_owner(folder: Path) -> Optional[str]:
-    """The pid holding `folder/.lock` (checkpoint.OutputLock) if another process holds it now."""
+    """The pid holding `folder/.lock` (checkpoint.OutputLock) if another process holds it now.
+    Only rank 0 asks: under torchrun rank 0 holds the job's own lock, and the other ranks'
+    pids differ from the holder's (they follow rank 0's decisions, writing nothing alone)."""
     import fcntl
 
     from nemo_elastic.checkpoint import LOCK_FILE
+
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return None
 
     lock = folder / LOCK_FILE
     if not lock.is_file():
