@@ -199,3 +199,21 @@ def test_a_damaged_byte_in_any_checkpoint_file_is_named_by_info(run, tmp_path, c
         assert main(["info", str(ckpt)]) == 2, name
         errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
         assert len(errors) == 1 and name in errors[0], (name, errors)
+
+
+def test_an_hf_export_follows_the_umask(run, tmp_path):
+    """Class 8: safetensors' save_file makes 0600 files and mkdtemp 0700 folders whatever the
+    umask; an export is readable by the group and others under umask 022."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    old_umask = os.umask(0o022)
+    try:
+        assert main(["export", "--ckpt", str(run / "run"), "--budget", "uniform", "--format",
+                     "hf", "--out", str(out)]) == 0
+    finally:
+        os.umask(old_umask)
+    paths = [out, *out.rglob("*")]
+    assert any(p.name.endswith(".safetensors") for p in paths)
+    for path in paths:
+        want = 0o755 if path.is_dir() else 0o644
+        assert stat.S_IMODE(path.stat().st_mode) == want, (path, oct(path.stat().st_mode))

@@ -37,6 +37,7 @@ from nemo_elastic.checkpoint import (
     replace_durably, resolve_checkpoint, save_checkpoint)
 from nemo_elastic.config import ConfigError
 from nemo_elastic.errors import check_output_path
+from nemo_elastic.export.common import honour_umask
 from nemo_elastic.output_lock import output_lock
 from nemo_elastic.paths import check_output_location
 from nemo_elastic.report import strict_json
@@ -244,6 +245,7 @@ def _write_hf(folder: Path, child_cfg, child, tokenizer, passthrough) -> bool:
         sample = write_tokenizer(tokenizer, folder, model_vocab_size=m.vocab_size,
                                  max_length=m.max_sequence_length)
         check_tokenizer(tokenizer, folder, sample)
+    honour_umask(folder)  # safetensors writes 0600 files
     return plain
 
 
@@ -292,12 +294,6 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 @contextlib.contextmanager
 def _staging(parent: Path, name: Optional[str] = None):
     """(staging folder, commit) — a hidden folder on the output's filesystem; `commit(sources,
@@ -311,7 +307,7 @@ def _staging(parent: Path, name: Optional[str] = None):
     created = [d for d in (base, *base.parents) if not d.exists()]  # removed again on failure
     base.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name or parent.name}.export-", dir=base))
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes 0700: honour the umask
+    honour_umask(staging)  # mkdtemp makes 0700
     committed = False
 
     def commit(sources: Mapping[str, Path], targets: Mapping[str, Path]) -> None:

@@ -59,3 +59,23 @@ def same_filesystem_tmp(path: os.PathLike) -> str:
     path = os.fspath(path)
     head, tail = os.path.split(path.rstrip(os.sep))
     return os.path.join(head, f".{tail}.tmp")
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(root: os.PathLike) -> None:
+    """Give `root` and everything under it the permissions the umask allows (folders 0777,
+    files 0666, minus the umask): `tempfile.mkdtemp` makes 0700 folders and safetensors'
+    `save_file` 0600 files whatever the umask, so on a shared cluster nobody else could read an
+    export."""
+    mask = current_umask()
+    for dirpath, dirs, files in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)

@@ -25,7 +25,7 @@ from nemo_elastic.checkpoint import (
     resolve_checkpoint)
 from nemo_elastic.errors import check_output_path
 from nemo_elastic.export.common import (
-    build_tp1_model, peak_rss_mib, same_filesystem_tmp, tp1_runtime)
+    build_tp1_model, honour_umask, peak_rss_mib, same_filesystem_tmp, tp1_runtime)
 from nemo_elastic.export.hf_adapter import (
     TensorMap, hf_config_from_model, split_qkv, tensor_maps)
 
@@ -142,6 +142,7 @@ def _export_hf(ckpt: Path, out_dir: Path, *, overwrite: bool, max_shard_bytes: i
             count = _write_weights(tmp, maps, params, cfg.model, max_shard_bytes)
             del model, params
         hf_cfg.save_pretrained(str(tmp))  # config.json
+        honour_umask(tmp)  # safetensors writes 0600 files
         if out_dir.exists():
             shutil.rmtree(out_dir)
         replace_durably(tmp, out_dir)
