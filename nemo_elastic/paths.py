@@ -112,12 +112,8 @@ def _live_owner(folder: Path) -> Optional[str]:
     return None
 
 
-def inputs_of(**paths: Optional[PathLike]) -> dict:
-    """{--flag: path} without the None ones (names with '_' become '-')."""
-    return {f"--{k.replace('_', '-')}": v for k, v in paths.items() if v is not None}
-
-
 def check_outputs(outs: Iterable[PathLike], field_name: str, inputs: Mapping[str, PathLike],
                   *, error=UserError) -> None:
+    """`check_output_location` for each of several outputs (e.g. PREFIX.bin and PREFIX.idx)."""
     for out in outs:
         check_output_location(out, field_name, inputs, error=error)
