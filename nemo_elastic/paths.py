@@ -9,8 +9,8 @@ the path and the fix:
 * the output equal to an input, inside an input, or a parent of an input (`--overwrite` would
   delete the input with it);
 * the output inside a checkpoint (a folder holding `nemo_elastic.json`) or inside a run's
-  `checkpoints/` folder (it holds `latest`): `train.keep_checkpoints` deletes checkpoints with
-  whatever was written into them, and checksums do not cover strangers' files;
+  `checkpoints/` folder (named so, holding `latest`): `train.keep_checkpoints` deletes
+  checkpoints with whatever was written into them, and checksums do not cover strangers' files;
 * the output holding a run (`checkpoints/latest` or `latest` inside it): `--overwrite` would
   delete the run;
 * the output inside a run folder whose `.lock` another live process holds (a running train /
@@ -66,7 +66,7 @@ def check_output_location(out: PathLike, field_name: str, inputs: Mapping[str, P
             raise error(f"{where} is inside the checkpoint {str(folder)!r}: a checkpoint holds "
                         "only its own files (they are checksummed and deleted together); "
                         f"{fix}")
-        if (folder / LATEST_FILE).is_file():
+        if folder.name == "checkpoints" and (folder / LATEST_FILE).is_file():
             raise error(f"{where} is inside the checkpoints folder {str(folder)!r} of a run: "
                         f"it belongs to that run (old checkpoints are deleted there); {fix}")
         owner = _live_owner(folder)
