@@ -165,7 +165,8 @@ def cmd_export(args) -> int:
     from nemo_elastic.jobs import export
 
     export(args.ckpt, args.out, budget=args.budget, format=args.format, overwrite=args.overwrite,
-           all_budgets=args.all, hf_per_layer=args.hf_per_layer)
+           all_budgets=args.all, hf_per_layer=args.hf_per_layer,
+           allow_unordered=args.allow_unordered)
     return 0
 
 
@@ -377,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(loads with nemo_elastic.export.load_hf_per_layer, not stock transformers)")
     p.add_argument("--out", required=True, help="output folder (budgets: one sub-folder each)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--allow-unordered", action="store_true",
+                   help="export a family whose sizes are not in the order of their targets "
+                        "(refused by default; see `nemo-elastic info`)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("extract", help="slice a sub-network out of a checkpoint (zero-shot)")

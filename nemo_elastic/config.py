@@ -378,6 +378,13 @@ class Config:
                           f"{parent_gb:.3f} GB at elastic.memory={e.memory}")
 
 
+    def with_model(self, model: ModelConfig) -> "Config":
+        """This config around another model (a sliced sub-network, a checkpoint's own model).
+        The elastic section describes the parent's family (its depth choices, choice sizes and
+        memory budgets are checked against the parent), so it is dropped: the child is a plain
+        model, validated by its own rules only."""
+        return dataclasses.replace(self, model=model, elastic=None)
+
     def single_process(self) -> "Config":
         """This config at TP=1, PP=1 (pipeline separators removed; global layer indices and so
         checkpoint keys unchanged): how conversion, slicing and importance scoring run."""

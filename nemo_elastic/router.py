@@ -256,5 +256,7 @@ class ElasticRouter(nn.Module):
                 "parameter_fraction": params / self.full_parameters,
                 "memory_bytes": budget_math.subnetwork_memory(self.model, subnet, spec),
                 "memory_spec": dataclasses.asdict(spec), "summary": subnet.describe(self.model),
-                "subnetwork": subnet.to_dict()})
+                "subnetwork": subnet.to_dict(),
+                # the band the budget loss treats as free (nemo_elastic.family_check)
+                "tolerance": float(self.config.loss.tolerance), "band": self.config.loss.band})
         return rows
