@@ -6,7 +6,7 @@
     nemo-elastic pretrain   [--config conf/tiny.yaml] [key=value ...]   train the parent
     nemo-elastic train      [--config conf/tiny.yaml] [key=value ...]   elastic distillation (all budgets)
     nemo-elastic info       CKPT [--json]                               a checkpoint's budget family
-    nemo-elastic eval       --ckpt CKPT [--json] [--out FILE] [key=value ...]
+    nemo-elastic eval       --ckpt CKPT [--all-budgets] [--json] [--out FILE] [key=value ...]
                                                                         validation loss + answer accuracy
     nemo-elastic prepare    --ckpt CKPT --out CKPT [--config CONF]       importance scores + reordering
     nemo-elastic preprocess --input FILE --tokenizer tokenizer.json --out PREFIX
@@ -117,6 +117,17 @@ def cmd_eval(args) -> int:
 
     if args.out:  # before the evaluation, not after it
         check_result_path(Path(args.out))
+    if args.all_budgets:
+        from nemo_elastic.training.evaluate_budgets import check_all_budgets, \
+            evaluate_all_budgets, format_all_budgets
+
+        result = evaluate_all_budgets(args.ckpt, overrides=args.overrides, speed=args.speed,
+                                      progress=not args.no_progress)
+        check_all_budgets(result)
+        if args.out:
+            write_result(result, Path(args.out))
+        print(result_json(result) if args.json else format_all_budgets(result), flush=True)
+        return 0
     result = evaluate_checkpoint(args.ckpt, overrides=args.overrides, speed=args.speed,
                                  progress=not args.no_progress)
     check_result(result)
@@ -322,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="FILE", help="also write the result as JSON")
     p.add_argument("--speed", action="store_true",
                    help="also measure greedy decoding tokens/s (one process)")
+    p.add_argument("--all-budgets", action="store_true",
+                   help="an elastic checkpoint: every trained budget, each sliced out and "
+                        "evaluated as the model it exports to (one table)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
