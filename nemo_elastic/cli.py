@@ -299,8 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def train_args(p, config_required: bool):
-        p.add_argument("--config", required=config_required, default=None,
-                       help="YAML recipe (default: the embedded conf/tiny.yaml)")
+        p.add_argument("--config", required=config_required, default=None, action=_Once,
+                       help="YAML recipe (default: the embedded conf/tiny.yaml); one per run: "
+                            "override keys with key=value, replace a mapping with "
+                            "key={a: 1, b: 2}")
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="OmegaConf overrides, e.g. train.iters=100 parallel.tensor_model_parallel_size=2")
         p.add_argument("--no-resume", action="store_true",
@@ -464,6 +466,18 @@ def _os_error_line(err: OSError) -> str:
            errno.ENOSPC: "free disk space or choose another location"}.get(err.errno,
                                                                           "check the path")
     return f"{where}{err.strerror.lower()}; {fix}"
+
+
+class _Once(argparse.Action):
+    """An option that may be given once: a second --config would silently replace the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        previous = getattr(namespace, self.dest, None)
+        if previous is not None:
+            parser.error(f"{option_string} is given twice ({previous!r}, {values!r}); one recipe "
+                         "per run: change keys with key=value overrides (a mapping value "
+                         "such as elastic.budgets={full: 1.0, half: 0.5} replaces the recipe's)")
+        setattr(namespace, self.dest, values)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -95,6 +95,8 @@ def build_trainer(cfg: Config, init: Path, teacher_ckpt: Path, info, *, load_ini
     from nemo_elastic.training.optim import build_optimizer, build_scheduler, wrap_ddp
 
     e = cfg.elastic
+    for warning in e.warmup_warnings():
+        logger.warning("%s", warning)
     student = build_elastic_model(cfg, **cfg.train.recompute_overrides())
     if load_init:  # before the optimizer: bf16 optimizers copy the weights at build time
         load_checkpoint(init, model=student, restore_rng=False)
