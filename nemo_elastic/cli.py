@@ -96,6 +96,26 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    """Validate a recipe (+ overrides) for a world size without running anything: what a Slurm
+    dry run calls, so a job that would fail at start-up fails before it is queued."""
+    cfg = load_config(args.config or _default_config(), args.overrides)
+    par = cfg.parallel
+    model_parallel = par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+    if args.world_size is not None and (args.world_size < 1 or args.world_size % model_parallel):
+        raise ConfigError(f"--world-size={args.world_size}: not a multiple of "
+                          f"parallel.tensor_model_parallel_size x pipeline_model_parallel_size = "
+                          f"{model_parallel}; change TP, PP or the number of ranks")
+    if args.command_name == "train" and cfg.elastic is None:
+        raise ConfigError("train: the recipe has no elastic: section (budgets, curriculum); "
+                          "add one (see conf/tiny.yaml)")
+    dp = "" if args.world_size is None else f", DP={args.world_size // model_parallel}"
+    print(f"recipe OK for {args.command_name}: TP={par.tensor_model_parallel_size} "
+          f"PP={par.pipeline_model_parallel_size}{dp}, pattern {cfg.model.hybrid_layer_pattern}",
+          flush=True)
+    return 0
+
+
 def cmd_info(args) -> int:
     import json
 
@@ -322,6 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "teacher, curriculum stages (the recipe's `elastic:` section)")
     train_args(p, config_required=False)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("check", help="validate a recipe (+ overrides) for a world size, run "
+                       "nothing (the Slurm scripts' dry run calls it)")
+    train_args(p, config_required=False)
+    p.add_argument("--world-size", type=int, default=None, help="number of ranks of the job")
+    p.add_argument("--for", dest="command_name", default="pretrain",
+                   choices=["pretrain", "train", "run"], help="the command the recipe is for")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("info", help="a checkpoint's kind, iteration and trained budget family")
     p.add_argument("ckpt", help="checkpoint dir (or a run's output dir: latest)")

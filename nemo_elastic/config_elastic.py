@@ -33,6 +33,7 @@ ROUTER_MODES = {"hard": "scaled", "soft": "mixture"}  # config name -> masks.Sof
 BUDGET_TYPES = ("params", "memory")
 TEACHER_MODES = ("frozen", "trainable")
 BANDS = ("symmetric", "ceiling")
+BUDGET_COSTS = ("hard", "expected")
 # How a hard-mode student runs (soft mode is always masked): on the kept slices of the weights
 # (a smaller budget costs less) or masked (the reference; every budget costs the full model).
 EXECUTIONS = ("sliced", "masked")
@@ -122,11 +123,18 @@ class BudgetLossConfig:
     # symmetric: zero within target x (1 +- tolerance) (Megatron-LM); ceiling: zero within
     # target x [1 - tolerance, 1] - the budget is an upper bound (memory that must fit).
     band: str = "symmetric"
+    # What the band judges in hard mode.  hard: the cost of the sub-network the student runs
+    # (the argmax), with the expectation's gradient (straight-through); expected: E[cost] under
+    # the router's probabilities (Megatron-LM).  With `expected` the loss is zero while the
+    # mixture's mean is inside the band even when its argmax - the deployed model - is not.
+    cost: str = "hard"
 
     def __post_init__(self) -> None:
         p = "elastic.loss."
         if self.band not in BANDS:
             fail(f"{p}band", self.band, f"must be one of {list(BANDS)}")
+        if self.cost not in BUDGET_COSTS:
+            fail(f"{p}cost", self.cost, f"must be one of {list(BUDGET_COSTS)}")
         require_number(self, "weight", "full_budget_weight", prefix=p, low_open=False)
         require_number(self, "tolerance", prefix=p, low_open=False, high=1.0)
 

@@ -226,6 +226,10 @@ class ElasticRouter(nn.Module):
         largest choice)."""
         loss_cfg = self.config.loss
         cost = self.expected_cost(output.subnetwork)
+        if loss_cfg.cost == "hard" and self.mode == "scaled":
+            # value: the cost of the sub-network the student runs; gradient: the expectation's
+            hard = self.cost_of(output.subnetwork.hard())
+            cost = cost + (hard - cost.detach())
         signed = cost / self.targets[budget_index] - 1.0
         upper = 0.0 if loss_cfg.band == "ceiling" else loss_cfg.tolerance
         inside = (signed > -loss_cfg.tolerance) & (signed <= upper)
