@@ -38,10 +38,11 @@ SETUPS = {
 }
 
 
-def run(setup: dict, cost: str, seed: int, iters: int, micro: int, kd_pull: float):
+def run(setup: dict, cost: str, seed: int, iters: int, micro: int, kd_pull: float,
+        router: dict):
     el = dict(iters=iters, warmup_iters=0, budgets=BUDGETS, seed=seed, lr=1e-3,
               width_fractions=[1.0, 0.875, 0.75, 0.625, 0.5, 0.375],
-              loss={"cost": cost}, **setup)
+              loss={"cost": cost}, router=router, **setup)
     cfg = from_dict(Config, {"model": MODEL, "elastic": el})
     e = cfg.elastic
     ranking = torch.randperm(cfg.model.num_layers,
@@ -72,16 +73,23 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--micro", type=int, default=4)
     ap.add_argument("--kd-pull", type=float, default=0.05)
+    ap.add_argument("--tau-end", type=float, default=0.05)
+    ap.add_argument("--scale-end", type=float, default=10.0)
+    ap.add_argument("--costs", default="expected,hard")
+    ap.add_argument("--setups", default=",".join(SETUPS))
     args = ap.parse_args()
+    router = {"tau_end": args.tau_end, "scale_end": args.scale_end}
     print(f"{args.seeds} seeds x {len(BUDGETS)} budgets, {args.iters} iterations x "
           f"{args.micro} micro-batches, kd_pull {args.kd_pull}")
     print(f"{'setup':26s} | {'cost':8s} | in band | families in order | worst |deviation|")
-    for name, setup in SETUPS.items():
-        for cost in ("expected", "hard"):
+    print(f"router: tau_end {args.tau_end}, scale_end {args.scale_end}")
+    for name in args.setups.split(","):
+        setup = SETUPS[name]
+        for cost in args.costs.split(","):
             inside = ordered = total = 0
             worst = 0.0
             for seed in range(args.seeds):
-                check = run(setup, cost, seed, args.iters, args.micro, args.kd_pull)
+                check = run(setup, cost, seed, args.iters, args.micro, args.kd_pull, router)
                 inside += sum(b.inside for b in check.budgets)
                 total += len(check.budgets)
                 ordered += check.in_order
