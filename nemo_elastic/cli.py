@@ -468,11 +468,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with logging_redirect_tqdm():  # log lines print above progress bars, not through them
             return args.func(args)
     except UserError as err:  # CheckpointError, ConfigError, DataError, TrainingDiverged
-        logger.error("%s", _one_line(str(err)))
-        return 2
+        return _user_error(_one_line(str(err)))
     except OSError as err:  # a missing input, an output that cannot be written, a full disk
-        logger.error("%s", _one_line(_os_error_line(err)))
-        return 2
+        return _user_error(_one_line(_os_error_line(err)))
+
+
+def _user_error(line: str) -> int:
+    """Log the one-line error; under torchrun also hand it to torchelastic's error file, so
+    the `ChildFailedError` summary torchrun prints last shows this line (not only 'To enable
+    traceback see ...')."""
+    import json
+    import time
+
+    logger.error("%s", line)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            with open(error_file, "w") as fp:
+                json.dump({"message": f"nemo_elastic: {line}", "timestamp": int(time.time())},
+                          fp)
+        except OSError:
+            pass  # the log line above is still there
+    return 2
 
 
 def _one_line(message: str) -> str:
