@@ -205,7 +205,10 @@ class ElasticConfig:
     budget_type: str = "params"  # params: fractions of the parent; memory: GB (see `memory`)
     memory: dict = field(default_factory=dict)  # nemo_elastic.budget.MemorySpec fields
     axes: list = field(default_factory=lambda: ["hidden", "mamba_heads", "attention_heads", "ffn"])
-    width_fractions: list = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.625, 0.5])
+    # 1/16 steps: with 1/8 steps one step of an axis moves the size by more than a +-5 % band,
+    # and the router oscillates across the band (bench/bench_router_band.py: 12/12 budgets
+    # inside with 1/16 steps, about 70 % with 1/8 steps)
+    width_fractions: list = field(default_factory=lambda: [1 - i / 16 for i in range(9)])
     choices: dict = field(default_factory=dict)  # axis -> explicit sizes (overrides fractions)
     heterogeneous: list = field(default_factory=list)  # axes with one choice per layer
     depth_choices: list = field(default_factory=list)  # numbers of kept layers; [] = no depth
