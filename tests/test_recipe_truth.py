@@ -167,3 +167,25 @@ def test_router_lands_every_budget_inside_its_band_on_the_default_lattice(seed):
     assert fine.ok, fine.summary()
     coarse = run(SETUPS["4 axes"], "expected", seed, 150, 4, 0.05, {}, FRACTIONS)
     assert coarse.outside, "the comparison lost its point: the coarse lattice now lands too"
+
+
+def test_a_run_that_wrote_nothing_leaves_no_lock_only_folder(tmp_path):
+    from nemo_elastic.checkpoint import LOCK_FILE, OutputLock
+
+    with pytest.raises(RuntimeError):
+        with OutputLock(tmp_path / "failed", "output_dir"):
+            assert (tmp_path / "failed" / LOCK_FILE).is_file()
+            raise RuntimeError("start-up failed")
+    assert not (tmp_path / "failed").exists()
+    with OutputLock(tmp_path / "ran", "output_dir"):
+        (tmp_path / "ran" / "metrics.jsonl").write_text("{}\n")
+    assert (tmp_path / "ran" / "metrics.jsonl").is_file()  # a run's outputs stay
+
+
+def test_missing_data_files_name_the_recipe_fields(tmp_path):
+    from nemo_elastic.data.loaders import build_tokenizer
+
+    cfg = load_config(TINY, ["data.source=indexed", f"data.indexed.prefix={tmp_path / 'c'}",
+                             f"data.indexed.tokenizer={tmp_path / 'tok.json'}"])
+    with pytest.raises(ConfigError, match=r"^data.indexed.tokenizer='.*tok.json': no such file"):
+        build_tokenizer(cfg)
