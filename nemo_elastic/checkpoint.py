@@ -715,6 +715,16 @@ LOCK_FILE = ".lock"
 _NESTABLE: dict[Path, int] = {}
 
 
+def _drop_if_only_lock(out_dir: Path) -> None:
+    """A run that wrote nothing (it failed at start-up) leaves no folder holding only `.lock`."""
+    try:
+        if [p.name for p in out_dir.iterdir()] == [LOCK_FILE]:
+            (out_dir / LOCK_FILE).unlink()
+            out_dir.rmdir()
+    except OSError:
+        pass  # not ours to clean, or already gone
+
+
 class OutputLock:
     """An exclusive lock on a run's output folder, so that a second run on it refuses clearly
     instead of racing for its checkpoints.  Rank 0 creates the folder and holds `fcntl.flock`
@@ -776,5 +786,6 @@ class OutputLock:
                 del _NESTABLE[self._key]
             self._key = None
         if self._handle is not None:
+            _drop_if_only_lock(self.out_dir)  # still locked: no other run can be inside
             self._handle.close()  # closing the file releases the flock
             self._handle = None

@@ -6,7 +6,7 @@
     nemo-elastic pretrain   [--config conf/tiny.yaml] [key=value ...]   train the parent
     nemo-elastic train      [--config conf/tiny.yaml] [key=value ...]   elastic distillation (all budgets)
     nemo-elastic info       CKPT [--json]                               a checkpoint's budget family
-    nemo-elastic eval       --ckpt CKPT [--json] [--out FILE] [key=value ...]
+    nemo-elastic eval       --ckpt CKPT [--all-budgets] [--json] [--out FILE] [key=value ...]
                                                                         validation loss + answer accuracy
     nemo-elastic prepare    --ckpt CKPT --out CKPT [--config CONF]       importance scores + reordering
     nemo-elastic preprocess --input FILE --tokenizer tokenizer.json --out PREFIX
@@ -98,6 +98,26 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    """Validate a recipe (+ overrides) for a world size without running anything: what a Slurm
+    dry run calls, so a job that would fail at start-up fails before it is queued."""
+    cfg = load_config(args.config or _default_config(), args.overrides)
+    par = cfg.parallel
+    model_parallel = par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+    if args.world_size is not None and (args.world_size < 1 or args.world_size % model_parallel):
+        raise ConfigError(f"--world-size={args.world_size}: not a multiple of "
+                          f"parallel.tensor_model_parallel_size x pipeline_model_parallel_size = "
+                          f"{model_parallel}; change TP, PP or the number of ranks")
+    if args.command_name == "train" and cfg.elastic is None:
+        raise ConfigError("train: the recipe has no elastic: section (budgets, curriculum); "
+                          "add one (see conf/tiny.yaml)")
+    dp = "" if args.world_size is None else f", DP={args.world_size // model_parallel}"
+    print(f"recipe OK for {args.command_name}: TP={par.tensor_model_parallel_size} "
+          f"PP={par.pipeline_model_parallel_size}{dp}, pattern {cfg.model.hybrid_layer_pattern}",
+          flush=True)
+    return 0
+
+
 def cmd_info(args) -> int:
     import json
 
@@ -123,6 +143,17 @@ def cmd_eval(args) -> int:
 
         check_output_location(args.out, "--out", {"--ckpt": resolve_checkpoint(args.ckpt)})
         check_result_path(Path(args.out))
+    if args.all_budgets:
+        from nemo_elastic.training.evaluate_budgets import check_all_budgets, \
+            evaluate_all_budgets, format_all_budgets
+
+        result = evaluate_all_budgets(args.ckpt, overrides=args.overrides, speed=args.speed,
+                                      progress=not args.no_progress)
+        check_all_budgets(result)
+        if args.out:
+            write_result(result, Path(args.out))
+        print(result_json(result) if args.json else format_all_budgets(result), flush=True)
+        return 0
     result = evaluate_checkpoint(args.ckpt, overrides=args.overrides, speed=args.speed,
                                  progress=not args.no_progress)
     check_result(result)
@@ -178,7 +209,8 @@ def cmd_export(args) -> int:
     from nemo_elastic.jobs import export
 
     export(args.ckpt, args.out, budget=args.budget, format=args.format, overwrite=args.overwrite,
-           all_budgets=args.all, hf_per_layer=args.hf_per_layer)
+           all_budgets=args.all, hf_per_layer=args.hf_per_layer,
+           allow_unordered=args.allow_unordered)
     return 0
 
 
@@ -300,8 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def train_args(p, config_required: bool):
-        p.add_argument("--config", required=config_required, default=None,
-                       help="YAML recipe (default: the embedded conf/tiny.yaml)")
+        p.add_argument("--config", required=config_required, default=None, action=_Once,
+                       help="YAML recipe (default: the embedded conf/tiny.yaml); one per run: "
+                            "override keys with key=value, replace a mapping with "
+                            "key={a: 1, b: 2}")
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="OmegaConf overrides, e.g. train.iters=100 parallel.tensor_model_parallel_size=2")
         p.add_argument("--no-resume", action="store_true",
@@ -322,6 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     train_args(p, config_required=False)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("check", help="validate a recipe (+ overrides) for a world size, run "
+                       "nothing (the Slurm scripts' dry run calls it)")
+    train_args(p, config_required=False)
+    p.add_argument("--world-size", type=int, default=None, help="number of ranks of the job")
+    p.add_argument("--for", dest="command_name", default="pretrain",
+                   choices=["pretrain", "train", "run"], help="the command the recipe is for")
+    p.set_defaults(func=cmd_check)
+
     p = sub.add_parser("info", help="a checkpoint's kind, iteration and trained budget family")
     p.add_argument("ckpt", help="checkpoint dir (or a run's output dir: latest)")
     p.add_argument("--json", action="store_true", help="machine-readable: one entry per budget")
@@ -334,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="FILE", help="also write the result as JSON")
     p.add_argument("--speed", action="store_true",
                    help="also measure greedy decoding tokens/s (one process)")
+    p.add_argument("--all-budgets", action="store_true",
+                   help="an elastic checkpoint: every trained budget, each sliced out and "
+                        "evaluated as the model it exports to (one table)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
@@ -390,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(loads with nemo_elastic.export.load_hf_per_layer, not stock transformers)")
     p.add_argument("--out", required=True, help="output folder (budgets: one sub-folder each)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--allow-unordered", action="store_true",
+                   help="export a family whose sizes are not in the order of their targets "
+                        "(refused by default; see `nemo-elastic info`)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("extract", help="slice a sub-network out of a checkpoint (zero-shot)")
@@ -434,11 +482,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with logging_redirect_tqdm():  # log lines print above progress bars, not through them
             return args.func(args)
     except UserError as err:  # CheckpointError, ConfigError, DataError, TrainingDiverged
-        logger.error("%s", _one_line(str(err)))
-        return 2
+        return _user_error(_one_line(str(err)))
     except OSError as err:  # a missing input, an output that cannot be written, a full disk
-        logger.error("%s", _one_line(_os_error_line(err)))
-        return 2
+        return _user_error(_one_line(_os_error_line(err)))
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (see _sigterm_interrupts): one line
         signum = getattr(err, "signum", signal.SIGINT)
         logger.error("%s interrupted by %s: an unfinished output is never published (its "
@@ -469,6 +515,25 @@ def _sigterm_interrupts():
     return signal.signal(signal.SIGTERM, handler)  # the previous handler, restored after
 
 
+def _user_error(line: str) -> int:
+    """Log the one-line error; under torchrun also hand it to torchelastic's error file, so
+    the `ChildFailedError` summary torchrun prints last shows this line (not only 'To enable
+    traceback see ...')."""
+    import json
+    import time
+
+    logger.error("%s", line)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            with open(error_file, "w") as fp:
+                json.dump({"message": f"nemo_elastic: {line}", "timestamp": int(time.time())},
+                          fp)
+        except OSError:
+            pass  # the log line above is still there
+    return 2
+
+
 def _one_line(message: str) -> str:
     return " ".join(message.split())
 
@@ -488,6 +553,18 @@ def _os_error_line(err: OSError) -> str:
            errno.ENOSPC: "free disk space or choose another location"}.get(err.errno,
                                                                           "check the path")
     return f"{where}{err.strerror.lower()}; {fix}"
+
+
+class _Once(argparse.Action):
+    """An option that may be given once: a second --config would silently replace the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        previous = getattr(namespace, self.dest, None)
+        if previous is not None:
+            parser.error(f"{option_string} is given twice ({previous!r}, {values!r}); one recipe "
+                         "per run: change keys with key=value overrides (a mapping value "
+                         "such as elastic.budgets={full: 1.0, half: 0.5} replaces the recipe's)")
+        setattr(namespace, self.dest, values)
 
 
 class _Parser(argparse.ArgumentParser):

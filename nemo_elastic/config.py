@@ -11,6 +11,7 @@ This module imports neither torch nor megatron: a recipe can be validated on a l
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -361,6 +362,7 @@ class Config:
                 _fail(f"{p}global_batch_size", gbs, f"must be a multiple of the micro batch {mbs}")
             if stage.iters is None:  # tokens -> iterations at this stage's batch and length
                 stage.iters, stage.tokens = max(1, math.ceil(stage.tokens / (gbs * seq))), None
+        e.resolve_warmups()  # stages given in tokens are resolved to iterations above
         if e.warmup_iters >= e.total_iters:
             _fail("elastic.warmup_iters", e.warmup_iters,
                   f"must be below the run's {e.total_iters} iterations")
@@ -375,14 +377,26 @@ class Config:
             smallest_gb = _smallest_memory(m, e, spec) / GB
             for name, value in e.budgets.items():
                 if value > parent_gb * (1 + e.loss.tolerance):
-                    _fail(f"elastic.budgets.{name}", value, f"exceeds the parent's memory "
-                          f"{parent_gb:.3f} GB at elastic.memory={e.memory}")
-                if value < smallest_gb * (1 - e.loss.tolerance):
-                    _fail(f"elastic.budgets.{name}", value, f"is below the smallest memory the "
-                          f"elastic axes can reach, {smallest_gb:.4g} GB (every axis at its "
-                          f"smallest choice, elastic.memory={e.memory}); raise the budget, or "
-                          "add smaller elastic.width_fractions / choices")
+                    from nemo_elastic.jobs import readable_bytes
 
+                    _fail(f"elastic.budgets.{name}", value, f"({readable_bytes(value * GB)}) "
+                          f"exceeds the parent's memory {readable_bytes(parent_gb * GB)} at "
+                          f"elastic.memory={e.memory}")
+                if value < smallest_gb * (1 - e.loss.tolerance):
+                    from nemo_elastic.jobs import readable_bytes
+
+                    _fail(f"elastic.budgets.{name}", value, f"({readable_bytes(value * GB)}) is "
+                          f"below the smallest memory the elastic axes can reach, "
+                          f"{readable_bytes(smallest_gb * GB)} (every axis at its smallest "
+                          f"choice, elastic.memory={e.memory}); raise the budget, or add smaller "
+                          "elastic.width_fractions / choices")
+
+    def with_model(self, model: ModelConfig) -> "Config":
+        """This config around another model (a sliced sub-network, a checkpoint's own model).
+        The elastic section describes the parent's family (its depth choices, choice sizes and
+        memory budgets are checked against the parent), so it is dropped: the child is a plain
+        model, validated by its own rules only."""
+        return dataclasses.replace(self, model=model, elastic=None)
 
     def single_process(self) -> "Config":
         """This config at TP=1, PP=1 (pipeline separators removed; global layer indices and so
@@ -418,13 +432,37 @@ def _override_problem(old, item: str, key: str, value, err: Exception) -> str:
     return f"override {item!r}: {err}".splitlines()[0]
 
 
+def _glued_key(value) -> Optional[str]:
+    """A mapping key such as 'full:0.5' (YAML's flow mapping `{full:0.5}`, no space after the
+    colon, is one key with a null value), anywhere in `value`."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if v is None and isinstance(k, str) and ":" in k:
+                return k
+            inner = _glued_key(v)
+            if inner is not None:
+                return inner
+    if isinstance(value, list):
+        for v in value:
+            inner = _glued_key(v)
+            if inner is not None:
+                return inner
+    return None
+
+
+def _spaced(text: str) -> str:
+    import re
+
+    return re.sub(r":(?=\S)", ": ", text)
+
+
 def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = (),
                 base: Optional[Mapping[str, Any]] = None) -> Config:
     """Load a YAML recipe, apply `key=value` overrides (OmegaConf dotlist), validate.
 
     `base` (a dict) may replace the file, e.g. the resolved config stored in a checkpoint.
     """
-    from omegaconf import OmegaConf  # local import: keep `import nemo_elastic.config` light
+    from omegaconf import DictConfig, OmegaConf  # local: keep `import nemo_elastic.config` light
 
     if path is None and base is None:
         raise ConfigError("no config given: pass --config conf/tiny.yaml (or a checkpoint)")
@@ -446,12 +484,25 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
         except Exception as err:  # yaml / OmegaConf grammar errors of the value
             raise ConfigError(f"override {item!r}: the value is {yaml_problem(err)}; quote it or "
                               "fix the brackets") from None
+        glued = _glued_key(value)
+        if glued is not None:
+            raise ConfigError(f"override {item!r}: {glued!r} reads as one key (YAML needs a space "
+                              f"after the colon); write {key}={_spaced(text)}")
         try:
             before = OmegaConf.select(conf, key.lstrip("+"), default=None)
         except Exception:
             before = None
+        if isinstance(value, dict) and isinstance(before, DictConfig):
+            dropped = [k for k in before if k not in value]
+            if dropped:  # say what happens: a mapping replaces, it does not merge
+                logging.getLogger(__name__).info(
+                    "override %s: the mapping replaces the recipe's %s (dropped: %s); set one "
+                    "entry with %s.NAME=VALUE", item, key.lstrip("+"),
+                    ", ".join(map(str, dropped)), key.lstrip("+"))
         try:
-            OmegaConf.update(conf, key.lstrip("+"), value, merge=True, force_add=True)
+            # merge=False: a mapping value replaces the key's mapping (elastic.budgets={a: 1.0}
+            # keeps only `a`); a scalar or list replaces it either way.
+            OmegaConf.update(conf, key.lstrip("+"), value, merge=False, force_add=True)
         except Exception as err:  # omegaconf raises several types for bad paths
             raise ConfigError(_override_problem(before, item, key.lstrip("+"), value, err)) \
                 from None

@@ -37,12 +37,18 @@ ROUTER_MODES = {"hard": "scaled", "soft": "mixture"}  # config name -> masks.Sof
 BUDGET_TYPES = ("params", "memory")
 TEACHER_MODES = ("frozen", "trainable")
 BANDS = ("symmetric", "ceiling")
+BUDGET_COSTS = ("hard", "expected")
 # How a hard-mode student runs (soft mode is always masked): on the kept slices of the weights
 # (a smaller budget costs less) or masked (the reference; every budget costs the full model).
 EXECUTIONS = ("sliced", "masked")
 # one: one budget drawn per micro-batch (the paper); all: every budget with a non-zero
 # probability on every micro-batch after one teacher forward, losses weighted by the probabilities.
 BUDGET_SAMPLINGS = ("one", "all")
+# Unset warmups (model and router) are this share of the whole run, so a default fits any run
+# length (the paper's 60 iterations were ~1 % of its run; in an 80-iteration run, 75 %).
+WARMUP_FRACTION = 0.05
+WARMUP_WARN_SHARE = 0.25  # `train` warns when a warmup is a larger share of the run
+PAPER_LR = 9.0e-5  # the paper's model LR for its 12B parent: the default when elastic.lr is unset
 
 
 def budget_name_problem(name: str) -> Optional[str]:
@@ -77,7 +83,7 @@ class RouterConfig:
     scale_end: float = 10.0
     mode: str = "hard"  # hard: argmax prefix x its probability; soft: sum_i p_i prefix_i
     lr: float = 1.0e-2  # the router's own parameter group (paper: 1e-2 vs 9e-5 for the model)
-    warmup_iters: int = 60
+    warmup_iters: Optional[int] = None  # None: WARMUP_FRACTION of the run (paper: 60)
     weight_decay: float = 0.0
     clip_grad: float = 1.0  # clipped separately from the model's gradients (0: off)
 
@@ -91,9 +97,43 @@ class RouterConfig:
             fail(f"{p}tau_end", self.tau_end, f"must be <= elastic.router.tau_start={self.tau_start}")
         if self.mode not in ROUTER_MODES:
             fail(f"{p}mode", self.mode, f"must be one of {sorted(ROUTER_MODES)}")
-        if isinstance(self.warmup_iters, bool) or not isinstance(self.warmup_iters, int) \
-                or self.warmup_iters < 0:
-            fail(f"{p}warmup_iters", self.warmup_iters, "must be an integer >= 0")
+        _check_warmup(self.warmup_iters, f"{p}warmup_iters")
+
+
+def _check_warmup(value, name: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        fail(name, value, "must be an integer >= 0, or null for "
+             f"{WARMUP_FRACTION:.0%} of the run")
+
+
+# Memory budgets may carry a unit; stored as GB (decimal, as nemo_elastic.budget.GB).
+MEMORY_UNITS = {"B": 1e-9, "kB": 1e-6, "KB": 1e-6, "MB": 1e-3, "GB": 1.0, "TB": 1e3,
+                "KiB": 2**10 / 1e9, "MiB": 2**20 / 1e9, "GiB": 2**30 / 1e9}
+
+
+def parse_budget(value, budget_type: str, name: str):
+    """A budget target: a number (a fraction of the parameters, or GB), '75%' (params) or a
+    memory size with its unit ('512 MB', '1.5GB', '300 kB'; memory) -> the number."""
+    if not isinstance(value, str):
+        return value
+    import re
+
+    text = value.strip()
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z%]*)", text)
+    unit = match.group(2) if match else None
+    if match and budget_type == "memory" and unit in MEMORY_UNITS:
+        return float(f"{float(match.group(1)) * MEMORY_UNITS[unit]:.12g}")
+    if match and budget_type == "params" and unit == "%":
+        return float(match.group(1)) / 100
+    what = (f"a size with a unit ({', '.join(MEMORY_UNITS)}), e.g. '512 MB', or a number of GB"
+            if budget_type == "memory" else "a fraction of the parameters (0.75) or a percentage "
+            "('75%'); for memory sizes set elastic.budget_type=memory")
+    fail(name, value, f"must be {what}")
+
+
+def default_warmup(total_iters: int) -> int:
+    """The warmup of an unset `warmup_iters`: WARMUP_FRACTION of the run, rounded down."""
+    return int(WARMUP_FRACTION * total_iters)
 
 
 @dataclass(kw_only=True)
@@ -107,11 +147,18 @@ class BudgetLossConfig:
     # symmetric: zero within target x (1 +- tolerance) (Megatron-LM); ceiling: zero within
     # target x [1 - tolerance, 1] - the budget is an upper bound (memory that must fit).
     band: str = "symmetric"
+    # What the band judges in hard mode.  expected: E[cost] under the router's probabilities
+    # (Megatron-LM); hard: the cost of the sub-network the student runs (the argmax), with the
+    # expectation's gradient (straight-through).  Measured no better in router-only runs
+    # (bench/bench_router_band.py), so not the default.
+    cost: str = "expected"
 
     def __post_init__(self) -> None:
         p = "elastic.loss."
         if self.band not in BANDS:
             fail(f"{p}band", self.band, f"must be one of {list(BANDS)}")
+        if self.cost not in BUDGET_COSTS:
+            fail(f"{p}cost", self.cost, f"must be one of {list(BUDGET_COSTS)}")
         require_number(self, "weight", "full_budget_weight", prefix=p, low_open=False)
         require_number(self, "tolerance", prefix=p, low_open=False, high=1.0)
 
@@ -182,7 +229,10 @@ class ElasticConfig:
     budget_type: str = "params"  # params: fractions of the parent; memory: GB (see `memory`)
     memory: dict = field(default_factory=dict)  # nemo_elastic.budget.MemorySpec fields
     axes: list = field(default_factory=lambda: ["hidden", "mamba_heads", "attention_heads", "ffn"])
-    width_fractions: list = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.625, 0.5])
+    # 1/16 steps: with 1/8 steps one step of an axis moves the size by more than a +-5 % band,
+    # and the router oscillates across the band (bench/bench_router_band.py: 12/12 budgets
+    # inside with 1/16 steps, about 70 % with 1/8 steps)
+    width_fractions: list = field(default_factory=lambda: [1 - i / 16 for i in range(9)])
     choices: dict = field(default_factory=dict)  # axis -> explicit sizes (overrides fractions)
     heterogeneous: list = field(default_factory=list)  # axes with one choice per layer
     depth_choices: list = field(default_factory=list)  # numbers of kept layers; [] = no depth
@@ -193,9 +243,9 @@ class ElasticConfig:
     iters: Optional[int] = None  # length of the implicit single stage (no curriculum)
     execution: str = "sliced"  # hard-mode students: sliced | masked (see EXECUTIONS)
     budget_sampling: str = "one"  # one | all (see BUDGET_SAMPLINGS)
-    lr: float = 9.0e-5
-    min_lr: float = 9.0e-6
-    warmup_iters: int = 60
+    lr: Optional[float] = None  # None: PAPER_LR (tuned for a 12B parent), with a warning
+    min_lr: Optional[float] = None  # None: lr / 10
+    warmup_iters: Optional[int] = None  # None: WARMUP_FRACTION of the run (paper: 60)
     lr_decay_style: str = "cosine"
     weight_decay: float = 0.01
     clip_grad: float = 1.0
@@ -227,13 +277,22 @@ class ElasticConfig:
         if self.budget_sampling not in BUDGET_SAMPLINGS:
             fail(f"{p}budget_sampling", self.budget_sampling,
                  f"must be one of {list(BUDGET_SAMPLINGS)}")
+        if self.lr is None:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "elastic.lr is not set: using the paper's %g (tuned for a 12B parent); set "
+                "elastic.lr (and elastic.min_lr) for your model", PAPER_LR)
+            self.lr = PAPER_LR
         require_number(self, "lr", prefix=p)
+        if self.min_lr is None:
+            self.min_lr = self.lr / 10
         require_number(self, "min_lr", prefix=p, low_open=False, high=self.lr)
         require_number(self, "weight_decay", "clip_grad", prefix=p, low_open=False)
         require_positive(self, "log_interval", "eval_interval", "save_interval", prefix=p)
-        if isinstance(self.warmup_iters, bool) or not isinstance(self.warmup_iters, int) \
-                or self.warmup_iters < 0:
-            fail(f"{p}warmup_iters", self.warmup_iters, "must be an integer >= 0")
+        _check_warmup(self.warmup_iters, f"{p}warmup_iters")
+        if all(s.iters is not None for s in self.curriculum):  # else Config resolves tokens first
+            self.resolve_warmups()
         if self.lr_decay_style not in ("constant", "linear", "cosine"):
             fail(f"{p}lr_decay_style", self.lr_decay_style, "must be constant, linear or cosine")
 
@@ -242,12 +301,13 @@ class ElasticConfig:
         if not isinstance(self.budgets, dict) or not self.budgets:
             fail(f"{p}budgets", self.budgets, "must map names to targets, e.g. "
                  "{full: 1.0, 9b: 0.72, 6b: 0.5} (fractions of the parent's parameters)")
-        self.budgets = {str(k): v for k, v in self.budgets.items()}
         for name in self.budgets:
-            problem = budget_name_problem(name)
+            problem = budget_name_problem(str(name))
             if problem:
                 fail(f"{p}budgets", name, f"a budget name {problem} (names become export "
                      "folder names); use letters, digits, '_', '-' or '.', e.g. 50pct")
+        self.budgets = {str(k): parse_budget(v, self.budget_type, f"{p}budgets.{k}")
+                        for k, v in self.budgets.items()}
         for name, value in self.budgets.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
                     or math.isinf(value):
@@ -323,6 +383,26 @@ class ElasticConfig:
         elif self.iters is not None:
             fail(f"{p}iters", self.iters, "give the length per stage in elastic.curriculum "
                  "(iters or tokens), not elastic.iters")
+
+    def resolve_warmups(self) -> None:
+        """Unset warmups (model, router) -> WARMUP_FRACTION of the run (needs every stage's
+        iterations)."""
+        if self.warmup_iters is None:
+            self.warmup_iters = default_warmup(self.total_iters)
+        if self.router.warmup_iters is None:
+            self.router.warmup_iters = default_warmup(self.total_iters)
+
+    def warmup_warnings(self) -> list[str]:
+        """Warmups that take more than WARMUP_WARN_SHARE of the run (a hand-written recipe
+        that kept a long run's value)."""
+        total, out = self.total_iters, []
+        for name, value in (("elastic.warmup_iters", self.warmup_iters),
+                            ("elastic.router.warmup_iters", self.router.warmup_iters)):
+            if value is not None and value > WARMUP_WARN_SHARE * total:
+                out.append(f"{name}={value} is {value / total:.0%} of the run's {total} "
+                           f"iterations; unset it for {WARMUP_FRACTION:.0%} of the run, or "
+                           "lower it")
+        return out
 
     # ------------------------------------------------------------------ queries
     @property

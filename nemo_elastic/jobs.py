@@ -31,8 +31,17 @@ def checkpoint_info(ckpt) -> dict:
     path = resolve_checkpoint(ckpt)
     meta = read_meta(path)  # refuses an edited or damaged nemo_elastic.json
     verify_checkpoint(path, meta)  # and a damaged tensor file: what it reports is what loads
-    return {"checkpoint": str(path), "kind": meta.get("kind"), "iteration": meta.get("iteration"),
-            "budgets": meta.get("family") or []}
+    family = meta.get("family") or []
+    info = {"checkpoint": str(path), "kind": meta.get("kind"), "iteration": meta.get("iteration"),
+            "budgets": family}
+    if family:
+        from nemo_elastic.family_check import check_family
+
+        try:  # per budget: inside its band?  the family: sizes in the order of the targets?
+            info["family_check"] = check_family(family).as_dict()
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            pass  # a corrupt row: format_info names it
+    return info
 
 
 def format_info(info: dict) -> Optional[str]:
@@ -46,11 +55,15 @@ def format_info(info: dict) -> Optional[str]:
         logger.info("no trained budget family in this checkpoint (written by `%s`; the family "
                     "comes from `nemo-elastic train`)", info["kind"])
         return None
+    from nemo_elastic.family_check import check_family
+
     try:
-        rows = [(r["name"], f"{r['target']:g} ({r['budget_type']})", r["summary"],
+        check = check_family(family)
+        bands = check.by_name()
+        rows = [(r["name"], target_text(r), r["summary"],
                  f"{r['parameters']:,} ({r['parameter_fraction']:.1%})",
-                 readable_bytes(r["memory_bytes"])) for r in family]
-    except (KeyError, TypeError, ValueError) as err:
+                 readable_bytes(r["memory_bytes"]), bands[r["name"]].band_text) for r in family]
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
         from nemo_elastic.checkpoint import META_FILE, CheckpointError
 
         raise CheckpointError(
@@ -61,7 +74,17 @@ def format_info(info: dict) -> Optional[str]:
     logger.info("memory: weights + KV cache + Mamba state at batch %s x %s tokens, %s bytes per "
                 "parameter / cache element", spec.get("batch_size"), spec.get("seq_length"),
                 spec.get("bytes_per_param"))
-    return format_table(("budget", "target", "sizes", "parameters", "memory"), rows)
+    log = logger.info if check.ok else logger.warning
+    log("family: %s", check.summary())
+    return format_table(("budget", "target", "sizes", "parameters", "memory", "inside band?"),
+                        rows)
+
+
+def target_text(row: dict) -> str:
+    """A budget's target with its unit: '0.75 of the parameters' or '0.5 GB (memory)'."""
+    if row.get("budget_type") == "memory":
+        return f"{readable_bytes(float(row['target']) * 1e9)} (memory)"
+    return f"{row['target']:g} of the parameters"
 
 
 def readable_bytes(n: float) -> str:
@@ -74,7 +97,7 @@ def readable_bytes(n: float) -> str:
 # ------------------------------------------------------------------------------------ export
 
 def export(ckpt, out, *, budget=None, format: str = "hf", overwrite: bool = False,
-           all_budgets: bool = False, hf_per_layer: bool = False):
+           all_budgets: bool = False, hf_per_layer: bool = False, allow_unordered: bool = False):
     """A checkpoint (a run dir: its latest) -> HF folder `out`; or trained budgets of it
     (`budget`: a name or a list of names, or `all_budgets`) -> one verified `format` folder per
     budget, `out/<name>` (all or none; `export.budgets.export_budgets`).  Returns the path, or
@@ -100,7 +123,8 @@ def export(ckpt, out, *, budget=None, format: str = "hf", overwrite: bool = Fals
         logger.info("exported %s -> %s (Hugging Face nemotron_h)", ckpt, path)
         return path
     results = export_budgets(ckpt, out, None if all_budgets else names, format=format,
-                             overwrite=overwrite, hf_per_layer=hf_per_layer)
+                             overwrite=overwrite, hf_per_layer=hf_per_layer,
+                             allow_unordered=allow_unordered)
     for r in results:
         logger.info("exported budget %r of %s -> %s (%s%s): %s", r.name, ckpt, r.path, format,
                     "" if r.plain else ", per-layer: needs nemo_elastic's loader",

@@ -226,6 +226,10 @@ class ElasticRouter(nn.Module):
         largest choice)."""
         loss_cfg = self.config.loss
         cost = self.expected_cost(output.subnetwork)
+        if loss_cfg.cost == "hard" and self.mode == "scaled":
+            # value: the cost of the sub-network the student runs; gradient: the expectation's
+            hard = self.cost_of(output.subnetwork.hard())
+            cost = cost + (hard - cost.detach())
         signed = cost / self.targets[budget_index] - 1.0
         upper = 0.0 if loss_cfg.band == "ceiling" else loss_cfg.tolerance
         inside = (signed > -loss_cfg.tolerance) & (signed <= upper)
@@ -256,5 +260,7 @@ class ElasticRouter(nn.Module):
                 "parameter_fraction": params / self.full_parameters,
                 "memory_bytes": budget_math.subnetwork_memory(self.model, subnet, spec),
                 "memory_spec": dataclasses.asdict(spec), "summary": subnet.describe(self.model),
-                "subnetwork": subnet.to_dict()})
+                "subnetwork": subnet.to_dict(),
+                # the band the budget loss treats as free (nemo_elastic.family_check)
+                "tolerance": float(self.config.loss.tolerance), "band": self.config.loss.band})
         return rows

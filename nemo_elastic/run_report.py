@@ -53,20 +53,24 @@ def family_rows(evaluation: dict, family: list[dict], before: dict[str, dict]) -
     models = {m["name"]: m for m in evaluation["models"]}
     teacher = models["teacher"]
     full = teacher["parameters"]
+    from nemo_elastic.family_check import check_family
+
+    bands = check_family(family).by_name()
     rows = []
     for row in family:
         m, b = models[row["name"]], before.get(row["name"], {})
         rows.append((row["name"], f"{row['target']:g}", row["summary"],
-                     fmt_params(m["parameters"], full), fmt_loss(m["val_loss"]),
+                     fmt_params(m["parameters"], full), bands[row["name"]].band_text,
+                     fmt_loss(m["val_loss"]),
                      fmt_pct(m["answer_accuracy"]), fmt_speed(m["tokens_per_s"]),
                      fmt_loss(b.get("val_loss")), fmt_pct(b.get("answer_accuracy"))))
-    rows.append(("teacher (parent)", "-", "parent", fmt_params(full, full),
+    rows.append(("teacher (parent)", "-", "parent", fmt_params(full, full), "-",
                  fmt_loss(teacher["val_loss"]), fmt_pct(teacher["answer_accuracy"]),
                  fmt_speed(teacher["tokens_per_s"]), "-", "-"))
     return rows
 
 
-FAMILY_HEADER = ("budget", "target", "sizes", "parameters (exported)", "val loss",
+FAMILY_HEADER = ("budget", "target", "sizes", "parameters (exported)", "inside band?", "val loss",
                  "answer acc.", "tokens/s", "zero-shot val loss", "zero-shot acc.")
 
 
@@ -80,7 +84,10 @@ def _curve_by_iteration(curve: dict) -> dict[int, dict]:
 def write_report(out: Path, *, cfg: Config, parent: dict, zero_shot: dict, evaluation: dict,
                  curve: dict, stages: dict) -> Path:
     out = Path(out)
+    from nemo_elastic.family_check import check_family
+
     family = zero_shot["family"]
+    check = check_family(family)
     names = [r["name"] for r in family]
     points = _curve_by_iteration(curve)
     before = points.get(0, {})
@@ -120,7 +127,10 @@ def write_report(out: Path, *, cfg: Config, parent: dict, zero_shot: dict, evalu
         "",
         "*parameters (exported)* are counted on the loaded standalone checkpoint "
         "(`family/<name>`, as `nemo-elastic extract --all`); *zero-shot* is the same "
-        "sub-network sliced from the prepared parent before any elastic training.",
+        "sub-network sliced from the prepared parent before any elastic training; *inside "
+        "band?*: the achieved size against the target's band (`elastic.loss.tolerance`).",
+        "",
+        f"**Bands**: {check.summary()}. **Order**: sizes {check.order_text()}.",
         "",
     ]
     hf = sorted(n for n in names if (out / "hf" / n / "config.json").is_file())

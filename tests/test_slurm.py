@@ -6,6 +6,7 @@ import os
 import shlex
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,12 @@ SCRIPTS = sorted(SLURM.glob("*.sbatch")) + [SLURM / "launch.sh"]
 
 
 def _run(script, tmp_path, *args, **env):
+    """The script in `tmp_path` (with the repo's conf/ linked there), the venv's nemo-elastic
+    on PATH: the dry run validates the recipe with `nemo-elastic check`."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    clean["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{clean.get('PATH', '')}"
+    if not (tmp_path / "conf").exists():
+        (tmp_path / "conf").symlink_to(ROOT / "conf")
     return subprocess.run(["bash", str(SLURM / script), *args], cwd=tmp_path, text=True,
                           capture_output=True, env={**clean, **env}, timeout=60)
 
@@ -36,10 +42,11 @@ def test_train_dry_run_for_2_nodes_x_8_gpus(tmp_path):
     (tmp_path / "out/elastic/checkpoints").mkdir(parents=True)
     (tmp_path / "out/elastic/checkpoints/latest").write_text("iter_0000200\n")
     out = _run("train.sbatch", tmp_path, "data.indexed.prefix=/data/my corpus", DRY_RUN="1",
-               NODES="2", GPUS_PER_NODE="8", TP="4", PP="2", INIT="/ckpt/prepared", OUT="out",
+               NODES="2", GPUS_PER_NODE="8", TP="8", PP="1", INIT="/ckpt/prepared", OUT="out",
                CONTAINER_IMAGE="nvcr.io/nvidia/nemo:25.09", CONTAINER_MOUNTS="/data:/data")
     assert out.returncode == 0, out.stderr
-    assert "2 node(s) x 8 GPU(s) = 16 ranks, TP=4 PP=2 DP=2" in out.stdout
+    assert "2 node(s) x 8 GPU(s) = 16 ranks, TP=8 PP=1 DP=2" in out.stdout
+    assert "recipe OK for train: TP=8 PP=1, DP=2" in out.stdout
     assert "resume from 'iter_0000200'" in out.stdout
     srun = shlex.split(next(l for l in out.stdout.splitlines() if l.startswith("srun: "))[6:])
     assert srun == ["srun", "--kill-on-bad-exit=1", "--nodes=2", "--ntasks-per-node=1",
@@ -50,7 +57,7 @@ def test_train_dry_run_for_2_nodes_x_8_gpus(tmp_path):
         "torchrun", "--nnodes=2", "--nproc_per_node=8", "--rdzv_id=dryrun",
         "--rdzv_backend=c10d", "--rdzv_endpoint=node001:29500", "--no-python", "nemo-elastic",
         "train", "--config", "conf/nemotron_nano_12b.yaml", "--no-progress",
-        "parallel.tensor_model_parallel_size=4", "parallel.pipeline_model_parallel_size=2",
+        "parallel.tensor_model_parallel_size=8", "parallel.pipeline_model_parallel_size=1",
         "output_dir=out", "elastic.init_checkpoint=/ckpt/prepared",
         "data.indexed.prefix=/data/my corpus"]
     assert nodes["node001"] == nodes["node002"] == expected
@@ -68,6 +75,18 @@ def test_pretrain_dry_run_for_2_nodes_x_8_gpus(tmp_path):
         "pretrain", "--config", "conf/nemotron_nano_12b.yaml", "--no-progress",
         "parallel.tensor_model_parallel_size=8", "parallel.pipeline_model_parallel_size=1",
         "output_dir=out12b", "train.iters=400"]
+
+
+def test_dry_run_validates_the_recipe_for_the_world_size(tmp_path):
+    """The README's TP=4 PP=2 dry run of the 12B recipe (a pattern without '|') used to print
+    a valid-looking command; the job would have failed after queueing."""
+    out = _run("train.sbatch", tmp_path, DRY_RUN="1", NODES="2", GPUS_PER_NODE="8", TP="4",
+               PP="2", INIT="/ckpt/p")
+    assert out.returncode == 2 and "hybrid_layer_pattern" in out.stderr
+    assert "separate the stages with '|'" in out.stderr and "torchrun" not in out.stdout
+    out = _run("train.sbatch", tmp_path, "elastic.budgets.6b=2.0", DRY_RUN="1", NODES="2",
+               INIT="/ckpt/p")
+    assert out.returncode == 2 and "elastic.budgets.6b=2.0" in out.stderr
 
 
 def test_parallel_sizes_that_do_not_fit_the_job_are_refused(tmp_path):

@@ -120,6 +120,15 @@ def test_train_resumes_bit_exactly_mid_stage_and_at_the_stage_transition(tmp_pat
     assert any((out / "tb").iterdir())
     summary = json.loads((out / "summary.json").read_text())
     assert [r["name"] for r in summary["family"]] == ["full", "75pct", "50pct"]
+    # band and order: recounted from the rows (parameter fraction vs target, +-tolerance)
+    check = summary["family_check"]
+    for row in summary["family"]:
+        deviation = row["parameter_fraction"] / row["target"] - 1
+        assert check["budgets"][row["name"]]["inside_band"] == (-0.05 < deviation <= 0.05)
+    fractions = [r["parameter_fraction"] for r in summary["family"]]  # targets 1.0 > 0.75 > 0.5
+    assert check["in_order"] == (fractions == sorted(fractions, reverse=True))
+    report = (out / "report.md").read_text()
+    assert "inside band?" in report and "**Order**" in report and "75pct" in report
     # `nemo-elastic info --json`: one entry per budget, counts from the closed-form cost model
     from nemo_elastic.budget import subnetwork_parameters
     from nemo_elastic.cli import main
@@ -129,6 +138,7 @@ def test_train_resumes_bit_exactly_mid_stage_and_at_the_stage_transition(tmp_pat
     assert main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["iteration"] == 6 and len(info["budgets"]) == 3
+    assert info["family_check"] == check
     parent = _cfg(tmp_path).model
     for entry in info["budgets"]:
         subnet = SubNetwork.from_dict(entry["subnetwork"]).validate(parent)

@@ -9,8 +9,9 @@
 # (pyxis/enroot: srun --container-image/--container-mounts), TORCH_ELASTIC_SHUTDOWN_TIMEOUT
 # (seconds torchrun waits for the SIGTERM checkpoint before SIGKILL, default 240).
 #
-# DRY_RUN=1: print the srun line and the exact command every node runs, then stop (no Slurm
-# needed: outside a job, NODES (default 2) fake nodes node001, node002, ... are shown).
+# DRY_RUN=1: validate the recipe for the job's world size (`nemo-elastic check`), print the srun
+# line and the exact command every node runs, then stop (no Slurm needed: outside a job, NODES
+# (default 2) fake nodes node001, node002, ... are shown).
 
 TP=${TP:-1}
 PP=${PP:-1}
@@ -68,6 +69,8 @@ launch_torchrun() {
        "$GPUS_PER_NODE GPU(s) = $world ranks, TP=$TP PP=$PP DP=$DP, rendezvous" \
        "$MASTER_ADDR:$MASTER_PORT, resume from '${before:-none}' in $ckpt_root"
   if [ "$DRY_RUN" = 1 ]; then
+    # validate the recipe with this world size, so a bad one fails here, not after queueing
+    "$NEMO_ELASTIC" check --world-size "$world" --for "$@" || return 2
     printf 'srun: '; print_command "${SRUN[@]}"
     local host
     for host in "${HOSTS[@]}"; do printf '[%s] ' "$host"; print_command "${TORCHRUN[@]}"; done

@@ -7,6 +7,7 @@ each `[b, s]`); the train iterator is resumable (`state_dict()` is stored in che
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -32,7 +33,11 @@ def build_tokenizer(cfg: Config):
     if cfg.data.source == "synthetic":
         tokenizer = CharTokenizer()
     else:
-        tokenizer = HFTokenizer(cfg.data.indexed.tokenizer, eod_token=cfg.data.indexed.eod_token)
+        path = cfg.data.indexed.tokenizer
+        if not path or not os.path.isfile(path):  # named as the recipe names it
+            raise ConfigError(f"data.indexed.tokenizer={path!r}: no such file; pass the "
+                              "tokenizer.json given to `nemo-elastic preprocess --tokenizer`")
+        tokenizer = HFTokenizer(path, eod_token=cfg.data.indexed.eod_token)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
@@ -56,7 +61,13 @@ def build_training_data(cfg: Config, info: "RankInfo") -> TrainingData:
     else:
         from nemo_elastic.data import IndexedDatasetsConfig, build_indexed_datasets
 
+        from nemo_elastic.data.indexed import IndexedDataset
+
         idx = d.indexed
+        if not idx.prefix or not IndexedDataset.exists(idx.prefix):  # the recipe's names
+            raise ConfigError(
+                f"data.indexed.prefix={idx.prefix!r}: no {idx.prefix}.bin + {idx.prefix}.idx "
+                "pair; pass the --out PREFIX of `nemo-elastic preprocess` (without .bin/.idx)")
         train, val = build_indexed_datasets(
             IndexedDatasetsConfig(prefixes=[idx.prefix], seq_length=d.seq_length, seed=d.seed,
                                   split=idx.split, cache_dir=idx.cache_dir,

@@ -160,13 +160,22 @@ class SubNetwork:
         return cls(hidden_size=data["hidden_size"], layers=tuple(layers))
 
     def describe(self, model: ModelConfig) -> str:
-        """One line per changed axis, e.g. for logs and summary tables."""
-        parts = [f"hidden {self.hidden_size}/{model.hidden_size}"]
+        """One line, one notation: `SIZE of PARENT` per axis; an axis whose kept layers differ
+        lists them by global layer index, e.g.
+        'hidden 48 of 64, mamba_num_heads 8 of 8, ffn_hidden_size {1: 96, 4: 120} of 192'."""
+        parts = [f"hidden {self.hidden_size} of {model.hidden_size}"]
         for f in SIZE_FIELDS:
-            vals = sorted({getattr(layer, f) for layer in self.layers
-                           if layer.keep and getattr(layer, f) is not None})
-            if vals:
-                parts.append(f"{f} {'/'.join(map(str, vals))}")
+            sizes = {i: getattr(layer, f) for i, layer in enumerate(self.layers)
+                     if layer.keep and getattr(layer, f) is not None}
+            if not sizes:
+                continue
+            parents = sorted({model.layer_size(f, i) for i in sizes})
+            parent = "/".join(map(str, parents))
+            if len(set(sizes.values())) == 1:
+                parts.append(f"{f} {next(iter(sizes.values()))} of {parent}")
+            else:
+                per_layer = ", ".join(f"{i}: {v}" for i, v in sizes.items())
+                parts.append(f"{f} {{{per_layer}}} of {parent}")
         dropped = [i for i, layer in enumerate(self.layers) if not layer.keep]
         if dropped:
             parts.append(f"dropped layers {dropped}")

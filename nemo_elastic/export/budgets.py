@@ -82,14 +82,36 @@ def plan_targets(out: str | Path, names: Sequence[str]) -> dict[str, Path]:
 
 def export_budgets(ckpt: str | Path, out: str | Path, budgets: Optional[Sequence[str]] = None,
                    *, format: str = "megatron", overwrite: bool = False,
-                   hf_per_layer: bool = False) -> list[BudgetExport]:
-    """Budgets `budgets` (None: every trained one) of `ckpt` into `out/<name>`, all or none."""
+                   hf_per_layer: bool = False, allow_unordered: bool = False
+                   ) -> list[BudgetExport]:
+    """Budgets `budgets` (None: every trained one) of `ckpt` into `out/<name>`, all or none.
+    A family whose sizes are out of the order of their targets (`family_check`) is refused
+    unless `allow_unordered`."""
     from nemo_elastic.export.family import family_of
 
     family = family_of(ckpt)
     names = list(family) if budgets is None else list(dict.fromkeys(budgets))
+    check_family_order(ckpt, allow_unordered)
     return export_to(ckpt, plan_targets(out, names), format=format, overwrite=overwrite,
                      hf_per_layer=hf_per_layer)
+
+
+def check_family_order(ckpt, allow_unordered: bool) -> None:
+    """Refuse (or, allowed, warn about) a family whose sizes are not in the order of their
+    targets: such a family is not a nested family one can deploy by size."""
+    from nemo_elastic.family_check import check_family
+
+    try:
+        check = check_family(read_meta(resolve_checkpoint(ckpt)).get("family") or [])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return  # rows without sizes (family_of has checked what export needs)
+    if check.in_order:
+        return
+    if not allow_unordered:
+        raise ConfigError(f"checkpoint {str(ckpt)!r}: the family's sizes are "
+                          f"{check.order_text()}; train longer or with more router updates per "
+                          "budget, or export anyway with --allow-unordered")
+    logger.warning("exporting a family whose sizes are %s", check.order_text())
 
 
 def export_to(ckpt: str | Path, targets: Mapping[str, str | Path], *, format: str = "megatron",

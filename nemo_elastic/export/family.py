@@ -36,8 +36,8 @@ def family_of(ckpt: str | Path) -> dict[str, SubNetwork]:
     if not rows:
         raise CheckpointError(
             f"checkpoint {str(ckpt)!r} (kind {meta.get('kind')!r}) holds no trained budget family: "
-            "it was not written by `nemo-elastic train`; pass a checkpoint of an elastic run, or "
-            "choose the sizes yourself with --subnet FILE or the size flags")
+            "it was not written by `nemo-elastic train`; pass a checkpoint of an elastic run "
+            "(explicit sizes: `nemo-elastic extract --subnet FILE` or its size flags)")
     family = {}
     for row in rows:
         try:

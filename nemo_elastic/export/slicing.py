@@ -91,9 +91,10 @@ def slice_state_dict(parent_sd: Mapping[str, Tensor], parent: ModelConfig,
 # ---------------------------------------------------------------------------------------------
 
 def child_config(parent_cfg: Config, subnet: SubNetwork) -> Config:
-    """`parent_cfg` with the sub-network's model section and TP = PP = 1."""
+    """`parent_cfg` with the sub-network's model section, TP = PP = 1 and no elastic section
+    (a child is a plain model; the parent's elastic rules do not apply to it)."""
     parallel = ParallelConfig(backend=parent_cfg.parallel.backend)
-    return dataclasses.replace(parent_cfg, model=subnet.model_config(parent_cfg.model),
+    return dataclasses.replace(parent_cfg.with_model(subnet.model_config(parent_cfg.model)),
                                parallel=parallel)
 
 

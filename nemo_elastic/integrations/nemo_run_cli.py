@@ -43,7 +43,8 @@ RECIPES = {"tiny": "tiny.yaml", "nemotron_nano_12b": "nemotron_nano_12b.yaml"}
 
 
 # `nemo-elastic` flags that are booleans: `--overwrite` is `overwrite=true` here.
-_BOOLEAN_FLAGS = {"overwrite", "all", "hf_per_layer", "json", "verbose", "yes"}
+_BOOLEAN_FLAGS = {"overwrite", "all", "hf_per_layer", "json", "verbose", "yes",
+                  "allow_unordered"}
 
 
 def nemo_spelling(message: str) -> str:
@@ -234,13 +235,14 @@ def prepare(ckpt: str, out: str, config: Optional[str] = None, num_batches: int 
                     "verified Hugging Face or Megatron folders (nemo-elastic export)")
 def export(ckpt: str, out: str, budget: Optional[str] = None, all: bool = False,
            format: str = "hf", hf_per_layer: bool = False, overwrite: bool = False,
-           verbose: bool = False) -> None:
-    """`budget=9b,6b` or `all=true`: one folder per budget under `out` (all or none)."""
+           allow_unordered: bool = False, verbose: bool = False) -> None:
+    """`budget=9b,6b` or `all=true`: one folder per budget under `out` (all or none);
+    `allow_unordered=true` exports a family whose sizes are out of order."""
     from nemo_elastic.jobs import export as _export
 
     with _job(verbose):
         _export(ckpt, out, budget=_names(budget), format=format, overwrite=overwrite,
-                all_budgets=all, hf_per_layer=hf_per_layer)
+                all_budgets=all, hf_per_layer=hf_per_layer, allow_unordered=allow_unordered)
 
 
 @run.cli.entrypoint(namespace=NAMESPACE, enable_executor=False, help="a checkpoint's kind, "

@@ -82,7 +82,7 @@ def evaluate_models(cfg: Config, checkpoints: dict[str, Path], *, speed: bool = 
             path = resolve_checkpoint(path)
             meta = read_meta(path)
             model_cfg = config_from_checkpoint(path).single_process().model
-            model = build_hybrid_model(dataclasses_replace(run_cfg, model=model_cfg))
+            model = build_hybrid_model(run_cfg.with_model(model_cfg))
             load_checkpoint(path, model=model, restore_rng=False)
             model.eval()
             logger.info("evaluating %s (%s): validation loss, greedy answer accuracy",

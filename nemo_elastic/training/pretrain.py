@@ -72,6 +72,12 @@ class PretrainTrainer(Trainer):
 
 def pretrain(cfg: Config, *, resume: bool = True, progress: bool = True) -> PretrainResult:
     """Train (or resume) the parent described by `cfg`; returns the run's summary."""
+    from nemo_elastic.config_elastic import WARMUP_WARN_SHARE
+
+    t = cfg.train
+    if t.warmup_iters > WARMUP_WARN_SHARE * t.iters:
+        logger.warning("train.warmup_iters=%d is %.0f%% of the run's %d iterations; lower it",
+                       t.warmup_iters, 100 * t.warmup_iters / t.iters, t.iters)
     with StopRequest() as stop:
         return _pretrain(cfg, stop, resume=resume, progress=progress)
 

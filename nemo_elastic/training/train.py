@@ -106,6 +106,8 @@ def build_trainer(cfg: Config, init: Path, teacher_ckpt: Path, info, *, load_ini
     from nemo_elastic.training.optim import build_optimizer, build_scheduler, wrap_ddp
 
     e = cfg.elastic
+    for warning in e.warmup_warnings():
+        logger.warning("%s", warning)
     student = build_elastic_model(cfg, **cfg.train.recompute_overrides())
     if load_init:  # before the optimizer: bf16 optimizers copy the weights at build time
         load_checkpoint(init, model=student, restore_rng=False)
@@ -193,7 +195,10 @@ def _write_outputs(out_dir: Path, result: TrainResult, trainer: ElasticTrainer) 
 
     history = trainer.full_history  # across resumes
     write_metrics(out_dir, history)
+    from nemo_elastic.family_check import check_family
+
     summary = {k: v for k, v in result.__dict__.items() if k != "history"}
+    summary["family_check"] = check_family(result.family).as_dict()
     write_text_durably(out_dir / "summary.json", json.dumps(json_safe(summary), indent=2))
     write_text_durably(out_dir / "family.json", json.dumps(json_safe(result.family), indent=2))
     if history:
@@ -201,19 +206,49 @@ def _write_outputs(out_dir: Path, result: TrainResult, trainer: ElasticTrainer) 
         plot_kd_by_budget(history, names, out_dir / "kd_by_budget.png")
         plot_router_choices(history, names, trainer.router, out_dir / "router_choices.png")
         write_tensorboard(history, out_dir / "tb")
-    rows = [(r["name"], f"{r['target']:g}", r["summary"],
+    from nemo_elastic.family_check import check_family
+    from nemo_elastic.jobs import target_text
+
+    check = check_family(result.family)
+    bands = check.by_name()
+    rows = [(r["name"], target_text(r), r["summary"],
              f"{r['parameters']:,} ({r['parameter_fraction']:.1%})",
+             bands[r["name"]].band_text,
              f"{r['val_loss_before']:.4f}", f"{r['val_loss_after']:.4f}",
              _pct(r["answer_accuracy_before"]), _pct(r["answer_accuracy_after"]))
             for r in result.family]
-    rows.append(("teacher", "-", "parent", "-", "-", f"{result.teacher['val_loss']:.4f}", "-",
-                 _pct(result.teacher["answer_accuracy"])))
+    rows.append(("teacher", "-", "parent", "-", "-", "-", f"{result.teacher['val_loss']:.4f}",
+                 "-", _pct(result.teacher["answer_accuracy"])))
+    header = ("budget", "target", "sizes", "parameters", "inside band?", "val loss before",
+              "val loss after", "acc before", "acc after")
     seg = trainer.segments[-1]
     n_val = trainer.cfg.train.eval_iters * seg.global_batch_size
-    logger.info("elastic family (before = zero-shot prefix of the initial weights; after = "
-                "elastic distillation; validation on the last stage's data: the first %d "
-                "windows of %d tokens, so losses differ slightly from the pretraining's and "
-                "the main job's report), %.1f s\n%s", n_val, seg.seq_length,
-                result.wall_time_s, format_table(
-                    ("budget", "target", "sizes", "parameters", "val loss before",
-                     "val loss after", "acc before", "acc after"), rows))
+    protocol = (f"before = zero-shot prefix of the initial weights; after = elastic "
+                f"distillation; validation on the last stage's data: the first {n_val} windows "
+                f"of {seg.seq_length} tokens, so losses differ slightly from the pretraining's "
+                "and the main job's report")
+    logger.info("elastic family (%s), %.1f s\n%s", protocol, result.wall_time_s,
+                format_table(header, rows))
+    write_train_report(out_dir, result, check, header, rows, protocol)
+    if check.ok:
+        logger.info("family: %s", check.summary())
+    else:  # the last thing a user reads: the family does not keep its promise
+        logger.warning("family: %s (see %s)", check.summary(), out_dir / "report.md")
+
+
+def write_train_report(out_dir: Path, result: TrainResult, check, header, rows,
+                       protocol: str) -> Path:
+    """`report.md` of `nemo-elastic train`: the family table, band and order."""
+    from nemo_elastic.run_report import _md_table
+
+    lines = [f"# Elastic training report: `{out_dir}`", "",
+             f"{result.iterations} iterations, {result.wall_time_s:.1f} s; checkpoint "
+             f"`{result.checkpoint}`.", "",
+             _md_table(header, rows), "", f"({protocol}.)", "",
+             f"**Bands**: {check.summary()}.", "",
+             f"**Order**: sizes {check.order_text()}.", "",
+             "Figures: `kd_by_budget.png` (per-budget distillation loss), `router_choices.png` "
+             "(each budget's chosen sizes over training).", ""]
+    path = out_dir / "report.md"
+    write_text_durably(path, "\n".join(lines))
+    return path
