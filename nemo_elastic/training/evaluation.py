@@ -112,8 +112,10 @@ def answer_accuracy_of(cfg: Config, model, data, info: RankInfo, *,
     """Exact-match accuracy of greedy answers on the first `train.eval_accuracy_samples`
     validation problems (rank 0, TP=PP=1 only; None elsewhere or without problems).
 
-    `subnetwork` (an elastic model) makes that nested model generate.  Greedy decoding is the
-    slowest evaluation step: it is announced in the log and `progress` shows a bar.
+    `subnetwork` (an elastic model) makes that nested model generate: on its physically sliced
+    weights (`export.slicing.slice_model`, what `extract` writes), so it decodes with its own
+    KV cache and Mamba states at its own cost.  Decoding is stateful (`nemo_elastic.inference`);
+    it is announced in the log and `progress` shows a bar.
     """
     from nemo_elastic.data import answer_accuracy
 
@@ -138,14 +140,29 @@ def answer_accuracy_of(cfg: Config, model, data, info: RankInfo, *,
     logger.info("greedy answer accuracy%s on %d validation problems ...", what,
                 min(n, len(data.val_problems)))
     try:
-        result = answer_accuracy(greedy_logits_fn(model, subnetwork), data.tokenizer,
-                                 data.val_problems[:n], batch_size=64,
-                                 device=next(model.parameters()).device, progress=progress)
+        decoder = model if subnetwork is None else _sliced(cfg, model, subnetwork)
+        result = answer_accuracy(decoder, data.tokenizer, data.val_problems[:n], batch_size=64,
+                                 progress=progress)
     finally:
         model.train(was_training)
     logger.info("answer accuracy%s (greedy, %d validation problems): %s", what, result["n"],
                 fmt_pct(result["accuracy"]))
     return result
+
+
+def _sliced(cfg: Config, model, subnetwork):
+    """The plain model of a hard `subnetwork` of an elastic `model` (the parent itself when the
+    sub-network is the whole model)."""
+    from megatron.core.utils import unwrap_model
+
+    from nemo_elastic.export.slicing import slice_model
+
+    if not hasattr(subnetwork, "is_full"):  # a soft (router) sub-network: masked, no state
+        raise TypeError(f"answer accuracy needs a hard SubNetwork, got {type(subnetwork).__name__}")
+    if subnetwork.is_full(cfg.model):
+        return unwrap_model(model)
+    _, child = slice_model(model, cfg, subnetwork)
+    return child.eval()
 
 
 def evaluate_subnetwork(cfg: Config, model, data, info: RankInfo, subnetwork,
