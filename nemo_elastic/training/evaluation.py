@@ -96,13 +96,14 @@ def validation_loss(cfg: Config, model, data, num_microbatches: int, info: RankI
 
 
 def greedy_logits_fn(model, subnetwork=None):
-    """tokens [b, s] -> logits [b, s, v] for a model on one process (TP=PP=1); with an
-    elastic model, `subnetwork` selects the nested model that generates."""
+    """tokens [b, s] -> logits [b, s, v] (the whole vocabulary, gathered over tensor-parallel
+    ranks) for a one-stage model; with an elastic model, `subnetwork` selects the nested model
+    that generates."""
     kwargs = {} if subnetwork is None else {"subnetwork": subnetwork}
 
     def logits_fn(tokens: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        return model(tokens, positions, None, **kwargs)
+        return model(tokens, positions, None, runtime_gather_output=True, **kwargs)
 
     return logits_fn
 
@@ -166,10 +167,11 @@ def _sliced(cfg: Config, model, subnetwork):
 
 
 def evaluate_subnetwork(cfg: Config, model, data, info: RankInfo, subnetwork,
-                        num_microbatches: int) -> dict:
+                        num_microbatches: int, *, progress: bool = False) -> dict:
     """{"val_loss": on every rank, "answer_accuracy": float or None where it is not computed}
     of `subnetwork` (None: the whole model)."""
     loss = validation_loss(cfg, model, data, num_microbatches, info, subnetwork=subnetwork,
                            all_stages=True)
-    accuracy = answer_accuracy_of(cfg, model, data, info, subnetwork=subnetwork)
+    accuracy = answer_accuracy_of(cfg, model, data, info, subnetwork=subnetwork,
+                                  progress=progress)
     return {"val_loss": loss, "answer_accuracy": None if accuracy is None else accuracy["accuracy"]}
