@@ -59,6 +59,7 @@ bench: install
 	$(PY) bench/bench_train_step.py
 	$(PY) bench/bench_family.py
 	$(PY) bench/bench_sliced_step.py
+	$(PY) bench/bench_decode.py
 
 # pyflakes-class checks (unused or undefined names, syntax) with ruff, as the sessions run them
 lint: install

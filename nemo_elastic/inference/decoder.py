@@ -54,6 +54,18 @@ class Stepper(Protocol):
 StepperFactory = Callable[[int, int], Stepper]  # (batch, max total length) -> Stepper
 
 
+def _without_torch_function_modes():
+    """On CPU, `nemo_elastic.runtime` keeps a process-wide TorchFunctionMode that rewrites
+    `device="cuda"` arguments (for Megatron's schedules / optimizer); it intercepts every torch
+    call, ~40 % of a tiny model's decoding step.  An inference forward allocates nothing on
+    "cuda" (the context's buffers are preallocated on the model's device), so it runs without."""
+    import contextlib
+
+    if torch.cuda.is_available():
+        return contextlib.nullcontext()
+    return torch._C.DisableTorchFunction()
+
+
 class _Cached:
     """Megatron-Core's static inference context; one model forward per prefill / step."""
 
@@ -72,7 +84,7 @@ class _Cached:
         positions = torch.arange(offset, offset + s, device=self.device).expand(b, s)
         if offset > 0:
             self.ctx.enable_decode_mode()
-        with torch.no_grad(), InferenceMode.active():
+        with torch.no_grad(), InferenceMode.active(), _without_torch_function_modes():
             # the full vocabulary on every tensor-parallel rank (Megatron requires the gather
             # in inference mode); [b, 1, v']: the context materializes the last token only
             logits = self.model(tokens.to(self.device), positions, None,
@@ -95,7 +107,7 @@ class _FullForward:
         self.tokens: Optional[torch.Tensor] = None
 
     def _forward(self) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), _without_torch_function_modes():  # as the cached path
             logits = self.logits_fn(self.tokens)
         if logits.dim() != 3 or logits.shape[:2] != self.tokens.shape:
             raise ValueError(f"logits_fn returned shape {tuple(logits.shape)} for tokens "
@@ -151,7 +163,8 @@ def decode_batch(steppers: StepperFactory, prompts: Sequence[Sequence[int]], *,
         return [Completion([], False) for _ in prompts]
     b, start = len(prompts), min(lengths)
     end = max(lengths) + max_new_tokens  # a row's last new token sits at len + max_new - 1
-    tokens = torch.full((b, end), eod_id, dtype=torch.int64)
+    # stopped rows are fed eod (any valid id: eod_id=-1 means "never stop")
+    tokens = torch.full((b, end), eod_id if eod_id >= 0 else 0, dtype=torch.int64)
     for i, ids in enumerate(prompts):
         tokens[i, :len(ids)] = torch.as_tensor(list(ids), dtype=torch.int64)
     stepper = steppers(b, end)
