@@ -192,3 +192,29 @@ def test_tp2_cached_equals_uncached_and_tp1(family, tmp_path):
         assert set(got) == set(tp1)
         for name, (cached_tokens, uncached_tokens) in got.items():
             assert cached_tokens == uncached_tokens == tp1[name], (rank, name)
+
+
+# --------------------------------------------------------------------------- HF exports
+
+def test_hf_per_layer_export_generates_with_a_cache(family, tmp_path):
+    """A heterogeneous budget (per-layer Mamba heads, attention heads, FFN) exported with
+    --hf-per-layer: transformers' own cached `generate` on our loader's model gives our cached
+    tokens (and its uncached generate the same): each layer's cache is sized from that layer."""
+    pytest.importorskip("transformers")
+    from nemo_elastic.export import load_hf_per_layer
+    from nemo_elastic.export.family import export_budget_hf
+    from tests.test_export_budget import _save_family
+
+    cfg, parent, sliced = family
+    subnet, model = sliced["hetero"]
+    _save_family(tmp_path / "ckpt", cfg, parent, {"hetero": subnet})
+    folder = export_budget_hf(tmp_path / "ckpt", "hetero", tmp_path / "hf", per_layer=True)
+    hf = load_hf_per_layer(folder)
+    ours = decode_batch(cached(model), PROMPTS[:1], max_new_tokens=NEW, eod_id=-1,
+                        vocab_size=cfg.model.vocab_size)[0].tokens
+    prompt = torch.tensor(PROMPTS[:1])
+    for use_cache in (True, False):
+        with torch.no_grad():
+            ids = hf.generate(prompt, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                              use_cache=use_cache, suppress_tokens=None)
+        assert ids[0, prompt.shape[1]:].tolist() == ours, use_cache
