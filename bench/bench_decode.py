@@ -61,7 +61,8 @@ def _speed(steppers, prompts, tokens: int, vocab: int, reps: int) -> float:
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        out = decode_batch(steppers, prompts, max_new_tokens=tokens, eod_id=-1, vocab_size=vocab)
+        out = decode_batch(steppers, prompts, max_new_tokens=tokens, eod_id=-1, vocab_size=vocab,
+                           threads=None)  # --threads decides
         times.append(time.perf_counter() - t0)
         assert all(len(c.tokens) == tokens for c in out)
     return tokens * len(prompts) / statistics.median(times)

@@ -151,9 +151,31 @@ def sample_next(logits: torch.Tensor, vocab_size: int, *, temperature: float = 0
 
 def decode_batch(steppers: StepperFactory, prompts: Sequence[Sequence[int]], *,
                  max_new_tokens: int, eod_id: int, vocab_size: int, temperature: float = 0.0,
-                 top_k: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> list[Completion]:
-    """One `Completion` per prompt (see the module doc for the batching rule)."""
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 threads: Optional[int] = 1) -> list[Completion]:
+    """One `Completion` per prompt (see the module doc for the batching rule).
+
+    `threads`: torch's CPU intra-op threads while decoding (restored after; None leaves them).
+    A decoding step is hundreds of small ops; with 2 threads on a 2-core machine that is busy
+    with other work, each op waits on OpenMP hand-offs: 10-50x slower than 1 thread (measured
+    on the tiny model at batch 1 and 64; see bench/bench_decode.py)."""
+    if threads is None:
+        return _decode_batch(steppers, prompts, max_new_tokens=max_new_tokens, eod_id=eod_id,
+                             vocab_size=vocab_size, temperature=temperature, top_k=top_k,
+                             generator=generator)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _decode_batch(steppers, prompts, max_new_tokens=max_new_tokens, eod_id=eod_id,
+                             vocab_size=vocab_size, temperature=temperature, top_k=top_k,
+                             generator=generator)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _decode_batch(steppers: StepperFactory, prompts: Sequence[Sequence[int]], *,
+                  max_new_tokens: int, eod_id: int, vocab_size: int, temperature: float,
+                  top_k: Optional[int], generator: Optional[torch.Generator]) -> list[Completion]:
     if not prompts:
         return []
     lengths = [len(p) for p in prompts]
