@@ -5,7 +5,9 @@ Parameter names, shapes, initialization order and checkpoint keys are exactly up
 `conv1d_bias`, `dt_bias`, `A_log`, `D`, `norm.weight`, `out_proj.weight`).  On a GPU with the
 mamba-ssm kernels importable nothing changes; otherwise the training scan runs
 `nemo_elastic.ops.mamba_split_conv1d_scan` (same math, torch) and the gated norm is the torch
-`GatedRMSNorm`.
+`GatedRMSNorm`.  Stateful decoding through Megatron's `StaticInferenceContext` works too: the
+prefill scan fills the layer's conv / SSM states and each decoding step runs the torch step
+functions (`nemo_elastic.ops.step`); see `nemo_elastic.inference`.
 """
 
 from __future__ import annotations
