@@ -218,3 +218,12 @@ def test_hf_per_layer_export_generates_with_a_cache(family, tmp_path):
             ids = hf.generate(prompt, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
                               use_cache=use_cache, suppress_tokens=None)
         assert ids[0, prompt.shape[1]:].tolist() == ours, use_cache
+
+
+def test_training_curve_switch_is_validated():
+    from nemo_elastic.config import ConfigError, load_config
+
+    assert load_config("conf/tiny.yaml", ["elastic.training_curve=false"]).elastic \
+        .training_curve is False
+    with pytest.raises(ConfigError, match=r"elastic.training_curve='sometimes': must be true or"):
+        load_config("conf/tiny.yaml", ["elastic.training_curve=sometimes"])
