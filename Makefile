@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine:
-#   make run   - create .venv (Python 3.12), install the package, run the main job (conf/tiny.yaml)
+#   make run   - create .venv (Python 3.12), install the package with transformers (the main job
+#                writes Hugging Face exports), run the main job (conf/tiny.yaml)
 #   make test  - also install the test extras and run the whole test suite
 # Python 3.12 is found as `python3.12`, or through pyenv when the default interpreter is older.
 
@@ -21,7 +22,7 @@ PYTHON312 := $(shell \
 $(VENV)/.installed: setup.py constraints.txt
 	@if [ -z "$(PYTHON312)" ]; then echo "error: Python 3.12 not found (install it, e.g. 'pyenv install 3.12')" >&2; exit 1; fi
 	$(PYTHON312) -m venv $(VENV)
-	$(PIP) install -c constraints.txt -e .
+	$(PIP) install -c constraints.txt -e ".[hf]"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
@@ -58,6 +59,7 @@ bench: install
 	$(PY) bench/bench_train_step.py
 	$(PY) bench/bench_family.py
 	$(PY) bench/bench_sliced_step.py
+	$(PY) bench/bench_decode.py
 
 # pyflakes-class checks (unused or undefined names, syntax) with ruff, as the sessions run them
 lint: install

@@ -5,7 +5,7 @@ A benchmark-sized hybrid (pattern `M-M*-M-M-`, hidden 256) with perturbed weight
 of three homogeneous budgets (every width axis at 100 / 75 / 50 %) written into its
 `nemo_elastic.json`, as `nemo-elastic train` does.  Everything is measured side by side in one
 process: `export --all` in both formats (each budget sliced, written, reloaded and verified),
-then greedy decoding of a fixed number of tokens (no early stop) with one loaded
+then greedy stateful decoding of a fixed number of tokens (no early stop) with one loaded
 `ElasticGenerator`, each budget on its sliced weights (median of `--reps`).
 Run: `.venv/bin/python bench/bench_family.py [--tokens 32 --reps 3 --threads 2]`.
 """
@@ -77,7 +77,8 @@ def main() -> None:
     from nemo_elastic.elastic.specs import build_elastic_model
     from nemo_elastic.export import export_budgets
     from nemo_elastic.report import format_table
-    from nemo_elastic.serve import ElasticGenerator, decode, model_logits_fn
+    from nemo_elastic.inference import generate_ids
+    from nemo_elastic.serve import ElasticGenerator
 
     cfg = bench_config(args.hidden, "M-M*-M-M-", 512)
     rows = _family(cfg.model)
@@ -104,12 +105,11 @@ def main() -> None:
             ids = document_ids(g.tokenizer, "Q:12+7*3=?\nS:", append_eod=False)
             for name in FRACTIONS:
                 model = g.model(name)
-                fn = model_logits_fn(model)
                 times = []
                 for _ in range(args.reps + 1):  # first call: warm-up
                     t0 = time.perf_counter()
-                    out = decode(fn, ids, max_new_tokens=args.tokens, eod_id=-1,
-                                 vocab_size=g.tokenizer.vocab_size)
+                    out = generate_ids(model, [ids], max_new_tokens=args.tokens, eod_id=-1,
+                                       vocab_size=g.tokenizer.vocab_size)[0].tokens
                     times.append(time.perf_counter() - t0)
                 assert len(out) == args.tokens
                 speed[name] = args.tokens / statistics.median(times[1:])
@@ -128,8 +128,9 @@ def main() -> None:
     print(f"\nnested checkpoint on disk: {nested / 1e6:.2f} MB; the {len(rows)} budgets as "
           f"separate Megatron checkpoints: {total / 1e6:.2f} MB ({total / nested:.2f}x), as HF "
           f"folders: {sum(sizes['hf'].values()) / 1e6:.2f} MB")
-    print(f"(pattern M-M*-M-M-, hidden {args.hidden}, {args.tokens} new tokens without KV cache "
-          f"or Mamba state: each token re-runs the whole prefix; {args.threads} threads, median "
+    print(f"(pattern M-M*-M-M-, hidden {args.hidden}, {args.tokens} new tokens with the KV cache "
+          f"and Mamba states (bench_decode.py compares with a full forward per token); "
+          f"{args.threads} threads, median "
           f"of {args.reps}; cpu count {os.cpu_count()})")
 
 

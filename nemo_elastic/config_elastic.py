@@ -253,9 +253,14 @@ class ElasticConfig:
     log_interval: int = 10
     eval_interval: int = 100
     save_interval: int = 100
+    # `nemo-elastic run`: evaluate every saved elastic checkpoint's budgets (training_curve.json,
+    # the report's curve); false skips that stage
+    training_curve: bool = True
 
     def __post_init__(self) -> None:
         p = "elastic."
+        if not isinstance(self.training_curve, bool):
+            fail(f"{p}training_curve", self.training_curve, "must be true or false")
         self._check_budgets(p)
         if self.budget_type not in BUDGET_TYPES:
             fail(f"{p}budget_type", self.budget_type, f"must be one of {list(BUDGET_TYPES)}")

@@ -204,14 +204,19 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
     curve_path = out / "training_curve.json"
     checkpoints = _elastic_checkpoints(_elastic_dir(elastic_cfg))
     old = _read_json(curve_path)
-    curve = stages.run(
-        "training_curve", resume and bool(old) and old.get("checkpoints") == _stamped(
-            {str(k): str(v) for k, v in checkpoints.items()}),
-        lambda: training_curve(cfg, prepared, checkpoints, trained["family"]), str(curve_path))
-    if curve is None:
-        curve = old
+    if not cfg.elastic.training_curve:
+        logger.info("stage training_curve: skipped (elastic.training_curve: false)")
+        curve = None
     else:
-        _write_json(curve_path, curve)
+        curve = stages.run(
+            "training_curve", resume and bool(old) and old.get("checkpoints") == _stamped(
+                {str(k): str(v) for k, v in checkpoints.items()}),
+            lambda: training_curve(cfg, prepared, checkpoints, trained["family"],
+                                   progress=progress), str(curve_path))
+        if curve is None:
+            curve = old
+        else:
+            _write_json(curve_path, curve)
 
     from nemo_elastic.run_report import write_report
 
@@ -309,8 +314,9 @@ def export_family(out: Path, ckpt: Path, family: list[dict]) -> dict:
     megatron = extract_family(ckpt, out / "family", overwrite=True)
     hf = {}
     if importlib.util.find_spec("transformers") is None:
-        logger.info("transformers is not installed: no Hugging Face export (pip install "
-                    "'nemo_elastic[hf]'); the Megatron checkpoints are in %s", out / "family")
+        logger.warning("transformers is not installed: no Hugging Face export (pip install "
+                       "'nemo_elastic[hf]'; `make run` installs it); the Megatron checkpoints "
+                       "are in %s", out / "family")
         return {"megatron": megatron, "hf": hf}
     from nemo_elastic.export.hf_adapter import HFConfigError
 
@@ -360,7 +366,7 @@ def evaluate_exported(cfg: Config, models: dict[str, str], *, progress: bool = F
 
 
 def training_curve(cfg: Config, prepared: Path, checkpoints: dict[int, Path],
-                   final_family: list[dict]) -> dict:
+                   final_family: list[dict], *, progress: bool = False) -> dict:
     """Validation loss and answer accuracy of every budget at every saved elastic checkpoint
     (each checkpoint's own family, i.e. the router's choice at that point), and at iteration 0
     (the prepared parent with the final family: the zero-shot prefixes)."""
@@ -376,6 +382,11 @@ def training_curve(cfg: Config, prepared: Path, checkpoints: dict[int, Path],
     points = [(0, prepared, final_family)] + [
         (it, path, read_meta(path)["family"]) for it, path in sorted(checkpoints.items())]
     records = []
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(len(family) for _, _, family in points), unit="budget",
+               desc="training curve (checkpoints x budgets)", disable=not progress,
+               dynamic_ncols=True)
     info = runtime.initialize(run_cfg.parallel, cfg.train.seed)
     try:
         data = build_training_data(run_cfg, info)
@@ -384,15 +395,20 @@ def training_curve(cfg: Config, prepared: Path, checkpoints: dict[int, Path],
             load_checkpoint(path, model=model, restore_rng=False)
             model.eval()
             for row in family:
-                logger.info("training curve: iteration %d, budget %r", iteration, row["name"])
+                logger.debug("training curve: iteration %d, budget %r", iteration, row["name"])
+                bar.set_postfix_str(f"iteration {iteration}, {row['name']}")
                 metrics = evaluate_subnetwork(run_cfg, model, data, info,
                                               SubNetwork.from_dict(row["subnetwork"]),
-                                              num_microbatches=1)
+                                              num_microbatches=1, progress=progress)
                 records.append({"iteration": iteration, "tokens": tokens(iteration),
                                 "budget": row["name"], "parameters": row["parameters"],
                                 **metrics})
+                bar.update()
     finally:
+        bar.close()
         runtime.destroy()
+    logger.info("training curve: %d evaluations (%d checkpoints x their budgets)",
+                len(records), len(points))
     return {"checkpoints": _stamped({str(k): str(v) for k, v in checkpoints.items()}),
             "protocol": evaluation_protocol(cfg), "records": records}
 

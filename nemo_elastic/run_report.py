@@ -89,11 +89,12 @@ def write_report(out: Path, *, cfg: Config, parent: dict, zero_shot: dict, evalu
     family = zero_shot["family"]
     check = check_family(family)
     names = [r["name"] for r in family]
-    points = _curve_by_iteration(curve)
+    points = _curve_by_iteration(curve or {"records": []})  # None: elastic.training_curve off
     before = points.get(0, {})
     plot_family(out / BUDGETS_PNG, evaluation, family, before, zero_shot["budgets"],
                 parent.get("uniform_loss"))
-    plot_training(out / TRAINING_PNG, curve, names, _stage_tokens(cfg))
+    if curve is not None:
+        plot_training(out / TRAINING_PNG, curve, names, _stage_tokens(cfg))
     p = evaluation["protocol"]
     e = cfg.elastic
     stage_text = "; ".join(
@@ -118,7 +119,8 @@ def write_report(out: Path, *, cfg: Config, parent: dict, zero_shot: dict, evalu
         f"{p['val_sequences']} validation sequences of {p['seq_length']} tokens "
         f"({p['val_micro_batches']} micro-batches of {p['micro_batch_size']}); answer accuracy = "
         f"exact-match greedy answers on the first {p['accuracy_problems']} validation problems; "
-        "tokens/s = greedy decoding, one prompt at a time, no KV cache, on this machine's CPU. "
+        "tokens/s = greedy decoding, one prompt at a time, with the KV cache and Mamba states, "
+        "on this machine's CPU. "
         "The training logs measure differently (see [Two losses](#two-losses-for-one-checkpoint)).",
         "",
         "## The family: each budget exported and evaluated as a standalone model",
@@ -147,7 +149,8 @@ def write_report(out: Path, *, cfg: Config, parent: dict, zero_shot: dict, evalu
         rows.append([f"{pt['tokens']:,}", str(it)] + [
             v for n in names for v in (fmt_loss(pt.get(n, {}).get("val_loss")),
                                        fmt_pct(pt.get(n, {}).get("answer_accuracy")))])
-    lines += [_md_table(header, rows), ""]
+    lines += [_md_table(header, rows) if curve is not None else
+              "Not measured (`elastic.training_curve: false`).", ""]
     lines += ["## Zero-shot prefixes (no elastic training)", "",
               "Every width axis cut to the same fraction, in the parent's original order and "
               "in the importance order (`prepare`).", ""]
@@ -157,8 +160,9 @@ def write_report(out: Path, *, cfg: Config, parent: dict, zero_shot: dict, evalu
          fmt_loss(r["val_loss"]), fmt_pct(r["answer_accuracy"])) for r in zero_shot["budgets"]]),
         ""]
     lines += ["## Figures", "",
-              f"![loss and accuracy against parameters]({BUDGETS_PNG})", "",
-              f"![loss and accuracy against training tokens]({TRAINING_PNG})", ""]
+              f"![loss and accuracy against parameters]({BUDGETS_PNG})", ""]
+    if curve is not None:
+        lines += [f"![loss and accuracy against training tokens]({TRAINING_PNG})", ""]
     for title, rel in LINKED:
         if (out / rel).is_file():
             lines += [f"![{title}]({rel})", ""]

@@ -11,8 +11,10 @@ sliced model is built once, on first use, and kept in memory next to the parent;
 budgets between calls reloads nothing.  `budget=None` and a budget equal to the whole model use
 the parent.
 
-Decoding matches `data.evaluate`: prompt = ``[bos] + encode(prompt)``, a full forward over the
-whole prefix per new token (no KV cache), stop at eod, sample only real tokenizer ids (Megatron
+Decoding is the package's one decoder (`nemo_elastic.inference`), as in `data.evaluate`:
+prompt = ``[bos] + encode(prompt)``, the prompt prefilled once, then one token's forward per new
+token with the attention KV cache and the Mamba conv / SSM states (`generate_batch` decodes
+several prompts of any lengths at once); stop at eod, sample only real tokenizer ids (Megatron
 pads the vocabulary).  Everything runs in one process at TP=PP=1.
 """
 
@@ -77,31 +79,16 @@ def decode(logits_fn: LogitsFn, prompt_ids: Sequence[int], *, max_new_tokens: in
            vocab_size: int, temperature: float = 0.0, top_k: Optional[int] = None,
            generator: Optional[torch.Generator] = None,
            device: Optional[torch.device] = None) -> list[int]:
-    """New token ids after `prompt_ids` (up to and without eod).
+    """New token ids after `prompt_ids` (up to and without eod) from a full forward over the
+    whole prefix per token: the package's decoding loop (`inference.decode_batch`) with the
+    uncached stepper - the reference the cached decoding is tested against, and the only way to
+    decode an arbitrary `tokens -> logits` callable (e.g. a masked nested model)."""
+    from nemo_elastic.inference import decode_batch, uncached
 
-    temperature 0: greedy (argmax, as `data.evaluate`); > 0: sample from softmax(logits / T)
-    restricted to the `top_k` most likely ids (None: all), drawing from `generator` so a seed
-    reproduces the text.  Only ids < `vocab_size` (the tokenizer's) are ever produced.
-    """
     check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
-    tokens = torch.tensor([list(prompt_ids)], dtype=torch.int64, device=device)
-    new: list[int] = []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            logits = logits_fn(tokens)[0, -1, :vocab_size].float().cpu()  # [v]
-            if temperature == 0:
-                next_id = int(logits.argmax())
-            else:
-                logits = logits / temperature
-                if top_k is not None and top_k < vocab_size:
-                    kth = torch.topk(logits, top_k).values[-1]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                next_id = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
-            if next_id == eod_id:
-                break
-            new.append(next_id)
-            tokens = torch.cat([tokens, tokens.new_tensor([[next_id]])], dim=1)
-    return new
+    return decode_batch(uncached(logits_fn, device), [list(prompt_ids)],
+                        max_new_tokens=max_new_tokens, eod_id=eod_id, vocab_size=vocab_size,
+                        temperature=temperature, top_k=top_k, generator=generator)[0].tokens
 
 
 def model_logits_fn(model, subnetwork=None) -> LogitsFn:
@@ -185,10 +172,21 @@ class ElasticGenerator:
     def generate(self, prompt: str, budget: Optional[str] = None, *, max_new_tokens: int = 32,
                  temperature: float = 0.0, top_k: Optional[int] = None,
                  seed: Optional[int] = None) -> Generation:
-        """Complete `prompt` at `budget` (greedy by default; see `decode` for sampling).
+        """Complete `prompt` at `budget` (greedy by default; see `inference.sample_next`).
 
         `seed` makes sampled decoding reproducible (None: a fresh random seed)."""
+        return self.generate_batch([prompt], budget, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_k=top_k, seed=seed)[0]
+
+    def generate_batch(self, prompts: Sequence[str], budget: Optional[str] = None, *,
+                       max_new_tokens: int = 32, temperature: float = 0.0,
+                       top_k: Optional[int] = None,
+                       seed: Optional[int] = None) -> list[Generation]:
+        """Complete several prompts (any lengths) at `budget` in one batch, stateful decoding;
+        each row stops at its own eod.  Greedy rows equal decoding each prompt alone.
+        `seconds` / `tokens_per_s` of each result are the batch's (all its new tokens)."""
         from nemo_elastic.data.protocol import document_ids
+        from nemo_elastic.inference import generate_ids
 
         check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
         vocab = self.tokenizer.vocab_size
@@ -197,24 +195,25 @@ class ElasticGenerator:
                            "token of the tokenizer)", top_k, vocab)
             top_k = vocab
         try:
-            prompt_ids = document_ids(self.tokenizer, prompt, append_eod=False)
+            prompt_ids = [document_ids(self.tokenizer, p, append_eod=False) for p in prompts]
         except ValueError as err:  # a character the tokenizer cannot encode: user input
             raise ConfigError(f"--prompt: {err}") from err
         model = self.model(budget)
         limit = self.cfg.model.max_sequence_length
-        if len(prompt_ids) + max_new_tokens > limit:
-            raise ConfigError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens="
+        longest = max((len(ids) for ids in prompt_ids), default=0)
+        if longest + max_new_tokens > limit:
+            raise ConfigError(f"prompt ({longest} tokens) + max_new_tokens="
                               f"{max_new_tokens} exceeds the model's max_sequence_length={limit}")
         gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
         start = time.perf_counter()
-        ids = decode(model_logits_fn(model), prompt_ids, max_new_tokens=max_new_tokens,
-                     eod_id=self.tokenizer.eod_id, vocab_size=self.tokenizer.vocab_size,
-                     temperature=temperature, top_k=top_k, generator=gen,
-                     device=next(model.parameters()).device)
+        completions = generate_ids(model, prompt_ids, max_new_tokens=max_new_tokens,
+                                   eod_id=self.tokenizer.eod_id, vocab_size=vocab,
+                                   temperature=temperature, top_k=top_k, generator=gen)
         seconds = time.perf_counter() - start
-        result = Generation(budget=budget, text=self.tokenizer.decode(ids), tokens=ids,
-                            seconds=seconds, tokens_per_s=len(ids) / seconds if seconds else 0.0)
-        logger.info("budget %s: %d tokens in %.3f s (%.1f tokens/s)",
-                    "(full)" if budget is None else repr(budget), len(ids), seconds,
-                    result.tokens_per_s)
-        return result
+        produced = sum(len(c.tokens) for c in completions)
+        speed = produced / seconds if seconds else 0.0
+        logger.info("budget %s: %d prompt(s), %d tokens in %.3f s (%.1f tokens/s, KV cache + "
+                    "Mamba state)", "(full)" if budget is None else repr(budget), len(prompts),
+                    produced, seconds, speed)
+        return [Generation(budget=budget, text=self.tokenizer.decode(c.tokens), tokens=c.tokens,
+                           seconds=seconds, tokens_per_s=speed) for c in completions]

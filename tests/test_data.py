@@ -234,8 +234,11 @@ def _oracle(problems, tok, wrong=False):
         logits[:, :, tok.vocab_size:] = -1.0
         for row in range(b):
             prefix = tokens[row].tolist()
-            # identify the problem by its prompt (no prompt is a prefix of another)
-            doc = next(d for d, q in zip(docs, prompts) if prefix[:len(q)] == q)
+            # identify the problem by its prompt (no prompt is a prefix of another); a row of
+            # a batch may still be reading its prompt (longer than the batch's shortest)
+            doc = next((d for d, q in zip(docs, prompts) if prefix[:len(q)] == q), None)
+            if doc is None:
+                continue
             nxt = doc[s] if s < len(doc) else tok.eod_id
             if wrong and s == len(doc) - 2:  # last answer digit off by one
                 nxt = tok.encode(str((int(tok.decode([nxt])) + 1) % 10))[0]

@@ -20,8 +20,9 @@ from nemo_elastic.elastic import SubNetwork
 from nemo_elastic.elastic.specs import build_elastic_model
 from nemo_elastic.elastic.subnet import sample_subnetwork
 from nemo_elastic.export.slicing import slice_model
+from nemo_elastic.data.evaluate import answer_accuracy
 from nemo_elastic.training.evaluation import (answer_accuracy_of, evaluate_subnetwork,
-                                              validation_loss)
+                                              greedy_logits_fn, validation_loss)
 from tests.conftest import perturb, tiny_config
 from tests.multiproc import run_multiprocess
 
@@ -100,6 +101,10 @@ def test_answer_accuracy_of_subnetwork_equals_sliced_model(megatron_env, parent)
     sliced = answer_accuracy_of(child_cfg, child, data, megatron_env)
     assert masked["n"] == cfg.train.eval_accuracy_samples
     assert masked == sliced  # accuracy and every greedy completion
+    # the oracle: the MASKED nested model, a full forward per token (no slicing, no state)
+    oracle = answer_accuracy(greedy_logits_fn(elastic.eval(), subnet), data.tokenizer,
+                             data.val_problems[:cfg.train.eval_accuracy_samples], batch_size=3)
+    assert oracle == masked
     full = answer_accuracy_of(cfg, elastic, data, megatron_env)
     assert [e["completion"] for e in full["examples"]] != \
         [e["completion"] for e in masked["examples"]]

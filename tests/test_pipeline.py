@@ -117,3 +117,9 @@ def test_main_job_end_to_end(tmp_path):
     assert all(stages[s]["reused"] for s in ("pretrain", "prepare", "zero_shot", "elastic",
                                              "export", "evaluate", "training_curve")), stages
     assert again["evaluation"] == evaluation and again["family"] == table["family"]
+
+    # elastic.training_curve: false skips that stage (the rest is reused) and the report says so
+    third = run(load_config("conf/tiny.yaml", [*SMOKE, f"output_dir={tmp_path}",
+                                                "elastic.training_curve=false"]), progress=False)
+    assert third["training_curve"] is None and third["evaluation"] == evaluation
+    assert "Not measured (`elastic.training_curve: false`)" in (tmp_path / "report.md").read_text()

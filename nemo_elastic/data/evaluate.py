@@ -2,21 +2,22 @@
 
 For each problem the prompt is ``document_ids(tokenizer, problem.prompt, append_eod=False)``
 (``[bos] + "Q:<question>=?\\nS:"``: the model must continue with the worked steps).  Generation
-is greedy with a full forward pass per new token (no KV cache) and stops at eod or after
-``max_new_tokens``.  The predicted answer is the integer after the first ``"A:"`` of the
+is greedy through the package's one decoder (`nemo_elastic.inference`): given a model, stateful
+(prompt prefilled once, then one token's forward per new token with the KV cache and Mamba
+states); given a ``tokens -> logits`` callable, a full forward per token.  It stops at eod or
+after ``max_new_tokens``.  The predicted answer is the integer after the first ``"A:"`` of the
 completion; it counts only if the number is terminated (by eod or any non-digit), so a
 generation cut off by ``max_new_tokens`` mid-number is not a hit.
 
-Batching is exact under causal attention: problems are grouped by prompt length and each group
-is run in chunks of ``batch_size`` rows with no padding at all (rows that hit eod keep generating
-but their extra tokens are ignored).
+Batching is exact: problems are sorted by prompt length and decoded in chunks of ``batch_size``
+rows; prompts of different lengths need no padding (see `inference.decoder`), so every row's
+answer is the one it gets alone.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections import defaultdict
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -36,46 +37,19 @@ def parse_answer(completion: str, terminated: bool) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
-def _generate(logits_fn: LogitsFn, prompts: torch.Tensor, max_new_tokens: int, eod_id: int,
-              vocab_size: int) -> tuple[list[list[int]], list[bool]]:
-    """Greedy generation for equal-length prompts ``[b, p]``; returns new ids (eod stripped)."""
-    tokens = prompts  # [b, p + t] grows by one column per step
-    b = prompts.shape[0]
-    done = torch.zeros(b, dtype=torch.bool)
-    for _ in range(max_new_tokens):
-        logits = logits_fn(tokens)  # [b, s, v'] with v' >= vocab_size (Megatron pads the vocab)
-        if logits.dim() != 3 or logits.shape[:2] != tokens.shape:
-            raise ValueError(f"logits_fn returned shape {tuple(logits.shape)} for tokens "
-                             f"{tuple(tokens.shape)}; expected [b, s, vocab]")
-        next_ids = logits[:, -1, :vocab_size].float().argmax(dim=-1).to(torch.int64)  # [b]
-        tokens = torch.cat([tokens, next_ids.unsqueeze(1).to(tokens.device)], dim=1)
-        done |= next_ids.cpu() == eod_id
-        if bool(done.all()):
-            break
-    new = tokens[:, prompts.shape[1]:].cpu().tolist()
-    completions, terminated = [], []
-    for row in new:
-        if eod_id in row:
-            completions.append(row[:row.index(eod_id)])
-            terminated.append(True)
-        else:
-            completions.append(row)
-            terminated.append(False)
-    return completions, terminated
-
-
-def answer_accuracy(logits_fn: LogitsFn, tokenizer: TokenizerProtocol,
+def answer_accuracy(model: torch.nn.Module | LogitsFn, tokenizer: TokenizerProtocol,
                     problems: Sequence[ReasoningProblem], max_new_tokens: Optional[int] = None,
                     batch_size: int = 32, *, num_examples: int = 4,
                     device: Optional[torch.device | str] = None, progress: bool = False) -> dict:
     """Greedy-decode every problem and compare its parsed answer with the true one.
 
     Args:
-        logits_fn: ``tokens [b, s] int64 -> logits [b, s, v]`` (e.g. a model forward in eval
-            mode); it must accept any ``s`` up to the prompt length + ``max_new_tokens``.
+        model: a one-process HybridModel (in eval mode; decoded with its state), or any
+            ``tokens [b, s] int64 -> logits [b, s, v]`` callable (a full forward per token).
         max_new_tokens: None = longest true completion + 2 (room for the eod).
-        device: where the token tensors are put before calling ``logits_fn`` (default CPU).
-        progress: a progress bar over the problems (greedy decoding is slow on CPU).
+        device: where the token tensors are put before calling a ``logits_fn`` (a model's own
+            device is used for a model).
+        progress: a progress bar over the problems.
 
     Returns:
         ``{"accuracy": float, "n": int, "examples": [dict(prompt, expected, predicted,
@@ -90,29 +64,25 @@ def answer_accuracy(logits_fn: LogitsFn, tokenizer: TokenizerProtocol,
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"answer_accuracy max_new_tokens={max_new_tokens!r}: must be >= 1")
 
-    prompts = [document_ids(tokenizer, p.prompt, append_eod=False) for p in problems]
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, ids in enumerate(prompts):
-        by_length[len(ids)].append(i)
-
-    predicted: list[Optional[int]] = [None] * len(problems)
-    completions: list[str] = [""] * len(problems)
     from tqdm import tqdm
 
+    from nemo_elastic.inference import cached, decode_batch, uncached
+
+    steppers = cached(model) if isinstance(model, torch.nn.Module) else uncached(model, device)
+    prompts = [document_ids(tokenizer, p.prompt, append_eod=False) for p in problems]
+    order = sorted(range(len(problems)), key=lambda i: len(prompts[i]))  # similar lengths
+    predicted: list[Optional[int]] = [None] * len(problems)
+    completions: list[str] = [""] * len(problems)
     bar = tqdm(total=len(problems), desc="answer accuracy (greedy)", unit="problem",
                disable=not progress, dynamic_ncols=True, leave=False)
-    with torch.no_grad():
-        for length in sorted(by_length):
-            members = by_length[length]
-            for begin in range(0, len(members), batch_size):
-                chunk = members[begin:begin + batch_size]
-                batch = torch.tensor([prompts[i] for i in chunk], dtype=torch.int64, device=device)
-                new_ids, terminated = _generate(logits_fn, batch, max_new_tokens,
-                                                tokenizer.eod_id, tokenizer.vocab_size)
-                for i, ids, term in zip(chunk, new_ids, terminated):
-                    completions[i] = tokenizer.decode(ids)
-                    predicted[i] = parse_answer(completions[i], term)
-                bar.update(len(chunk))
+    for begin in range(0, len(order), batch_size):
+        chunk = order[begin:begin + batch_size]
+        done = decode_batch(steppers, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens,
+                            eod_id=tokenizer.eod_id, vocab_size=tokenizer.vocab_size)
+        for i, result in zip(chunk, done):
+            completions[i] = tokenizer.decode(result.tokens)
+            predicted[i] = parse_answer(completions[i], result.terminated)
+        bar.update(len(chunk))
     bar.close()
 
     correct = [pred is not None and pred == p.answer for pred, p in zip(predicted, problems)]

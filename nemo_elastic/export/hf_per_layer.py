@@ -16,9 +16,10 @@ cannot be expressed in it.  The extension:
 Weights are the usual `backbone.layers.<i>.mixer.*` safetensors, each of its layer's shape.
 `load_hf_per_layer(dir)` builds transformers' own `NemotronHForCausalLM` from the global config and
 rebuilds every overridden layer's mixer with transformers' own mixer class and a config copy that
-carries that layer's sizes, then loads the weights strictly.  Its forward (use_cache=False) is
-the exported function; transformers' generation cache is allocated from the global sizes, so
-generate with `use_cache=False`.
+carries that layer's sizes, then loads the weights strictly.  `generate` works with its cache
+(`use_cache=True`, the default): transformers (>= 5) allocates each layer's cache lazily from the
+states that layer produces, so every layer's KV cache / conv / SSM state has that layer's own
+sizes (tests/test_decode.py: cached and uncached generate equal our cached decoding).
 """
 
 from __future__ import annotations

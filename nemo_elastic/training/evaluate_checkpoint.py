@@ -36,33 +36,22 @@ SPEED_ROUNDS = 2
 def decode_speed(model, data, *, prompts: int = SPEED_PROMPTS,
                  max_new_tokens: int = SPEED_NEW_TOKENS) -> Optional[float]:
     """Greedy decoding tokens/s of a one-process model on the first validation prompts (one
-    prompt at a time, no KV cache: a full forward per new token, as `generate`); one warm-up
-    prompt first.  None without prompts (indexed data)."""
-    import torch
-
+    prompt at a time, stateful: prompt prefilled once, then one token's forward per new token,
+    as `generate`); one warm-up prompt first.  None without prompts (indexed data)."""
     from nemo_elastic.data.protocol import document_ids
-    from nemo_elastic.serve import decode, model_logits_fn
+    from nemo_elastic.inference import generate_ids
 
     problems = (data.val_problems or [])[:prompts]
     if not problems:
         return None
     tok = data.tokenizer
     ids = [document_ids(tok, p.prompt, append_eod=False) for p in problems]
-    logits_fn = model_logits_fn(model)
-    device = next(model.parameters()).device
-    kwargs = dict(max_new_tokens=max_new_tokens, eod_id=tok.eod_id, vocab_size=tok.vocab_size,
-                  device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            decode(logits_fn, ids[0], **kwargs)  # warm-up
-            start, produced = time.perf_counter(), 0
-            for prompt in ids:
-                produced += len(decode(logits_fn, prompt, **kwargs))
-            seconds = time.perf_counter() - start
-    finally:
-        model.train(was_training)
+    kwargs = dict(max_new_tokens=max_new_tokens, eod_id=tok.eod_id, vocab_size=tok.vocab_size)
+    generate_ids(model, [ids[0]], **kwargs)  # warm-up
+    start, produced = time.perf_counter(), 0
+    for prompt in ids:
+        produced += len(generate_ids(model, [prompt], **kwargs)[0].tokens)
+    seconds = time.perf_counter() - start
     return produced / seconds if seconds > 0 else None
 
 
@@ -78,7 +67,11 @@ def evaluate_models(cfg: Config, checkpoints: dict[str, Path], *, speed: bool = 
     info = runtime.initialize(run_cfg.parallel, cfg.train.seed)
     try:
         data = build_training_data(run_cfg, info)
-        for name, path in checkpoints.items():
+        from tqdm import tqdm
+
+        for name, path in tqdm(checkpoints.items(), total=len(checkpoints), unit="checkpoint",
+                               desc="evaluation (checkpoints)", disable=not progress or
+                               len(checkpoints) < 2, dynamic_ncols=True):
             path = resolve_checkpoint(path)
             meta = read_meta(path)
             model_cfg = config_from_checkpoint(path).single_process().model
@@ -98,28 +91,35 @@ def evaluate_models(cfg: Config, checkpoints: dict[str, Path], *, speed: bool = 
             if speed:
                 models.append(model)
         if speed:
-            for row, speed_value in zip(rows, interleaved_speeds(models, data)):
+            for row, speed_value in zip(rows, interleaved_speeds(models, data,
+                                                                 progress=progress)):
                 row["tokens_per_s"] = speed_value
     finally:
         runtime.destroy()
     return rows
 
 
-def interleaved_speeds(models: list, data, rounds: int = SPEED_ROUNDS) -> list[Optional[float]]:
+def interleaved_speeds(models: list, data, rounds: int = SPEED_ROUNDS, *,
+                       progress: bool = False) -> list[Optional[float]]:
     """Median decoding tokens/s of each model over `rounds` rounds that visit every model in
     turn, so a slower or busier moment of the machine hits every model alike."""
     import statistics
+
+    from tqdm import tqdm
 
     if not models:
         return []
     logger.info("greedy decoding speed of %d model(s): %d interleaved rounds of %d prompts",
                 len(models), rounds, SPEED_PROMPTS)
     samples: list[list[float]] = [[] for _ in models]
-    for _ in range(rounds):
-        for k, model in enumerate(models):
-            value = decode_speed(model, data)
-            if value is not None:
-                samples[k].append(value)
+    with tqdm(total=rounds * len(models), desc="decoding speed (models x rounds)", unit="model",
+              disable=not progress, dynamic_ncols=True, leave=False) as bar:
+        for _ in range(rounds):
+            for k, model in enumerate(models):
+                value = decode_speed(model, data)
+                if value is not None:
+                    samples[k].append(value)
+                bar.update()
     return [statistics.median(v) if v else None for v in samples]
 
 
@@ -195,7 +195,7 @@ def format_result(result: dict) -> str:
                 f" ({p['accuracy_problems']} problems)" if result["answer_accuracy"] is not None
                 else "")),
             ("decoding speed", "not measured (add --speed)" if result["tokens_per_s"] is None
-             else f"{result['tokens_per_s']:.1f} tokens/s (greedy, batch 1, no KV cache)")]
+             else f"{result['tokens_per_s']:.1f} tokens/s (greedy, batch 1, KV cache + Mamba state)")]
     return format_table(("metric", "value"), rows)
 
 

@@ -96,13 +96,14 @@ def validation_loss(cfg: Config, model, data, num_microbatches: int, info: RankI
 
 
 def greedy_logits_fn(model, subnetwork=None):
-    """tokens [b, s] -> logits [b, s, v] for a model on one process (TP=PP=1); with an
-    elastic model, `subnetwork` selects the nested model that generates."""
+    """tokens [b, s] -> logits [b, s, v] (the whole vocabulary, gathered over tensor-parallel
+    ranks) for a one-stage model; with an elastic model, `subnetwork` selects the nested model
+    that generates."""
     kwargs = {} if subnetwork is None else {"subnetwork": subnetwork}
 
     def logits_fn(tokens: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        return model(tokens, positions, None, **kwargs)
+        return model(tokens, positions, None, runtime_gather_output=True, **kwargs)
 
     return logits_fn
 
@@ -112,8 +113,10 @@ def answer_accuracy_of(cfg: Config, model, data, info: RankInfo, *,
     """Exact-match accuracy of greedy answers on the first `train.eval_accuracy_samples`
     validation problems (rank 0, TP=PP=1 only; None elsewhere or without problems).
 
-    `subnetwork` (an elastic model) makes that nested model generate.  Greedy decoding is the
-    slowest evaluation step: it is announced in the log and `progress` shows a bar.
+    `subnetwork` (an elastic model) makes that nested model generate: on its physically sliced
+    weights (`export.slicing.slice_model`, what `extract` writes), so it decodes with its own
+    KV cache and Mamba states at its own cost.  Decoding is stateful (`nemo_elastic.inference`);
+    it is announced in the log and `progress` shows a bar.
     """
     from nemo_elastic.data import answer_accuracy
 
@@ -138,9 +141,9 @@ def answer_accuracy_of(cfg: Config, model, data, info: RankInfo, *,
     logger.info("greedy answer accuracy%s on %d validation problems ...", what,
                 min(n, len(data.val_problems)))
     try:
-        result = answer_accuracy(greedy_logits_fn(model, subnetwork), data.tokenizer,
-                                 data.val_problems[:n], batch_size=64,
-                                 device=next(model.parameters()).device, progress=progress)
+        decoder = model if subnetwork is None else _sliced(cfg, model, subnetwork)
+        result = answer_accuracy(decoder, data.tokenizer, data.val_problems[:n], batch_size=64,
+                                 progress=progress)
     finally:
         model.train(was_training)
     logger.info("answer accuracy%s (greedy, %d validation problems): %s", what, result["n"],
@@ -148,11 +151,27 @@ def answer_accuracy_of(cfg: Config, model, data, info: RankInfo, *,
     return result
 
 
+def _sliced(cfg: Config, model, subnetwork):
+    """The plain model of a hard `subnetwork` of an elastic `model` (the parent itself when the
+    sub-network is the whole model)."""
+    from megatron.core.utils import unwrap_model
+
+    from nemo_elastic.export.slicing import slice_model
+
+    if not hasattr(subnetwork, "is_full"):  # a soft (router) sub-network: masked, no state
+        raise TypeError(f"answer accuracy needs a hard SubNetwork, got {type(subnetwork).__name__}")
+    if subnetwork.is_full(cfg.model):
+        return unwrap_model(model)
+    _, child = slice_model(model, cfg, subnetwork)
+    return child.eval()
+
+
 def evaluate_subnetwork(cfg: Config, model, data, info: RankInfo, subnetwork,
-                        num_microbatches: int) -> dict:
+                        num_microbatches: int, *, progress: bool = False) -> dict:
     """{"val_loss": on every rank, "answer_accuracy": float or None where it is not computed}
     of `subnetwork` (None: the whole model)."""
     loss = validation_loss(cfg, model, data, num_microbatches, info, subnetwork=subnetwork,
                            all_stages=True)
-    accuracy = answer_accuracy_of(cfg, model, data, info, subnetwork=subnetwork)
+    accuracy = answer_accuracy_of(cfg, model, data, info, subnetwork=subnetwork,
+                                  progress=progress)
     return {"val_loss": loss, "answer_accuracy": None if accuracy is None else accuracy["accuracy"]}
