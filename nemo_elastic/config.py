@@ -24,13 +24,14 @@ from nemo_elastic.config_elastic import ElasticConfig
 from nemo_elastic.config_io import from_dict, load_yaml, yaml_problem
 
 # The layer symbols and their size tables live in `sizes` (re-exported here: config.MAMBA, ...).
-# MoE ('E'), GDN ('G'), MLA ('+'), DSA ('D') and MTP ('/') are real Megatron symbols that the
-# elastic machinery does not handle yet.
+# GDN ('G'), MLA ('+'), DSA ('D') and MTP ('/') are real Megatron symbols that the elastic
+# machinery does not handle yet.  MoE ('E') needs a `model.moe` section (`config_moe`).
 from nemo_elastic.sizes import (  # noqa: F401
-    ATTENTION, ELASTIC_AXES, GROUPED, GROUPED_WHY, LAYER_FIELDS, MAMBA, MLP, PIPE, SIZE_FIELDS)
+    ATTENTION, ELASTIC_AXES, GROUPED, GROUPED_WHY, LAYER_FIELDS, MAMBA, MLP, MOE, PIPE, SIZE_FIELDS)
+from nemo_elastic.config_moe import MoEConfig
 
-SUPPORTED_SYMBOLS = (MAMBA, ATTENTION, MLP)
-UNSUPPORTED_SYMBOLS = {"E": "MoE", "G": "GatedDeltaNet", "+": "MLA", "D": "DSA attention", "/": "MTP"}
+SUPPORTED_SYMBOLS = (MAMBA, ATTENTION, MLP, MOE)
+UNSUPPORTED_SYMBOLS = {"G": "GatedDeltaNet", "+": "MLA", "D": "DSA attention", "/": "MTP"}
 
 
 def _require_divides(prefix: str, name: str, value: int, divisor_name: str, divisor: int) -> None:
@@ -52,11 +53,12 @@ def parse_layer_pattern(pattern: str, field_name: str = "model.hybrid_layer_patt
         if char in UNSUPPORTED_SYMBOLS:
             _fail(field_name, pattern,
                   f"symbol {char!r} at position {pos} ({UNSUPPORTED_SYMBOLS[char]}) is not supported; "
-                  "use only 'M', '*', '-' and '|'")
+                  "use only 'M', '*', '-', 'E' and '|'")
         if char not in SUPPORTED_SYMBOLS and char != PIPE:
             _fail(field_name, pattern,
                   f"unknown symbol {char!r} at position {pos}; valid symbols are 'M' (Mamba2), "
-                  "'*' (attention), '-' (MLP) and '|' (pipeline-stage boundary)")
+                  "'*' (attention), '-' (MLP), 'E' (MoE, with model.moe) and '|' "
+                  "(pipeline-stage boundary)")
     segments = pattern.split(PIPE)
     if any(not seg for seg in segments):
         _fail(field_name, pattern, "has an empty pipeline segment (two '|' in a row or at an end)")
@@ -88,10 +90,13 @@ class ModelConfig:
     # mamba_num_heads / mamba_head_dim (Mamba), num_attention_heads (attention) or
     # ffn_hidden_size (MLP) for that layer; None = every layer uses the global sizes.
     per_layer: Optional[list] = None
+    # Mixture-of-experts layers ('E' in the pattern): router and expert sizes (`config_moe`).
+    moe: Optional[MoEConfig] = None
 
     def __post_init__(self) -> None:
         p = "model."
         parse_layer_pattern(self.hybrid_layer_pattern)
+        self._validate_moe()
         require_positive(self, "hidden_size", "ffn_hidden_size", "num_attention_heads",
                           "num_query_groups", "mamba_num_heads", "mamba_head_dim",
                           "mamba_num_groups", "mamba_state_dim", "mamba_conv_kernel",
@@ -112,6 +117,20 @@ class ModelConfig:
             _fail(f"{p}layernorm_epsilon", self.layernorm_epsilon, "must be > 0")
         if self.per_layer is not None:
             self._validate_per_layer()
+
+    def _validate_moe(self) -> None:
+        if isinstance(self.moe, Mapping):
+            self.moe = from_dict(MoEConfig, self.moe, "model.moe.")
+        elif self.moe is not None and not isinstance(self.moe, MoEConfig):
+            _fail("model.moe", self.moe, "must be a mapping of MoE fields (or null)")
+        if self.has_moe and self.moe is None:
+            _fail("model.hybrid_layer_pattern", self.hybrid_layer_pattern,
+                  "has MoE layers ('E') but model.moe is not set; add a model.moe section "
+                  "(num_moe_experts, moe_router_topk, moe_ffn_hidden_size, ...)")
+
+    @property
+    def has_moe(self) -> bool:
+        return MOE in self.layer_symbols
 
     def _validate_per_layer(self) -> None:
         symbols = self.layer_symbols
@@ -163,11 +182,13 @@ class ModelConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # MoE expert parallelism: the routed experts are split over this many data-parallel ranks
+    expert_model_parallel_size: int = 1
     backend: Optional[str] = None  # None: nccl with CUDA, gloo without
 
     def __post_init__(self) -> None:
         require_positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                          prefix="parallel.")
+                          "expert_model_parallel_size", prefix="parallel.")
         if self.backend not in (None, "gloo", "nccl"):
             _fail("parallel.backend", self.backend, "must be null (auto), 'gloo' or 'nccl'")
 
@@ -313,6 +334,7 @@ class Config:
             for name, value in entry.items():
                 if name != "mamba_head_dim":  # head channels are not split by TP
                     _require_divides("", f"model.per_layer[{i}].{name}", value, tp_rule, tp)
+        self._check_moe_parallel()
         segments = parse_layer_pattern(m.hybrid_layer_pattern)
         if pp > 1 and len(segments) % pp != 0:
             _fail("model.hybrid_layer_pattern", m.hybrid_layer_pattern,
@@ -331,6 +353,21 @@ class Config:
         if self.elastic is not None:
             self.elastic = from_dict(ElasticConfig, self.elastic, "elastic.")
             self._check_elastic()
+
+    def _check_moe_parallel(self) -> None:
+        m, par = self.model, self.parallel
+        ep, tp = par.expert_model_parallel_size, par.tensor_model_parallel_size
+        if m.moe is None:
+            if ep > 1:
+                _fail("parallel.expert_model_parallel_size", ep,
+                      "must be 1 for a model without MoE layers ('E' and model.moe)")
+            return
+        _require_divides("model.moe.", "num_moe_experts", m.moe.num_moe_experts,
+                         "parallel.expert_model_parallel_size", ep)
+        for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+            if getattr(m.moe, name) is not None:
+                _require_divides("model.moe.", name, getattr(m.moe, name),
+                                 "parallel.tensor_model_parallel_size", tp)
 
     def _check_elastic(self) -> None:
         """Rules of the elastic section that depend on the model and data sections."""

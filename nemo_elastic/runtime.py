@@ -233,7 +233,8 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> RankInfo:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=parallel.expert_model_parallel_size)
     set_seed(seed)
     return rank_info()
 

@@ -19,13 +19,15 @@ from __future__ import annotations
 from typing import Optional
 
 # Hybrid layer symbols we support (Megatron-Core `Symbols`): Mamba2, self-attention, dense MLP,
-# plus the pipeline-stage separator.
+# mixture-of-experts (`model.moe`), plus the pipeline-stage separator.
 MAMBA, ATTENTION, MLP, PIPE = "M", "*", "-", "|"
+MOE = "E"
 
 LAYER_FIELDS: dict[str, tuple[str, ...]] = {
     MAMBA: ("mamba_num_heads", "mamba_head_dim"),
     ATTENTION: ("num_attention_heads",),
     MLP: ("ffn_hidden_size",),
+    MOE: (),  # MoE sizes live in `model.moe` (no per-layer MoE sizes yet)
 }
 SIZE_FIELDS: tuple[str, ...] = tuple(f for fields in LAYER_FIELDS.values() for f in fields)
 

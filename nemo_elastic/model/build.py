@@ -68,6 +68,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, **overrides
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
     )
+    if model.moe is not None:
+        kwargs.update(model.moe.to_transformer_config())
+        kwargs["expert_model_parallel_size"] = parallel.expert_model_parallel_size
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
