@@ -185,7 +185,7 @@ def _hf_moe_model(seed=0, **overrides):
     return model
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(n_group=2, topk_group=1)],
+@pytest.mark.parametrize("overrides", [{}, pytest.param(dict(n_group=2, topk_group=1), marks=pytest.mark.slow)],
                          ids=["flat", "grouped"])
 def test_hf_moe_logits_both_directions(overrides, tmp_path):
     pytest.importorskip("transformers")
@@ -234,3 +234,109 @@ def test_moe_pattern_needs_section_and_ep_divides_experts():
                     parallel={"expert_model_parallel_size": 3})
     with pytest.raises(ConfigError, match="parallel.expert_model_parallel_size"):
         tiny_config(parallel={"expert_model_parallel_size": 2})
+
+
+# ------------------------------------------------------------------------------ training
+
+FAST = ["data.synthetic.num_train=400", "data.synthetic.num_val=32", "data.seq_length=64",
+        "data.micro_batch_size=4", "data.global_batch_size=8", "train.eval_iters=1",
+        "train.eval_accuracy_samples=0", "train.warmup_iters=0", "train.iters=1",
+        "train.eval_interval=1", "train.save_interval=1"]
+
+
+@pytest.mark.slow
+def test_expert_bias_update_is_aux_loss_free_balancing(tmp_path, monkeypatch):
+    """One pretraining step: every router's bias moves by rate * sign(mean load - load), the
+    load counted over the step's tokens (Megatron-Core's update in finalize_model_grads)."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from nemo_elastic import runtime
+    from nemo_elastic.checkpoint import load_checkpoint, resolve_checkpoint
+    from nemo_elastic.config import load_config
+    from nemo_elastic.model import build_hybrid_model
+    from nemo_elastic.training.pretrain import pretrain
+
+    loads: dict[int, torch.Tensor] = {}
+    original = TopKRouter.routing
+
+    def counting(self, logits, *args, **kwargs):
+        probs, routing_map = original(self, logits, *args, **kwargs)
+        if self.training and torch.is_grad_enabled():
+            loads[self.layer_number] = loads.get(self.layer_number, 0) + routing_map.sum(0)
+        return probs, routing_map
+
+    monkeypatch.setattr(TopKRouter, "routing", counting)
+    cfg = load_config("conf/tiny_moe.yaml", [*FAST, f"output_dir={tmp_path}"])
+    pretrain(cfg, progress=False)
+    assert sorted(loads) == [2, 4, 6]  # layer numbers (1-based) of the 'E' layers
+    rate = cfg.model.moe.moe_router_bias_update_rate
+    with runtime.distributed(cfg.parallel):
+        model = build_hybrid_model(cfg)
+        load_checkpoint(resolve_checkpoint(tmp_path), model=model, restore_rng=False)
+        for layer in model.decoder.layers:
+            if layer.layer_number in loads:
+                load = loads[layer.layer_number].float()
+                expected = rate * torch.sign(load.mean() - load)
+                assert torch.allclose(layer.mlp.router.expert_bias, expected), layer.layer_number
+                assert expected.abs().sum() > 0
+
+
+def _ep_rank(rank, world_size, ckpt, tokens_path, out_dir):
+    from nemo_elastic import runtime
+    from nemo_elastic.checkpoint import load_checkpoint
+    from nemo_elastic.model import build_hybrid_model
+
+    cfg = _moe_cfg(pattern="ME*E")
+    cfg = tiny_config({"hybrid_layer_pattern": "ME*E", "moe": MOE},
+                      parallel={"expert_model_parallel_size": 2})
+    with runtime.distributed(cfg.parallel):
+        import torch.distributed as dist
+
+        model = build_hybrid_model(cfg)
+        load_checkpoint(ckpt, model=model, restore_rng=False)
+        tokens = torch.load(tokens_path)[rank]
+        pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+        loss = model(tokens, pos, None, labels=tokens).sum()
+        loss.backward()
+        grads = {}
+        for name, p in model.named_parameters():
+            if ".local_experts." in name:  # this rank's experts: rank * 4 + local index
+                local = int(name.split(".local_experts.")[1].split(".")[0])
+                name = name.replace(f".local_experts.{local}.", f".local_experts.{rank * 4 + local}.")
+                grads[name] = p.grad.clone()
+            else:  # replicated: sum over the two ranks' batches
+                grad = p.grad.clone()
+                dist.all_reduce(grad)
+                grads[name] = grad
+        torch.save({"loss": loss.detach(), "grads": grads}, f"{out_dir}/rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_expert_parallel_2_equals_1(tmp_path):
+    """EP=2 (two gloo ranks, 4 experts each, all-to-all dispatch): the losses and every gradient
+    equal one process holding all 8 experts."""
+    from nemo_elastic import runtime
+    from nemo_elastic.checkpoint import save_checkpoint
+    from nemo_elastic.model import build_hybrid_model
+    from tests.multiproc import run_multiprocess
+
+    cfg = _moe_cfg(pattern="ME*E")
+    tokens = torch.randint(0, 64, (2, 2, 24), generator=torch.Generator().manual_seed(1))
+    with runtime.distributed(cfg.parallel):
+        model = perturb(build_hybrid_model(cfg))
+        save_checkpoint(tmp_path / "ckpt", cfg=cfg, model=model, kind="test")
+        losses = []
+        for r in range(2):
+            pos = torch.arange(24).expand(2, 24)
+            losses.append(model(tokens[r], pos, None, labels=tokens[r]).sum())
+        sum(losses).backward()
+        reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch.save(tokens, tmp_path / "tokens.pt")
+    run_multiprocess(_ep_rank, 2, tmp_path / "ckpt", tmp_path / "tokens.pt", tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for r in range(2):
+        assert torch.allclose(ranks[r]["loss"], losses[r].detach(), rtol=1e-5)
+    grads = {**ranks[0]["grads"], **ranks[1]["grads"]}
+    assert sorted(grads) == sorted(reference)
+    for name, ref in reference.items():
+        assert torch.allclose(grads[name], ref, rtol=1e-4, atol=1e-5), name
