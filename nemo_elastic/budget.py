@@ -53,8 +53,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from nemo_elastic.config import (ATTENTION, MAMBA, MLP, MOE, ConfigError, ModelConfig,
-                                 require_positive)
+from nemo_elastic.config import (ATTENTION, MAMBA, MLP, MOE, MOE_FIELDS, ConfigError,
+                                 ModelConfig, require_positive)
 
 if TYPE_CHECKING:  # pure Python either way; avoid importing the elastic package at load time
     from nemo_elastic.elastic.subnet import SubNetwork
@@ -93,7 +93,9 @@ class MemorySpec:
 
 def _size(m: ModelConfig, field_name: str, layer: Optional[int]) -> int:
     """Global size, or layer `layer`'s size when `model.per_layer` overrides it."""
-    return getattr(m, field_name) if layer is None else m.layer_size(field_name, layer)
+    if layer is None:
+        return getattr(m.moe, field_name) if field_name in MOE_FIELDS else getattr(m, field_name)
+    return m.layer_size(field_name, layer)
 
 
 # Size-generic formulas: plain arithmetic, so ints give exact counts and (in
@@ -188,11 +190,10 @@ def _layer_terms(m: ModelConfig, symbol: str, h, size: Callable[[str], Any],
         if spec is not None:
             terms["kv_cache"] = kv_cache_bytes(spec, m.num_query_groups, m.head_dim)
     elif symbol == MOE:
-        moe = m.moe
-        shape = (moe.num_moe_experts, moe.moe_ffn_hidden_size,
-                 moe.moe_shared_expert_intermediate_size)
+        shape = (size("num_moe_experts"), size("moe_ffn_hidden_size"),
+                 size("moe_shared_expert_intermediate_size"))
         terms = {"moe": moe_parameters(h, *shape),
-                 "moe_active": moe_parameters(h, *shape, topk=moe.moe_router_topk)}
+                 "moe_active": moe_parameters(h, *shape, topk=m.moe.moe_router_topk)}
     else:
         terms = {"mlp": mlp_parameters(h, size("ffn_hidden_size"))}
     return terms

@@ -27,7 +27,8 @@ from nemo_elastic.config_io import from_dict, load_yaml, yaml_problem
 # GDN ('G'), MLA ('+'), DSA ('D') and MTP ('/') are real Megatron symbols that the elastic
 # machinery does not handle yet.  MoE ('E') needs a `model.moe` section (`config_moe`).
 from nemo_elastic.sizes import (  # noqa: F401
-    ATTENTION, ELASTIC_AXES, GROUPED, GROUPED_WHY, LAYER_FIELDS, MAMBA, MLP, MOE, PIPE, SIZE_FIELDS)
+    ATTENTION, ELASTIC_AXES, GROUPED, GROUPED_WHY, LAYER_FIELDS, MAMBA, MLP, MOE, MOE_FIELDS, PIPE,
+    SIZE_FIELDS)
 from nemo_elastic.config_moe import MoEConfig
 
 SUPPORTED_SYMBOLS = (MAMBA, ATTENTION, MLP, MOE)
@@ -128,6 +129,18 @@ class ModelConfig:
                   "has MoE layers ('E') but model.moe is not set; add a model.moe section "
                   "(num_moe_experts, moe_router_topk, moe_ffn_hidden_size, ...)")
 
+    def _validate_moe_layer(self, i: int, entry: dict) -> None:
+        experts = entry.get("num_moe_experts")
+        if experts is None or experts == self.moe.num_moe_experts:
+            return
+        if experts < self.moe.moe_router_topk:
+            _fail(f"model.per_layer[{i}].num_moe_experts", experts,
+                  f"must be >= model.moe.moe_router_topk={self.moe.moe_router_topk}")
+        if self.moe.moe_router_num_groups > 1:
+            _fail(f"model.per_layer[{i}].num_moe_experts", experts,
+                  "fewer experts per layer need model.moe.moe_router_num_groups=1 (a prefix "
+                  "of the experts does not keep the expert groups)")
+
     @property
     def has_moe(self) -> bool:
         return MOE in self.layer_symbols
@@ -145,6 +158,8 @@ class ModelConfig:
                     _fail(name, value, f"layer {i} ({sym!r}) only takes {list(LAYER_FIELDS[sym])}")
                 if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                     _fail(name, value, "must be a positive integer")
+            if sym == MOE and self.moe is not None:
+                self._validate_moe_layer(i, entry)
             for key, groups in GROUPED.items():
                 if key in entry:
                     _require_divides("", f"model.per_layer[{i}].{key}", entry[key],
@@ -154,6 +169,8 @@ class ModelConfig:
         """`field_name` (e.g. 'ffn_hidden_size') of global layer `layer`, per-layer aware."""
         if self.per_layer and field_name in self.per_layer[layer]:
             return self.per_layer[layer][field_name]
+        if field_name in MOE_FIELDS:
+            return getattr(self.moe, field_name) if self.moe is not None else None
         return getattr(self, field_name)
 
     @property
@@ -332,7 +349,8 @@ class Config:
             _require_divides("model.", name, getattr(m, name), tp_rule, tp)
         for i, entry in enumerate(m.per_layer or []):
             for name, value in entry.items():
-                if name != "mamba_head_dim":  # head channels are not split by TP
+                # head channels are not split by TP; experts are split by expert parallelism
+                if name not in ("mamba_head_dim", "num_moe_experts"):
                     _require_divides("", f"model.per_layer[{i}].{name}", value, tp_rule, tp)
         self._check_moe_parallel()
         segments = parse_layer_pattern(m.hybrid_layer_pattern)
@@ -364,6 +382,10 @@ class Config:
             return
         _require_divides("model.moe.", "num_moe_experts", m.moe.num_moe_experts,
                          "parallel.expert_model_parallel_size", ep)
+        for i, entry in enumerate(m.per_layer or []):
+            if "num_moe_experts" in entry:
+                _require_divides("", f"model.per_layer[{i}].num_moe_experts",
+                                 entry["num_moe_experts"], "parallel.expert_model_parallel_size", ep)
         for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
             if getattr(m.moe, name) is not None:
                 _require_divides("model.moe.", name, getattr(m.moe, name),

@@ -27,8 +27,12 @@ LAYER_FIELDS: dict[str, tuple[str, ...]] = {
     MAMBA: ("mamba_num_heads", "mamba_head_dim"),
     ATTENTION: ("num_attention_heads",),
     MLP: ("ffn_hidden_size",),
-    MOE: (),  # MoE sizes live in `model.moe` (no per-layer MoE sizes yet)
+    # routed experts kept (a prefix of the importance-ordered experts), expert FFN width,
+    # shared-expert width; the parent's values live in `model.moe`
+    MOE: ("num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"),
 }
+# The MoE size fields (values in `ModelConfig.moe`, not on ModelConfig itself).
+MOE_FIELDS: tuple[str, ...] = LAYER_FIELDS[MOE]
 SIZE_FIELDS: tuple[str, ...] = tuple(f for fields in LAYER_FIELDS.values() for f in fields)
 
 GROUPED: dict[str, str] = {"mamba_num_heads": "mamba_num_groups",

@@ -93,7 +93,8 @@ def have_transformer_engine() -> bool:
 
 def local_hybrid_stack_spec(*, d_conv: int = 4, chunk_size: int = 128,
                             mixer=NemoMambaMixer, attention=SelfAttention, mlp=MLP,
-                            stack=NemoHybridStack, norm=WrappedTorchNorm) -> ModuleSpec:
+                            stack=NemoHybridStack, norm=WrappedTorchNorm,
+                            moe=MoELayer) -> ModuleSpec:
     """Torch-only hybrid spec (column/row-parallel linears, torch RMSNorm, DotProductAttention).
 
     The module classes are parameters so the elastic subclasses reuse this exact wiring.
@@ -142,7 +143,7 @@ def local_hybrid_stack_spec(*, d_conv: int = 4, chunk_size: int = 128,
                     sharded_state_dict_keys_map=MLP_TE_KEYS,
                 ),
             ),
-            moe_layer=local_moe_layer_spec(norm=norm),
+            moe_layer=local_moe_layer_spec(norm=norm, moe_layer=moe),
         ),
     )
 
