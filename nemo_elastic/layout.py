@@ -359,13 +359,21 @@ def reindex_state_dict(state: Mapping[str, object], m: ModelConfig, index_of) ->
         index = cache[layer]
         if index is None:
             continue
-        expert, _ = expert_of(key)
-        if expert is not None and index.experts is not None:
-            # one tensor per expert: the expert at position p of `index.experts` becomes p
-            kept = index.experts.tolist()
-            if expert not in kept:
-                continue
-            match = EXPERT_KEY.match(key)
-            key = f"{match.group(1)}{kept.index(expert)}{match.group(3)}"
-        out[key] = reindex(t, axes, index)
+        new_key = expert_key(key, index)
+        if new_key is not None:
+            out[new_key] = reindex(t, axes, index)
     return out
+
+
+def expert_key(key: str, index: LayerIndex) -> Optional[str]:
+    """The name tensor `key` gets under `index`: a routed expert's tensors (one per expert, the
+    expert number in the name) move to the expert's position in `index.experts` (None: that
+    expert is not kept); every other name stays."""
+    expert, _ = expert_of(key)
+    if expert is None or index.experts is None:
+        return key
+    kept = index.experts.tolist()
+    if expert not in kept:
+        return None
+    match = EXPERT_KEY.match(key)
+    return f"{match.group(1)}{kept.index(expert)}{match.group(3)}"

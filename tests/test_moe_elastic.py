@@ -66,3 +66,73 @@ def test_dropped_experts_are_never_routed_to(megatron_env):
     assert load[3:].sum() == 0 and load[:3].sum() == 2 * 24 * 2
     # the bias itself is untouched by the masking
     assert torch.isfinite(router.expert_bias).all()
+
+
+# ------------------------------------------------------------------------------ importance
+
+def _batches(n=2, b=2, s=24, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [{"tokens": torch.randint(0, 64, (b, s), generator=gen),
+             "position_ids": torch.arange(s).expand(b, s)} for _ in range(n)]
+
+
+def _hand_expert_scores(layer, inputs, moe):
+    """REAP sum and token count per expert, from the layer's weights in float64."""
+    mlp = layer.mlp
+    W = mlp.router.weight.detach().double()
+    bias = mlp.router.expert_bias.detach().double()
+    experts = mlp.experts.local_experts
+    reap, count = torch.zeros(len(experts), dtype=F64), torch.zeros(len(experts), dtype=F64)
+    for x in torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs]).double():
+        scores = torch.sigmoid(W @ x)
+        top = (scores + bias).topk(moe.moe_router_topk).indices
+        g = scores[top] / scores[top].sum() * moe.moe_router_topk_scaling_factor
+        for j, e in enumerate(top.tolist()):
+            e_mod = experts[e]
+            y = e_mod.linear_fc2.weight.double() @ (
+                torch.relu(e_mod.linear_fc1.weight.double() @ x) ** 2)
+            reap[e] += (g[j] * y).norm()
+            count[e] += 1
+    return reap, count
+
+
+F64 = torch.float64
+
+
+def test_expert_importance_and_reorder(megatron_env):
+    """REAP and frequency equal a float64 hand computation; reordering the experts (and expert /
+    shared neurons) by them keeps the function, and the reordered model ranks its experts
+    0, 1, 2, ... (its best experts are the prefix every budget keeps)."""
+    from nemo_elastic.importance import compute_scores, permutations_from_scores
+    from nemo_elastic.importance import permute_state_dict
+
+    cfg, elastic = _parent("ME*E")
+    elastic.eval()
+    batches = _batches()
+    inputs = []
+    handle = elastic.decoder.layers[1].pre_mlp_layernorm.register_forward_hook(
+        lambda m, a, out: inputs.append(out.detach()))
+    scores = compute_scores(elastic, batches, cfg.model, progress=False)
+    handle.remove()
+    reap_sum, count = _hand_expert_scores(elastic.decoder.layers[1], inputs, cfg.model.moe)
+    s = scores.layers[1]
+    assert torch.allclose(s.expert_reap, reap_sum / count.clamp(min=1), rtol=1e-6)
+    assert torch.allclose(s.expert_frequency, count / count.sum())
+    assert torch.equal(s.experts, s.expert_reap)  # REAP is the default criterion
+    freq = compute_scores(elastic, batches, cfg.model, expert_criterion="frequency",
+                          progress=False)
+    assert torch.equal(freq.layers[1].experts, freq.layers[1].expert_frequency)
+
+    perms = permutations_from_scores(scores, cfg.model)
+    assert torch.equal(perms.layers[1].experts,
+                       torch.sort(s.expert_reap, descending=True, stable=True).indices)
+    other = build_elastic_model(cfg)
+    other.load_state_dict(permute_state_dict(elastic.state_dict(), cfg.model, perms))
+    other.eval()
+    with torch.no_grad():
+        ref = torch.cat([elastic(b["tokens"], b["position_ids"], None) for b in batches])
+        out = torch.cat([other(b["tokens"], b["position_ids"], None) for b in batches])
+    assert ((out - ref).norm() / ref.norm()).item() <= 1e-5
+    after = compute_scores(other, batches, cfg.model, progress=False).layers[1]
+    assert torch.allclose(after.expert_reap, torch.sort(s.expert_reap, descending=True).values,
+                          rtol=1e-5)
