@@ -205,3 +205,29 @@ def test_moe_masked_equals_sliced_under_parallelism(case, tmp_path):
     out = torch.load(tmp_path / "out.pt")
     rel = ((out - reference).norm() / reference.norm()).item()
     assert rel <= 1e-5, rel
+
+
+def test_moe_sliced_execution_equals_masked(megatron_env):
+    """execution='sliced' (kept weight blocks, dropped experts get no tokens): same logits and
+    the same parameter gradients as the masked forward."""
+    cfg, elastic = _parent("ME*E-", seed=3)
+    rng = random.Random(11)
+    tokens = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(2))
+    pos = torch.arange(24).expand(2, 24)
+    for _ in range(2):
+        subnet = sample_subnetwork(cfg.model, rng, axes=("experts", "expert_ffn", "shared_ffn",
+                                                         "hidden", "depth"))
+        grads = []
+        for execution in ("masked", "sliced"):
+            elastic.zero_grad(set_to_none=True)
+            loss = elastic(tokens, pos, None, labels=tokens, subnetwork=subnet,
+                           execution=execution).sum()
+            loss.backward()
+            grads.append((loss.detach(), {n: p.grad.clone() for n, p in elastic.named_parameters()
+                                          if p.grad is not None}))
+        (lm, gm), (ls, gs) = grads
+        assert torch.allclose(lm, ls, rtol=1e-5), subnet.describe(cfg.model)
+        for name, g in gm.items():
+            other = gs.get(name, torch.zeros_like(g))
+            assert (g - other).norm() <= 1e-5 * g.norm() + 1e-8, (name, (g - other).norm(),
+                                                                 g.norm())

@@ -12,8 +12,11 @@
 
 Expert parallelism needs nothing more: the routing map is computed on the full [tokens, E]
 before dispatch, and each rank's local experts read the same global neuron mask.
-Only hard (0/1) masks and masked execution so far; sliced execution and soft (router-trained)
-MoE axes are not built yet.
+Sliced execution (`execution="sliced"`): the router reads the kept hidden channels of its gate
+(every expert's row: dropped experts still get the -inf bias, so they receive no tokens and
+cost nothing but their empty loop turn), every expert and the shared expert run on the kept
+[neurons, hidden] blocks of their weights (views: gradients land in the parent's tensors).
+Only hard (0/1) masks so far; soft (router-trained) MoE axes are not built yet.
 """
 
 from __future__ import annotations
@@ -25,7 +28,12 @@ import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from nemo_elastic.elastic.masks import MoEMasks, shard
+from nemo_elastic.elastic.sliced import Index, local, swapped_parameters, take
 from nemo_elastic.elastic.state import ElasticMixin, pinned
+
+# mask axis -> (LayerChoice size field, TransformerConfig field of the parent's size)
+NEURON_AXES = {"expert_ffn": "moe_ffn_hidden_size",
+               "shared_ffn": "moe_shared_expert_intermediate_size"}
 
 
 class ElasticMoELayer(ElasticMixin, MoELayer):
@@ -51,7 +59,18 @@ class ElasticMoELayer(ElasticMixin, MoELayer):
         if masks is None or getattr(masks, axis).is_full:
             return None
         mask = shard(getattr(masks, axis).values, *self._tp())  # [F_local]
+        if self._sliced() is not None:  # the activation holds the kept neurons only
+            mask = take(mask, 0, self._kept_neurons(axis))
         return (args[0] * mask.to(args[0].dtype), *args[1:])
+
+    def _kept_neurons(self, axis: str) -> Index:
+        """This rank's kept neurons of `axis`: the global prefix restricted to its block."""
+        field = NEURON_AXES[axis]
+        kept = getattr(self.elastic.sliced.choice, field)
+        rank, size = self._tp()
+        block = getattr(self.config, field) // size
+        return self._index((axis, kept, block),
+                           lambda: (local(torch.arange(kept), block, rank), block))
 
     def _mask_expert_neurons(self, module, args):
         return self._neuron_hook("expert_ffn", args)
@@ -73,9 +92,23 @@ class ElasticMoELayer(ElasticMixin, MoELayer):
             yield
 
     def forward(self, hidden_states, *args, **kwargs):
-        if self._sliced() is not None:
-            raise NotImplementedError("sliced execution of MoE layers is not implemented; "
-                                      "use execution='masked'")
-        with self._kept_experts_only():
+        with contextlib.ExitStack() as stack:
+            if self._sliced() is not None:
+                self._swap_in_kept_weights(stack)
+            stack.enter_context(self._kept_experts_only())
             out, bias = super().forward(hidden_states, *args, **kwargs)
         return self._mask_hidden(out), bias
+
+    def _swap_in_kept_weights(self, stack: contextlib.ExitStack) -> None:
+        hidden = self._hidden_index(self.router.weight.shape[1])
+        stack.enter_context(swapped_parameters(
+            self.router, weight=take(self.router.weight, 1, hidden)))
+        mlps = [("expert_ffn", e) for e in self.experts.local_experts]
+        if self.shared_experts is not None:
+            mlps.append(("shared_ffn", self.shared_experts))
+        for axis, mlp in mlps:
+            neurons = self._kept_neurons(axis)
+            fc1 = take(take(mlp.linear_fc1.weight, 0, neurons), 1, hidden)
+            fc2 = take(take(mlp.linear_fc2.weight, 0, hidden), 1, neurons)
+            stack.enter_context(swapped_parameters(mlp.linear_fc1, weight=fc1))
+            stack.enter_context(swapped_parameters(mlp.linear_fc2, weight=fc2))
