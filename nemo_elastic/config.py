@@ -397,7 +397,11 @@ class Config:
         for axis, sizes in e.choices.items():
             _, field_name = ELASTIC_AXES[axis]
             group_name = GROUPED.get(field_name)
-            full = getattr(m, field_name)
+            full = getattr(m.moe, field_name, None) if field_name in MOE_FIELDS else \
+                getattr(m, field_name)
+            if full is None:
+                _fail(f"elastic.choices.{axis}", sizes, f"model.{field_name} is not set (no "
+                      "MoE section or no shared expert)")
             step = getattr(m, group_name) if group_name else 1
             for size in sizes:
                 if size > full:

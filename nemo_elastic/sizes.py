@@ -47,6 +47,9 @@ ELASTIC_AXES: dict[str, tuple[Optional[str], str]] = {
     "mamba_head_dim": (MAMBA, "mamba_head_dim"),
     "attention_heads": (ATTENTION, "num_attention_heads"),
     "ffn": (MLP, "ffn_hidden_size"),
+    "moe_experts": (MOE, "num_moe_experts"),
+    "moe_expert_ffn": (MOE, "moe_ffn_hidden_size"),
+    "moe_shared_ffn": (MOE, "moe_shared_expert_intermediate_size"),
 }
 
 

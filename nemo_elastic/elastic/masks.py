@@ -246,6 +246,9 @@ class SoftLayer:
     mamba_head_dim: Optional[SizeOrSoft] = None
     num_attention_heads: Optional[SizeOrSoft] = None
     ffn_hidden_size: Optional[SizeOrSoft] = None
+    num_moe_experts: Optional[SizeOrSoft] = None
+    moe_ffn_hidden_size: Optional[SizeOrSoft] = None
+    moe_shared_expert_intermediate_size: Optional[SizeOrSoft] = None
     expected_keep: Optional[torch.Tensor] = None
     hard_keep: Optional[bool] = None
 
@@ -277,8 +280,21 @@ class SoftSubNetwork:
                 keep=layer.kept_in_hard(), mamba_num_heads=pick(layer.mamba_num_heads),
                 mamba_head_dim=pick(layer.mamba_head_dim),
                 num_attention_heads=pick(layer.num_attention_heads),
-                ffn_hidden_size=pick(layer.ffn_hidden_size)))
+                ffn_hidden_size=pick(layer.ffn_hidden_size),
+                num_moe_experts=pick(layer.num_moe_experts),
+                moe_ffn_hidden_size=pick(layer.moe_ffn_hidden_size),
+                moe_shared_expert_intermediate_size=pick(
+                    layer.moe_shared_expert_intermediate_size)))
         return SubNetwork(hidden_size=pick(self.hidden_size), layers=tuple(layers))
+
+
+def _soft_moe_axis(model: ModelConfig, i: int, field_name: str, value, kw) -> AxisMask:
+    """One MoE axis of layer i, soft or fixed (a prefix over the experts / neurons); a MoE
+    without shared expert has no shared mask."""
+    full = model.layer_size(field_name, i)
+    if full is None or value is None:
+        return AxisMask()
+    return _soft_or_hard(value, full, lambda c: grouped_prefix(1, full, c, **kw))
 
 
 def _soft_or_hard(value: SizeOrSoft, full: int, prefix: Callable[[int], torch.Tensor]) -> AxisMask:
@@ -318,6 +334,15 @@ def soft_masks(soft: SoftSubNetwork, model: ModelConfig, *, dtype=torch.float32,
         elif sym == ATTENTION:
             inner = _soft_or_hard(layer.num_attention_heads, model.layer_size("num_attention_heads", i),
                                   lambda c: attention_prefix(model, i, c, **kw))
+        elif sym == MOE:
+            moe = MoEMasks(**{axis: _soft_moe_axis(model, i, field, getattr(layer, field), kw)
+                              for axis, field in (("experts", "num_moe_experts"),
+                                                  ("expert_ffn", "moe_ffn_hidden_size"),
+                                                  ("shared_ffn",
+                                                   "moe_shared_expert_intermediate_size"))})
+            if gate is not None or not moe.is_full:
+                layers[i] = LayerMasks(gate=gate, moe=moe)
+            continue
         else:
             inner = _soft_or_hard(layer.ffn_hidden_size, model.layer_size("ffn_hidden_size", i),
                                   lambda c: ffn_prefix(model, i, c, **kw))

@@ -16,7 +16,10 @@ Sliced execution (`execution="sliced"`): the router reads the kept hidden channe
 (every expert's row: dropped experts still get the -inf bias, so they receive no tokens and
 cost nothing but their empty loop turn), every expert and the shared expert run on the kept
 [neurons, hidden] blocks of their weights (views: gradients land in the parent's tensors).
-Only hard (0/1) masks so far; soft (router-trained) MoE axes are not built yet.
+Soft (router) masks: an expert whose mask value is 0 is never routed to; every routed expert's
+output [n_e, h] is multiplied by its mask value (1 for a hard sub-network; the router's
+probability, or the mixture of prefixes, in training), which is how the router's expert-count
+probabilities receive gradients.
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ class ElasticMoELayer(ElasticMixin, MoELayer):
         if self.config.gated_linear_unit:
             raise ValueError("gated_linear_unit=True: elastic expert masking assumes Nemotron 3's "
                              "non-gated squared-ReLU experts (fc1 rows are neurons)")
-        for expert in local:
+        for i, expert in enumerate(local):
             expert.linear_fc2.register_forward_pre_hook(self._mask_expert_neurons)
+            expert.register_forward_hook(self._expert_output_hook(self.local_expert_indices[i]))
         if self.shared_experts is not None:
             self.shared_experts.linear_fc2.register_forward_pre_hook(self._mask_shared_neurons)
 
@@ -71,6 +75,15 @@ class ElasticMoELayer(ElasticMixin, MoELayer):
         block = getattr(self.config, field) // size
         return self._index((axis, kept, block),
                            lambda: (local(torch.arange(kept), block, rank), block))
+
+    def _expert_output_hook(self, global_index: int):
+        def hook(module, args, output):
+            masks = self._moe_masks()
+            if masks is None or masks.experts.is_full:
+                return None
+            out, bias = output
+            return out * masks.experts.values[global_index].to(out.dtype), bias
+        return hook
 
     def _mask_expert_neurons(self, module, args):
         return self._neuron_hook("expert_ffn", args)
