@@ -231,3 +231,34 @@ def test_moe_sliced_execution_equals_masked(megatron_env):
             other = gs.get(name, torch.zeros_like(g))
             assert (g - other).norm() <= 1e-5 * g.norm() + 1e-8, (name, (g - other).norm(),
                                                                  g.norm())
+
+
+def test_router_soft_expert_axis(megatron_env):
+    """A router's expert-count choice (one-hot probabilities, hard 'scaled' mode) computes the
+    hard sub-network, and its probabilities receive a gradient through the routed experts;
+    the router's expert-count choices never go below top-k."""
+    from nemo_elastic.elastic.masks import SoftAxis, SoftLayer, SoftSubNetwork
+    from nemo_elastic.router import axis_choices
+
+    cfg, elastic = _parent("ME*E", seed=4)
+    m = cfg.model
+    assert min(axis_choices(m, "moe_experts", [1.0, 0.5, 0.1], 1)) == m.moe.moe_router_topk
+    tokens = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(4))
+    pos = torch.arange(24).expand(2, 24)
+    probs = torch.tensor([0.0, 1.0, 0.0], requires_grad=True)
+    layers = []
+    for i, sym in enumerate(m.layer_symbols):
+        sizes = {f: m.layer_size(f, i) for f in
+                 {"M": ("mamba_num_heads", "mamba_head_dim"), "*": ("num_attention_heads",),
+                  "E": ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")}[sym]}
+        if sym == "E":
+            sizes["num_moe_experts"] = SoftAxis([8, 4, 2], probs, "scaled")
+        layers.append(SoftLayer(**sizes))
+    soft = SoftSubNetwork(hidden_size=m.hidden_size, layers=layers)
+    hard = SubNetwork.uniform(m, num_moe_experts=4)
+    out = elastic(tokens, pos, None, labels=tokens, subnetwork=soft)
+    with torch.no_grad():
+        ref = elastic(tokens, pos, None, labels=tokens, subnetwork=hard)
+    assert torch.allclose(out.detach(), ref, rtol=1e-6, atol=1e-6)
+    out.sum().backward()
+    assert probs.grad is not None and probs.grad[1].abs() > 0
