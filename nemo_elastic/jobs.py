@@ -47,7 +47,8 @@ def format_info(info: dict) -> Optional[str]:
         return None
     try:
         rows = [(r["name"], f"{r['target']:g} ({r['budget_type']})", r["summary"],
-                 f"{r['parameters']:,} ({r['parameter_fraction']:.1%})",
+                 f"{r['parameters']:,} ({r['parameter_fraction']:.1%})"
+                 + (f", active {r['active_parameters']:,}" if "active_parameters" in r else ""),
                  readable_bytes(r["memory_bytes"])) for r in family]
     except (KeyError, TypeError, ValueError) as err:
         from nemo_elastic.checkpoint import META_FILE, CheckpointError

@@ -261,4 +261,7 @@ class ElasticRouter(nn.Module):
                 "memory_bytes": budget_math.subnetwork_memory(self.model, subnet, spec),
                 "memory_spec": dataclasses.asdict(spec), "summary": subnet.describe(self.model),
                 "subnetwork": subnet.to_dict()})
+            if self.model.has_moe:  # what one token touches (top-k experts of each MoE layer)
+                rows[-1]["active_parameters"] = budget_math.count_active_parameters(
+                    subnet.model_config(self.model))
         return rows

@@ -262,3 +262,17 @@ def test_router_soft_expert_axis(megatron_env):
     assert torch.allclose(out.detach(), ref, rtol=1e-6, atol=1e-6)
     out.sum().backward()
     assert probs.grad is not None and probs.grad[1].abs() > 0
+
+
+def test_family_table_counts_total_and_active():
+    """The family table of a MoE parent gives each budget's total and active parameters."""
+    from nemo_elastic.budget import count_active_parameters, count_parameters
+    from nemo_elastic.config import load_config
+    from nemo_elastic.router import ElasticRouter as Router
+
+    cfg = load_config("conf/tiny_moe.yaml")
+    router = Router(cfg.model, cfg.elastic, total_iters=10)
+    for row in router.family_table():
+        child = SubNetwork.from_dict(row["subnetwork"]).model_config(cfg.model)
+        assert row["parameters"] == count_parameters(child)
+        assert row["active_parameters"] == count_active_parameters(child) < row["parameters"]

@@ -190,7 +190,8 @@ def _write_outputs(out_dir: Path, result: TrainResult, trainer: ElasticTrainer) 
         plot_router_choices(history, names, trainer.router, out_dir / "router_choices.png")
         write_tensorboard(history, out_dir / "tb")
     rows = [(r["name"], f"{r['target']:g}", r["summary"],
-             f"{r['parameters']:,} ({r['parameter_fraction']:.1%})",
+             f"{r['parameters']:,} ({r['parameter_fraction']:.1%})"
+             + (f", active {r['active_parameters']:,}" if "active_parameters" in r else ""),
              f"{r['val_loss_before']:.4f}", f"{r['val_loss_after']:.4f}",
              _pct(r["answer_accuracy_before"]), _pct(r["answer_accuracy_after"]))
             for r in result.family]
