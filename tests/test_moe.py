@@ -185,7 +185,8 @@ def _hf_moe_model(seed=0, **overrides):
     return model
 
 
-@pytest.mark.parametrize("overrides", [{}, pytest.param(dict(n_group=2, topk_group=1), marks=pytest.mark.slow)],
+@pytest.mark.parametrize("overrides", [
+    {}, pytest.param(dict(n_group=2, topk_group=1), marks=pytest.mark.slow)],
                          ids=["flat", "grouped"])
 def test_hf_moe_logits_both_directions(overrides, tmp_path):
     pytest.importorskip("transformers")
@@ -286,7 +287,6 @@ def _ep_rank(rank, world_size, ckpt, tokens_path, out_dir):
     from nemo_elastic.checkpoint import load_checkpoint
     from nemo_elastic.model import build_hybrid_model
 
-    cfg = _moe_cfg(pattern="ME*E")
     cfg = tiny_config({"hybrid_layer_pattern": "ME*E", "moe": MOE},
                       parallel={"expert_model_parallel_size": 2})
     with runtime.distributed(cfg.parallel):
@@ -302,7 +302,8 @@ def _ep_rank(rank, world_size, ckpt, tokens_path, out_dir):
         for name, p in model.named_parameters():
             if ".local_experts." in name:  # this rank's experts: rank * 4 + local index
                 local = int(name.split(".local_experts.")[1].split(".")[0])
-                name = name.replace(f".local_experts.{local}.", f".local_experts.{rank * 4 + local}.")
+                name = name.replace(f".local_experts.{local}.",
+                                    f".local_experts.{rank * 4 + local}.")
                 grads[name] = p.grad.clone()
             else:  # replicated: sum over the two ranks' batches
                 grad = p.grad.clone()

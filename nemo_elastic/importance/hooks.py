@@ -177,8 +177,8 @@ class ActivationRecorder:
                              "as local SequentialMLP experts (local spec, expert parallelism 1)")
         n, F = len(experts), moe.config.moe_ffn_hidden_size
         store = self.moe_experts.setdefault(index, {
-            "reap": torch.zeros(n, dtype=torch.float64), "count": torch.zeros(n, dtype=torch.float64),
-            "expert_ffn": None})
+            "reap": torch.zeros(n, dtype=torch.float64),
+            "count": torch.zeros(n, dtype=torch.float64), "expert_ffn": None})
 
         for e, expert in enumerate(experts):
             def out_hook(module, args, output, e=e):
