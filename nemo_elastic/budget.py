@@ -13,7 +13,14 @@ H = mamba heads, k = conv kernel, a = attention heads, g = query groups, c = hea
                + d (gated norm) + h d (out_proj)
     attention  h + (a + 2g) c h (fused qkv) + h a c (linear_proj)
     MLP        h + 2 f h (squared-ReLU, not gated)
+    MoE        h (pre-norm) + E h (router gate; the expert score-correction bias is a buffer,
+               not a parameter, as in Megatron-Core and transformers) + E 2 f_e h (E routed
+               squared-ReLU experts) + 2 f_s h (shared expert, 0 without one)
     model      2 V h (embedding + untied output layer) + h (final norm)
+
+Active parameters (what one token touches): the same walk with k routed experts per MoE layer
+instead of E (`moe_active`: h + E h + k 2 f_e h + 2 f_s h); the embedding and output layer count
+in full, as in NVIDIA's "active parameters including embeddings".
 
 `model.per_layer` overrides the sizes of single layers (heterogeneous models, e.g. extracted
 sub-networks); `subnetwork_parameters` counts a `SubNetwork` of a parent.
@@ -46,12 +53,14 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from nemo_elastic.config import ATTENTION, MAMBA, MLP, ConfigError, ModelConfig, require_positive
+from nemo_elastic.config import (ATTENTION, MAMBA, MLP, MOE, MOE_FIELDS, ConfigError,
+                                 ModelConfig, require_positive)
 
 if TYPE_CHECKING:  # pure Python either way; avoid importing the elastic package at load time
     from nemo_elastic.elastic.subnet import SubNetwork
 
-__all__ = ["GB", "MemorySpec", "attention_layer_parameters", "attention_parameters",
+__all__ = ["GB", "MemorySpec", "active_parameter_breakdown", "attention_layer_parameters",
+           "attention_parameters", "count_active_parameters", "moe_parameters",
            "cost_terms", "count_memory", "count_parameters", "embedding_parameters",
            "kv_cache_bytes", "layer_parameters", "mamba_layer_parameters", "mamba_parameters",
            "mamba_state_bytes", "memory_breakdown", "memory_from_terms", "memory_gb",
@@ -84,7 +93,9 @@ class MemorySpec:
 
 def _size(m: ModelConfig, field_name: str, layer: Optional[int]) -> int:
     """Global size, or layer `layer`'s size when `model.per_layer` overrides it."""
-    return getattr(m, field_name) if layer is None else m.layer_size(field_name, layer)
+    if layer is None:
+        return getattr(m.moe, field_name) if field_name in MOE_FIELDS else getattr(m, field_name)
+    return m.layer_size(field_name, layer)
 
 
 # Size-generic formulas: plain arithmetic, so ints give exact counts and (in
@@ -108,6 +119,14 @@ def attention_parameters(h, heads, query_groups: int, head_dim: int):
 def mlp_parameters(h, ffn):
     """One MLP layer (pre-norm + up + down projection, squared-ReLU, not gated)."""
     return h + 2 * ffn * h
+
+
+def moe_parameters(h, experts, ffn, shared, topk=None):
+    """One MoE layer (pre-norm + router gate [E, h] + E routed experts [f_e, h] + [h, f_e] +
+    shared expert [f_s, h] + [h, f_s]); with `topk`, the parameters one token touches (only
+    `topk` routed experts; the whole gate scores every expert)."""
+    routed = experts if topk is None else topk
+    return h + experts * h + routed * 2 * ffn * h + 2 * (shared or 0) * h
 
 
 def kv_cache_bytes(spec: MemorySpec, query_groups: int, head_dim: int):
@@ -149,8 +168,8 @@ def embedding_parameters(m: ModelConfig, hidden=None):
 
 def layer_parameters(m: ModelConfig, symbol: str, layer: Optional[int] = None) -> int:
     """Parameters of one layer of type `symbol` ('M', '*' or '-'); `layer` as above."""
-    if symbol not in (MAMBA, ATTENTION, MLP):
-        raise ValueError(f"layer symbol {symbol!r}: expected one of 'M', '*', '-'")
+    if symbol not in (MAMBA, ATTENTION, MLP, MOE):
+        raise ValueError(f"layer symbol {symbol!r}: expected one of 'M', '*', '-', 'E'")
     terms = _layer_terms(m, symbol, m.hidden_size, lambda f: _size(m, f, layer), None)
     return next(iter(terms.values()))
 
@@ -170,6 +189,11 @@ def _layer_terms(m: ModelConfig, symbol: str, h, size: Callable[[str], Any],
                                                    m.num_query_groups, m.head_dim)}
         if spec is not None:
             terms["kv_cache"] = kv_cache_bytes(spec, m.num_query_groups, m.head_dim)
+    elif symbol == MOE:
+        shape = (size("num_moe_experts"), size("moe_ffn_hidden_size"),
+                 size("moe_shared_expert_intermediate_size"))
+        terms = {"moe": moe_parameters(h, *shape),
+                 "moe_active": moe_parameters(h, *shape, topk=m.moe.moe_router_topk)}
     else:
         terms = {"mlp": mlp_parameters(h, size("ffn_hidden_size"))}
     return terms
@@ -188,7 +212,7 @@ def cost_terms(m: ModelConfig, spec: Optional[MemorySpec] = None, *, hidden=None
     h = m.hidden_size if hidden is None else hidden
     size = m.layer_size if size is None else size
     out: dict[str, Any] = {"embedding": embedding_parameters(m, h), "mamba": 0, "attention": 0,
-                           "mlp": 0}
+                           "mlp": 0, "moe": 0, "moe_active": 0}
     if spec is not None:
         out.update(kv_cache=0, mamba_state=0)
     for i, symbol in enumerate(m.layer_symbols):
@@ -202,7 +226,13 @@ def cost_terms(m: ModelConfig, spec: Optional[MemorySpec] = None, *, hidden=None
 
 def parameters_from_terms(terms: dict[str, Any]):
     """Total parameters of a `cost_terms` result."""
-    return terms["embedding"] + terms["mamba"] + terms["attention"] + terms["mlp"]
+    return (terms["embedding"] + terms["mamba"] + terms["attention"] + terms["mlp"]
+            + terms.get("moe", 0))
+
+
+def active_from_terms(terms: dict[str, Any]):
+    """Active parameters (one token's) of a `cost_terms` result: MoE layers count k experts."""
+    return parameters_from_terms(terms) - terms.get("moe", 0) + terms.get("moe_active", 0)
 
 
 def memory_from_terms(terms: dict[str, Any], spec: MemorySpec) -> dict[str, Any]:
@@ -214,10 +244,27 @@ def memory_from_terms(terms: dict[str, Any], spec: MemorySpec) -> dict[str, Any]
 
 
 def parameter_breakdown(m: ModelConfig) -> dict[str, int]:
-    """{'embedding', 'mamba', 'attention', 'mlp', 'total'} parameter counts (per-layer aware)."""
+    """{'embedding', 'mamba', 'attention', 'mlp', 'total'} parameter counts (per-layer aware);
+    a model with MoE layers also has 'moe' (all experts), 'moe_active' and 'active'."""
     out = cost_terms(m)
-    out["total"] = parameters_from_terms(out)
+    total, active = parameters_from_terms(out), active_from_terms(out)
+    if not m.has_moe:
+        del out["moe"], out["moe_active"]
+    else:
+        out["active"] = active
+    out["total"] = total
     return out
+
+
+def count_active_parameters(m: ModelConfig) -> int:
+    """Parameters one token touches (= `count_parameters` for a model without MoE layers)."""
+    return active_from_terms(cost_terms(m))
+
+
+def active_parameter_breakdown(m: ModelConfig) -> dict[str, int]:
+    """{'total', 'active'} parameters of `m`."""
+    terms = cost_terms(m)
+    return {"total": parameters_from_terms(terms), "active": active_from_terms(terms)}
 
 
 def count_parameters(m: ModelConfig) -> int:

@@ -37,7 +37,7 @@ from typing import Optional, Sequence
 
 from nemo_elastic.config import ConfigError, load_config
 from nemo_elastic.errors import UserError
-from nemo_elastic.sizes import SIZE_FIELDS
+from nemo_elastic.sizes import MOE_FIELDS, SIZE_FIELDS
 from nemo_elastic.jobs import budget_size_line as _budget_size, size_line as _size_line
 
 logger = logging.getLogger("nemo_elastic")
@@ -246,7 +246,8 @@ def _subnetwork_from_args(args, model_cfg):
     return SubNetwork.uniform(
         model_cfg, hidden_size=args.hidden_size, mamba_num_heads=args.mamba_num_heads,
         mamba_head_dim=args.mamba_head_dim, num_attention_heads=args.num_attention_heads,
-        ffn_hidden_size=args.ffn_hidden_size, drop_layers=drop)
+        ffn_hidden_size=args.ffn_hidden_size, drop_layers=drop,
+        **{f: getattr(args, f) for f in MOE_FIELDS})
 
 
 def parse_int_list(text: Optional[str], flag: str, *, low: int, high: int, what: str) -> list[int]:
@@ -449,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every trained budget, into OUT/<name>")
     p.add_argument("--subnet", help="YAML/JSON sub-network (SubNetwork.to_dict() format)")
     for flag in ("hidden-size", "mamba-num-heads", "mamba-head-dim", "num-attention-heads",
-                 "ffn-hidden-size"):
+                 "ffn-hidden-size", *(f.replace("_", "-") for f in MOE_FIELDS)):
         p.add_argument(f"--{flag}", type=int, default=None,
                        help="uniform size for every layer (default: the parent's)")
     p.add_argument("--drop-layers", default="", help="comma-separated global layer indices")

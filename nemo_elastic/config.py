@@ -25,13 +25,15 @@ from nemo_elastic.config_elastic import ElasticConfig
 from nemo_elastic.config_io import from_dict, load_yaml, yaml_problem
 
 # The layer symbols and their size tables live in `sizes` (re-exported here: config.MAMBA, ...).
-# MoE ('E'), GDN ('G'), MLA ('+'), DSA ('D') and MTP ('/') are real Megatron symbols that the
-# elastic machinery does not handle yet.
+# GDN ('G'), MLA ('+'), DSA ('D') and MTP ('/') are real Megatron symbols that the elastic
+# machinery does not handle yet.  MoE ('E') needs a `model.moe` section (`config_moe`).
 from nemo_elastic.sizes import (  # noqa: F401
-    ATTENTION, ELASTIC_AXES, GROUPED, GROUPED_WHY, LAYER_FIELDS, MAMBA, MLP, PIPE, SIZE_FIELDS)
+    ATTENTION, ELASTIC_AXES, GROUPED, GROUPED_WHY, LAYER_FIELDS, MAMBA, MLP, MOE, MOE_FIELDS, PIPE,
+    SIZE_FIELDS)
+from nemo_elastic.config_moe import MoEConfig
 
-SUPPORTED_SYMBOLS = (MAMBA, ATTENTION, MLP)
-UNSUPPORTED_SYMBOLS = {"E": "MoE", "G": "GatedDeltaNet", "+": "MLA", "D": "DSA attention", "/": "MTP"}
+SUPPORTED_SYMBOLS = (MAMBA, ATTENTION, MLP, MOE)
+UNSUPPORTED_SYMBOLS = {"G": "GatedDeltaNet", "+": "MLA", "D": "DSA attention", "/": "MTP"}
 
 
 def _require_divides(prefix: str, name: str, value: int, divisor_name: str, divisor: int) -> None:
@@ -53,11 +55,12 @@ def parse_layer_pattern(pattern: str, field_name: str = "model.hybrid_layer_patt
         if char in UNSUPPORTED_SYMBOLS:
             _fail(field_name, pattern,
                   f"symbol {char!r} at position {pos} ({UNSUPPORTED_SYMBOLS[char]}) is not supported; "
-                  "use only 'M', '*', '-' and '|'")
+                  "use only 'M', '*', '-', 'E' and '|'")
         if char not in SUPPORTED_SYMBOLS and char != PIPE:
             _fail(field_name, pattern,
                   f"unknown symbol {char!r} at position {pos}; valid symbols are 'M' (Mamba2), "
-                  "'*' (attention), '-' (MLP) and '|' (pipeline-stage boundary)")
+                  "'*' (attention), '-' (MLP), 'E' (MoE, with model.moe) and '|' "
+                  "(pipeline-stage boundary)")
     segments = pattern.split(PIPE)
     if any(not seg for seg in segments):
         _fail(field_name, pattern, "has an empty pipeline segment (two '|' in a row or at an end)")
@@ -89,10 +92,13 @@ class ModelConfig:
     # mamba_num_heads / mamba_head_dim (Mamba), num_attention_heads (attention) or
     # ffn_hidden_size (MLP) for that layer; None = every layer uses the global sizes.
     per_layer: Optional[list] = None
+    # Mixture-of-experts layers ('E' in the pattern): router and expert sizes (`config_moe`).
+    moe: Optional[MoEConfig] = None
 
     def __post_init__(self) -> None:
         p = "model."
         parse_layer_pattern(self.hybrid_layer_pattern)
+        self._validate_moe()
         require_positive(self, "hidden_size", "ffn_hidden_size", "num_attention_heads",
                           "num_query_groups", "mamba_num_heads", "mamba_head_dim",
                           "mamba_num_groups", "mamba_state_dim", "mamba_conv_kernel",
@@ -114,6 +120,32 @@ class ModelConfig:
         if self.per_layer is not None:
             self._validate_per_layer()
 
+    def _validate_moe(self) -> None:
+        if isinstance(self.moe, Mapping):
+            self.moe = from_dict(MoEConfig, self.moe, "model.moe.")
+        elif self.moe is not None and not isinstance(self.moe, MoEConfig):
+            _fail("model.moe", self.moe, "must be a mapping of MoE fields (or null)")
+        if self.has_moe and self.moe is None:
+            _fail("model.hybrid_layer_pattern", self.hybrid_layer_pattern,
+                  "has MoE layers ('E') but model.moe is not set; add a model.moe section "
+                  "(num_moe_experts, moe_router_topk, moe_ffn_hidden_size, ...)")
+
+    def _validate_moe_layer(self, i: int, entry: dict) -> None:
+        experts = entry.get("num_moe_experts")
+        if experts is None or experts == self.moe.num_moe_experts:
+            return
+        if experts < self.moe.moe_router_topk:
+            _fail(f"model.per_layer[{i}].num_moe_experts", experts,
+                  f"must be >= model.moe.moe_router_topk={self.moe.moe_router_topk}")
+        if self.moe.moe_router_num_groups > 1:
+            _fail(f"model.per_layer[{i}].num_moe_experts", experts,
+                  "fewer experts per layer need model.moe.moe_router_num_groups=1 (a prefix "
+                  "of the experts does not keep the expert groups)")
+
+    @property
+    def has_moe(self) -> bool:
+        return MOE in self.layer_symbols
+
     def _validate_per_layer(self) -> None:
         symbols = self.layer_symbols
         if not isinstance(self.per_layer, (list, tuple)) or len(self.per_layer) != len(symbols):
@@ -127,6 +159,8 @@ class ModelConfig:
                     _fail(name, value, f"layer {i} ({sym!r}) only takes {list(LAYER_FIELDS[sym])}")
                 if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                     _fail(name, value, "must be a positive integer")
+            if sym == MOE and self.moe is not None:
+                self._validate_moe_layer(i, entry)
             for key, groups in GROUPED.items():
                 if key in entry:
                     _require_divides("", f"model.per_layer[{i}].{key}", entry[key],
@@ -136,6 +170,8 @@ class ModelConfig:
         """`field_name` (e.g. 'ffn_hidden_size') of global layer `layer`, per-layer aware."""
         if self.per_layer and field_name in self.per_layer[layer]:
             return self.per_layer[layer][field_name]
+        if field_name in MOE_FIELDS:
+            return getattr(self.moe, field_name) if self.moe is not None else None
         return getattr(self, field_name)
 
     @property
@@ -164,11 +200,13 @@ class ModelConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # MoE expert parallelism: the routed experts are split over this many data-parallel ranks
+    expert_model_parallel_size: int = 1
     backend: Optional[str] = None  # None: nccl with CUDA, gloo without
 
     def __post_init__(self) -> None:
         require_positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                          prefix="parallel.")
+                          "expert_model_parallel_size", prefix="parallel.")
         if self.backend not in (None, "gloo", "nccl"):
             _fail("parallel.backend", self.backend, "must be null (auto), 'gloo' or 'nccl'")
 
@@ -312,8 +350,10 @@ class Config:
             _require_divides("model.", name, getattr(m, name), tp_rule, tp)
         for i, entry in enumerate(m.per_layer or []):
             for name, value in entry.items():
-                if name != "mamba_head_dim":  # head channels are not split by TP
+                # head channels are not split by TP; experts are split by expert parallelism
+                if name not in ("mamba_head_dim", "num_moe_experts"):
                     _require_divides("", f"model.per_layer[{i}].{name}", value, tp_rule, tp)
+        self._check_moe_parallel()
         segments = parse_layer_pattern(m.hybrid_layer_pattern)
         if pp > 1 and len(segments) % pp != 0:
             _fail("model.hybrid_layer_pattern", m.hybrid_layer_pattern,
@@ -333,13 +373,36 @@ class Config:
             self.elastic = from_dict(ElasticConfig, self.elastic, "elastic.")
             self._check_elastic()
 
+    def _check_moe_parallel(self) -> None:
+        m, par = self.model, self.parallel
+        ep, tp = par.expert_model_parallel_size, par.tensor_model_parallel_size
+        if m.moe is None:
+            if ep > 1:
+                _fail("parallel.expert_model_parallel_size", ep,
+                      "must be 1 for a model without MoE layers ('E' and model.moe)")
+            return
+        _require_divides("model.moe.", "num_moe_experts", m.moe.num_moe_experts,
+                         "parallel.expert_model_parallel_size", ep)
+        for i, entry in enumerate(m.per_layer or []):
+            if "num_moe_experts" in entry:
+                _require_divides("", f"model.per_layer[{i}].num_moe_experts",
+                                 entry["num_moe_experts"], "parallel.expert_model_parallel_size", ep)
+        for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+            if getattr(m.moe, name) is not None:
+                _require_divides("model.moe.", name, getattr(m.moe, name),
+                                 "parallel.tensor_model_parallel_size", tp)
+
     def _check_elastic(self) -> None:
         """Rules of the elastic section that depend on the model and data sections."""
         e, m, d = self.elastic, self.model, self.data
         for axis, sizes in e.choices.items():
             _, field_name = ELASTIC_AXES[axis]
             group_name = GROUPED.get(field_name)
-            full = getattr(m, field_name)
+            full = getattr(m.moe, field_name, None) if field_name in MOE_FIELDS else \
+                getattr(m, field_name)
+            if full is None:
+                _fail(f"elastic.choices.{axis}", sizes, f"model.{field_name} is not set (no "
+                      "MoE section or no shared expert)")
             step = getattr(m, group_name) if group_name else 1
             for size in sizes:
                 if size > full:

@@ -61,7 +61,8 @@ def format_info(info: dict) -> Optional[str]:
         check = check_family(family)
         bands = check.by_name()
         rows = [(r["name"], target_text(r), r["summary"],
-                 f"{r['parameters']:,} ({r['parameter_fraction']:.1%})",
+                 f"{r['parameters']:,} ({r['parameter_fraction']:.1%})"
+                 + (f", active {r['active_parameters']:,}" if "active_parameters" in r else ""),
                  readable_bytes(r["memory_bytes"]), bands[r["name"]].band_text) for r in family]
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
         from nemo_elastic.checkpoint import META_FILE, CheckpointError

@@ -23,6 +23,12 @@ Three things live here:
          linear_qkv [qkv, hidden]     rows per query group q: [its a/Q query heads (c rows each)
                                       | k (c) | v (c)]; linear_proj [hidden, proj] (head j: j*c..)
        MLP (F neurons): linear_fc1 [ffn, hidden], linear_fc2 [hidden, ffn]
+       MoE (E routed experts of F_e neurons, a shared expert of F_s neurons)
+         router.weight [experts, hidden]; router.expert_bias [experts] (a buffer)
+         experts.local_experts.<j>.linear_fc1 [expert_ffn, hidden] / linear_fc2 [hidden,
+         expert_ffn]: the expert axis is the <j> in the NAME (one tensor per expert), so keeping
+         or reordering experts renames tensors (`reindex_state_dict`)
+         shared_experts.linear_fc1 [shared_ffn, hidden] / linear_fc2 [hidden, shared_ffn]
 3. The fused axes as functions of the basic ones (`LayerIndex`): a transformation says which
    hidden channels, heads (global index, each staying in its group), head channels and neurons
    it keeps, in which order; `LayerIndex.axis(name)` expands that into the rows of in_proj, conv,
@@ -38,7 +44,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Optional
 
-from nemo_elastic.config import ATTENTION, GROUPED, LAYER_FIELDS, MAMBA, MLP, ModelConfig
+from nemo_elastic.config import ATTENTION, GROUPED, LAYER_FIELDS, MAMBA, MLP, MOE, ModelConfig
 
 if TYPE_CHECKING:
     import torch
@@ -111,7 +117,23 @@ TENSOR_AXES: dict[str, dict[str, tuple[str, ...]]] = {
                 "self_attention.linear_proj.weight": (HIDDEN, "proj")},
     MLP: {"mlp.linear_fc1.weight": ("ffn", HIDDEN),
           "mlp.linear_fc2.weight": (HIDDEN, "ffn")},
+    MOE: {"mlp.router.weight": ("experts", HIDDEN),
+          "mlp.router.expert_bias": ("experts",),
+          "mlp.experts.local_experts.#.linear_fc1.weight": ("expert_ffn", HIDDEN),
+          "mlp.experts.local_experts.#.linear_fc2.weight": (HIDDEN, "expert_ffn"),
+          "mlp.shared_experts.linear_fc1.weight": ("shared_ffn", HIDDEN),
+          "mlp.shared_experts.linear_fc2.weight": (HIDDEN, "shared_ffn")},
 }
+# "...local_experts.<j>.rest" -> (j, "...local_experts.#.rest")
+EXPERT_KEY = re.compile(r"^(.*\.local_experts\.)(\d+)(\..+)$")
+
+
+def expert_of(name: str) -> tuple[Optional[int], str]:
+    """(expert number or None, the name with the number replaced by '#')."""
+    match = EXPERT_KEY.match(name)
+    if match is None:
+        return None, name
+    return int(match.group(2)), f"{match.group(1)}#{match.group(3)}"
 for _table in TENSOR_AXES.values():
     _table.update({key: (HIDDEN,) for key in PRE_NORM_KEYS})
 
@@ -133,6 +155,10 @@ def axis_sizes(m: ModelConfig, layer: Optional[int] = None) -> dict[str, int]:
     elif sym == ATTENTION:
         a, Q, c = m.layer_size("num_attention_heads", layer), m.num_query_groups, m.head_dim
         sizes.update(heads=a, qkv=(a + 2 * Q) * c, proj=a * c)
+    elif sym == MOE:
+        sizes.update(experts=m.layer_size("num_moe_experts", layer),
+                     expert_ffn=m.layer_size("moe_ffn_hidden_size", layer),
+                     shared_ffn=m.layer_size("moe_shared_expert_intermediate_size", layer) or 0)
     else:
         sizes.update(ffn=m.layer_size("ffn_hidden_size", layer))
     return sizes
@@ -149,7 +175,12 @@ def tensor_axes(m: ModelConfig, key: str, shape) -> tuple[Optional[int], str, tu
             raise LayoutError(f"tensor {key!r}: the config has only {m.num_layers} layers "
                               f"({m.hybrid_layer_pattern!r})")
         sym = m.layer_symbols[layer]
-        axes = TENSOR_AXES[sym].get(name)
+        expert, generic = expert_of(name)
+        axes = TENSOR_AXES[sym].get(generic)
+        if expert is not None and axes is not None and \
+                expert >= m.layer_size("num_moe_experts", layer):
+            raise LayoutError(f"tensor {key!r}: layer {layer} has only "
+                              f"{m.layer_size('num_moe_experts', layer)} experts")
         if axes is None:
             raise LayoutError(f"unexpected {_KIND[sym]} tensor {key!r}: the layout knows the "
                               "upstream TP=1 Megatron-Core names of this model only (no biases, "
@@ -169,7 +200,7 @@ def tensor_axes(m: ModelConfig, key: str, shape) -> tuple[Optional[int], str, tu
     return layer, name, axes
 
 
-_KIND = {MAMBA: "Mamba", ATTENTION: "attention", MLP: "MLP"}
+_KIND = {MAMBA: "Mamba", ATTENTION: "attention", MLP: "MLP", MOE: "MoE"}
 
 
 # 3. ------------------------------------------------------------------------ fused axes
@@ -190,6 +221,10 @@ class LayerIndex:
     heads: Optional["torch.Tensor"] = None
     channels: Optional["torch.Tensor"] = None
     ffn: Optional["torch.Tensor"] = None
+    # MoE: kept routed experts (global expert numbers, in order), their neurons, shared neurons
+    experts: Optional["torch.Tensor"] = None
+    expert_ffn: Optional["torch.Tensor"] = None
+    shared_ffn: Optional["torch.Tensor"] = None
 
     def axis(self, name: str) -> Optional["torch.Tensor"]:
         """Index into axis `name`; None for axes left as they are (vocab, conv kernel)."""
@@ -201,6 +236,8 @@ class LayerIndex:
         sym = m.layer_symbols[i]
         if name == "ffn":
             return self.ffn
+        if name in ("experts", "expert_ffn", "shared_ffn"):
+            return getattr(self, name)
         if name == "heads":
             return self.heads
         if sym == MAMBA:
@@ -319,6 +356,24 @@ def reindex_state_dict(state: Mapping[str, object], m: ModelConfig, index_of) ->
         layer, _, axes = tensor_axes(m, key, t.shape)
         if layer not in cache:
             cache[layer] = index_of(layer)
-        if cache[layer] is not None:
-            out[key] = reindex(t, axes, cache[layer])
+        index = cache[layer]
+        if index is None:
+            continue
+        new_key = expert_key(key, index)
+        if new_key is not None:
+            out[new_key] = reindex(t, axes, index)
     return out
+
+
+def expert_key(key: str, index: LayerIndex) -> Optional[str]:
+    """The name tensor `key` gets under `index`: a routed expert's tensors (one per expert, the
+    expert number in the name) move to the expert's position in `index.experts` (None: that
+    expert is not kept); every other name stays."""
+    expert, _ = expert_of(key)
+    if expert is None or index.experts is None:
+        return key
+    kept = index.experts.tolist()
+    if expert not in kept:
+        return None
+    match = EXPERT_KEY.match(key)
+    return f"{match.group(1)}{kept.index(expert)}{match.group(3)}"

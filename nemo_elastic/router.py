@@ -42,6 +42,8 @@ def axis_choices(model: ModelConfig, axis: str, fractions: Sequence[float],
     full = model.layer_size(field_name, layer) if layer is not None else getattr(model, field_name)
     step = getattr(model, divisor_name) if divisor_name else 1
     sizes = {max(step, int(round(full * f / step)) * step) for f in fractions}
+    if field_name == "num_moe_experts":  # every token is routed to top-k experts
+        sizes = {max(model.moe.moe_router_topk, s) for s in sizes}
     return sorted(sizes, reverse=True)
 
 
@@ -92,6 +94,8 @@ class ElasticRouter(nn.Module):
             layers = [i for i, s in enumerate(symbols) if s == symbol] if symbol else []
             if symbol and not layers:
                 continue  # e.g. no attention layer in the pattern
+            if layers and model.layer_size(ELASTIC_AXES[axis][1], layers[0]) is None:
+                continue  # e.g. moe_shared_ffn of a MoE without shared expert
             self.layers_of[axis] = layers
             ref = layers[0] if layers else None
             explicit = config.choices.get(axis)
@@ -263,4 +267,7 @@ class ElasticRouter(nn.Module):
                 "subnetwork": subnet.to_dict(),
                 # the band the budget loss treats as free (nemo_elastic.family_check)
                 "tolerance": float(self.config.loss.tolerance), "band": self.config.loss.band})
+            if self.model.has_moe:  # what one token touches (top-k experts of each MoE layer)
+                rows[-1]["active_parameters"] = budget_math.count_active_parameters(
+                    subnet.model_config(self.model))
         return rows

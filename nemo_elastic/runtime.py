@@ -128,9 +128,20 @@ def _install_cpu_measures() -> None:
     transformer_utils.get_default_causal_mask = _cpu_causal_mask
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
     _activation_checkpoints_without_gpu()
+    _eager_moe_router()
     _CudaToCpuMode().__enter__()  # process-global; a CPU process never has real CUDA tensors
     _CPU_MEASURES_INSTALLED = True
     logger.info("CUDA is not available: Megatron-Core runs on CPU (gloo, torch Mamba2 path)")
+
+
+def _eager_moe_router() -> None:
+    """Megatron-Core's `TopKRouter._apply_expert_bias` (the MoE load count behind the expert-bias
+    update) is wrapped in torch.compile (`jit_fuser`): on CPU that is seconds of C++ code
+    generation for one add.  Run the function itself."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    fn = TopKRouter.__dict__["_apply_expert_bias"]
+    TopKRouter._apply_expert_bias = getattr(fn, "_torchdynamo_orig_callable", fn)
 
 
 class _NoFp8:
@@ -233,7 +244,8 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> RankInfo:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=parallel.expert_model_parallel_size)
     set_seed(seed)
     return rank_info()
 

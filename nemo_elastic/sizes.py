@@ -19,14 +19,20 @@ from __future__ import annotations
 from typing import Optional
 
 # Hybrid layer symbols we support (Megatron-Core `Symbols`): Mamba2, self-attention, dense MLP,
-# plus the pipeline-stage separator.
+# mixture-of-experts (`model.moe`), plus the pipeline-stage separator.
 MAMBA, ATTENTION, MLP, PIPE = "M", "*", "-", "|"
+MOE = "E"
 
 LAYER_FIELDS: dict[str, tuple[str, ...]] = {
     MAMBA: ("mamba_num_heads", "mamba_head_dim"),
     ATTENTION: ("num_attention_heads",),
     MLP: ("ffn_hidden_size",),
+    # routed experts kept (a prefix of the importance-ordered experts), expert FFN width,
+    # shared-expert width; the parent's values live in `model.moe`
+    MOE: ("num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"),
 }
+# The MoE size fields (values in `ModelConfig.moe`, not on ModelConfig itself).
+MOE_FIELDS: tuple[str, ...] = LAYER_FIELDS[MOE]
 SIZE_FIELDS: tuple[str, ...] = tuple(f for fields in LAYER_FIELDS.values() for f in fields)
 
 GROUPED: dict[str, str] = {"mamba_num_heads": "mamba_num_groups",
@@ -41,6 +47,9 @@ ELASTIC_AXES: dict[str, tuple[Optional[str], str]] = {
     "mamba_head_dim": (MAMBA, "mamba_head_dim"),
     "attention_heads": (ATTENTION, "num_attention_heads"),
     "ffn": (MLP, "ffn_hidden_size"),
+    "moe_experts": (MOE, "num_moe_experts"),
+    "moe_expert_ffn": (MOE, "moe_ffn_hidden_size"),
+    "moe_shared_ffn": (MOE, "moe_shared_expert_intermediate_size"),
 }
 
 

@@ -20,7 +20,7 @@ def test_tiny_recipe_loads_with_overrides():
 
 @pytest.mark.parametrize("pattern,needle", [
     ("M-X*", "unknown symbol 'X' at position 2"),
-    ("M-E*", "'E' at position 2 (MoE) is not supported"),
+    ("M-E*", "has MoE layers ('E') but model.moe is not set"),
     ("M-M*/MM", "MTP"),
     ("", "non-empty"),
     ("M-||M", "empty pipeline segment"),

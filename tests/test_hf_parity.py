@@ -56,7 +56,7 @@ def test_logits_match_transformers(case, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 UNSUPPORTED = [
-    (dict(pattern="M-E*"), "layers_block_type"),
+    (dict(pattern="M-E*", moe_latent_size=16), "moe_latent_size"),
     (dict(mlp_hidden_act="silu"), "mlp_hidden_act"),
     (dict(mamba_hidden_act="gelu"), "mamba_hidden_act"),
     (dict(tie_word_embeddings=True), "tie_word_embeddings"),
@@ -95,7 +95,8 @@ def test_unsupported_config_field_is_named(overrides, field, tmp_path):
 @pytest.mark.parametrize("raw,field", [
     ({"model_type": "mamba2"}, "model_type"),
     ({"norm_before_gate": True}, "norm_before_gate"),
-    ({"hybrid_override_pattern": "ME-", "layers_block_type": None}, "hybrid_override_pattern"),
+    ({"hybrid_override_pattern": "ME-", "layers_block_type": None, "n_shared_experts": 2},
+     "n_shared_experts"),
 ], ids=["model_type", "norm_before_gate", "legacy-moe-pattern"])
 def test_unsupported_raw_field_is_named(raw, field, tmp_path):
     hf_dir = _write_config(tmp_path / "hf", raw_updates=raw)

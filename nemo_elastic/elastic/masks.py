@@ -8,6 +8,11 @@ Every axis is a (grouped) prefix after importance reordering:
                                         first ``head_dim`` channels (group-aware, B/C untouched);
 * attention heads        ``[Hq]``       in each of the Q query groups the first ``heads/Q``;
 * FFN neurons            ``[F]``        first ``ffn_hidden_size``;
+* MoE (`MoEMasks`)       ``[E]``        first ``num_moe_experts`` routed experts (a dropped
+                                        expert is never routed to), ``[F_e]`` the first
+                                        ``moe_ffn_hidden_size`` neurons of every expert, ``[F_s]``
+                                        the first ``moe_shared_expert_intermediate_size`` shared
+                                        neurons (hard masks only so far);
 * depth                  per layer      a gate: absent (kept), 0.0 (dropped) or a soft weight.
 
 Two forms produce the same `ElasticMasks`:
@@ -33,7 +38,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from nemo_elastic.config import ATTENTION, MAMBA, ModelConfig
+from nemo_elastic.config import ATTENTION, MAMBA, MOE, ModelConfig
 from nemo_elastic.elastic.subnet import SubNetwork
 
 
@@ -51,9 +56,24 @@ class AxisMask:
 
 
 @dataclass
+class MoEMasks:
+    """A MoE layer's axes: routed experts [E], expert neurons [F_e] (the same in every expert),
+    shared-expert neurons [F_s]."""
+
+    experts: AxisMask = field(default_factory=AxisMask)
+    expert_ffn: AxisMask = field(default_factory=AxisMask)
+    shared_ffn: AxisMask = field(default_factory=AxisMask)
+
+    @property
+    def is_full(self) -> bool:
+        return self.experts.is_full and self.expert_ffn.is_full and self.shared_ffn.is_full
+
+
+@dataclass
 class LayerMasks:
     gate: Optional[Union[float, torch.Tensor]] = None  # None: kept; 0.0: dropped; tensor: soft
     inner: AxisMask = field(default_factory=AxisMask)  # Mamba [H*P] / attention [Hq] / FFN [F]
+    moe: MoEMasks = field(default_factory=MoEMasks)  # MoE layers
 
     @property
     def dropped(self) -> bool:
@@ -143,12 +163,29 @@ def hard_masks(subnet: SubNetwork, model: ModelConfig, *, dtype=torch.float32,
         elif sym == ATTENTION:
             Hq, k = model.layer_size("num_attention_heads", i), choice.num_attention_heads
             inner = _axis(Hq, k, lambda: attention_prefix(model, i, k, **kw))
+        elif sym == MOE:
+            moe = moe_masks(model, i, choice, **kw)
+            if not moe.is_full:
+                layers[i] = LayerMasks(moe=moe)
+            continue
         else:
             F, k = model.layer_size("ffn_hidden_size", i), choice.ffn_hidden_size
             inner = _axis(F, k, lambda: ffn_prefix(model, i, k, **kw))
         if not inner.is_full:
             layers[i] = LayerMasks(inner=inner)
     return ElasticMasks(hidden=hidden, layers=layers)
+
+
+def moe_masks(model: ModelConfig, i: int, choice, **kw) -> MoEMasks:
+    """0/1 prefix masks of MoE layer `i` keeping `choice`'s experts and neurons."""
+    def prefix(field_name: str) -> AxisMask:
+        full, kept = model.layer_size(field_name, i), getattr(choice, field_name)
+        if full is None:  # no shared expert
+            return AxisMask()
+        return _axis(full, kept, lambda: grouped_prefix(1, full, kept, **kw))
+
+    return MoEMasks(experts=prefix("num_moe_experts"), expert_ffn=prefix("moe_ffn_hidden_size"),
+                    shared_ffn=prefix("moe_shared_expert_intermediate_size"))
 
 
 # ------------------------------------------------------------------------------- soft masks
@@ -209,6 +246,9 @@ class SoftLayer:
     mamba_head_dim: Optional[SizeOrSoft] = None
     num_attention_heads: Optional[SizeOrSoft] = None
     ffn_hidden_size: Optional[SizeOrSoft] = None
+    num_moe_experts: Optional[SizeOrSoft] = None
+    moe_ffn_hidden_size: Optional[SizeOrSoft] = None
+    moe_shared_expert_intermediate_size: Optional[SizeOrSoft] = None
     expected_keep: Optional[torch.Tensor] = None
     hard_keep: Optional[bool] = None
 
@@ -240,8 +280,21 @@ class SoftSubNetwork:
                 keep=layer.kept_in_hard(), mamba_num_heads=pick(layer.mamba_num_heads),
                 mamba_head_dim=pick(layer.mamba_head_dim),
                 num_attention_heads=pick(layer.num_attention_heads),
-                ffn_hidden_size=pick(layer.ffn_hidden_size)))
+                ffn_hidden_size=pick(layer.ffn_hidden_size),
+                num_moe_experts=pick(layer.num_moe_experts),
+                moe_ffn_hidden_size=pick(layer.moe_ffn_hidden_size),
+                moe_shared_expert_intermediate_size=pick(
+                    layer.moe_shared_expert_intermediate_size)))
         return SubNetwork(hidden_size=pick(self.hidden_size), layers=tuple(layers))
+
+
+def _soft_moe_axis(model: ModelConfig, i: int, field_name: str, value, kw) -> AxisMask:
+    """One MoE axis of layer i, soft or fixed (a prefix over the experts / neurons); a MoE
+    without shared expert has no shared mask."""
+    full = model.layer_size(field_name, i)
+    if full is None or value is None:
+        return AxisMask()
+    return _soft_or_hard(value, full, lambda c: grouped_prefix(1, full, c, **kw))
 
 
 def _soft_or_hard(value: SizeOrSoft, full: int, prefix: Callable[[int], torch.Tensor]) -> AxisMask:
@@ -281,6 +334,15 @@ def soft_masks(soft: SoftSubNetwork, model: ModelConfig, *, dtype=torch.float32,
         elif sym == ATTENTION:
             inner = _soft_or_hard(layer.num_attention_heads, model.layer_size("num_attention_heads", i),
                                   lambda c: attention_prefix(model, i, c, **kw))
+        elif sym == MOE:
+            moe = MoEMasks(**{axis: _soft_moe_axis(model, i, field, getattr(layer, field), kw)
+                              for axis, field in (("experts", "num_moe_experts"),
+                                                  ("expert_ffn", "moe_ffn_hidden_size"),
+                                                  ("shared_ffn",
+                                                   "moe_shared_expert_intermediate_size"))})
+            if gate is not None or not moe.is_full:
+                layers[i] = LayerMasks(gate=gate, moe=moe)
+            continue
         else:
             inner = _soft_or_hard(layer.ffn_hidden_size, model.layer_size("ffn_hidden_size", i),
                                   lambda c: ffn_prefix(model, i, c, **kw))

@@ -9,6 +9,7 @@ from nemo_elastic.elastic.attention import ElasticSelfAttention
 from nemo_elastic.elastic.mamba import ElasticMambaMixer
 from nemo_elastic.elastic.mlp import ElasticMLP
 from nemo_elastic.elastic.model import ElasticHybridModel
+from nemo_elastic.elastic.moe import ElasticMoELayer
 from nemo_elastic.elastic.norm import elastic_norm_builder
 from nemo_elastic.elastic.stack import ElasticHybridStack
 from nemo_elastic.model.specs import local_hybrid_stack_spec
@@ -18,7 +19,8 @@ def elastic_hybrid_stack_spec(*, d_conv: int = 4, chunk_size: int = 128) -> Modu
     """Same wiring, parameter names and checkpoint keys as the parent's local spec."""
     return local_hybrid_stack_spec(d_conv=d_conv, chunk_size=chunk_size, mixer=ElasticMambaMixer,
                                    attention=ElasticSelfAttention, mlp=ElasticMLP,
-                                   stack=ElasticHybridStack, norm=elastic_norm_builder)
+                                   stack=ElasticHybridStack, norm=elastic_norm_builder,
+                                   moe=ElasticMoELayer)
 
 
 def build_elastic_model(cfg: Config, **kwargs) -> ElasticHybridModel:

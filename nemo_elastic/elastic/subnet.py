@@ -10,6 +10,9 @@ A sub-network keeps, after importance reordering (every axis sorted most-importa
 * per attention layer: ``num_attention_heads`` query heads, the first ``num_attention_heads / Q``
   of each of the Q query groups (KV groups are kept);
 * per MLP layer: the first ``ffn_hidden_size`` neurons;
+* per MoE layer: the first ``num_moe_experts`` routed experts (their router gate rows and
+  score-correction bias entries with them), the first ``moe_ffn_hidden_size`` neurons of every
+  kept expert and the first ``moe_shared_expert_intermediate_size`` of the shared expert;
 * per layer: ``keep`` (depth); a dropped layer passes the residual stream through unchanged.
 
 Layer sizes may differ per layer (heterogeneous); the hidden size is global.  Pure Python: no
@@ -22,8 +25,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from nemo_elastic.config import (ATTENTION, GROUPED, GROUPED_WHY, LAYER_FIELDS, MAMBA, MLP,
-                                 SIZE_FIELDS, ConfigError, ModelConfig)
+from nemo_elastic.config import (ATTENTION, GROUPED, GROUPED_WHY, LAYER_FIELDS, MAMBA, MLP, MOE,
+                                 MOE_FIELDS, SIZE_FIELDS, ConfigError, ModelConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,6 +38,9 @@ class LayerChoice:
     mamba_head_dim: Optional[int] = None
     num_attention_heads: Optional[int] = None
     ffn_hidden_size: Optional[int] = None
+    num_moe_experts: Optional[int] = None
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_shared_expert_intermediate_size: Optional[int] = None  # None also: no shared expert
 
     def sizes(self) -> dict[str, int]:
         return {f: getattr(self, f) for f in SIZE_FIELDS if getattr(self, f) is not None}
@@ -54,11 +60,16 @@ class SubNetwork:
     def uniform(cls, model: ModelConfig, *, hidden_size: Optional[int] = None,
                 mamba_num_heads: Optional[int] = None, mamba_head_dim: Optional[int] = None,
                 num_attention_heads: Optional[int] = None, ffn_hidden_size: Optional[int] = None,
-                drop_layers: Iterable[int] = ()) -> "SubNetwork":
+                drop_layers: Iterable[int] = (), **moe_sizes: Optional[int]) -> "SubNetwork":
         """Same sizes in every layer of a type (None = the parent's); `drop_layers` are global
-        0-based layer indices."""
+        0-based layer indices; `moe_sizes`: num_moe_experts, moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size."""
+        bad = sorted(set(moe_sizes) - set(MOE_FIELDS))
+        if bad:
+            raise TypeError(f"SubNetwork.uniform got unexpected size(s) {bad}")
         given = {"mamba_num_heads": mamba_num_heads, "mamba_head_dim": mamba_head_dim,
-                 "num_attention_heads": num_attention_heads, "ffn_hidden_size": ffn_hidden_size}
+                 "num_attention_heads": num_attention_heads, "ffn_hidden_size": ffn_hidden_size,
+                 **{f: moe_sizes.get(f) for f in MOE_FIELDS}}
         drop = set(drop_layers)
         layers = []
         for i, sym in enumerate(model.layer_symbols):
@@ -94,13 +105,19 @@ class SubNetwork:
                         raise ConfigError(f"{lp}.{f}={value!r}: layer {i} is {_KIND[sym]}; "
                                           f"{f} does not apply (leave it None)")
                     continue
-                if value is None:
-                    raise ConfigError(f"{lp}.{f}=None: layer {i} is {_KIND[sym]} and needs {f}")
-                _check_range(f"{lp}.{f}", value, model.layer_size(f, i), f"model.{f}")
+                parent = model.layer_size(f, i)
+                if value is None and parent is None:  # e.g. a MoE layer without shared expert
+                    continue
+                if value is None or parent is None:
+                    raise ConfigError(f"{lp}.{f}={value!r}: layer {i} is {_KIND[sym]} and "
+                                      f"needs {f} {'None' if parent is None else 'set'}")
+                _check_range(f"{lp}.{f}", value, parent, f"model.{f}")
             for f in LAYER_FIELDS[sym]:
                 if f in GROUPED:
                     _check_multiple(f"{lp}.{f}", getattr(layer, f), f"model.{GROUPED[f]}",
                                     getattr(model, GROUPED[f]), GROUPED_WHY[f])
+            if sym == MOE:
+                _check_moe_layer(lp, layer, model, i, tp_size)
             if sym == MLP and tp_size > 1:
                 _check_multiple(f"{lp}.ffn_hidden_size", layer.ffn_hidden_size,
                                 "parallel.tensor_model_parallel_size", tp_size,
@@ -128,10 +145,18 @@ class SubNetwork:
             values = [getattr(self.layers[i], f) for i in kept
                       if getattr(self.layers[i], f) is not None]
             # The global value: the most common one (or the parent's when no layer has the type).
-            base[f] = max(set(values), key=values.count) if values else getattr(model, f)
+            if values:
+                base[f] = max(set(values), key=values.count)
+            elif f in MOE_FIELDS:
+                base[f] = getattr(model.moe, f) if model.moe is not None else None
+            else:
+                base[f] = getattr(model, f)
         for i in kept:
             per_layer.append({f: v for f, v in self.layers[i].sizes().items() if v != base[f]})
         fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
+        moe_base = {f: base.pop(f) for f in MOE_FIELDS}
+        if model.moe is not None:  # the MoE sizes live in the model's `moe` section
+            fields["moe"] = dataclasses.replace(model.moe, **moe_base)
         fields.update(base, hybrid_layer_pattern=pattern,
                       per_layer=per_layer if any(per_layer) else None)
         if model.kv_channels is None:
@@ -182,7 +207,26 @@ class SubNetwork:
         return ", ".join(parts)
 
 
-_KIND = {MAMBA: "a Mamba layer", ATTENTION: "an attention layer", MLP: "an MLP layer"}
+_KIND = {MAMBA: "a Mamba layer", ATTENTION: "an attention layer", MLP: "an MLP layer",
+         MOE: "a MoE layer"}
+
+
+def _check_moe_layer(lp: str, layer: "LayerChoice", model: ModelConfig, i: int,
+                     tp_size: int) -> None:
+    """A MoE layer keeps at least top-k experts; expert groups allow no expert pruning; tensor
+    parallelism splits the expert and shared-expert neurons evenly."""
+    moe, experts = model.moe, layer.num_moe_experts
+    if experts < moe.moe_router_topk:
+        raise ConfigError(f"{lp}.num_moe_experts={experts}: must be >= "
+                          f"model.moe.moe_router_topk={moe.moe_router_topk} (every token is "
+                          "routed to top-k experts)")
+    if moe.moe_router_num_groups > 1 and experts != model.layer_size("num_moe_experts", i):
+        raise ConfigError(f"{lp}.num_moe_experts={experts}: expert pruning needs "
+                          f"model.moe.moe_router_num_groups=1 (it is {moe.moe_router_num_groups})")
+    for f in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+        if tp_size > 1 and getattr(layer, f) is not None:
+            _check_multiple(f"{lp}.{f}", getattr(layer, f), "parallel.tensor_model_parallel_size",
+                            tp_size, "tensor parallelism splits expert neurons evenly")
 
 
 def _check_range(name: str, value: Any, parent: int, parent_name: str) -> None:
@@ -198,7 +242,8 @@ def _check_multiple(name: str, value: int, of_name: str, of: int, why: str) -> N
                           f"use e.g. {hint}")
 
 
-AXES = ("hidden", "mamba", "head_dim", "attention", "ffn", "depth")
+AXES = ("hidden", "mamba", "head_dim", "attention", "ffn", "depth", "experts", "expert_ffn",
+        "shared_ffn")
 
 
 def sample_subnetwork(model: ModelConfig, rng, axes: Sequence[str] = AXES) -> SubNetwork:
@@ -224,6 +269,17 @@ def sample_subnetwork(model: ModelConfig, rng, axes: Sequence[str] = AXES) -> Su
                 changes["mamba_num_heads"] = draw(g, size("mamba_num_heads"), g)
             if "head_dim" in axes:
                 changes["mamba_head_dim"] = draw(1, size("mamba_head_dim"))
+            subnet = subnet.replace_layer(i, **changes)
+        elif sym == MOE:
+            changes = {}
+            if "experts" in axes and model.moe.moe_router_num_groups == 1:
+                changes["num_moe_experts"] = draw(model.moe.moe_router_topk,
+                                                  size("num_moe_experts"))
+            if "expert_ffn" in axes:
+                changes["moe_ffn_hidden_size"] = draw(1, size("moe_ffn_hidden_size"))
+            if "shared_ffn" in axes and size("moe_shared_expert_intermediate_size"):
+                changes["moe_shared_expert_intermediate_size"] = draw(
+                    1, size("moe_shared_expert_intermediate_size"))
             subnet = subnet.replace_layer(i, **changes)
         elif sym == ATTENTION and "attention" in axes:
             q = model.num_query_groups

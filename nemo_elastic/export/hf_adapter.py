@@ -24,6 +24,14 @@ Tensors (TP=1 Megatron names on the left; HF on-disk prefix `backbone.`, `model.
     decoder.layers.i.self_attention.linear_proj      layers.i.mixer.o_proj.weight
     decoder.layers.i.pre_mlp_layernorm.weight (MLP)  layers.i.norm.weight
     decoder.layers.i.mlp.linear_fc1 / linear_fc2     layers.i.mixer.up_proj / down_proj
+    decoder.layers.i.pre_mlp_layernorm.weight (MoE)  layers.i.norm.weight
+    decoder.layers.i.mlp.router.weight [E,h]         layers.i.mixer.gate.weight  (fp32 in HF)
+    decoder.layers.i.mlp.router.expert_bias [E]      layers.i.mixer.gate.e_score_correction_bias
+        (a buffer on both sides; fp32)
+    decoder.layers.i.mlp.experts.local_experts.j.    layers.i.mixer.experts.j.up_proj / down_proj
+        linear_fc1 [f_e,h] / linear_fc2 [h,f_e]          (per expert on disk; transformers merges
+                                                         them into 3-D tensors when loading)
+    decoder.layers.i.mlp.shared_experts.linear_fc1/2 layers.i.mixer.shared_experts.up/down_proj
     decoder.final_norm.weight                        norm_f.weight
     output_layer.weight [V,h]                        lm_head.weight  (untied, no prefix)
 """
@@ -37,7 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from nemo_elastic.config import ATTENTION, MAMBA, MLP, ConfigError, ModelConfig
+from nemo_elastic.config import ATTENTION, MAMBA, MLP, MOE, ConfigError, ModelConfig
+from nemo_elastic.config_moe import MoEConfig
 from nemo_elastic.layout import fuse_qkv, split_qkv  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -46,7 +55,7 @@ HF_MODEL_TYPE = "nemotron_h"
 HF_ARCHITECTURE = "NemotronHForCausalLM"
 HF_PREFIX = "backbone."  # what transformers' save_pretrained writes for NemotronH
 HF_PREFIXES = ("backbone.", "model.")
-HF_LAYER_TYPES = {"linear_attention": MAMBA, "full_attention": ATTENTION, "mlp": MLP}
+HF_LAYER_TYPES = {"linear_attention": MAMBA, "full_attention": ATTENTION, "mlp": MLP, "moe": MOE}
 MEGATRON_MAMBA_NORM_EPS = 1e-5  # MambaMixer's gated RMSNorm eps is hard-coded in Megatron-Core
 # transformers 5.x clamps dt >= time_step_min at run time (the reference / Megatron: dt >= 0;
 # huggingface/transformers PR #48989).  Exports use the smallest normal float32: the clamp then
@@ -58,7 +67,8 @@ HF_PASSTHROUGH = ("bos_token_id", "eos_token_id", "pad_token_id")  # kept in the
 # Read but without effect on the weights or the computed function, hence not checked:
 # rescale_prenorm_residual, time_step_max/_floor (init only), residual_in_fp32 (unused by
 # transformers' forward; precision only), expand (d_inner = heads * head_dim), use_cache,
-# use_mamba_kernels, mamba_ssm_cache_dtype, num_logits_to_keep, MoE fields (no 'moe' layers);
+# use_mamba_kernels, mamba_ssm_cache_dtype, num_logits_to_keep, moe_shared_expert_overlap
+# (scheduling only), MoE fields when there are no 'moe' layers;
 # dropouts are warned about (we train without dropout).
 _REQUIRED = {
     "tie_word_embeddings": ((False,), "the output layer is untied from the embedding"),
@@ -116,9 +126,6 @@ def load_hf_config(hf_dir: str | Path):
         raise HFConfigError(f"{str(path)!r} must hold a JSON object, got {type(raw).__name__}")
     if raw.get("model_type") != HF_MODEL_TYPE:
         _reject("model_type", raw.get("model_type"), f"only {HF_MODEL_TYPE!r} (Nemotron-H) is mapped")
-    pattern = raw.get("hybrid_override_pattern")
-    if isinstance(pattern, str) and "E" in pattern:
-        _reject("hybrid_override_pattern", pattern, "MoE layers ('E') are not supported")
     # the fields that define the weights' shapes: transformers would fill in defaults (an MoE
     # layer pattern, other sizes) and the import would fail later on a misleading message
     missing = [key for key in ("hidden_size", "vocab_size", "intermediate_size",
@@ -142,8 +149,8 @@ def model_config_from_hf(hf) -> ModelConfig:
     for pos, kind in enumerate(hf.layers_block_type):
         if kind not in HF_LAYER_TYPES:
             _reject("layers_block_type", hf.layers_block_type,
-                    f"layer {pos} is {kind!r}; only 'linear_attention' (Mamba2), 'full_attention' "
-                    "and 'mlp' layers are supported (no MoE)")
+                    f"layer {pos} is {kind!r}; only 'linear_attention' (Mamba2), 'full_attention', "
+                    "'mlp' and 'moe' layers are supported")
         symbols.append(HF_LAYER_TYPES[kind])
     for field, (accepted, why) in _REQUIRED.items():
         value = getattr(hf, field, accepted[0])
@@ -168,8 +175,29 @@ def model_config_from_hf(hf) -> ModelConfig:
         raise HFConfigError(f"the Hugging Face config maps to an invalid model config: {err}") from err
 
 
+def _moe_config(hf, pattern: str) -> Optional[MoEConfig]:
+    """The MoE section of a config with 'moe' layers (None without): every HF field that changes
+    the MoE function is mapped or rejected."""
+    if MOE not in pattern:
+        return None
+    if getattr(hf, "moe_latent_size", None) is not None:
+        _reject("moe_latent_size", hf.moe_latent_size, "latent MoE projections need "
+                "Transformer-Engine in Megatron-Core 0.19 (not supported on this path)")
+    if getattr(hf, "n_shared_experts", 1) != 1:
+        _reject("n_shared_experts", hf.n_shared_experts, "transformers' NemotronH MoE always "
+                "has exactly one shared expert (of moe_shared_expert_intermediate_size)")
+    return MoEConfig(
+        num_moe_experts=hf.n_routed_experts, moe_router_topk=hf.num_experts_per_tok,
+        moe_ffn_hidden_size=hf.moe_intermediate_size,
+        moe_shared_expert_intermediate_size=hf.moe_shared_expert_intermediate_size,
+        moe_router_num_groups=hf.n_group, moe_router_group_topk=hf.topk_group,
+        moe_router_topk_scaling_factor=float(hf.routed_scaling_factor),
+        moe_norm_topk_prob=bool(hf.norm_topk_prob), moe_router_enable_expert_bias=True)
+
+
 def _model_config(hf, pattern: str, dtype: str) -> ModelConfig:
     return ModelConfig(
+        moe=_moe_config(hf, pattern),
         hybrid_layer_pattern=pattern, hidden_size=hf.hidden_size,
         ffn_hidden_size=hf.intermediate_size, num_attention_heads=hf.num_attention_heads,
         num_query_groups=hf.num_key_value_heads, kv_channels=hf.head_dim,
@@ -218,6 +246,7 @@ def hf_config_from_model(m: ModelConfig, passthrough: Optional[dict[str, Any]] =
             "the export would not compute the same function")
     reverse = {sym: kind for kind, sym in HF_LAYER_TYPES.items()}
     d_inner = m.mamba_d_inner
+    moe_fields = _hf_moe_fields(m)
     extra = {key: value for key, value in (passthrough or {}).items() if key in HF_PASSTHROUGH}
     return NemotronHConfig(
         architectures=[HF_ARCHITECTURE],
@@ -234,7 +263,25 @@ def hf_config_from_model(m: ModelConfig, passthrough: Optional[dict[str, Any]] =
         expand=d_inner // m.hidden_size if d_inner % m.hidden_size == 0 else 2,
         time_step_min=NO_DT_CLAMP, time_step_limit=(0.0, math.inf),
         layer_norm_epsilon=m.layernorm_epsilon, initializer_range=m.init_method_std,
-        num_nextn_predict_layers=0, dtype=m.params_dtype, **extra)
+        num_nextn_predict_layers=0, dtype=m.params_dtype, **moe_fields, **extra)
+
+
+def _hf_moe_fields(m: ModelConfig) -> dict[str, Any]:
+    """NemotronHConfig MoE fields of `m` ({} for a dense model)."""
+    moe = m.moe
+    if moe is None or not m.has_moe:
+        return {}
+    if moe.moe_shared_expert_intermediate_size is None:
+        raise HFConfigError(
+            "model.moe.moe_shared_expert_intermediate_size=None: transformers' NemotronH MoE "
+            "always has a shared expert, so a model without one cannot be exported to HF")
+    return dict(
+        n_routed_experts=moe.num_moe_experts, num_experts_per_tok=moe.moe_router_topk,
+        moe_intermediate_size=moe.moe_ffn_hidden_size, n_shared_experts=1,
+        moe_shared_expert_intermediate_size=moe.moe_shared_expert_intermediate_size,
+        n_group=moe.moe_router_num_groups, topk_group=moe.moe_router_group_topk,
+        routed_scaling_factor=moe.moe_router_topk_scaling_factor,
+        norm_topk_prob=moe.moe_norm_topk_prob, moe_latent_size=None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,8 +292,10 @@ def hf_config_from_model(m: ModelConfig, passthrough: Optional[dict[str, Any]] =
 class TensorMap:
     """One Megatron parameter and the HF tensor(s) it is made of.
 
-    kind: 'copy' (same layout), 'qkv' (hf = (q, k, v), fused per query group) or 'zeros'
-    (no HF tensor: a use_conv_bias=False conv bias).
+    kind: 'copy' (same layout), 'copy32' (same layout, float32 in the HF file: the MoE router
+    gate and score-correction bias, which transformers keeps in fp32), 'qkv' (hf = (q, k, v),
+    fused per query group) or 'zeros' (no HF tensor: a use_conv_bias=False conv bias), or
+    'zero_bias' (a MoE router without expert bias: zeros in the HF file, nothing here).
     """
 
     megatron: str
@@ -276,6 +325,8 @@ def tensor_maps(m: ModelConfig, *, hf_prefix: str = HF_PREFIX,
                 f"{hf}mixer.{x}_proj.weight" for x in "qkv"), "qkv", layer=i))
             maps.append(TensorMap(meg + "self_attention.linear_proj.weight",
                                   (hf + "mixer.o_proj.weight",)))
+        elif sym == MOE:
+            maps += moe_tensor_maps(m, meg, hf)
         else:
             maps.append(TensorMap(meg + "pre_mlp_layernorm.weight", (hf + "norm.weight",)))
             maps.append(TensorMap(meg + "mlp.linear_fc1.weight", (hf + "mixer.up_proj.weight",)))
@@ -283,3 +334,32 @@ def tensor_maps(m: ModelConfig, *, hf_prefix: str = HF_PREFIX,
     maps.append(TensorMap("decoder.final_norm.weight", (f"{p}norm_f.weight",)))
     maps.append(TensorMap("output_layer.weight", ("lm_head.weight",)))
     return maps
+
+
+def moe_tensor_maps(m: ModelConfig, meg: str, hf: str) -> list[TensorMap]:
+    """One MoE layer's tensors (`meg` / `hf`: the layer's Megatron / HF name prefixes)."""
+    moe = m.moe
+    maps = [TensorMap(meg + "pre_mlp_layernorm.weight", (hf + "norm.weight",)),
+            TensorMap(meg + "mlp.router.weight", (hf + "mixer.gate.weight",), "copy32")]
+    bias = (hf + "mixer.gate.e_score_correction_bias",)
+    maps.append(TensorMap(meg + "mlp.router.expert_bias", bias, "copy32")
+                if moe.moe_router_enable_expert_bias else
+                TensorMap(meg + "mlp.router.expert_bias", bias, "zero_bias"))
+    for j in range(moe.num_moe_experts):
+        e, h = f"{meg}mlp.experts.local_experts.{j}.", f"{hf}mixer.experts.{j}."
+        maps.append(TensorMap(e + "linear_fc1.weight", (h + "up_proj.weight",)))
+        maps.append(TensorMap(e + "linear_fc2.weight", (h + "down_proj.weight",)))
+    if moe.moe_shared_expert_intermediate_size is not None:
+        for a, b in (("linear_fc1", "up_proj"), ("linear_fc2", "down_proj")):
+            maps.append(TensorMap(f"{meg}mlp.shared_experts.{a}.weight",
+                                  (f"{hf}mixer.shared_experts.{b}.weight",)))
+    return maps
+
+
+def model_tensors(model) -> dict[str, Any]:
+    """The tensors `tensor_maps` names: every parameter plus the MoE routers' expert-bias
+    buffers (persistent state that changes the function, but not trained by gradients)."""
+    out = dict(model.named_parameters())
+    out.update((name, buf) for name, buf in model.named_buffers()
+               if name.endswith("router.expert_bias"))
+    return out

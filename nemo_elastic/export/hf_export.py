@@ -27,7 +27,7 @@ from nemo_elastic.errors import check_output_path
 from nemo_elastic.export.common import (
     build_tp1_model, honour_umask, peak_rss_mib, same_filesystem_tmp, tp1_runtime)
 from nemo_elastic.export.hf_adapter import (
-    TensorMap, hf_config_from_model, split_qkv, tensor_maps)
+    TensorMap, hf_config_from_model, model_tensors, split_qkv, tensor_maps)
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def plan_shards(maps: list[TensorMap], params: dict[str, torch.Tensor], max_shar
     shards: list[list[TensorMap]] = [[]]
     size = 0
     for tm in maps:
-        nbytes = _nbytes(params[tm.megatron], dtype)
+        nbytes = _nbytes(params[tm.megatron], dtype) if tm.megatron in params else 0
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
@@ -61,6 +61,12 @@ def plan_shards(maps: list[TensorMap], params: dict[str, torch.Tensor], max_shar
 def _hf_tensors(tm: TensorMap, params: dict[str, torch.Tensor], model_cfg,
                 dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """HF name/tensor pairs for one parameter, in the config's `dtype` (views where possible)."""
+    if tm.kind == "zero_bias":  # a router without expert bias: HF's bias is zero
+        yield tm.hf[0], torch.zeros(params[tm.megatron.replace("expert_bias", "weight")].shape[0])
+        return
+    if tm.kind == "copy32":  # transformers keeps the MoE gate and its bias in fp32
+        yield tm.hf[0], params[tm.megatron].detach().cpu().float().contiguous()
+        return
     param = params[tm.megatron].detach().cpu()  # no-op on CPU; safetensors writes host memory
     if param.dtype != dtype:
         # Megatron keeps A_log, D and the torch norms in fp32 under bf16/fp16 params; a HF
@@ -101,7 +107,7 @@ def write_hf_weights(model: torch.nn.Module, model_cfg, directory: Path,
                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> int:
     """The weights of a whole TP=1 model (local spec) as HF safetensors in `directory`
     (per-layer sizes allowed); returns the number of tensors."""
-    params = dict(model.named_parameters())
+    params = model_tensors(model)
     return _write_weights(Path(directory), tensor_maps(model_cfg), params, model_cfg,
                           max_shard_bytes)
 
@@ -137,7 +143,7 @@ def _export_hf(ckpt: Path, out_dir: Path, *, overwrite: bool, max_shard_bytes: i
         with tp1_runtime():
             model = build_tp1_model(cfg)
             load_checkpoint(ckpt, model=model, restore_rng=False)
-            params = dict(model.named_parameters())
+            params = model_tensors(model)
             maps = tensor_maps(cfg.model)
             count = _write_weights(tmp, maps, params, cfg.model, max_shard_bytes)
             del model, params

@@ -25,7 +25,7 @@ from nemo_elastic.errors import check_output_path
 from nemo_elastic.export.common import build_tp1_model, peak_rss_mib, tp1_runtime
 from nemo_elastic.export.hf_adapter import (
     HF_PREFIXES, TensorMap, fuse_qkv, hf_passthrough, load_hf_config, model_config_from_hf,
-    tensor_maps)
+    model_tensors, tensor_maps)
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def _check_names(maps: list[TensorMap], names: set[str]) -> None:
 
 
 def _megatron_tensor(tm: TensorMap, reader: SafetensorsReader, model_cfg) -> torch.Tensor | None:
-    if tm.kind == "zeros":
+    if tm.kind in ("zeros", "zero_bias"):
         return None
     if tm.kind == "qkv":
         return fuse_qkv(*(reader.get(n) for n in tm.hf), model_cfg, tm.layer)
@@ -124,7 +124,8 @@ def _megatron_tensor(tm: TensorMap, reader: SafetensorsReader, model_cfg) -> tor
 
 def _copy_all(model: torch.nn.Module, maps: list[TensorMap], reader: SafetensorsReader,
               model_cfg) -> None:
-    params = dict(model.named_parameters())
+    params = model_tensors(model)
+    maps = [tm for tm in maps if tm.kind != "zero_bias"]  # no such tensor in the model
     mapped = {tm.megatron for tm in maps}
     if set(params) != mapped:  # a mapping bug, not a user error
         raise RuntimeError(f"hf_adapter.tensor_maps is out of date: unmapped model parameters "

@@ -25,7 +25,7 @@ from typing import Mapping
 
 import torch
 
-from nemo_elastic.config import ATTENTION, MAMBA, Config, ModelConfig, ParallelConfig
+from nemo_elastic.config import ATTENTION, MAMBA, MOE, Config, ModelConfig, ParallelConfig
 from nemo_elastic.elastic.subnet import SubNetwork
 # first_of_each_group / head_channels: re-exported, callers import them from here
 from nemo_elastic.layout import (  # noqa: F401
@@ -58,6 +58,12 @@ def subnetwork_index(parent: ModelConfig, subnet: SubNetwork, layer) -> LayerInd
     if sym == ATTENTION:
         return LayerIndex(m=parent, layer=layer, hidden=hidden,
                           heads=kept_heads(parent, layer, choice.num_attention_heads))
+    if sym == MOE:
+        shared = choice.moe_shared_expert_intermediate_size
+        return LayerIndex(m=parent, layer=layer, hidden=hidden,
+                          experts=torch.arange(choice.num_moe_experts),
+                          expert_ffn=torch.arange(choice.moe_ffn_hidden_size),
+                          shared_ffn=None if shared is None else torch.arange(shared))
     return LayerIndex(m=parent, layer=layer, hidden=hidden,
                       ffn=torch.arange(choice.ffn_hidden_size))
 

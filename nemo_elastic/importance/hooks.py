@@ -14,7 +14,14 @@ first, TP-local):
   normalized gated SSM output the rest of the network actually reads (analogous to scoring FFN
   neurons at the fc2 input);
 * attention heads: the per-head L2 norm of ``linear_proj``'s input ``[s, b, Hq_local * kv]``
-  viewed ``[s, b, Hq_local, kv]``, i.e. of each head's softmax(QK^T)V output.
+  viewed ``[s, b, Hq_local, kv]``, i.e. of each head's softmax(QK^T)V output;
+* MoE routed experts (`moe_experts`, per layer): over the tokens routed to expert e, the sum of
+  g_e(x) * ||f_e(x)|| (REAP, the criterion Star Elastic uses: Megatron-Core's expert MLP
+  already scales its activation by the gate weight, so this is the norm of the expert's
+  output ``[n_e, h]``) and the token count (the frequency baseline); the expert neurons
+  (`moe_expert_ffn`): sum over experts and routed tokens of |linear_fc2 input| ``[n_e, F_e]``;
+  the shared expert's neurons like a dense FFN (`moe_shared_ffn`).  Expert scores need the
+  local SequentialMLP experts and expert parallelism 1 (this rank holds every expert).
 
 The hidden axis is not split by tensor parallelism; the other axes hold this rank's contiguous
 block of heads / neurons (global order when concatenated over TP ranks).  Hooks need separate
@@ -29,13 +36,14 @@ from typing import Optional
 
 import torch
 
-from nemo_elastic.config import ATTENTION, MAMBA, MLP, ModelConfig
+from nemo_elastic.config import ATTENTION, MAMBA, MLP, MOE, ModelConfig
 from nemo_elastic.importance.aggregate import Aggregation
 
 logger = logging.getLogger(__name__)
 
 # Which pre-norm module feeds each layer type (local spec attribute names).
-PRE_NORM = {MAMBA: "norm", ATTENTION: "input_layernorm", MLP: "pre_mlp_layernorm"}
+PRE_NORM = {MAMBA: "norm", ATTENTION: "input_layernorm", MLP: "pre_mlp_layernorm",
+            MOE: "pre_mlp_layernorm"}
 FINAL_NORM = "final_norm"
 MAMBA_SIGNALS = ("x", "output")
 
@@ -73,6 +81,9 @@ class ActivationRecorder:
         self.ffn: dict[int, torch.Tensor] = {}
         self.mamba: dict[int, torch.Tensor] = {}
         self.attention: dict[int, torch.Tensor] = {}
+        # MoE layer -> {"reap": [E], "count": [E], "expert_ffn": [F_e]} raw sums (float64)
+        self.moe_experts: dict[int, dict[str, torch.Tensor]] = {}
+        self.moe_shared_ffn: dict[int, torch.Tensor] = {}
         self.samples = 0
         self.tokens = 0
         self._handles: list = []
@@ -100,6 +111,8 @@ class ActivationRecorder:
                     self._hook_mamba(layer.mixer, index)
                 elif symbol == ATTENTION:
                     self._hook_attention(layer.self_attention, index)
+                elif symbol == MOE:
+                    self._hook_moe(layer.mlp, index)
                 else:
                     self._hook_ffn(layer.mlp, index)
             final = getattr(decoder, FINAL_NORM, None)
@@ -156,6 +169,36 @@ class ActivationRecorder:
             self._add(self.attention, index, heads.norm(dim=-1))  # [s, b, Hq_local]
 
         self._handles.append(attention.linear_proj.register_forward_pre_hook(hook))
+
+    def _hook_moe(self, moe: torch.nn.Module, index: int) -> None:
+        experts = getattr(moe.experts, "local_experts", None)
+        if experts is None or len(experts) != moe.config.num_moe_experts:
+            raise ValueError(f"layer {index}: expert importance needs every expert on this rank "
+                             "as local SequentialMLP experts (local spec, expert parallelism 1)")
+        n, F = len(experts), moe.config.moe_ffn_hidden_size
+        store = self.moe_experts.setdefault(index, {
+            "reap": torch.zeros(n, dtype=torch.float64),
+            "count": torch.zeros(n, dtype=torch.float64), "expert_ffn": None})
+
+        for e, expert in enumerate(experts):
+            def out_hook(module, args, output, e=e):
+                out = _first(output).detach().to(torch.float64)  # [n_e, h], gate-scaled
+                store["reap"][e] += out.norm(dim=-1).sum().cpu()
+                store["count"][e] += out.shape[0]
+
+            def fc2_hook(module, args):
+                act = args[0].detach().to(torch.float64).abs().sum(dim=0).cpu()  # [F_e_local]
+                store["expert_ffn"] = act if store["expert_ffn"] is None else \
+                    store["expert_ffn"] + act
+
+            self._handles.append(expert.register_forward_hook(out_hook))
+            self._handles.append(expert.linear_fc2.register_forward_pre_hook(fc2_hook))
+        if F and moe.shared_experts is not None:
+            def shared_hook(module, args):
+                self._add(self.moe_shared_ffn, index, args[0].abs())  # [s, b, F_s_local]
+
+            self._handles.append(moe.shared_experts.linear_fc2.register_forward_pre_hook(
+                shared_hook))
 
     def _hook_ffn(self, mlp: torch.nn.Module, index: int) -> None:
         def hook(module, args):

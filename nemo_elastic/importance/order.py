@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from nemo_elastic.config import ATTENTION, MAMBA, MLP, ModelConfig
+from nemo_elastic.config import ATTENTION, MAMBA, MLP, MOE, ModelConfig
 from nemo_elastic.importance.scores import ImportanceScores
 
 
@@ -31,10 +31,13 @@ class LayerPermutation:
     mamba_heads: Optional[torch.Tensor] = None  # [H], group-preserving
     mamba_channels: Optional[torch.Tensor] = None  # [P]
     attention_heads: Optional[torch.Tensor] = None  # [Hq], query-group-preserving
+    experts: Optional[torch.Tensor] = None  # [E] routed experts (MoE)
+    expert_ffn: Optional[torch.Tensor] = None  # [F_e], the same for every expert
+    shared_ffn: Optional[torch.Tensor] = None  # [F_s] (empty without a shared expert)
 
     def axes(self) -> dict[str, torch.Tensor]:
         names = {MAMBA: ("mamba_heads", "mamba_channels"), ATTENTION: ("attention_heads",),
-                 MLP: ("ffn",)}[self.kind]
+                 MLP: ("ffn",), MOE: ("experts", "expert_ffn", "shared_ffn")}[self.kind]
         return {n: getattr(self, n) for n in names}
 
 
@@ -76,6 +79,10 @@ def _layer_sizes(m: ModelConfig, i: int, kind: str) -> dict[str, tuple[int, int]
                 "mamba_channels": (m.layer_size("mamba_head_dim", i), 1)}
     if kind == ATTENTION:
         return {"attention_heads": (m.layer_size("num_attention_heads", i), m.num_query_groups)}
+    if kind == MOE:
+        return {"experts": (m.layer_size("num_moe_experts", i), 1),
+                "expert_ffn": (m.layer_size("moe_ffn_hidden_size", i), 1),
+                "shared_ffn": (m.layer_size("moe_shared_expert_intermediate_size", i) or 0, 1)}
     return {"ffn": (m.layer_size("ffn_hidden_size", i), 1)}
 
 

@@ -8,7 +8,11 @@ same permutation (``perm[new] = old``): which rows and columns those are is
 
 hidden ``p_h [h]``, per Mamba layer ``mamba_heads [H]`` (group-preserving) and
 ``mamba_channels [P]`` (the same for every head), per attention layer ``attention_heads [a]``
-(query-group-preserving; K/V untouched), per MLP layer ``ffn [F]``.  B, C and the Mamba state
+(query-group-preserving; K/V untouched), per MLP layer ``ffn [F]``, per MoE layer ``experts
+[E]`` (the router's gate rows and score-correction bias entries move with their experts, whose
+tensors are renamed), ``expert_ffn [F_e]`` (the same for every expert) and ``shared_ffn [F_s]``.
+A MoE layer computes the same function after any expert permutation: the router scores every
+expert, and top-k and the weight normalisation do not depend on the experts' order (up to ties).  B, C and the Mamba state
 are never reordered.
 
 Why the function is preserved: RMSNorm statistics are sums over the whole hidden axis (and over
@@ -26,9 +30,9 @@ from typing import Mapping
 
 import torch
 
-from nemo_elastic.config import ATTENTION, MAMBA, ModelConfig
+from nemo_elastic.config import ATTENTION, MAMBA, MOE, ModelConfig
 from nemo_elastic.importance.order import Permutations, validate_permutations
-from nemo_elastic.layout import LayerIndex, LayoutError, reindex, tensor_axes
+from nemo_elastic.layout import LayerIndex, LayoutError, expert_key, reindex, tensor_axes
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,9 @@ def permutation_index(m: ModelConfig, perms: Permutations, layer) -> LayerIndex:
                           channels=p.mamba_channels)
     if sym == ATTENTION:
         return LayerIndex(m=m, layer=layer, hidden=perms.hidden, heads=p.attention_heads)
+    if sym == MOE:
+        return LayerIndex(m=m, layer=layer, hidden=perms.hidden, experts=p.experts,
+                          expert_ffn=p.expert_ffn, shared_ffn=p.shared_ffn)
     return LayerIndex(m=m, layer=layer, hidden=perms.hidden, ffn=p.ffn)
 
 
@@ -68,7 +75,7 @@ def permute_state_dict(state: Mapping[str, object], model_cfg: ModelConfig,
             layer, _, axes = tensor_axes(model_cfg, key, value.shape)
             if layer not in index:
                 index[layer] = permutation_index(model_cfg, perms, layer)
-            out[key] = reindex(value, axes, index[layer])
+            out[expert_key(key, index[layer])] = reindex(value, axes, index[layer])
         except LayoutError as err:
             raise ValueError(f"state dict tensor {key!r} cannot be reordered ({err}); a tensor "
                              "left unpermuted would break the model's function") from None

@@ -20,13 +20,13 @@ from typing import Mapping
 
 import torch
 
-from nemo_elastic.config import ATTENTION, MAMBA, MLP, ModelConfig
+from nemo_elastic.config import ATTENTION, MAMBA, MLP, MOE, ModelConfig
 from nemo_elastic.importance.depth import DepthRanking
 from nemo_elastic.importance.order import Permutations
 from nemo_elastic.importance.scores import ImportanceScores
 
-LAYER_COLORS = {MAMBA: "tab:blue", ATTENTION: "tab:orange", MLP: "tab:green"}
-LAYER_NAMES = {MAMBA: "Mamba2", ATTENTION: "attention", MLP: "MLP"}
+LAYER_COLORS = {MAMBA: "tab:blue", ATTENTION: "tab:orange", MLP: "tab:green", MOE: "tab:purple"}
+LAYER_NAMES = {MAMBA: "Mamba2", ATTENTION: "attention", MLP: "MLP", MOE: "MoE"}
 
 
 def _axis(scores: torch.Tensor, perm: torch.Tensor) -> dict:

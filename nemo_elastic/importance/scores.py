@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nemo_elastic.config import ATTENTION, MAMBA, MLP, ModelConfig
+from nemo_elastic.config import ATTENTION, MAMBA, MLP, MOE, ModelConfig
 from nemo_elastic.importance.aggregate import Aggregation
 from nemo_elastic.importance.hooks import ActivationRecorder
 
@@ -47,11 +47,16 @@ class LayerScores:
     mamba_channels: Optional[torch.Tensor] = None  # [P]
     mamba_heads: Optional[torch.Tensor] = None  # [H]
     attention_heads: Optional[torch.Tensor] = None  # [Hq]
+    experts: Optional[torch.Tensor] = None  # [E] the ranking criterion's scores (REAP default)
+    expert_reap: Optional[torch.Tensor] = None  # [E] mean over routed tokens of g * ||f(x)||
+    expert_frequency: Optional[torch.Tensor] = None  # [E] share of the routed token slots
+    expert_ffn: Optional[torch.Tensor] = None  # [F_e]
+    shared_ffn: Optional[torch.Tensor] = None  # [F_s] (empty without a shared expert)
 
     def axes(self) -> dict[str, torch.Tensor]:
         """The rankable axes of this layer: name -> 1-D scores."""
         names = {MAMBA: ("mamba_heads", "mamba_channels"), ATTENTION: ("attention_heads",),
-                 MLP: ("ffn",)}[self.kind]
+                 MLP: ("ffn",), MOE: ("experts", "expert_ffn", "shared_ffn")}[self.kind]
         return {n: getattr(self, n) for n in names}
 
 
@@ -115,7 +120,7 @@ def run_batch(model, batch: dict):
 
 def compute_scores(model: torch.nn.Module, batches: Iterable[dict], model_cfg: ModelConfig,
                    aggregation: Optional[Aggregation] = None, *, mamba_top_channels: float = 1.0,
-                   mamba_signal: str = "x",
+                   mamba_signal: str = "x", expert_criterion: str = "reap",
                    num_batches: Optional[int] = None, progress: bool = True) -> ImportanceScores:
     """Run `batches` (dicts with `tokens [b, s]`, optional `position_ids`) through `model` and
     return the global width scores.  Collective over the model's data- and tensor-parallel
@@ -147,15 +152,43 @@ def compute_scores(model: torch.nn.Module, batches: Iterable[dict], model_cfg: M
     if rec.samples == 0:
         raise ValueError("compute_scores: no calibration batches were given (every data-parallel "
                          "rank needs at least one)")
-    scores = _finalize(rec, model_cfg, agg, dp_group, tp_group, mamba_top_channels)
+    if expert_criterion not in EXPERT_CRITERIA:
+        raise ValueError(f"expert_criterion={expert_criterion!r}: must be one of {EXPERT_CRITERIA}")
+    scores = _finalize(rec, model_cfg, agg, dp_group, tp_group, mamba_top_channels,
+                       expert_criterion)
     scores.seconds = time.perf_counter() - started
     logger.info("importance scores from %d samples (%d tokens) in %.1f s, aggregation %s",
                 scores.samples, scores.tokens, scores.seconds, agg.to_dict())
     return scores
 
 
+EXPERT_CRITERIA = ("reap", "frequency")
+
+
+def _moe_scores(rec: ActivationRecorder, index: int, m: ModelConfig, final, dp_group,
+                tp_group, criterion: str) -> LayerScores:
+    """REAP (mean over its routed tokens of gate weight x ||expert output||) and frequency
+    (share of the routed token slots) of every expert; expert and shared neuron scores."""
+    raw = rec.moe_experts[index]
+    dp = lambda t: all_reduce_sum(t, dp_group)  # noqa: E731  (sums over data-parallel ranks)
+    reap_sum, count = dp(raw["reap"].clone()), dp(raw["count"].clone())
+    reap = reap_sum / count.clamp(min=1)
+    frequency = count / count.sum().clamp(min=1)
+    F = m.layer_size("moe_ffn_hidden_size", index)
+    expert_ffn = raw["expert_ffn"] if raw["expert_ffn"] is not None else \
+        torch.zeros(F, dtype=torch.float64)
+    expert_ffn = _gather_tp(dp(expert_ffn.clone()), tp_group)
+    shared = rec.moe_shared_ffn.get(index)
+    shared = _gather_tp(final(shared), tp_group) if shared is not None else \
+        torch.zeros(m.layer_size("moe_shared_expert_intermediate_size", index) or 0,
+                    dtype=torch.float64)
+    return LayerScores(kind=MOE, experts=reap if criterion == "reap" else frequency,
+                       expert_reap=reap, expert_frequency=frequency, expert_ffn=expert_ffn,
+                       shared_ffn=shared)
+
+
 def _finalize(rec: ActivationRecorder, model_cfg: ModelConfig, agg: Aggregation, dp_group,
-              tp_group, top_fraction: float) -> ImportanceScores:
+              tp_group, top_fraction: float, expert_criterion: str = "reap") -> ImportanceScores:
     counts = all_reduce_sum(torch.tensor([rec.samples, rec.tokens], dtype=torch.float64), dp_group)
     samples, tokens = int(counts[0]), int(counts[1])
     final = lambda raw: agg.finalize(all_reduce_sum(raw, dp_group), samples)  # noqa: E731
@@ -176,6 +209,9 @@ def _finalize(rec: ActivationRecorder, model_cfg: ModelConfig, agg: Aggregation,
         heads = per_head_channel[:, top].norm(dim=1)  # [H]: L2 over the top channels (Eq. 4)
         layers[index] = LayerScores(kind=MAMBA, mamba_head_channel=per_head_channel,
                                     mamba_channels=channels, mamba_heads=heads)
+    for index in sorted(rec.moe_experts):
+        layers[index] = _moe_scores(rec, index, model_cfg, final, dp_group, tp_group,
+                                    expert_criterion)
     _check_shapes(hidden, layers, model_cfg)
     return ImportanceScores(hidden=hidden, layers=dict(sorted(layers.items())), aggregation=agg,
                             samples=samples, tokens=tokens,
@@ -193,6 +229,9 @@ def _check_shapes(hidden: torch.Tensor, layers: dict[int, LayerScores], m: Model
         elif s.kind == ATTENTION:
             expect[f"layer {i} attention"] = (tuple(s.attention_heads.shape),
                                               (m.layer_size("num_attention_heads", i),))
+        elif s.kind == MOE:
+            expect[f"layer {i} experts"] = (tuple(s.experts.shape),
+                                            (m.layer_size("num_moe_experts", i),))
         else:
             expect[f"layer {i} ffn"] = (tuple(s.ffn.shape), (m.layer_size("ffn_hidden_size", i),))
     for what, (got, want) in expect.items():

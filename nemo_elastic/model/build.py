@@ -68,6 +68,12 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, **overrides
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
     )
+    if model.moe is not None:
+        kwargs.update(model.moe.to_transformer_config())
+        kwargs["expert_model_parallel_size"] = parallel.expert_model_parallel_size
+        # The all-to-all dispatcher passes its split sizes as tensors, which gloo's
+        # all_to_all_single does not take: on CPU the experts get their tokens by all-gather.
+        kwargs["moe_token_dispatcher_type"] = "alltoall" if on_gpu else "allgather"
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 

@@ -19,9 +19,14 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (MoETransformerLayer, TransformerLayer,
+                                                         TransformerLayerSubmodules)
 
 from nemo_elastic.model.mamba import NemoMambaMixer
 from nemo_elastic.model.stack import NemoHybridStack
@@ -30,6 +35,51 @@ from nemo_elastic.model.stack import NemoHybridStack
 MAMBA_TE_KEYS = {"norm.": "mixer.in_proj.layer_norm_"}
 ATTENTION_TE_KEYS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
 MLP_TE_KEYS = {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+
+
+def moe_mlp_builder(*, experts, linear_fc1, linear_fc2, moe_layer=MoELayer, router=TopKRouter,
+                    shared_expert=SharedExpertMLP):
+    """The `mlp` builder of an 'E' layer: Megatron-Core's `MoELayer` with the given routed
+    experts (`SequentialMLP` on CPU, `TEGroupedMLP` with Transformer-Engine), its `TopKRouter`
+    (sigmoid + expert bias, set by the TransformerConfig) and the shared expert (Nemotron 3's
+    is an ungated squared-ReLU MLP added to the routed output: `moe_shared_expert_gate` off)."""
+    mlp = MLPSubmodules(linear_fc1=linear_fc1, linear_fc2=linear_fc2)
+    return partial(moe_layer, submodules=MoESubmodules(
+        experts=experts, router=router,
+        shared_experts=partial(shared_expert, submodules=mlp)))
+
+
+def local_moe_layer_spec(*, norm=WrappedTorchNorm, **kwargs) -> ModuleSpec:
+    """'E' layer, torch only: pre-norm + MoELayer with sequential local experts."""
+    experts = partial(SequentialMLP, submodules=MLPSubmodules(
+        linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
+    return ModuleSpec(
+        module=MoETransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=norm,
+            mlp=moe_mlp_builder(experts=experts, linear_fc1=ColumnParallelLinear,
+                                linear_fc2=RowParallelLinear, **kwargs),
+            mlp_bda=get_bias_dropout_add))
+
+
+def te_moe_layer_spec(**kwargs) -> ModuleSpec:
+    """'E' layer with Transformer-Engine: TE norm, grouped-GEMM experts (`TEGroupedMLP`).
+    Checkpoint keys differ from the local spec's (`experts.linear_fc1.weight<i>` vs
+    `experts.local_experts.<i>.linear_fc1.weight`), as in Megatron-Core itself."""
+    from megatron.core.extensions.transformer_engine import (
+        TEColumnParallelGroupedLinear, TEColumnParallelLinear, TENorm, TERowParallelGroupedLinear,
+        TERowParallelLinear)
+    from megatron.core.transformer.moe.experts import GroupedMLPSubmodules, TEGroupedMLP
+
+    experts = partial(TEGroupedMLP, submodules=GroupedMLPSubmodules(
+        linear_fc1=TEColumnParallelGroupedLinear, linear_fc2=TERowParallelGroupedLinear))
+    return ModuleSpec(
+        module=MoETransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=TENorm,
+            mlp=moe_mlp_builder(experts=experts, linear_fc1=TEColumnParallelLinear,
+                                linear_fc2=TERowParallelLinear, **kwargs),
+            mlp_bda=get_bias_dropout_add))
 
 
 def have_transformer_engine() -> bool:
@@ -43,7 +93,8 @@ def have_transformer_engine() -> bool:
 
 def local_hybrid_stack_spec(*, d_conv: int = 4, chunk_size: int = 128,
                             mixer=NemoMambaMixer, attention=SelfAttention, mlp=MLP,
-                            stack=NemoHybridStack, norm=WrappedTorchNorm) -> ModuleSpec:
+                            stack=NemoHybridStack, norm=WrappedTorchNorm,
+                            moe=MoELayer) -> ModuleSpec:
     """Torch-only hybrid spec (column/row-parallel linears, torch RMSNorm, DotProductAttention).
 
     The module classes are parameters so the elastic subclasses reuse this exact wiring.
@@ -92,6 +143,7 @@ def local_hybrid_stack_spec(*, d_conv: int = 4, chunk_size: int = 128,
                     sharded_state_dict_keys_map=MLP_TE_KEYS,
                 ),
             ),
+            moe_layer=local_moe_layer_spec(norm=norm, moe_layer=moe),
         ),
     )
 
@@ -133,6 +185,7 @@ def te_hybrid_stack_spec(*, d_conv: int = 4, chunk_size: int = 128,
                     mlp=partial(mlp.as_mlp_submodule, submodules=MLPSubmodules(
                         linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear)),
                     mlp_bda=get_bias_dropout_add)),
+            moe_layer=te_moe_layer_spec(),
         ),
     )
 

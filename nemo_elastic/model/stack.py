@@ -79,6 +79,8 @@ class NemoHybridStack(HybridStack):
             elif symbol == Symbols.ATTENTION:
                 spec, extra = submodules.attention_layer, dict(
                     is_mtp_layer=is_mtp_layer, add_layer_offset=False, pp_layer_offset=offset)
+            elif symbol == Symbols.MOE:
+                spec, extra = submodules.moe_layer, dict(add_layer_offset=False)
             else:
                 spec, extra = submodules.mlp_layer, dict(add_layer_offset=False)
             with self._quant_init_context(i + offset):

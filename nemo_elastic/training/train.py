@@ -212,7 +212,8 @@ def _write_outputs(out_dir: Path, result: TrainResult, trainer: ElasticTrainer) 
     check = check_family(result.family)
     bands = check.by_name()
     rows = [(r["name"], target_text(r), r["summary"],
-             f"{r['parameters']:,} ({r['parameter_fraction']:.1%})",
+             f"{r['parameters']:,} ({r['parameter_fraction']:.1%})"
+             + (f", active {r['active_parameters']:,}" if "active_parameters" in r else ""),
              bands[r["name"]].band_text,
              f"{r['val_loss_before']:.4f}", f"{r['val_loss_after']:.4f}",
              _pct(r["answer_accuracy_before"]), _pct(r["answer_accuracy_after"]))
