@@ -2,7 +2,8 @@
 
 The same-shaped prefix sub-networks of one parent, each axis alone and all axes together, under
 * this project's importance order (`compute_scores` + `permutations_from_scores`, the two Mamba
-  signals: 'x' = the paper's in_proj x block, 'output' = what out_proj reads),
+  signals: 'output' = what out_proj reads, the default; 'x' = the paper's in_proj x block),
+  and as it was before issue 22 (the hidden score also summing the final norm's output),
 * ModelOpt's Minitron order (`mcore_minitron` pruning to the full sizes: every width axis sorted
   by ModelOpt's activation scores, nothing dropped; needs the `peers` extra),
 * the parent's original order, and random structure-respecting orders (`--seeds`, mean and
@@ -73,6 +74,23 @@ def modelopt_sorted_state(cfg, parent: Path, calib: list) -> dict:
     return mm.prune(model, m, forward_loop, export_config=full).state_dict
 
 
+def _scores_with_final_norm(model, calib, m, signal):
+    """compute_scores as before issue 22: the hidden score also sums decoder.final_norm."""
+    from nemo_elastic.importance.aggregate import Aggregation
+    from nemo_elastic.importance.hooks import ActivationRecorder
+    from nemo_elastic.importance.scores import _finalize, parallel_groups, run_batch
+
+    model.eval()
+    agg = Aggregation()
+    with torch.no_grad(), ActivationRecorder(model, m, agg, mamba_signal=signal) as rec:
+        rec._hook_norm(model.decoder.final_norm, "final_norm")
+        for b in calib:
+            run_batch(model, b)
+            rec.count_batch(b["tokens"])
+    dp, tp = parallel_groups()
+    return _finalize(rec, m, agg, dp, tp, 1.0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parent", required=True, help="a trained parent checkpoint")
@@ -81,6 +99,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="random orders")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/bench_order")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="rows with one axis left in the original order")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     run(args)
@@ -120,20 +140,46 @@ def run(args) -> dict:
         reload()
         rows["original order"] = losses()
         by_signal = {}
-        for signal in ("x", "output"):
+        for signal in ("output", "x"):  # 'output' is the default since issue 22
             reload()
             scores = by_signal[signal] = compute_scores(model, calib, m, mamba_signal=signal,
                                                         progress=False)
             permute_model_(model, m, permutations_from_scores(scores, m))
-            rows[f"project, Mamba signal {signal}"] = losses()
+            rows[f"project, Mamba signal {signal}" + (" (default)" if signal == "output"
+                                                      else "")] = losses()
+        # before issue 22: the hidden score also summed decoder.final_norm's output
+        for signal in ("x", "output"):
+            reload()
+            with_final = _scores_with_final_norm(model, calib, m, signal)
+            permute_model_(model, m, permutations_from_scores(with_final, m))
+            rows[f"signal {signal}, hidden + final norm" + (" (before)" if signal == "x"
+                                                           else "")] = losses()
         # diagnosis: Mamba heads ranked on x, head channels on the output signal
-        mixed = by_signal["output"]
+        import copy
+
+        mixed = copy.deepcopy(by_signal["output"])
         for i, ls in mixed.layers.items():
             if ls.mamba_heads is not None:
                 ls.mamba_heads = by_signal["x"].layers[i].mamba_heads
         reload()
         permute_model_(model, m, permutations_from_scores(mixed, m))
         rows["project, heads x / channels output"] = losses()
+        if args.diagnose:  # which axis's order hurts in combination: one axis left original
+            from nemo_elastic.importance.order import identity_permutations
+
+            best = permutations_from_scores(by_signal["output"], m)  # the default
+            ident = identity_permutations(m)
+            for axis in ("hidden", "ffn", "mamba_heads", "mamba_channels", "attention_heads"):
+                perms = dataclasses.replace(best, layers={
+                    i: dataclasses.replace(lp, **({axis: getattr(ident.layers[i], axis)}
+                                                  if getattr(lp, axis, None) is not None
+                                                  else {}))
+                    for i, lp in best.layers.items()})
+                if axis == "hidden":
+                    perms = dataclasses.replace(perms, hidden=ident.hidden)
+                reload()
+                permute_model_(model, m, perms)
+                rows[f"output signal, {axis} original"] = losses()
         try:
             sd = modelopt_sorted_state(cfg, parent, calib)
         except ImportError as e:

@@ -461,7 +461,7 @@ def main() -> None:
     p.add_argument("--no-modelopt-search", dest="modelopt_search", action="store_false")
     p.add_argument("--calib-batches", type=int, default=16)
     p.add_argument("--accuracy", type=int, default=64, help="answer-accuracy problems (0: off)")
-    p.add_argument("--mamba-signal", default="x", help="the prepared parent's Mamba signal")
+    p.add_argument("--mamba-signal", default="output", help="the prepared parent's Mamba signal")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     if args.budgets[0] != 1.0:
