@@ -67,6 +67,7 @@ def recipe(s, out: Path, budgets: dict, seed: int, **elastic):
     """bench_claims' recipe with these budgets, the stage-2 probabilities spread over them
     (0.5 on full, the rest shared in proportion to the paper's 0.3 / 0.2 ramp) and `seed`."""
     cfg = bc.recipe(s, out, **{**_warmups(s.elastic_iters), **elastic})
+    cfg = reseed(cfg, seed)
     names = list(budgets)
     derived = names[1:]
     weights = [len(derived) - i for i in range(len(derived))]
@@ -75,8 +76,7 @@ def recipe(s, out: Path, budgets: dict, seed: int, **elastic):
                   for st in cfg.elastic.curriculum] if "curriculum" not in elastic else \
         cfg.elastic.curriculum
     return dataclasses.replace(
-        cfg, train=dataclasses.replace(cfg.train, seed=seed),
-        elastic=dataclasses.replace(cfg.elastic, budgets=dict(budgets), curriculum=curriculum))
+        cfg, elastic=dataclasses.replace(cfg.elastic, budgets=dict(budgets), curriculum=curriculum))
 
 
 def one_size_recipe(s, out: Path, name: str, fraction: float, seed: int, iters: int,
@@ -86,7 +86,17 @@ def one_size_recipe(s, out: Path, name: str, fraction: float, seed: int, iters: 
          "global_batch_size": s.global_batch, "micro_batch_size": 4}],
         save_interval=iters, eval_interval=max(1, min(s.elastic_eval, iters)), **_warmups(iters),
         **({"axes": axes} if axes else {}))
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+    return reseed(cfg, seed)
+
+
+def reseed(cfg, seed: int):
+    """Seed `seed` of an arm: the elastic run's seed (router init, budget draws), the data
+    order (`data.seed`; the corpus and validation windows stay) and `train.seed` (from-scratch
+    init), each offset from the recipe's value; seed 0 is the recipe itself."""
+    return dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + seed),
+        data=dataclasses.replace(cfg.data, seed=cfg.data.seed + seed),
+        elastic=dataclasses.replace(cfg.elastic, seed=cfg.elastic.seed + seed))
 
 
 # ----------------------------------------------------------------------------- ModelOpt
@@ -203,6 +213,9 @@ def final_accuracy(cfg, ckpt_dir: Path, subnets: dict, samples: int) -> dict:
 
     if samples <= 0:
         return {}
+    cache = ckpt_dir / f"accuracy_{samples}.json"  # finished runs are reused: so is this
+    if cache.is_file() and set(json.loads(cache.read_text())) == set(subnets):
+        return json.loads(cache.read_text())
     run_cfg = cfg.single_process()
     run_cfg = dataclasses.replace(run_cfg, train=dataclasses.replace(
         run_cfg.train, eval_accuracy_samples=samples))
@@ -215,6 +228,7 @@ def final_accuracy(cfg, ckpt_dir: Path, subnets: dict, samples: int) -> dict:
         for n, sub in subnets.items():
             acc = answer_accuracy_of(run_cfg, model, data, info, subnetwork=sub)
             out[n] = None if acc is None else acc.get("accuracy")
+    cache.write_text(json.dumps(out))
     return out
 
 
@@ -254,7 +268,7 @@ def run(args) -> dict:
                     base, parent, calib, held_out, int(budgets[n] * full), args.top_k,
                     args.max_width_pruning), indent=2))
             search[n] = json.loads(path.read_text())
-    for seed in range(args.seeds):
+    for seed in range(args.seed_start, args.seeds):
         cfg = recipe(s, work / "parent", budgets, seed)
         el = bc.elastic_run(cfg, f"elastic_s{seed}", work, prepared, s)
         family = {n: SubNetwork.from_dict(f["subnetwork"]) for n, f in el["family"].items()}
@@ -494,6 +508,8 @@ def main() -> None:
     p.add_argument("--budgets", type=lambda v: [float(x) for x in v.split(",")],
                    default=[1.0, 0.75, 0.5], help="fractions of the parent, first = 1.0")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seed-start", type=int, default=0, help="first seed (another process can "
+                   "fill later seeds' runs in the same --out; they are reused)")
     p.add_argument("--stage1-iters", type=int, default=150)
     p.add_argument("--stage2-iters", type=int, default=50)
     p.add_argument("--eval-every", type=int, default=25)
