@@ -311,6 +311,7 @@ def run(args) -> dict:
                           "mamba_signal": args.mamba_signal, "parent": str(parent),
                           "accuracy_samples": args.accuracy}
     result["search_candidates"] = search
+    result["seeds_run"] = len(arms["elastic"])
     result["seconds"] = round(time.perf_counter() - started, 1)
     (work / "peers.json").write_text(json.dumps(result, indent=2))
     print_tables(result)
@@ -404,7 +405,7 @@ def print_tables(r: dict) -> None:
 
     derived = r["derived"]
     T = r["elastic_tokens"]
-    print(f"\nCost of a family: {len(derived)} derived sizes, seeds {r['settings']['seeds']} "
+    print(f"\nCost of a family: {len(derived)} derived sizes, {r['seeds_run']} seed(s) "
           f"(mean ± sd over seeds); elastic full budget {_f(r['elastic_full_loss'])}")
     rows = []
     for label, meth in r["methods"].items():
