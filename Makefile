@@ -17,7 +17,7 @@ PYTHON312 := $(shell \
 		[ -n "$$v" ] && echo "env PYENV_VERSION=$$v $$(pyenv root)/versions/$$v/bin/python3.12"; \
 	fi)
 
-.PHONY: run test install install-test install-nemo test-nemo bench clean lint
+.PHONY: run test install install-test install-nemo test-nemo install-peers bench clean lint
 
 $(VENV)/.installed: setup.py constraints.txt
 	@if [ -z "$(PYTHON312)" ]; then echo "error: Python 3.12 not found (install it, e.g. 'pyenv install 3.12')" >&2; exit 1; fi
@@ -45,6 +45,14 @@ install-nemo: $(VENV)/.installed-nemo
 
 test-nemo: install-nemo
 	$(PY) -m pytest -q tests/test_nemo_run.py tests/test_bridge.py tests/test_slurm.py $(PYTEST_ARGS)
+
+# Peers tier (optional): NVIDIA ModelOpt's Minitron pruning, the real peer of the elastic family in
+# bench/bench_claims.py (tests/test_peers_modelopt.py skips without it).
+$(VENV)/.installed-peers: $(VENV)/.installed-test
+	$(PIP) install -c constraints.txt -e ".[peers]"
+	touch $@
+
+install-peers: $(VENV)/.installed-peers
 
 run: install
 	$(VENV)/bin/nemo-elastic run $(ARGS)

@@ -31,6 +31,11 @@ EXTRAS = {
     # dependencies include GPU-only builds); these are what its training modules import.
     # `make install-nemo` does both.  A NeMo container already has all of it.
     "bridge": ["hydra-core>=1.3,<1.4", "megatron-energon>=7", "datasets>=3"],
+    # NVIDIA ModelOpt's Minitron pruning as a peer in bench/bench_claims.py
+    # (nemo_elastic/peers/modelopt_minitron.py, pinned: its CPU fixes touch ModelOpt internals).
+    # modelopt.torch imports requests and huggingface_hub without declaring them.  Not the
+    # [hf] extra of ModelOpt: it pins transformers<5.15.
+    "peers": ["nvidia-modelopt==0.47.0", "requests>=2.31", "huggingface_hub>=0.24"],
     "test": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=5.0", "hypothesis>=6.100"],
 }
 

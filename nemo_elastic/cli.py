@@ -398,9 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SEQUENCE/BATCH reductions, each of sum|mean|l2 (or 'sum')")
     p.add_argument("--depth-method", default="iterative",
                    choices=["iterative", "one_shot", "cosine"])
-    p.add_argument("--mamba-signal", default="x", choices=["x", "output"],
-                   help="activations scoring Mamba heads/channels: x (paper: in_proj's x block) "
-                        "or output (what out_proj reads)")
+    p.add_argument("--mamba-signal", default="output", choices=["x", "output"],
+                   help="activations scoring Mamba heads/channels: output (default: what "
+                        "out_proj reads) or x (paper: in_proj's x block)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_prepare)

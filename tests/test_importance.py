@@ -146,7 +146,7 @@ def _plant(model, cfg):
                "mamba_channel": (2, 3), "attention_head": (3, 2), "identity_layer": 4}
     layers = model.decoder.layers
     with torch.no_grad():
-        for name, p in model.named_parameters():  # every pre-norm and the final norm
+        for name, p in model.named_parameters():  # every pre-norm (and the final norm)
             if p.dim() == 1 and p.numel() == h and "norm" in name:
                 p[planted["hidden"]] *= small
         layer, neurons = planted["ffn"]
@@ -174,7 +174,9 @@ def test_planted_unimportant_units_rank_last(megatron_env):
     model = _perturb(build_elastic_model(cfg))
     planted = _plant(model, cfg)
     batches = _batches(cfg, s=48)
-    scores = compute_scores(model, batches, m, progress=False)
+    # the Mamba units are planted in in_proj's x block: score that signal (the paper's; the
+    # default 'output' signal has its own planted test below)
+    scores = compute_scores(model, batches, m, mamba_signal="x", progress=False)
     perms = permutations_from_scores(scores, m)
     assert set(perms.hidden[-2:].tolist()) == set(planted["hidden"])
     layer, neurons = planted["ffn"]
@@ -329,7 +331,8 @@ def test_output_signal_scores_what_out_proj_reads(megatron_env):
     per = H // m.mamba_num_groups
     assert perms.layers[0].mamba_heads.view(-1, per)[:, -1].tolist() == [1, 6]
     assert perms.layers[2].mamba_channels[-1].item() == 3
-    x_perms = permutations_from_scores(compute_scores(model, batches, m, progress=False), m)
+    x_perms = permutations_from_scores(compute_scores(model, batches, m, mamba_signal="x",
+                                                      progress=False), m)
     assert x_perms.layers[0].mamba_heads.view(-1, per)[:, -1].tolist() != [1, 6]  # x can't see it
     with pytest.raises(ValueError, match="mamba_signal='bogus'"):
         compute_scores(model, batches, m, mamba_signal="bogus", progress=False)

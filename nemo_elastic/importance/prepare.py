@@ -34,6 +34,7 @@ from nemo_elastic.config import Config, ConfigError, load_config, to_dict
 from nemo_elastic.errors import check_output_path
 from nemo_elastic.importance.aggregate import Aggregation
 from nemo_elastic.importance.depth import METHODS, depth_rankings
+from nemo_elastic.importance.hooks import DEFAULT_MAMBA_SIGNAL
 from nemo_elastic.importance.order import permutations_from_scores
 from nemo_elastic.importance.permute import permute_model_
 from nemo_elastic.importance.report import plot_layer_importance, ranking_document, write_ranking
@@ -56,7 +57,7 @@ def calibration_batches(data, num_batches: int, *, progress: bool = True) -> lis
 def prepare(ckpt: Union[str, Path], out: Union[str, Path], *, num_batches: int = 16,
             aggregation: Union[Aggregation, str, None] = "mean/l2",
             depth_method: str = "iterative", overwrite: bool = False,
-            mamba_top_channels: float = 1.0, mamba_signal: str = "x",
+            mamba_top_channels: float = 1.0, mamba_signal: str = DEFAULT_MAMBA_SIGNAL,
             depth_batches: Optional[int] = None,
             depth_max_rounds: Optional[int] = None, overrides: Sequence[str] = (),
             data_config=None, progress: bool = True) -> Path:
@@ -75,8 +76,9 @@ def prepare(ckpt: Union[str, Path], out: Union[str, Path], *, num_batches: int =
             checkpoint's `layer_ranking` (all three are computed and written to ranking.json).
         overwrite: replace `out` if it exists.
         mamba_top_channels: fraction of head channels (by score) used to score Mamba heads.
-        mamba_signal: activations that score Mamba heads/channels: 'x' (the paper's in_proj x
-            block) or 'output' (what out_proj reads; better zero-shot prefixes on the tiny model).
+        mamba_signal: activations that score Mamba heads/channels: 'output' (default: what
+            out_proj reads; better zero-shot prefixes on the tiny model) or 'x' (the paper's
+            in_proj x block).
         depth_batches: calibration batches used for the depth rankings (default: all); the
             iterative ranking costs about L^2/2 forwards per batch for L layers.
         depth_max_rounds: stop the iterative removal after this many rounds.

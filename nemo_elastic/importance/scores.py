@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from nemo_elastic.config import ATTENTION, MAMBA, MLP, MOE, ModelConfig
 from nemo_elastic.importance.aggregate import Aggregation
-from nemo_elastic.importance.hooks import ActivationRecorder
+from nemo_elastic.importance.hooks import DEFAULT_MAMBA_SIGNAL, ActivationRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def run_batch(model, batch: dict):
 
 def compute_scores(model: torch.nn.Module, batches: Iterable[dict], model_cfg: ModelConfig,
                    aggregation: Optional[Aggregation] = None, *, mamba_top_channels: float = 1.0,
-                   mamba_signal: str = "x", expert_criterion: str = "reap",
+                   mamba_signal: str = DEFAULT_MAMBA_SIGNAL, expert_criterion: str = "reap",
                    num_batches: Optional[int] = None, progress: bool = True) -> ImportanceScores:
     """Run `batches` (dicts with `tokens [b, s]`, optional `position_ids`) through `model` and
     return the global width scores.  Collective over the model's data- and tensor-parallel

@@ -218,7 +218,7 @@ def train(recipe: Config, resume: bool = True, verbose: bool = False) -> None:
                     "(nemo-elastic prepare)")
 def prepare(ckpt: str, out: str, config: Optional[str] = None, num_batches: int = 16,
             depth_batches: Optional[int] = None, aggregation: str = "mean/l2",
-            depth_method: str = "iterative", mamba_signal: str = "x", overwrite: bool = False,
+            depth_method: str = "iterative", mamba_signal: str = "output", overwrite: bool = False,
             verbose: bool = False) -> None:
     from nemo_elastic.importance.prepare import prepare as _prepare
 
