@@ -437,7 +437,7 @@ class Config:
             except TypeError as err:
                 raise ConfigError(f"elastic.memory: {err}") from err
             parent_gb = count_memory(m, spec) / GB
-            smallest_gb = _smallest_memory(m, e, spec) / GB
+            smallest_gb = smallest_memory(m, e, spec) / GB
             for name, value in e.budgets.items():
                 if value > parent_gb * (1 + e.loss.tolerance):
                     from nemo_elastic.jobs import readable_bytes
@@ -492,7 +492,8 @@ def _override_problem(old, item: str, key: str, value, err: Exception) -> str:
             empty = " (it cannot be empty)" if value in ([], {}) else ""
             return (f"override {item!r}: {key} takes {what}, not a {given}{empty}; write it as "
                     f"{example}")
-    return f"override {item!r}: {err}".splitlines()[0]
+    return f"override {item!r}: {err}".splitlines()[0] if err is not None else \
+        f"override {item!r}: {key} cannot take {value!r}"
 
 
 def _glued_key(value) -> Optional[str]:
@@ -525,7 +526,7 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
 
     `base` (a dict) may replace the file, e.g. the resolved config stored in a checkpoint.
     """
-    from omegaconf import DictConfig, OmegaConf  # local: keep `import nemo_elastic.config` light
+    from omegaconf import DictConfig, ListConfig, OmegaConf  # local: keep the import light
 
     if path is None and base is None:
         raise ConfigError("no config given: pass --config conf/tiny.yaml (or a checkpoint)")
@@ -555,6 +556,10 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
             before = OmegaConf.select(conf, key.lstrip("+"), default=None)
         except Exception:
             before = None
+        if isinstance(before, (DictConfig, ListConfig)) and value is not None and \
+                not isinstance(value, dict if isinstance(before, DictConfig) else list):
+            # replacing (merge=False) would accept any value: say which kind the key takes
+            raise ConfigError(_override_problem(before, item, key.lstrip("+"), value, None))
         if isinstance(value, dict) and isinstance(before, DictConfig):
             dropped = [k for k in before if k not in value]
             if dropped:  # say what happens: a mapping replaces, it does not merge
@@ -577,7 +582,7 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
     return from_dict(Config, data)
 
 
-def _smallest_memory(m: "ModelConfig", e, spec) -> float:
+def smallest_memory(m: "ModelConfig", e, spec) -> float:
     """Memory in bytes of the smallest sub-network the router can choose: every elastic width
     axis at its smallest choice (explicit `choices`, else the smallest width fraction rounded as
     `router.axis_choices` rounds it), each layer kept (with elastic depth: the parent's layers

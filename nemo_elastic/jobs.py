@@ -58,12 +58,13 @@ def format_info(info: dict) -> Optional[str]:
     from nemo_elastic.family_check import check_family
 
     try:
-        check = check_family(family)
-        bands = check.by_name()
         rows = [(r["name"], target_text(r), r["summary"],
                  f"{r['parameters']:,} ({r['parameter_fraction']:.1%})"
                  + (f", active {r['active_parameters']:,}" if "active_parameters" in r else ""),
-                 readable_bytes(r["memory_bytes"]), bands[r["name"]].band_text) for r in family]
+                 readable_bytes(r["memory_bytes"])) for r in family]
+        check = check_family(family)  # after the rows: a bad row is named by its first field
+        bands = check.by_name()
+        rows = [(*row, bands[row[0]].band_text) for row in rows]
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
         from nemo_elastic.checkpoint import META_FILE, CheckpointError
 

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from nemo_elastic import cli, runtime
 from nemo_elastic.budget import GB, MemorySpec, count_memory
 from nemo_elastic.checkpoint import read_meta, save_checkpoint
-from nemo_elastic.config import ParallelConfig
+from nemo_elastic.config import ParallelConfig, smallest_memory
 from nemo_elastic.elastic.specs import build_elastic_model
 from nemo_elastic.export.slicing import child_config, slice_model
 from nemo_elastic.router import ElasticRouter
@@ -59,9 +59,15 @@ def _family(section: dict):
     fractions = [1.0, 0.75, 0.5]
     el = dict(iters=4, warmup_iters=0, router={"warmup_iters": 0}, **section)
     if section["budget_type"] == "memory":
-        base = tiny_config({"hybrid_layer_pattern": PATTERN})
-        parent_gb = count_memory(base.model, MemorySpec(**MEMORY)) / GB
-        el.update(memory=MEMORY, budgets={f"m{int(100 * f)}": f * parent_gb for f in fractions})
+        # targets between the smallest memory the axes can reach and the parent's (a target
+        # below the smallest is refused at load): the same shares of the reachable range
+        shape = tiny_config({"hybrid_layer_pattern": PATTERN},
+                            elastic=dict(el, budget_type="params", budgets={"p": 1.0}))
+        spec = MemorySpec(**MEMORY)
+        parent_gb = count_memory(shape.model, spec) / GB
+        low_gb = smallest_memory(shape.model, shape.elastic, spec) / GB
+        el.update(memory=MEMORY, budgets={f"m{int(100 * f)}": low_gb + f * (parent_gb - low_gb)
+                                          for f in fractions})
     else:
         el["budgets"] = {f"p{int(100 * f)}": f for f in fractions}
     cfg = tiny_config({"hybrid_layer_pattern": PATTERN}, elastic=el)

@@ -94,15 +94,20 @@ def test_main_job_end_to_end(tmp_path):
     # report.md shows the JSON's numbers
     report = (tmp_path / "report.md").read_text()
     cells = {r[0]: r for r in _md_table(report, "budget")}
+    from nemo_elastic.family_check import check_family
+
+    bands = check_family(table["family"]).by_name()
     for name in ("full", "75pct", "50pct", "teacher (parent)"):
         m = models["teacher" if name.startswith("teacher") else name]
         row = cells[name]
         assert _number(row[3]) == m["parameters"]
-        assert _number(row[4]) == round(m["val_loss"], 4)
-        assert _number(row[5]) == round(100 * m["answer_accuracy"], 1)
-        assert _number(row[6]) == round(m["tokens_per_s"])
+        if name in bands:  # the band column is family_check's verdict on the stored family
+            assert row[4] == bands[name].band_text
+        assert _number(row[5]) == round(m["val_loss"], 4)
+        assert _number(row[6]) == round(100 * m["answer_accuracy"], 1)
+        assert _number(row[7]) == round(m["tokens_per_s"])
     before = {r["budget"]: r for r in curve["records"] if r["iteration"] == 0}
-    assert _number(cells["50pct"][7]) == round(before["50pct"]["val_loss"], 4)
+    assert _number(cells["50pct"][8]) == round(before["50pct"]["val_loss"], 4)
     curve_rows = {int(r[1]): r for r in _md_table(report, "tokens")}
     assert sorted(curve_rows) == iterations
     assert _number(curve_rows[6][0]) == tokens[6]

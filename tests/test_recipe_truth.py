@@ -135,12 +135,13 @@ def test_export_refuses_an_out_of_order_family(tmp_path, caplog):
 
     import json
 
-    from nemo_elastic.checkpoint import META_FILE
+    from nemo_elastic.checkpoint import META_FILE, META_SHA_KEY, meta_digest
 
     ckpt = save_hand_made_family(tmp_path / "ckpt")
     meta = json.loads((ckpt / META_FILE).read_text())
     by_name = {r["name"]: r for r in meta["family"]}
     by_name["uniform"]["target"], by_name["shallow"]["target"] = 0.2, 0.9  # swap the order
+    meta[META_SHA_KEY] = meta_digest(meta)  # as training would have sealed such a family
     (ckpt / META_FILE).write_text(json.dumps(meta))
     assert cli.main(["export", "--ckpt", str(ckpt), "--budget", "uniform", "--format",
                      "megatron", "--out", str(tmp_path / "out")]) == 2

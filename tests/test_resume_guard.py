@@ -257,7 +257,7 @@ def test_never_drawn_and_unreachable_budgets_are_refused_at_load(tmp_path, caplo
     _cfg(tmp_path, "elastic.curriculum.0.budget_probs={full: 1, 50pct: 1}")  # only a warning
     assert "budget_probs leaves out ['75pct']" in caplog.text
     full_gb = count_memory(cfg.model, MemorySpec()) / GB
-    with pytest.raises(ConfigError, match=r"elastic.budgets.50pct=0.0001: is below the smallest "
-                                          r"memory the elastic axes can reach, [0-9.]+ GB"):
+    with pytest.raises(ConfigError, match=r"elastic.budgets.50pct=0.0001: \(100.00 kB\) is below "
+                       r"the smallest memory the elastic axes can reach, [0-9.]+ [kMG]B"):
         _cfg(tmp_path, "elastic.budget_type=memory", f"elastic.budgets.full={full_gb}",
              f"elastic.budgets.75pct={0.999 * full_gb}", "elastic.budgets.50pct=0.0001")

@@ -92,6 +92,9 @@ def export_budgets(ckpt: str | Path, out: str | Path, budgets: Optional[Sequence
     family = family_of(ckpt)
     names = list(family) if budgets is None else list(dict.fromkeys(budgets))
     check_family_order(ckpt, allow_unordered)
+    # the folder the user named holds every budget: never into, over or under the input
+    check_output_location(out, "--out", {"--ckpt": resolve_checkpoint(ckpt)},
+                          error=CheckpointError)
     return export_to(ckpt, plan_targets(out, names), format=format, overwrite=overwrite,
                      hf_per_layer=hf_per_layer)
 
@@ -133,7 +136,9 @@ def export_to(ckpt: str | Path, targets: Mapping[str, str | Path], *, format: st
         raise ConfigError(f"export targets must share one folder, got {sorted(map(str, parents))}")
     subnets = {name: budget_subnetwork(ckpt, name) for name in targets}  # unknown names refused
     folder = next(iter(targets.values())).parent
-    for path in (folder, *targets.values()):  # never into, over or under the checkpoint read
+    # never into, over or under the checkpoint read: each output, and the folder they share
+    # when there are several (as extract does; a single output's parent only gets its staging)
+    for path in dict.fromkeys([*([folder] if len(targets) > 1 else []), *targets.values()]):
         check_output_location(path, "--out", {"--ckpt": ckpt}, error=CheckpointError)
     with output_lock(folder, "--out", error=CheckpointError):  # one writer per output folder
         for name, path in targets.items():
@@ -322,7 +327,12 @@ def _staging(parent: Path, name: Optional[str] = None):
     targets)` moves every staged folder into place.  New parent: one rename of the whole staging
     folder.  Removed on any exception, Ctrl-C and SIGTERM; a SIGKILL leaves it, named
     `.NAME.export-*` (NAME: `name`, default the parent's), and the next writer of NAME removes
-    it (`output_lock.remove_stale_staging`).  Created with the umask's permissions."""
+    it (`output_lock.remove_stale_staging`).  Created with the umask's permissions.
+    Megatron-Core (and the C extensions it pulls in, triton among them) is imported before the
+    folder exists: a Ctrl-C inside such an import surfaces as an ImportError of a half-made
+    extension rather than a KeyboardInterrupt, so it must not fall inside the staged write."""
+    import megatron.core  # noqa: F401  (see above)
+
     parent = Path(parent).absolute()
     fresh = not parent.exists()
     base = parent.parent if fresh else parent
