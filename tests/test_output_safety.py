@@ -6,7 +6,6 @@ export --budget / --all, prepare, eval --out) is given an output equal to, insid
 of its input, a symlink to it, and a folder inside a run's `checkpoints/`: each refuses in one
 line with exit 2, and not one byte of the run changes."""
 
-import fcntl
 import hashlib
 import os
 import shutil
