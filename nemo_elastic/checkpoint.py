@@ -741,9 +741,8 @@ class OutputLock:
         self._key: Optional[Path] = None
 
     def __enter__(self) -> "OutputLock":
-        import fcntl
-
         from nemo_elastic.errors import ensure_output_dir
+        from nemo_elastic.output_lock import try_flock, write_pid
 
         error = ""
         key = self.out_dir.resolve()
@@ -754,20 +753,13 @@ class OutputLock:
             try:
                 ensure_output_dir(self.out_dir, self.field_name)
                 handle = open(self.out_dir / LOCK_FILE, "a+")
-                try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    handle.seek(0)
-                    holder = handle.read().strip() or "unknown"
-                    handle.close()
+                holder = try_flock(handle)
+                if holder is not None:
                     error = (f"{self.field_name}={str(self.out_dir)!r} is in use by another run "
                              f"(pid {holder}); wait for it to finish or choose another "
                              f"{self.field_name}")
                 else:
-                    handle.seek(0)
-                    handle.truncate()
-                    handle.write(f"{os.getpid()}\n")
-                    handle.flush()
+                    write_pid(handle)
                     self._handle = handle
                     if self.nested:
                         _NESTABLE[key] = 1

@@ -54,6 +54,27 @@ def output_lock(out, field_name: str = "--out", *, error=UserError) -> Iterator[
                 folder.rmdir()
 
 
+def try_flock(handle) -> str | None:
+    """Take an exclusive flock on open lock file `handle` without waiting: None when taken;
+    else the holder's pid as the file records it ('unknown' if empty), and `handle` is closed."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        return holder
+
+
+def write_pid(handle) -> None:
+    """Record this process as the holder of the lock file `handle` (read by `try_flock`)."""
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+
+
 def _acquire(path: Path, out: Path, field_name: str, error):
     for _ in range(100):
         try:
@@ -61,24 +82,16 @@ def _acquire(path: Path, out: Path, field_name: str, error):
             handle = open(path, "a+")
         except OSError as err:
             raise error(str(output_path_error(field_name, out, err))) from None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
+        holder = try_flock(handle)
+        if holder is not None:
             raise error(f"{field_name}={str(out)!r} is being written by another command (pid "
-                        f"{holder}); wait for it to finish or choose another {field_name}") \
-                from None
+                        f"{holder}); wait for it to finish or choose another {field_name}")
         try:
             same = os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
             same = False
         if same:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"{os.getpid()}\n")
-            handle.flush()
+            write_pid(handle)
             return handle
         handle.close()  # the previous holder removed that file as we locked it: retry
     raise error(f"{field_name}={str(out)!r}: could not take its lock {str(path)!r}; retry")
