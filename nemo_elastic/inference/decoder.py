@@ -159,12 +159,9 @@ def decode_batch(steppers: StepperFactory, prompts: Sequence[Sequence[int]], *,
     A decoding step is hundreds of small ops; with 2 threads on a 2-core machine that is busy
     with other work, each op waits on OpenMP hand-offs: 10-50x slower than 1 thread (measured
     on the tiny model at batch 1 and 64; see bench/bench_decode.py)."""
-    if threads is None:
-        return _decode_batch(steppers, prompts, max_new_tokens=max_new_tokens, eod_id=eod_id,
-                             vocab_size=vocab_size, temperature=temperature, top_k=top_k,
-                             generator=generator)
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         return _decode_batch(steppers, prompts, max_new_tokens=max_new_tokens, eod_id=eod_id,
                              vocab_size=vocab_size, temperature=temperature, top_k=top_k,
