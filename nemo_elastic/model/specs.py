@@ -53,13 +53,7 @@ def local_moe_layer_spec(*, norm=WrappedTorchNorm, **kwargs) -> ModuleSpec:
     """'E' layer, torch only: pre-norm + MoELayer with sequential local experts."""
     experts = partial(SequentialMLP, submodules=MLPSubmodules(
         linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
-    return ModuleSpec(
-        module=MoETransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            pre_mlp_layernorm=norm,
-            mlp=moe_mlp_builder(experts=experts, linear_fc1=ColumnParallelLinear,
-                                linear_fc2=RowParallelLinear, **kwargs),
-            mlp_bda=get_bias_dropout_add))
+    return _moe_layer_spec(norm, experts, ColumnParallelLinear, RowParallelLinear, **kwargs)
 
 
 def te_moe_layer_spec(**kwargs) -> ModuleSpec:
@@ -73,12 +67,18 @@ def te_moe_layer_spec(**kwargs) -> ModuleSpec:
 
     experts = partial(TEGroupedMLP, submodules=GroupedMLPSubmodules(
         linear_fc1=TEColumnParallelGroupedLinear, linear_fc2=TERowParallelGroupedLinear))
+    return _moe_layer_spec(TENorm, experts, TEColumnParallelLinear, TERowParallelLinear, **kwargs)
+
+
+def _moe_layer_spec(norm, experts, linear_fc1, linear_fc2, **kwargs) -> ModuleSpec:
+    """An 'E' layer: pre-norm + MoELayer with `experts`; the shared expert's linears are
+    `linear_fc1` / `linear_fc2` (local or TE, as the experts)."""
     return ModuleSpec(
         module=MoETransformerLayer,
         submodules=TransformerLayerSubmodules(
-            pre_mlp_layernorm=TENorm,
-            mlp=moe_mlp_builder(experts=experts, linear_fc1=TEColumnParallelLinear,
-                                linear_fc2=TERowParallelLinear, **kwargs),
+            pre_mlp_layernorm=norm,
+            mlp=moe_mlp_builder(experts=experts, linear_fc1=linear_fc1, linear_fc2=linear_fc2,
+                                **kwargs),
             mlp_bda=get_bias_dropout_add))
 
 
