@@ -38,7 +38,7 @@ from typing import Optional, Sequence
 from nemo_elastic.config import ConfigError, load_config
 from nemo_elastic.errors import UserError
 from nemo_elastic.sizes import MOE_FIELDS, SIZE_FIELDS
-from nemo_elastic.jobs import budget_size_line as _budget_size, size_line as _size_line
+from nemo_elastic.checkpoint_commands import budget_size_line as _budget_size, size_line as _size_line
 
 logger = logging.getLogger("nemo_elastic")
 
@@ -70,7 +70,7 @@ def _default_config() -> Path:
 # ------------------------------------------------------------------------------------ commands
 
 def cmd_run(args) -> int:
-    from nemo_elastic.pipeline import run
+    from nemo_elastic.main_job import run
 
     cfg = load_config(args.config or _default_config(), args.overrides)
     result = run(cfg, resume=not args.no_resume, progress=not args.no_progress)
@@ -121,7 +121,7 @@ def cmd_check(args) -> int:
 def cmd_info(args) -> int:
     import json
 
-    from nemo_elastic.jobs import checkpoint_info, format_info
+    from nemo_elastic.checkpoint_commands import checkpoint_info, format_info
 
     info = checkpoint_info(args.ckpt)
     if args.json:
@@ -139,7 +139,7 @@ def cmd_eval(args) -> int:
 
     if args.out:  # before the evaluation, not after it
         from nemo_elastic.checkpoint import resolve_checkpoint
-        from nemo_elastic.paths import check_output_location
+        from nemo_elastic.run.paths import check_output_location
 
         check_output_location(args.out, "--out", {"--ckpt": resolve_checkpoint(args.ckpt)})
         check_result_path(Path(args.out))
@@ -183,7 +183,7 @@ def cmd_prepare(args) -> int:
 def cmd_preprocess(args) -> int:
     from nemo_elastic.data import HFTokenizer, preprocess_to_indexed
 
-    from nemo_elastic.paths import check_outputs
+    from nemo_elastic.run.paths import check_outputs
 
     # (a missing or directory input is refused by its own, more precise check below)
     check_outputs([f"{args.out}.bin", f"{args.out}.idx"], "--out",
@@ -206,7 +206,7 @@ def cmd_import_hf(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from nemo_elastic.jobs import export
+    from nemo_elastic.checkpoint_commands import export
 
     export(args.ckpt, args.out, budget=args.budget, format=args.format, overwrite=args.overwrite,
            all_budgets=args.all, hf_per_layer=args.hf_per_layer,
@@ -315,7 +315,7 @@ def cmd_extract(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from nemo_elastic.jobs import generate, print_completion
+    from nemo_elastic.checkpoint_commands import generate, print_completion
 
     generate(args.ckpt, args.budget, args.prompt, max_new_tokens=args.max_new_tokens,
              temperature=args.temperature, top_k=args.top_k, seed=args.seed,

@@ -112,7 +112,7 @@ def _hold_lock(path):
 
 
 def test_a_second_writer_of_one_output_refuses(run, tmp_path, caplog):
-    from nemo_elastic.output_lock import lock_path
+    from nemo_elastic.run.output_lock import lock_path
 
     out = tmp_path / "fam"
     holder = _hold_lock(lock_path(out))

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from nemo_elastic.config import load_config
-from nemo_elastic.pipeline import run
+from nemo_elastic.main_job import run
 from tests.test_pretrain import FAST
 
 SMOKE = [*FAST, "train.iters=30", "train.warmup_iters=3", "train.eval_interval=30",

@@ -171,7 +171,7 @@ def test_router_lands_every_budget_inside_its_band_on_the_default_lattice(seed):
 
 
 def test_a_run_that_wrote_nothing_leaves_no_lock_only_folder(tmp_path):
-    from nemo_elastic.checkpoint import LOCK_FILE, OutputLock
+    from nemo_elastic.run.lock import LOCK_FILE, OutputLock
 
     with pytest.raises(RuntimeError):
         with OutputLock(tmp_path / "failed", "output_dir"):

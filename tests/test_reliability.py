@@ -15,8 +15,9 @@ import pytest
 
 from nemo_elastic import cli
 from nemo_elastic.checkpoint import (CHECKSUMS_KEY, LATEST_FILE, META_FILE, CheckpointError,
-                                     OutputLock, config_from_checkpoint, latest_checkpoint,
+                                     config_from_checkpoint, latest_checkpoint,
                                      load_checkpoint, read_meta)
+from nemo_elastic.run.lock import OutputLock
 from nemo_elastic.config import load_config
 from nemo_elastic.errors import UserError
 from nemo_elastic.training.pretrain import pretrain

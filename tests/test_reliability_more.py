@@ -379,7 +379,7 @@ def _record_fsyncs(monkeypatch) -> list[str]:
 
 def test_pipeline_json_and_published_folders_are_fsynced(tmp_path, monkeypatch):
     from nemo_elastic.checkpoint import replace_durably
-    from nemo_elastic.pipeline import _write_json
+    from nemo_elastic.main_job import write_json as _write_json
 
     synced = _record_fsyncs(monkeypatch)
     _write_json(tmp_path / "pipeline.json", {"stages": {}})

@@ -1,6 +1,6 @@
 """Issue 20, class 1: a resume with a changed recipe can never continue (or damage) a run.
 
-Every field of the family/training fingerprint (`nemo_elastic.fingerprint`) is changed in turn
+Every field of the family/training fingerprint (`nemo_elastic.checkpoint.fingerprint`) is changed in turn
 on a real trained run: each refusal is one line naming the field, the old and the new value and
 the way out, and leaves every byte of the run's checkpoints untouched; the safe changes (a new
 order of the same budgets, a longer last stage) are accepted, and the router's rows follow the
@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from nemo_elastic.config import ConfigError, load_config, to_dict
-from nemo_elastic.fingerprint import REFUSED_FIELDS, check_resume
+from nemo_elastic.checkpoint.fingerprint import REFUSED_FIELDS, check_resume
 from tests.test_train import _cfg, _parent
 
 
@@ -103,7 +103,7 @@ def test_a_changed_family_or_training_is_refused_and_the_run_untouched(trained, 
 def test_teacher_init_and_curriculum_changes(trained, caplog):
     import logging
 
-    from nemo_elastic.fingerprint import guard_run_folder, run_fingerprint
+    from nemo_elastic.checkpoint.fingerprint import guard_run_folder, run_fingerprint
     from nemo_elastic.training.elastic_trainer import parent_config
     from nemo_elastic.training.train import train
 
@@ -125,7 +125,7 @@ def test_teacher_init_and_curriculum_changes(trained, caplog):
         with pytest.raises(ConfigError, match=rf"^{re.escape(field)}="):
             train(_cfg(tmp, *extra, stage1=1, stage2=1), progress=False)
         assert _tree_digest(run) == before, field
-    caplog.set_level(logging.INFO, logger="nemo_elastic.fingerprint")
+    caplog.set_level(logging.INFO, logger="nemo_elastic.checkpoint.fingerprint")
     # --no-resume is a deliberate fresh start: the difference is a warning, not a refusal
     cfg, init, teacher = parent_config(_cfg(tmp, "elastic.seed=5", stage1=1, stage2=1))
     guard_run_folder(run / "checkpoints", run_fingerprint(cfg, init, teacher), False)

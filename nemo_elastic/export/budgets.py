@@ -38,8 +38,8 @@ from nemo_elastic.checkpoint import (
 from nemo_elastic.config import ConfigError
 from nemo_elastic.errors import check_output_path
 from nemo_elastic.export.common import honour_umask
-from nemo_elastic.output_lock import output_lock
-from nemo_elastic.paths import check_output_location
+from nemo_elastic.run.output_lock import output_lock
+from nemo_elastic.run.paths import check_output_location
 from nemo_elastic.report import strict_json
 from nemo_elastic.export.family import _folder_name
 

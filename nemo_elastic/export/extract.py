@@ -55,8 +55,8 @@ def extract_checkpoints(ckpt: str | Path, targets: Mapping[str | Path, SubNetwor
     (`output_lock`), so a second writer refuses.  `extra_meta[out]` goes into that child's
     `nemo_elastic.json`.  Returns the output paths in the order given."""
     from nemo_elastic.export.budgets import _staging
-    from nemo_elastic.output_lock import output_locks
-    from nemo_elastic.paths import check_output_location
+    from nemo_elastic.run.output_lock import output_locks
+    from nemo_elastic.run.paths import check_output_location
 
     start = time.perf_counter()
     ckpt = resolve_checkpoint(ckpt)

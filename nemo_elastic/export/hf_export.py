@@ -121,8 +121,8 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, overwrite: bool = False,
     unreadable, `HFConfigError` when the model cannot be expressed as a NemotronH config.
     Runs in one process at TP=1 (any TP/PP checkpoint is resharded on load).
     """
-    from nemo_elastic.output_lock import output_lock
-    from nemo_elastic.paths import check_output_location
+    from nemo_elastic.run.output_lock import output_lock
+    from nemo_elastic.run.paths import check_output_location
 
     ckpt, out_dir = resolve_checkpoint(ckpt), Path(out_dir)
     check_output_location(out_dir, "--out", {"--ckpt": ckpt}, error=CheckpointError)

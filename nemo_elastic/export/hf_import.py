@@ -164,8 +164,8 @@ def import_hf(hf_dir: str | Path, out_ckpt: str | Path, *, overwrite: bool = Fal
     `overwrite`.  Runs in one process (sets up, then tears down, a TP=1 Megatron runtime unless
     one is already initialized).
     """
-    from nemo_elastic.output_lock import output_lock
-    from nemo_elastic.paths import check_output_location
+    from nemo_elastic.run.output_lock import output_lock
+    from nemo_elastic.run.paths import check_output_location
 
     hf_dir, out_ckpt = Path(hf_dir), Path(out_ckpt)
     check_output_location(out_ckpt, "--out", {"HF_DIR": hf_dir}, error=CheckpointError)

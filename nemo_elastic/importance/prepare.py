@@ -101,7 +101,7 @@ def prepare(ckpt: Union[str, Path], out: Union[str, Path], *, num_batches: int =
     agg = Aggregation.parse(aggregation)
     src = resolve_checkpoint(ckpt)
     out = Path(out)
-    from nemo_elastic.paths import check_output_location
+    from nemo_elastic.run.paths import check_output_location
 
     # never into, over or under the parent it reads (nor into another run's checkpoints)
     check_output_location(out, "--out", {"--ckpt": src}, error=CheckpointError)
@@ -115,7 +115,7 @@ def prepare(ckpt: Union[str, Path], out: Union[str, Path], *, num_batches: int =
         stored, cfg = cfg, load_config(base=to_dict(cfg), overrides=overrides)
         check_model_matches(src, stored, cfg)
     run_cfg = cfg.single_process()
-    from nemo_elastic.output_lock import output_lock
+    from nemo_elastic.run.output_lock import output_lock
 
     # one writer per output folder (rank 0 holds the lock; the other ranks write nothing)
     main_rank = int(os.environ.get("RANK", "0")) == 0

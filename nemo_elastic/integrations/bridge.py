@@ -337,7 +337,10 @@ def recipe(name_or_path: str = "tiny", overrides: Sequence[str] = (), *,
     seq = (stage.seq_length if stage else None) or d.seq_length
     gbs = (stage.global_batch_size if stage else None) or d.global_batch_size
     mbs = (stage.micro_batch_size if stage else None) or d.micro_batch_size
-    out = Path(output_dir or Path(cfg.output_dir) / "bridge")
+    from nemo_elastic.run.run_dir import bridge_run_dir
+
+    run = bridge_run_dir(cfg, output_dir)
+    out = run.root
     bf16 = cfg.model.params_dtype == "bfloat16"
     if mock_data is None:
         mock_data = d.source != "indexed"
@@ -373,8 +376,8 @@ def recipe(name_or_path: str = "tiny", overrides: Sequence[str] = (), *,
         logger=bridge_config.LoggerConfig(log_interval=e.log_interval,
                                           tensorboard_dir=str(out / "tb")),
         tokenizer=tokenizer,
-        checkpoint=bridge_config.CheckpointConfig(save=str(out / "checkpoints"),
-                                                  load=str(out / "checkpoints"),
+        checkpoint=bridge_config.CheckpointConfig(save=str(run.checkpoints),
+                                                  load=str(run.checkpoints),
                                                   save_interval=e.save_interval,
                                                   ckpt_format="torch_dist"),
         rng=bridge_config.RNGConfig(seed=e.seed),

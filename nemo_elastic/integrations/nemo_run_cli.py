@@ -238,7 +238,7 @@ def export(ckpt: str, out: str, budget: Optional[str] = None, all: bool = False,
            allow_unordered: bool = False, verbose: bool = False) -> None:
     """`budget=9b,6b` or `all=true`: one folder per budget under `out` (all or none);
     `allow_unordered=true` exports a family whose sizes are out of order."""
-    from nemo_elastic.jobs import export as _export
+    from nemo_elastic.checkpoint_commands import export as _export
 
     with _job(verbose):
         _export(ckpt, out, budget=_names(budget), format=format, overwrite=overwrite,
@@ -248,7 +248,7 @@ def export(ckpt: str, out: str, budget: Optional[str] = None, all: bool = False,
 @run.cli.entrypoint(namespace=NAMESPACE, enable_executor=False, help="a checkpoint's kind, "
                     "iteration and budget family (nemo-elastic info); runs here, read-only")
 def info(ckpt: str, json: bool = False, verbose: bool = False) -> None:
-    from nemo_elastic.jobs import checkpoint_info, format_info
+    from nemo_elastic.checkpoint_commands import checkpoint_info, format_info
 
     with _job(verbose):
         data = checkpoint_info(ckpt)
@@ -265,7 +265,7 @@ def info(ckpt: str, json: bool = False, verbose: bool = False) -> None:
 def generate(ckpt: str, budget: str, prompt: str, max_new_tokens: int = 32,
              temperature: float = 0.0, top_k: Optional[int] = None, seed: Optional[int] = None,
              verbose: bool = False) -> None:
-    from nemo_elastic.jobs import generate as _generate, print_completion
+    from nemo_elastic.checkpoint_commands import generate as _generate, print_completion
 
     with _job(verbose):
         _generate(ckpt, _names(budget), prompt, max_new_tokens=max_new_tokens,

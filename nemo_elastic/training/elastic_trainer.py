@@ -33,7 +33,9 @@ logger = logging.getLogger(__name__)
 
 
 def elastic_output_dir(cfg: Config) -> Path:
-    return Path(cfg.elastic.output_dir or Path(cfg.output_dir) / "elastic")
+    from nemo_elastic.run.run_dir import elastic_run_dir
+
+    return elastic_run_dir(cfg).root
 
 
 def _require_elastic(cfg: Config) -> None:
@@ -163,7 +165,7 @@ class ElasticTrainer(Trainer):
                  router_scheduler, teacher, fingerprint: Optional[dict] = None,
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.fingerprint = fingerprint  # nemo_elastic.fingerprint: checked on resume
+        self.fingerprint = fingerprint  # nemo_elastic.checkpoint.fingerprint: checked on resume
         self.forward_step = step
         self.step, self.router, self.teacher = step, router, teacher
         self.router_optimizer, self.router_scheduler = router_optimizer, router_scheduler
@@ -230,7 +232,7 @@ class ElasticTrainer(Trainer):
         """Before anything is loaded or written: the recipe must define the family and training
         of the run that wrote the folder's latest checkpoint (`fingerprint.check_resume`);
         with --no-resume a difference is a warning (a deliberate fresh start)."""
-        from nemo_elastic.fingerprint import guard_run_folder
+        from nemo_elastic.checkpoint.fingerprint import guard_run_folder
 
         if self.fingerprint is not None:
             guard_run_folder(self.ckpt_root, self.fingerprint, resume)
@@ -245,7 +247,7 @@ class ElasticTrainer(Trainer):
         if "router" not in state:
             raise CheckpointError("the elastic checkpoint holds no router state (was it written "
                                   "by `pretrain`?); start the elastic run in an empty output dir")
-        from nemo_elastic.fingerprint import permute_router_state
+        from nemo_elastic.checkpoint.fingerprint import permute_router_state
 
         # rows are bound to budget names (older checkpoints: the recorded budget_names)
         saved_names = state.get("router_names") or self._saved_budget_names()

@@ -34,11 +34,12 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm import tqdm
 
-from nemo_elastic.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, \
-    save_checkpoint, start_writer_processes, write_text_durably
+from nemo_elastic.checkpoint import checkpoint_meta, latest_checkpoint, load_parts, \
+    prune_checkpoints, save_parts, start_writer_processes, write_text_durably
 from nemo_elastic.config import Config, ConfigError, to_dict
 from nemo_elastic.errors import TrainingDiverged
 from nemo_elastic.report import json_safe, strict_json  # noqa: F401  (json_safe: re-exported)
+from nemo_elastic.run.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,8 @@ class Trainer:
         self.log_interval, self.eval_interval, self.save_interval = \
             log_interval, eval_interval, save_interval
         self.progress = progress
-        self.ckpt_root = self.out_dir / "checkpoints"
+        self.run_dir = RunDir(self.out_dir)
+        self.ckpt_root = self.run_dir.checkpoints
         self.history: list[dict] = []  # this invocation's iterations
         self.earlier: list[dict] = []  # metrics of earlier invocations, up to the resume point
         self.ckpt_path: Optional[Path] = None
@@ -206,13 +208,13 @@ class Trainer:
         check_model_matches(latest, config_from_checkpoint(latest), self.cfg,
                             fix="a run resumes with the model it started with: drop the override "
                             "or start a new run (--no-resume, or another output_dir)")
-        state = load_checkpoint(latest, model=self.model, optimizer=self.optimizer,
-                                scheduler=self.scheduler)
-        it = int(state["iteration"])
+        state = load_parts(latest, {"model": self.model, "optimizer": self.optimizer,
+                                    "scheduler": self.scheduler})
+        it = int(state.get("iteration", 0))
         seg = self.segment_at(it)
         # A checkpoint at a segment's last iteration holds that segment's data position; the
         # next segment starts its own data from the beginning.
-        if state["data_state"] is not None and state.get("segment", seg.name) == seg.name:
+        if state.get("data_state") is not None and state.get("segment", seg.name) == seg.name:
             seg.data.train_iter.load_state_dict(state["data_state"])
         self.load_extra_state(state.get("extra") or {})
         self.earlier = read_metrics(self.out_dir, up_to=it)
@@ -222,12 +224,15 @@ class Trainer:
 
     def save(self, iteration: int) -> Path:
         seg = self.segment_at(iteration - 1)
-        self.ckpt_path = save_checkpoint(
-            self.ckpt_root / f"iter_{iteration:07d}", cfg=self.cfg, model=self.model,
-            optimizer=self.optimizer, scheduler=self.scheduler, iteration=iteration,
-            data_state=seg.data.train_iter.state_dict(), kind=self.kind,
-            extra_meta={"segment": seg.name, **self.extra_meta()},
-            extra_common={"segment": seg.name, "extra": self.extra_state()}, overwrite=True,
+        # the trainer's stateful parts; the store knows none of them by kind
+        parts = {"model": self.model, "optimizer": self.optimizer, "iteration": iteration,
+                 "data_state": seg.data.train_iter, "scheduler": self.scheduler,
+                 "segment": seg.name, "extra": self.extra_state()}
+        self.ckpt_path = save_parts(
+            self.run_dir.checkpoint(iteration), parts, checkpoint_meta(
+                self.cfg, kind=self.kind, iteration=iteration,
+                has_optimizer=self.optimizer is not None,
+                extra={"segment": seg.name, **self.extra_meta()}), overwrite=True,
             field_name="elastic.output_dir" if self.kind == "elastic" else "output_dir")
         if self._metrics_file is not None:  # the records up to this checkpoint are on disk
             os.fsync(self._metrics_file.fileno())
@@ -240,7 +245,7 @@ class Trainer:
         if not self.info.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)  # a Trainer built outside a job too
-        write_text_durably(self.out_dir / "config.json", json.dumps(to_dict(self.cfg), indent=2))
+        self.run_dir.write_config(json.dumps(to_dict(self.cfg), indent=2))
         write_metrics(self.out_dir, self.earlier)  # drops the records the resumed run redoes
         self._metrics_file = open(self.out_dir / METRICS_FILE, "a")
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 from nemo_elastic import runtime
-from nemo_elastic.checkpoint import OutputLock, write_text_durably
+from nemo_elastic.checkpoint import write_text_durably
+from nemo_elastic.run.run_dir import RunDir, pretrain_run_dir
 from nemo_elastic.config import Config
 from nemo_elastic.data.loaders import build_training_data
 from nemo_elastic.model import build_hybrid_model
@@ -84,16 +85,17 @@ def pretrain(cfg: Config, *, resume: bool = True, progress: bool = True) -> Pret
 
 def _pretrain(cfg: Config, stop: StopRequest, *, resume: bool, progress: bool) -> PretrainResult:
     info = runtime.initialize(cfg.parallel, cfg.train.seed)
-    out_dir = Path(cfg.output_dir)
+    run = pretrain_run_dir(cfg)
     try:
-        with OutputLock(out_dir, "output_dir"):
-            return _pretrain_locked(cfg, info, out_dir, stop, resume=resume, progress=progress)
+        with run.lock():
+            return _pretrain_locked(cfg, info, run, stop, resume=resume, progress=progress)
     finally:
         runtime.destroy()
 
 
-def _pretrain_locked(cfg: Config, info, out_dir: Path, stop: StopRequest, *, resume: bool,
+def _pretrain_locked(cfg: Config, info, run: RunDir, stop: StopRequest, *, resume: bool,
                      progress: bool) -> PretrainResult:
+    out_dir = run.root
     model = build_hybrid_model(cfg, **cfg.train.recompute_overrides())
     n_params = global_param_count(model)
     ddp = wrap_ddp(model)
@@ -129,24 +131,25 @@ def _pretrain_locked(cfg: Config, info, out_dir: Path, stop: StopRequest, *, res
         wall_time_s=trainer.wall_time_s, checkpoint=str(ckpt_path) if ckpt_path else None,
         history=history)
     if info.is_main:
-        if trainer.trained or not (out_dir / "summary.json").is_file():
-            _write_outputs(out_dir, result, accuracy, trainer.full_history)
+        if trainer.trained or not run.has_summary():
+            _write_outputs(run, result, accuracy, trainer.full_history)
         else:
             logger.info("run %s had finished: its outputs are left unchanged (validation "
                         "loss %.4f)", out_dir, val_loss)
     return result
 
 
-def _write_outputs(out_dir: Path, result: PretrainResult, accuracy: Optional[dict],
+def _write_outputs(run: RunDir, result: PretrainResult, accuracy: Optional[dict],
                    full_history: list[dict]) -> None:
+    out_dir = run.root
     summary = {k: v for k, v in result.__dict__.items() if k != "history"}
-    write_text_durably(out_dir / "summary.json", json.dumps(json_safe(summary), indent=2))
+    run.write_summary(json.dumps(json_safe(summary), indent=2))
     write_metrics(out_dir, full_history)
     if accuracy is not None:
-        write_text_durably(out_dir / "answer_examples.json",
+        write_text_durably(run.answer_examples,
                            strict_json(accuracy["examples"], indent=2))
     if full_history:
-        plot_curves(full_history, out_dir / "loss.png", uniform_loss=result.uniform_loss)
+        plot_curves(full_history, run.loss_plot, uniform_loss=result.uniform_loss)
     rows = [
         ("parameters", f"{result.parameters:,}"),
         ("iterations", str(result.iterations)),

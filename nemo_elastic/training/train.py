@@ -20,10 +20,10 @@ from typing import Optional
 import torch
 
 from nemo_elastic import runtime
-from nemo_elastic.checkpoint import OutputLock, latest_checkpoint, load_checkpoint, \
-    write_text_durably
+from nemo_elastic.checkpoint import load_checkpoint, write_text_durably
 from nemo_elastic.config import Config, ConfigError, TrainConfig
-from nemo_elastic.fingerprint import guard_run_folder, run_fingerprint, training_fingerprint
+from nemo_elastic.checkpoint.fingerprint import guard_run_folder, run_fingerprint, training_fingerprint
+from nemo_elastic.run.run_dir import RunDir, elastic_run_dir
 from nemo_elastic.training.elastic_step import ElasticDistillationStep
 from nemo_elastic.training.elastic_trainer import (ElasticTrainer, _finalize_with_router,
                                                    _lr_factor, _segments, elastic_output_dir,
@@ -64,27 +64,28 @@ def build_teacher(cfg: Config, ckpt: Path):
 
 def _train(cfg: Config, init: Path, teacher_ckpt: Path, stop: StopRequest, *, resume: bool,
            progress: bool) -> TrainResult:
-    from nemo_elastic.paths import check_output_location
+    from nemo_elastic.run.paths import check_output_location
 
-    out_dir = elastic_output_dir(cfg)
+    run = elastic_run_dir(cfg)
+    out_dir = run.root
     # the run never writes into, over or under the checkpoints it reads
     check_output_location(out_dir, "elastic.output_dir", {
         "elastic.init_checkpoint": init, "elastic.distill.teacher": teacher_ckpt},
         error=ConfigError, run_folder=True)
     info = runtime.initialize(cfg.parallel, cfg.elastic.seed)
     try:
-        with OutputLock(out_dir, "elastic.output_dir"):
+        with run.lock():
             # before the model is built: a changed recipe is refused at once, nothing written
-            guard_run_folder(out_dir / "checkpoints", run_fingerprint(
+            guard_run_folder(run.checkpoints, run_fingerprint(
                 cfg, init, None if cfg.elastic.distill.teacher_mode == "trainable" else
                 teacher_ckpt), resume)
-            resuming = resume and latest_checkpoint(out_dir / "checkpoints") is not None
+            resuming = resume and run.latest() is not None
             trainer = build_trainer(cfg, init, teacher_ckpt, info, load_init=not resuming,
                                     progress=progress)
             trainer.run(stop, resume=resume)  # writes config.json once the resume checks pass
             result = _closing_report(cfg, trainer, init, teacher_ckpt, info)
             if info.is_main:
-                if trainer.trained or not (out_dir / "summary.json").is_file():
+                if trainer.trained or not run.has_summary():
                     _write_outputs(trainer.out_dir, result, trainer)
                 else:
                     logger.info("elastic run %s had finished: its outputs are left unchanged",
@@ -199,15 +200,16 @@ def _write_outputs(out_dir: Path, result: TrainResult, trainer: ElasticTrainer) 
 
     summary = {k: v for k, v in result.__dict__.items() if k != "history"}
     summary["family_check"] = check_family(result.family).as_dict()
-    write_text_durably(out_dir / "summary.json", json.dumps(json_safe(summary), indent=2))
-    write_text_durably(out_dir / "family.json", json.dumps(json_safe(result.family), indent=2))
+    run = RunDir(out_dir)
+    run.write_summary(json.dumps(json_safe(summary), indent=2))
+    write_text_durably(run.family_file, json.dumps(json_safe(result.family), indent=2))
     if history:
         names = trainer.router.names
         plot_kd_by_budget(history, names, out_dir / "kd_by_budget.png")
         plot_router_choices(history, names, trainer.router, out_dir / "router_choices.png")
         write_tensorboard(history, out_dir / "tb")
     from nemo_elastic.family_check import check_family
-    from nemo_elastic.jobs import target_text
+    from nemo_elastic.checkpoint_commands import target_text
 
     check = check_family(result.family)
     bands = check.by_name()

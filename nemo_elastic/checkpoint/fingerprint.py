@@ -70,7 +70,7 @@ def checkpoint_digest(ckpt: Optional[Path]) -> Optional[dict]:
     records the size and SHA-256 of every file of the checkpoint (its content identity)."""
     if ckpt is None:
         return None
-    from nemo_elastic.checkpoint import META_FILE
+    from nemo_elastic.checkpoint.names import META_FILE
 
     path = Path(ckpt)
     meta = path / META_FILE
@@ -129,7 +129,7 @@ def training_fingerprint(cfg, router, init: Path, teacher: Optional[Path]) -> di
 
 def run_fingerprint(cfg, init: Path, teacher: Optional[Path]) -> dict:
     """`training_fingerprint` with a router built here (small, CPU): usable before the model."""
-    from nemo_elastic.checkpoint import read_meta
+    from nemo_elastic.checkpoint.meta import read_meta
     from nemo_elastic.router import ElasticRouter
 
     router = ElasticRouter(cfg.model, cfg.elastic, total_iters=cfg.elastic.total_iters,
@@ -141,7 +141,9 @@ def guard_run_folder(ckpt_root: Path, fingerprint: dict, resume: bool) -> None:
     """Refuse to resume the run in `ckpt_root` (a run's `checkpoints/`) when `fingerprint`
     differs from its latest checkpoint's where unsafe; with --no-resume (`resume=False`, a
     deliberate fresh start in this folder) the difference is a WARNING instead."""
-    from nemo_elastic.checkpoint import CheckpointError, latest_checkpoint, read_meta
+    from nemo_elastic.checkpoint.errors import CheckpointError
+    from nemo_elastic.checkpoint.meta import read_meta
+    from nemo_elastic.checkpoint.series import latest_checkpoint
 
     try:
         latest = latest_checkpoint(ckpt_root)

@@ -1,6 +1,6 @@
 """What every entry point calls: `nemo-elastic` (cli.py) and `nemo elastic` (NeMo-Run,
 integrations/nemo_run_cli.py) run the same functions, so both commands have the same options,
-checks and outputs.  Heavy imports stay inside the functions (`import nemo_elastic.jobs` is
+checks and outputs.  Heavy imports stay inside the functions (`import nemo_elastic.checkpoint_commands` is
 cheap and needs no torch).
 
 Training jobs already live in their modules (`training.pretrain.pretrain`, `training.train.train`,

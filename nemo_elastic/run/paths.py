@@ -23,7 +23,9 @@ import os
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Union
 
+from nemo_elastic.checkpoint.names import CHECKPOINTS_DIR, LATEST_FILE, META_FILE
 from nemo_elastic.errors import UserError
+from nemo_elastic.run.lock import LOCK_FILE
 
 PathLike = Union[str, os.PathLike]
 
@@ -41,9 +43,7 @@ def check_output_location(out: PathLike, field_name: str, inputs: Mapping[str, P
     """Refuse output `out` (of flag `field_name`) where it would overlap the command's `inputs`
     ({what: path}, e.g. {"--ckpt": ckpt}), a checkpoint, or a folder another run owns.
     `run_folder`: `out` is a training run's own folder (it may hold its run; its `.lock` is
-    checked by `checkpoint.OutputLock`)."""
-    from nemo_elastic.checkpoint import LATEST_FILE, META_FILE
-
+    checked by `run.lock.OutputLock`)."""
     target = _resolved(out)
     where = f"{field_name}={str(out)!r}"
     fix = f"choose another {field_name} outside it"
@@ -66,7 +66,7 @@ def check_output_location(out: PathLike, field_name: str, inputs: Mapping[str, P
             raise error(f"{where} is inside the checkpoint {str(folder)!r}: a checkpoint holds "
                         "only its own files (they are checksummed and deleted together); "
                         f"{fix}")
-        if folder.name == "checkpoints" and (folder / LATEST_FILE).is_file():
+        if folder.name == CHECKPOINTS_DIR and (folder / LATEST_FILE).is_file():
             raise error(f"{where} is inside the checkpoints folder {str(folder)!r} of a run: "
                         f"it belongs to that run (old checkpoints are deleted there); {fix}")
         owner = _live_owner(folder)
@@ -75,7 +75,7 @@ def check_output_location(out: PathLike, field_name: str, inputs: Mapping[str, P
                         f"job (pid {owner}) owns; wait for it to finish or {fix}")
     if run_folder:
         return
-    for marker in (Path("checkpoints") / LATEST_FILE, Path(LATEST_FILE)):
+    for marker in (Path(CHECKPOINTS_DIR) / LATEST_FILE, Path(LATEST_FILE)):
         if (target / marker).is_file():
             raise error(f"{where} holds a training run ({marker} is inside it): the command "
                         f"would replace it; choose another {field_name}")
@@ -86,12 +86,10 @@ def check_output_location(out: PathLike, field_name: str, inputs: Mapping[str, P
 
 
 def _live_owner(folder: Path) -> Optional[str]:
-    """The pid holding `folder/.lock` (checkpoint.OutputLock) if another process holds it now.
+    """The pid holding `folder/.lock` (run.lock.OutputLock) if another process holds it now.
     Only rank 0 asks: under torchrun rank 0 holds the job's own lock, and the other ranks'
     pids differ from the holder's (they follow rank 0's decisions, writing nothing alone)."""
     import fcntl
-
-    from nemo_elastic.checkpoint import LOCK_FILE
 
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return None

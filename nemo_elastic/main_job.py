@@ -31,24 +31,23 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from nemo_elastic.checkpoint import META_FILE
 from nemo_elastic.config import Config
 from nemo_elastic.report import fmt_loss, fmt_pct, format_table, plot_budgets
+from nemo_elastic.run.main_job_dir import MainJobDir, stamped
 
 logger = logging.getLogger(__name__)
 
 FRACTIONS = (1.0, 0.75, 0.5)
-STATE_FILE = "pipeline.json"  # per stage: seconds it took when it ran, and whether reused
 
 
 class _Stages:
     """Times each stage and remembers, across invocations, how long it took when it ran."""
 
-    def __init__(self, out: Path, resume: bool) -> None:
+    def __init__(self, job: MainJobDir, resume: bool) -> None:
         from nemo_elastic.checkpoint import read_json_file
         from nemo_elastic.errors import UserError
 
-        self.path = out / STATE_FILE
+        self.path = job.stages_file
         fix = "delete it (it only holds stage timings) or rerun with --no-resume"
         old = read_json_file(self.path, repr(str(self.path)), error=UserError, fix=fix) \
             if resume and self.path.is_file() else {}
@@ -62,42 +61,26 @@ class _Stages:
         if done:
             logger.info("stage %s: reusing %s (--no-resume redoes it)", name, what)
             self.stages.setdefault(name, {"seconds": None})["reused"] = True
-            self._write()
+            self.write()
             return None
         logger.info("stage %s ...", name)
         start = time.perf_counter()
         value = fn()
         self.stages[name] = {"seconds": round(time.perf_counter() - start, 1), "reused": False}
-        self._write()
+        self.write()
         return value
 
-    def _write(self) -> None:
+    def write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(self.path, {"stages": self.stages})
+        write_json(self.path, {"stages": self.stages})
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _write_json(path: Path, value) -> None:
+def write_json(path: Path, value) -> None:
     """Atomic and fsync'd (a crash leaves the old file or the new one, never half of one)."""
     from nemo_elastic.checkpoint import write_text_durably
     from nemo_elastic.report import strict_json
 
     write_text_durably(path, strict_json(value, indent=2))
-
-
-def _checkpoint_iteration(ckpt) -> Optional[int]:
-    from nemo_elastic.checkpoint import CheckpointError, read_meta
-
-    try:
-        return read_meta(ckpt).get("iteration")
-    except CheckpointError:
-        return None
 
 
 def run(cfg: Config, *, resume: bool = True, progress: bool = True,
@@ -110,17 +93,15 @@ def run(cfg: Config, *, resume: bool = True, progress: bool = True,
     several processes only pretraining runs, and it locks the folder itself."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _run(cfg, resume=resume, progress=progress, fractions=fractions)
-    from nemo_elastic.checkpoint import OutputLock
-
-    with OutputLock(cfg.output_dir, "output_dir", nested=True):
+    with MainJobDir(cfg).lock(nested=True):
         return _run(cfg, resume=resume, progress=progress, fractions=fractions)
 
 
 def _run(cfg: Config, *, resume: bool, progress: bool,
          fractions: Sequence[float]) -> Optional[dict]:
-    out = Path(cfg.output_dir)
-    stages = _Stages(out, resume)
-    parent = _pretrained(cfg, resume)
+    job = MainJobDir(cfg)
+    stages = _Stages(job, resume)
+    parent = job.pretrained() if resume else None
     if parent is None:
         from nemo_elastic.training.pretrain import pretrain
 
@@ -139,38 +120,36 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
         return None
     if parent["checkpoint"] is None:
         return None
-    stages._write()
+    stages.write()
     parent_ckpt = Path(parent["checkpoint"])
-    prepared = out / "prepared"
+    prepared = job.output("prepare")
 
     def do_prepare():
         from nemo_elastic.importance.prepare import prepare
 
         return prepare(parent_ckpt, prepared, overwrite=True, progress=progress)
 
-    prepared_ok = (prepared / META_FILE).is_file() and _prepared_from(prepared) == str(parent_ckpt)
-    stages.run("prepare", resume and prepared_ok, do_prepare, str(prepared))
+    stages.run("prepare", resume and job.finished("prepare", source=parent_ckpt) is not None,
+               do_prepare, str(prepared))
 
     sources = {"original order": str(parent_ckpt), "importance order": str(prepared)}
-    zs_path = out / "zero_shot.json"
-    old = _read_json(zs_path)
-    zs_ok = bool(old) and old.get("checkpoints") == sources and \
-        old.get("fractions") == list(fractions)
-    table = stages.run("zero_shot", resume and zs_ok, lambda: zero_shot_budgets(
+    zs_path = job.output("zero_shot")
+    old = job.finished("zero_shot", checkpoints=sources, fractions=list(fractions))
+    table = stages.run("zero_shot", resume and old is not None, lambda: zero_shot_budgets(
         cfg, {k: Path(v) for k, v in sources.items()}, fractions), str(zs_path))
     if table is None:
         table = old
     else:
         table = {"checkpoints": sources, "fractions": list(fractions), **table}
-        _write_json(zs_path, table)
-    plot_budgets(table["budgets"], out / "zero_shot.png", uniform_loss=parent["uniform_loss"])
+        write_json(zs_path, table)
+    plot_budgets(table["budgets"], job.zero_shot_plot, uniform_loss=parent["uniform_loss"])
     if cfg.elastic is None:
         logger.info("the recipe has no `elastic:` section: no elastic distillation stage")
         return table
 
     elastic_cfg = dataclasses.replace(
         cfg, elastic=dataclasses.replace(cfg.elastic, init_checkpoint=str(prepared)))
-    trained = _trained(elastic_cfg) if resume else None
+    trained = job.trained(elastic_cfg) if resume else None
 
     def do_train():
         from nemo_elastic.training.train import train
@@ -180,53 +159,53 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
                 "teacher": result.teacher, "iterations": result.iterations}
 
     value = stages.run("elastic", trained is not None, do_train,
-                       f"the finished elastic run in {_elastic_dir(elastic_cfg)}")
+                       f"the finished elastic run in {job.elastic(elastic_cfg).root}")
     trained = trained or value
     table["family"], table["teacher"] = trained["family"], trained["teacher"]
     ckpt = Path(trained["checkpoint"])
 
-    exported = stages.run("export", resume and _exported(out, ckpt, trained["family"]),
-                          lambda: export_family(out, ckpt, trained["family"]),
-                          str(out / "family"))
-    exported = exported or _exported(out, ckpt, trained["family"])
+    exported = stages.run("export", resume and job.exported(ckpt, trained["family"]) is not None,
+                          lambda: export_family(job, ckpt, trained["family"]),
+                          str(job.family_dir))
+    exported = exported or job.exported(ckpt, trained["family"])
 
-    eval_path = out / "evaluation.json"
+    eval_path = job.output("evaluate")
     models = {"teacher": str(prepared), **{name: str(p) for name, p in exported["megatron"].items()}}
-    old = _read_json(eval_path)
+    old = job.finished("evaluate", checkpoints=stamped(models))
     evaluation = stages.run(
-        "evaluate", resume and bool(old) and old.get("checkpoints") == _stamped(models),
+        "evaluate", resume and old is not None,
         lambda: evaluate_exported(cfg, models, progress=progress), str(eval_path))
     if evaluation is None:
         evaluation = old
     else:
-        _write_json(eval_path, evaluation)
+        write_json(eval_path, evaluation)
 
-    curve_path = out / "training_curve.json"
-    checkpoints = _elastic_checkpoints(_elastic_dir(elastic_cfg))
-    old = _read_json(curve_path)
+    curve_path = job.output("training_curve")
+    checkpoints = job.elastic(elastic_cfg).saved_checkpoints()
     if not cfg.elastic.training_curve:
         logger.info("stage training_curve: skipped (elastic.training_curve: false)")
         curve = None
     else:
+        old = job.finished("training_curve", checkpoints=stamped(
+            {str(k): str(v) for k, v in checkpoints.items()}))
         curve = stages.run(
-            "training_curve", resume and bool(old) and old.get("checkpoints") == _stamped(
-                {str(k): str(v) for k, v in checkpoints.items()}),
+            "training_curve", resume and old is not None,
             lambda: training_curve(cfg, prepared, checkpoints, trained["family"],
                                    progress=progress), str(curve_path))
         if curve is None:
             curve = old
         else:
-            _write_json(curve_path, curve)
+            write_json(curve_path, curve)
 
     from nemo_elastic.run_report import write_report
 
     table.update(evaluation=evaluation, training_curve=curve, exported=
                  {k: {n: str(p) for n, p in v.items()} for k, v in exported.items()})
     start = time.perf_counter()
-    report = write_report(out, cfg=elastic_cfg, parent=parent, zero_shot=table,
+    report = write_report(job.root, cfg=elastic_cfg, parent=parent, zero_shot=table,
                           evaluation=evaluation, curve=curve, stages=stages.stages)
     stages.stages["report"] = {"seconds": round(time.perf_counter() - start, 1), "reused": False}
-    stages._write()
+    stages.write()
     table["report"] = str(report)
     logger.info("report: %s", report)
     return table
@@ -234,109 +213,33 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
 
 # ------------------------------------------------------------------------ stage outputs
 
-def _pretrained(cfg: Config, resume: bool) -> Optional[dict]:
-    """The finished pretraining run's summary (with an existing checkpoint) or None."""
-    from nemo_elastic.checkpoint import latest_checkpoint
-
-    if not resume:
-        return None
-    summary = _read_json(Path(cfg.output_dir) / "summary.json")
-    latest = latest_checkpoint(Path(cfg.output_dir) / "checkpoints")
-    if not summary or latest is None or summary.get("iterations") != cfg.train.iters \
-            or _checkpoint_iteration(latest) != cfg.train.iters:
-        return None
-    return {**summary, "checkpoint": str(latest)}
-
-
-def _prepared_from(prepared: Path) -> Optional[str]:
-    from nemo_elastic.checkpoint import CheckpointError, read_meta
-
-    try:
-        return read_meta(prepared).get("importance", {}).get("source")
-    except CheckpointError:
-        return None
-
-
-def _elastic_dir(cfg: Config) -> Path:
-    from nemo_elastic.training.elastic_trainer import elastic_output_dir
-
-    return elastic_output_dir(cfg)
-
-
-def _trained(cfg: Config) -> Optional[dict]:
-    """The finished elastic run (summary.json at the final iteration, from this init) or None."""
-    from nemo_elastic.checkpoint import latest_checkpoint
-
-    out = _elastic_dir(cfg)
-    summary = _read_json(out / "summary.json")
-    stored = _read_json(out / "config.json") or {}
-    latest = latest_checkpoint(out / "checkpoints")
-    total = cfg.elastic.total_iters
-    if not summary or latest is None or summary.get("iterations") != total \
-            or _checkpoint_iteration(latest) != total \
-            or (stored.get("elastic") or {}).get("init_checkpoint") != cfg.elastic.init_checkpoint:
-        return None
-    return {"checkpoint": str(latest), "family": summary["family"],
-            "teacher": summary["teacher"], "iterations": total}
-
-
-def _stamped(paths: dict[str, str]) -> dict[str, list]:
-    """{name: [path, iteration]}: what a stage's inputs were."""
-    return {name: [str(p), _checkpoint_iteration(p)] for name, p in paths.items()}
-
-
-def _exported(out: Path, ckpt: Path, family: list[dict]) -> Optional[dict]:
-    """The exported family (paths) if every budget was exported from `ckpt`, else None."""
-    from nemo_elastic.checkpoint import CheckpointError, read_meta
-
-    megatron, hf = {}, {}
-    for row in family:
-        path = out / "family" / row["name"]
-        try:
-            meta = read_meta(path)
-        except CheckpointError:
-            return None
-        if meta.get("parent") != str(ckpt):
-            return None
-        megatron[row["name"]] = path
-        if (out / "hf" / row["name"] / "config.json").is_file():
-            hf[row["name"]] = out / "hf" / row["name"]
-    return {"megatron": megatron, "hf": hf}
-
-
-def export_family(out: Path, ckpt: Path, family: list[dict]) -> dict:
-    """Every trained budget as a Megatron checkpoint `out/family/<name>` and, when transformers
-    is installed and the budget is homogeneous, a Hugging Face folder `out/hf/<name>`."""
+def export_family(job: MainJobDir, ckpt: Path, family: list[dict]) -> dict:
+    """Every trained budget as a Megatron checkpoint `family/<name>` and, when transformers
+    is installed and the budget is homogeneous, a Hugging Face folder `hf/<name>`: the path of
+    `nemo-elastic export --all --format megatron` and `export --budget NAME --format hf`
+    (sliced, reloaded and verified against the masked nested model).  The family's order is
+    reported by the job (its report), not refused here."""
     import importlib.util
 
-    from nemo_elastic.export.family import export_budget_hf, extract_family
+    from nemo_elastic.checkpoint_commands import export
 
-    megatron = extract_family(ckpt, out / "family", overwrite=True)
+    megatron = export(ckpt, job.family_dir, all_budgets=True, format="megatron",
+                      overwrite=True, allow_unordered=True)
     hf = {}
     if importlib.util.find_spec("transformers") is None:
         logger.warning("transformers is not installed: no Hugging Face export (pip install "
                        "'nemo_elastic[hf]'; `make run` installs it); the Megatron checkpoints "
-                       "are in %s", out / "family")
+                       "are in %s", job.family_dir)
         return {"megatron": megatron, "hf": hf}
     from nemo_elastic.export.hf_adapter import HFConfigError
 
     for row in family:
         try:
-            hf[row["name"]] = export_budget_hf(ckpt, row["name"], out / "hf" / row["name"],
-                                               overwrite=True)
+            hf.update(export(ckpt, job.hf_dir, budget=row["name"], format="hf",
+                             overwrite=True, allow_unordered=True))
         except HFConfigError as err:
             logger.warning("budget %r: no Hugging Face export: %s", row["name"], err)
     return {"megatron": megatron, "hf": hf}
-
-
-def _elastic_checkpoints(out: Path) -> dict[int, Path]:
-    """{iteration: checkpoint} of every complete checkpoint of an elastic run."""
-    found = {}
-    for path in sorted((out / "checkpoints").glob("iter_*")):
-        iteration = _checkpoint_iteration(path)
-        if iteration is not None:
-            found[int(iteration)] = path
-    return found
 
 
 # ------------------------------------------------------------------------ evaluation
@@ -361,7 +264,7 @@ def evaluate_exported(cfg: Config, models: dict[str, str], *, progress: bool = F
     run_cfg = _eval_config(cfg)
     rows = evaluate_models(run_cfg, {name: Path(p) for name, p in models.items()},
                            speed=True, progress=progress)
-    return {"checkpoints": _stamped(models), "protocol": evaluation_protocol(cfg),
+    return {"checkpoints": stamped(models), "protocol": evaluation_protocol(cfg),
             "models": rows}
 
 
@@ -409,7 +312,7 @@ def training_curve(cfg: Config, prepared: Path, checkpoints: dict[int, Path],
         runtime.destroy()
     logger.info("training curve: %d evaluations (%d checkpoints x their budgets)",
                 len(records), len(points))
-    return {"checkpoints": _stamped({str(k): str(v) for k, v in checkpoints.items()}),
+    return {"checkpoints": stamped({str(k): str(v) for k, v in checkpoints.items()}),
             "protocol": evaluation_protocol(cfg), "records": records}
 
 

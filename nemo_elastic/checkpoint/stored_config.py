@@ -1,0 +1,41 @@
+"""The recipe a checkpoint was trained with, and the check that a model matches it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nemo_elastic.checkpoint.errors import CheckpointError
+from nemo_elastic.checkpoint.meta import read_meta
+from nemo_elastic.config import Config, ConfigError, load_config, to_dict
+
+
+def config_from_checkpoint(ckpt_dir: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """The checkpoint's stored config with `overrides` applied.  The model's shape is the
+    checkpoint's: an override that changes it (beyond where the pipeline stages split) is an
+    error naming the field, the checkpoint's value and the fix."""
+    meta = read_meta(ckpt_dir)
+    try:
+        stored = load_config(base=meta["config"])
+    except ConfigError as err:
+        raise CheckpointError(f"checkpoint {str(ckpt_dir)!r}: stored config is invalid: {err}") from err
+    if not overrides:
+        return stored
+    cfg = load_config(base=meta["config"], overrides=overrides)
+    check_model_matches(ckpt_dir, stored, cfg)
+    return cfg
+
+
+def check_model_matches(ckpt_dir, stored: Config, cfg: Config,
+                        fix: str = "the model's shape comes from the checkpoint: drop the "
+                        "override (to slice a smaller model use `nemo-elastic extract`)") -> None:
+    """`cfg.model` must be the checkpoint's (`stored.model`) up to where the pipeline stages
+    split: else one line naming the field, both values and `fix`."""
+    old, new = to_dict(stored.model), to_dict(cfg.model)
+    for key in old:
+        same = old[key] == new.get(key)
+        if key == "hybrid_layer_pattern" and isinstance(new.get(key), str):
+            same = old[key].replace("|", "") == new[key].replace("|", "")
+        if not same:
+            raise ConfigError(
+                f"model.{key}={new.get(key)!r} does not match checkpoint {str(ckpt_dir)!r}, which "
+                f"holds model.{key}={old[key]!r}; {fix}")
