@@ -24,7 +24,6 @@ whole tensors); under torchrun with several ranks only step 1 runs.  A stage who
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time

@@ -202,7 +202,7 @@ def test_hf_per_layer_export_generates_with_a_cache(family, tmp_path):
     tokens (and its uncached generate the same): each layer's cache is sized from that layer."""
     pytest.importorskip("transformers")
     from nemo_elastic.export import load_hf_per_layer
-    from nemo_elastic.export.family import export_budget_hf
+    from nemo_elastic.export.budgets import export_budget_hf
     from tests.test_export_budget import _save_family
 
     cfg, parent, sliced = family

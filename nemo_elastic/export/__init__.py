@@ -8,9 +8,9 @@ from nemo_elastic.export.hf_adapter import (
 from nemo_elastic.export.hf_export import DEFAULT_MAX_SHARD_BYTES, export_hf
 from nemo_elastic.export.extract import extract_checkpoint, extract_checkpoints
 from nemo_elastic.export.budgets import (
-    FORMATS, BudgetExport, ExportError, export_budgets, export_to)
+    FORMATS, BudgetExport, ExportError, export_budget_hf, export_budgets, export_to)
 from nemo_elastic.export.family import (
-    budget_subnetwork, export_budget_hf, extract_budget, extract_family, family_of)
+    budget_subnetwork, extract_budget, extract_family, family_of)
 from nemo_elastic.export.hf_per_layer import load_hf_per_layer
 from nemo_elastic.export.megatron_format import load_exported_model, load_plain_hybrid_model
 from nemo_elastic.export.hf_import import import_hf

@@ -18,30 +18,25 @@ heterogeneous budgets only with `hf_per_layer=True`, see `hf_per_layer`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import os
-import shutil
-import signal
-import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
 from nemo_elastic.checkpoint import (
     CheckpointError, add_checksummed_files, config_from_checkpoint, load_checkpoint, read_meta,
-    replace_durably, resolve_checkpoint, save_checkpoint)
+    resolve_checkpoint, save_checkpoint)
 from nemo_elastic.config import ConfigError
 from nemo_elastic.errors import check_output_path
 from nemo_elastic.export.common import honour_umask
 from nemo_elastic.run.output_lock import output_lock
 from nemo_elastic.run.paths import check_output_location
 from nemo_elastic.report import strict_json
-from nemo_elastic.export.family import _folder_name
+from nemo_elastic.export.family import folder_name
+from nemo_elastic.export.staging import staging as staged_output
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +72,7 @@ def _is_heterogeneous(m) -> bool:
 
 def plan_targets(out: str | Path, names: Sequence[str]) -> dict[str, Path]:
     """{name: out/<name>}: one sub-folder per budget."""
-    return {name: Path(out) / _folder_name(name) for name in names}
+    return {name: Path(out) / folder_name(name) for name in names}
 
 
 def export_budgets(ckpt: str | Path, out: str | Path, budgets: Optional[Sequence[str]] = None,
@@ -146,7 +141,7 @@ def export_to(ckpt: str | Path, targets: Mapping[str, str | Path], *, format: st
         children = {name: s.model_config(cfg.model) for name, s in subnets.items()}
         tokenizer, passthrough = _hf_preflight(cfg, meta, children, hf_per_layer) \
             if format == "hf" else (None, {})
-        with _staging(folder) as (staging, commit):
+        with staged_output(folder) as (staging, commit):
             staged = {name: staging / path.name for name, path in targets.items()}
             results = _export_all(ckpt, cfg, meta, subnets, staged, format, tokenizer,
                                   passthrough)
@@ -295,70 +290,11 @@ def _reload_logits(folder: Path, format: str, plain: bool, tokens) -> torch.Tens
         return model(input_ids=tokens, use_cache=False).logits.float()
 
 
-# ---------------------------------------------------------------------------------------------
-# staging and commit
-# ---------------------------------------------------------------------------------------------
-
-class ExportInterrupted(KeyboardInterrupt):
-    """SIGTERM during an export (handled like Ctrl-C: the staging folder is removed)."""
-
-    signum = signal.SIGTERM
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise ExportInterrupted(f"signal {signum}: export interrupted, nothing written")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def _staging(parent: Path, name: Optional[str] = None):
-    """(staging folder, commit) — a hidden folder on the output's filesystem; `commit(sources,
-    targets)` moves every staged folder into place.  New parent: one rename of the whole staging
-    folder.  Removed on any exception, Ctrl-C and SIGTERM; a SIGKILL leaves it, named
-    `.NAME.export-*` (NAME: `name`, default the parent's), and the next writer of NAME removes
-    it (`output_lock.remove_stale_staging`).  Created with the umask's permissions.
-    Megatron-Core (and the C extensions it pulls in, triton among them) is imported before the
-    folder exists: a Ctrl-C inside such an import surfaces as an ImportError of a half-made
-    extension rather than a KeyboardInterrupt, so it must not fall inside the staged write."""
-    import megatron.core  # noqa: F401  (see above)
-
-    parent = Path(parent).absolute()
-    fresh = not parent.exists()
-    base = parent.parent if fresh else parent
-    created = [d for d in (base, *base.parents) if not d.exists()]  # removed again on failure
-    base.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name or parent.name}.export-", dir=base))
-    honour_umask(staging)  # mkdtemp makes 0700
-    committed = False
-
-    def commit(sources: Mapping[str, Path], targets: Mapping[str, Path]) -> None:
-        nonlocal committed
-        committed = True
-        if fresh and not parent.exists():
-            replace_durably(staging, parent)  # the whole set appears at once
-            return
-        for name, target in targets.items():
-            if target.exists():  # overwrite (checked): keep the old one until the new is in
-                os.replace(target, staging / f".old-{target.name}")
-            replace_durably(sources[name], target)
-
-    try:
-        with _sigterm_raises():
-            yield staging, commit
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not committed:
-            for d in created:  # innermost first; only folders this export created, if empty
-                with contextlib.suppress(OSError):
-                    d.rmdir()
+def export_budget_hf(ckpt: str | Path, name: str, out: str | Path, *,
+                     overwrite: bool = False, per_layer: bool = False) -> Path:
+    """Budget `name` as a Hugging Face nemotron_h directory `out` (with its tokenizer), verified
+    against the masked nested model (`export_to`).  Refuses, before any weight is loaded, an
+    existing `out` (without `overwrite`) and a heterogeneous budget (unless `per_layer`: the
+    per-layer config extension of `hf_per_layer`)."""
+    return export_to(ckpt, {name: out}, format="hf", overwrite=overwrite,
+                     hf_per_layer=per_layer)[0].path

@@ -54,7 +54,7 @@ def extract_checkpoints(ckpt: str | Path, targets: Mapping[str | Path, SubNetwor
     (`paths.check_output_location`); each output folder is locked while written
     (`output_lock`), so a second writer refuses.  `extra_meta[out]` goes into that child's
     `nemo_elastic.json`.  Returns the output paths in the order given."""
-    from nemo_elastic.export.budgets import _staging
+    from nemo_elastic.export.staging import staging as staged_output
     from nemo_elastic.run.output_lock import output_locks
     from nemo_elastic.run.paths import check_output_location
 
@@ -90,7 +90,7 @@ def extract_checkpoints(ckpt: str | Path, targets: Mapping[str | Path, SubNetwor
             load_checkpoint(ckpt, model=parent, restore_rng=False)
             for folder, outs in groups.items():
                 name = None if len(outs) > 1 else outs[0].name  # the locked folder's name
-                with _staging(folder, name) as (staging, commit):
+                with staged_output(folder, name) as (staging, commit):
                     staged = {}
                     for path, subnet, extra in plan:
                         if path not in outs:

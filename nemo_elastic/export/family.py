@@ -3,7 +3,7 @@
     family_of("runs/x/elastic/checkpoints")            # {"full": SubNetwork, "50pct": ...}
     extract_budget(ckpt, "50pct", "out")               # -> out (Megatron checkpoint)
     extract_family(ckpt, "out")                        # every budget -> out/<name>
-    export_budget_hf(ckpt, "50pct", "hf_50pct")        # -> Hugging Face nemotron_h
+    budgets.export_budget_hf(ckpt, "50pct", "hf_50pct")   # -> Hugging Face nemotron_h
     budgets.export_budgets(ckpt, "out", None, format="megatron")   # verified, all or none
 
 `nemo-elastic train` writes the family (one row per budget, `subnetwork` = SubNetwork.to_dict())
@@ -60,7 +60,7 @@ def budget_subnetwork(ckpt: str | Path, name: str) -> SubNetwork:
     return family[name]
 
 
-def _folder_name(name: str) -> str:
+def folder_name(name: str) -> str:
     """A budget name as one path component (names come from the recipe: refuse '/', '..')."""
     if not name or name in (".", "..") or "/" in name or "\\" in name:
         raise ConfigError(f"budget name {name!r} cannot be used as a folder name; extract it "
@@ -81,20 +81,8 @@ def extract_family(ckpt: str | Path, out: str | Path, *,
     """Every trained budget as a Megatron checkpoint `out/<name>` (parent loaded once);
     returns {name: path}."""
     family = family_of(ckpt)
-    targets = {name: Path(out) / _folder_name(name) for name in family}
+    targets = {name: Path(out) / folder_name(name) for name in family}
     paths = extract_checkpoints(
         ckpt, {targets[name]: subnet for name, subnet in family.items()}, overwrite=overwrite,
         extra_meta={targets[name]: {"budget": name} for name in family})
     return dict(zip(family, paths))
-
-
-def export_budget_hf(ckpt: str | Path, name: str, out: str | Path, *,
-                     overwrite: bool = False, per_layer: bool = False) -> Path:
-    """Budget `name` as a Hugging Face nemotron_h directory `out` (with its tokenizer), verified
-    against the masked nested model (`budgets.export_to`).  Refuses, before any weight is
-    loaded, an existing `out` (without `overwrite`) and a heterogeneous budget (unless
-    `per_layer`: the per-layer config extension of `hf_per_layer`)."""
-    from nemo_elastic.export.budgets import export_to
-
-    return export_to(ckpt, {name: out}, format="hf", overwrite=overwrite,
-                     hf_per_layer=per_layer)[0].path

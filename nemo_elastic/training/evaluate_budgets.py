@@ -25,7 +25,7 @@ def evaluate_all_budgets(ckpt, overrides=(), *, speed: bool = False,
     inside_band, val_loss, answer_accuracy, tokens_per_s}]} of every budget of `ckpt`."""
     from nemo_elastic.export.family import extract_family, family_of
     from nemo_elastic.family_check import check_family
-    from nemo_elastic.training.evaluate_checkpoint import _result, dataclasses_replace, \
+    from nemo_elastic.training.evaluate_checkpoint import result_record, dataclasses_replace, \
         evaluate_models
 
     path = resolve_checkpoint(ckpt)
@@ -51,7 +51,7 @@ def evaluate_all_budgets(ckpt, overrides=(), *, speed: bool = False,
                         "inside_band": band.inside, "deviation": band.deviation,
                         "val_loss": r["val_loss"], "answer_accuracy": r["answer_accuracy"],
                         "tokens_per_s": r["tokens_per_s"]})
-    common = _result(path, cfg, float("nan"), None, None, meta.get("iteration"), None)
+    common = result_record(path, cfg, float("nan"), None, None, meta.get("iteration"), None)
     return {"checkpoint": str(path), "iteration": meta.get("iteration"),
             "uniform_loss": common["uniform_loss"], "protocol": common["protocol"],
             "family_check": check.as_dict(), "budgets": budgets}

@@ -145,7 +145,7 @@ def evaluate_checkpoint(ckpt: str, overrides=(), *, speed: bool = False,
     eval_cfg = dataclasses_replace(cfg, train=dataclasses_replace(
         cfg.train, eval_iters=cfg.train.eval_iters * per_iter))
     row = evaluate_models(eval_cfg, {"model": path}, speed=speed, progress=progress)[0]
-    return _result(path, cfg, row["val_loss"], row["answer_accuracy"], row["parameters"],
+    return result_record(path, cfg, row["val_loss"], row["answer_accuracy"], row["parameters"],
                    row["iteration"], row["tokens_per_s"])
 
 
@@ -165,11 +165,11 @@ def _evaluate_parallel(path: Path, cfg: Config) -> dict:
         loss = to_every_stage(loss)
     finally:
         runtime.destroy()
-    return _result(path, cfg, loss, None if accuracy is None else accuracy["accuracy"], None,
+    return result_record(path, cfg, loss, None if accuracy is None else accuracy["accuracy"], None,
                    read_meta(path).get("iteration"), None)
 
 
-def _result(path: Path, cfg: Config, loss: float, accuracy: Optional[float],
+def result_record(path: Path, cfg: Config, loss: float, accuracy: Optional[float],
             parameters: Optional[int], iteration, tokens_per_s: Optional[float]) -> dict:
     from nemo_elastic.data.loaders import build_tokenizer
 

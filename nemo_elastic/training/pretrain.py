@@ -12,7 +12,6 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 from nemo_elastic import runtime
