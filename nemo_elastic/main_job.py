@@ -6,13 +6,15 @@
    evaluated on the parent as trained and on the prepared parent -> `zero_shot.json`;
 4. **elastic** distillation of the recipe's `elastic:` budgets from the prepared parent
    (`nemo-elastic train`, resumes from `output_dir/elastic`): the trained family;
-5. **export** every budget as a standalone Megatron checkpoint (`output_dir/family/<name>`, as
-   `nemo-elastic extract --all`) and, when `transformers` is installed, as a Hugging Face
-   folder (`output_dir/hf/<name>`, as `nemo-elastic export --budget`);
+5. **export** every budget as a standalone Megatron checkpoint (`output_dir/family/<name>`,
+   the path of `nemo-elastic export --all --format megatron`) and, when `transformers` is
+   installed, as a Hugging Face folder (`output_dir/hf/<name>`, `export --budget NAME`);
 6. **evaluate** each exported model as a plain model (validation loss, greedy answer accuracy,
    greedy decoding tokens/s) and the teacher -> `evaluation.json`; and every saved elastic
    checkpoint's family (loss and accuracy against training tokens) -> `training_curve.json`;
 7. **report**: `report.md` with tables and PNG plots (`run_report.py`).
+
+The folder's layout and each stage's `finished` check: `run.main_job_dir.MainJobDir`.
 
 Every evaluation in steps 3 and 6 uses one protocol (`evaluation_protocol`): the recipe's
 `data` section, the first `train.eval_iters` micro-batches of the validation set, the first
