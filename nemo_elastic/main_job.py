@@ -275,7 +275,7 @@ def training_curve(cfg: Config, prepared: Path, checkpoints: dict[int, Path],
     (each checkpoint's own family, i.e. the router's choice at that point), and at iteration 0
     (the prepared parent with the final family: the zero-shot prefixes)."""
     from nemo_elastic import runtime
-    from nemo_elastic.checkpoint import load_checkpoint, read_meta
+    from nemo_elastic.checkpoint import CheckpointMeta, load_checkpoint
     from nemo_elastic.data.loaders import build_training_data
     from nemo_elastic.elastic.specs import build_elastic_model
     from nemo_elastic.elastic.subnet import SubNetwork
@@ -284,7 +284,7 @@ def training_curve(cfg: Config, prepared: Path, checkpoints: dict[int, Path],
     run_cfg = _eval_config(cfg)
     tokens = _tokens_per_iteration(cfg)
     points = [(0, prepared, final_family)] + [
-        (it, path, read_meta(path)["family"]) for it, path in sorted(checkpoints.items())]
+        (it, path, CheckpointMeta.read(path).family) for it, path in sorted(checkpoints.items())]
     records = []
     from tqdm import tqdm
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from nemo_elastic.checkpoint.errors import CheckpointError
-from nemo_elastic.checkpoint.meta import read_meta
+from nemo_elastic.checkpoint.meta import CheckpointMeta
 from nemo_elastic.run.run_dir import CONFIG_FILE, RunDir, checkpoint_iteration, \
     elastic_run_dir, read_json
 
@@ -64,7 +64,8 @@ class MainJobDir(RunDir):
     def prepared_from(self) -> Optional[str]:
         """The checkpoint the prepared parent was made from, or None."""
         try:
-            return read_meta(self.output("prepare")).get("importance", {}).get("source")
+            meta = CheckpointMeta.read(self.output("prepare"))
+            return meta.extra.get("importance", {}).get("source")
         except CheckpointError:
             return None
 
@@ -87,10 +88,10 @@ class MainJobDir(RunDir):
         for row in family:
             path = self.family_dir / row["name"]
             try:
-                meta = read_meta(path)
+                meta = CheckpointMeta.read(path)
             except CheckpointError:
                 return None
-            if meta.get("parent") != str(ckpt):
+            if meta.extra.get("parent") != str(ckpt):
                 return None
             megatron[row["name"]] = path
             if (self.hf_dir / row["name"] / CONFIG_FILE).is_file():

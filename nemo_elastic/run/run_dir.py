@@ -26,7 +26,7 @@ from typing import Any, Optional
 from nemo_elastic.checkpoint.durable import write_text_durably
 from nemo_elastic.checkpoint.errors import CheckpointError
 from nemo_elastic.checkpoint.meta import read_meta
-from nemo_elastic.checkpoint.names import CHECKPOINTS_DIR
+from nemo_elastic.checkpoint.names import CHECKPOINTS_DIR, iteration_dir_name
 from nemo_elastic.checkpoint.series import latest_checkpoint
 from nemo_elastic.run.lock import OutputLock
 
@@ -67,7 +67,7 @@ class RunDir:
         return self.root / CHECKPOINTS_DIR
 
     def checkpoint(self, iteration: int) -> Path:
-        return self.checkpoints / f"iter_{iteration:07d}"
+        return self.checkpoints / iteration_dir_name(iteration)
 
     @property
     def summary_path(self) -> Path:

@@ -247,13 +247,14 @@ class ElasticTrainer(Trainer):
         if "router" not in state:
             raise CheckpointError("the elastic checkpoint holds no router state (was it written "
                                   "by `pretrain`?); start the elastic run in an empty output dir")
+        from nemo_elastic.checkpoint import LATEST_FILE
         from nemo_elastic.checkpoint.fingerprint import permute_router_state
 
         # rows are bound to budget names (older checkpoints: the recorded budget_names)
         saved_names = state.get("router_names") or self._saved_budget_names()
         if saved_names is not None:
             state = permute_router_state(state, saved_names, self.router.names, self.ckpt_path
-                                         or self.ckpt_root / "latest")
+                                         or self.ckpt_root / LATEST_FILE)
         try:
             self.router.load_state_dict(state["router"])
         except RuntimeError as err:  # a shape mismatch: the recipe's router is another one
