@@ -21,6 +21,7 @@ left on device) removes its partial directory and keeps the last good checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -111,7 +112,7 @@ def _save_into(tmp_dir: Path, ckpt_dir: Path, parts: Mapping[str, Any],
                      if name not in SHARDED_PARTS}
     dist_checkpointing.save(state, str(tmp_dir))
     checksums = hash_checkpoint(tmp_dir)  # every rank hashes (and fsyncs) its share
-    sealed = _with(meta, checksums=checksums).sealed()
+    sealed = dataclasses.replace(meta, checksums=checksums).sealed()
     error = ""
     if rank() == 0:
         try:
@@ -129,12 +130,6 @@ def _save_into(tmp_dir: Path, ckpt_dir: Path, parts: Mapping[str, Any],
     error = broadcast_str(error)
     if error:
         raise CheckpointError(error)
-
-
-def _with(meta: CheckpointMeta, **changes) -> CheckpointMeta:
-    import dataclasses
-
-    return dataclasses.replace(meta, **changes)
 
 
 def load_parts(ckpt_dir: str | Path, parts: Mapping[str, Any], *, restore_rng: bool = True,
