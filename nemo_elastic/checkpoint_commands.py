@@ -1,7 +1,7 @@
 """What every entry point calls: `nemo-elastic` (cli.py) and `nemo elastic` (NeMo-Run,
 integrations/nemo_run_cli.py) run the same functions, so both commands have the same options,
-checks and outputs.  Heavy imports stay inside the functions (`import nemo_elastic.checkpoint_commands` is
-cheap and needs no torch).
+checks and outputs.  Heavy imports stay inside the functions (importing this module is cheap
+and needs no torch).
 
 Training jobs already live in their modules (`training.pretrain.pretrain`, `training.train.train`,
 `importance.prepare.prepare`); this module holds the checkpoint jobs that used to be written

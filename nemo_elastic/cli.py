@@ -38,7 +38,8 @@ from typing import Optional, Sequence
 from nemo_elastic.config import ConfigError, load_config
 from nemo_elastic.errors import UserError
 from nemo_elastic.sizes import MOE_FIELDS, SIZE_FIELDS
-from nemo_elastic.checkpoint_commands import budget_size_line as _budget_size, size_line as _size_line
+from nemo_elastic.checkpoint_commands import budget_size_line as _budget_size, \
+    size_line as _size_line
 
 logger = logging.getLogger("nemo_elastic")
 

@@ -32,7 +32,8 @@ from nemo_elastic.checkpoint.writer import start_writer_processes
 __all__ = [
     "CHECKPOINTS_DIR", "CHECKSUMS_KEY", "FORMAT_VERSION", "LATEST_FILE", "META_FILE",
     "META_SHA_KEY", "TRAINING_KINDS", "CheckpointError", "CheckpointMeta", "Stateful",
-    "add_checksummed_files", "checkpoint_meta", "check_model_matches", "config_from_checkpoint", "fsync_tree",
+    "add_checksummed_files", "checkpoint_meta", "check_model_matches", "config_from_checkpoint",
+    "fsync_tree",
     "latest_checkpoint", "load_checkpoint", "load_parts", "meta_digest", "prune_checkpoints",
     "read_json_file", "read_meta", "replace_durably", "resolve_checkpoint", "root_cause",
     "save_checkpoint", "save_parts", "start_writer_processes", "verify_checkpoint",

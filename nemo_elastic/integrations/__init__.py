@@ -6,6 +6,6 @@
   the `bridge` extra; `bridge_import` makes its CPU-importable part load without
   Transformer-Engine.
 
-Both are thin: they call the same functions as the `nemo-elastic` command (`nemo_elastic.checkpoint_commands`,
-`training/`, `importance/`).
+Both are thin: they call the same functions as the `nemo-elastic` command
+(`nemo_elastic.checkpoint_commands`, `main_job`, `training/`, `importance/`).
 """

@@ -22,7 +22,8 @@ import torch
 from nemo_elastic import runtime
 from nemo_elastic.checkpoint import load_checkpoint, write_text_durably
 from nemo_elastic.config import Config, ConfigError, TrainConfig
-from nemo_elastic.checkpoint.fingerprint import guard_run_folder, run_fingerprint, training_fingerprint
+from nemo_elastic.checkpoint.fingerprint import guard_run_folder, run_fingerprint, \
+    training_fingerprint
 from nemo_elastic.run.run_dir import RunDir, elastic_run_dir
 from nemo_elastic.training.elastic_step import ElasticDistillationStep
 from nemo_elastic.training.elastic_trainer import (ElasticTrainer, _finalize_with_router,
