@@ -7,5 +7,5 @@
   Transformer-Engine.
 
 Both are thin: they call the same functions as the `nemo-elastic` command
-(`nemo_elastic.checkpoint_commands`, `main_job`, `training/`, `importance/`).
+(`nemo_elastic.checkpoint_commands`, `training/`, `importance/`).
 """
