@@ -15,6 +15,7 @@ import logging
 from typing import Callable, Optional, Sequence
 
 from nemo_elastic.errors import ConfigError
+from nemo_elastic.units import readable_bytes, target_text
 
 logger = logging.getLogger("nemo_elastic")
 
@@ -80,20 +81,6 @@ def format_info(info: dict) -> Optional[str]:
     log("family: %s", check.summary())
     return format_table(("budget", "target", "sizes", "parameters", "memory", "inside band?"),
                         rows)
-
-
-def target_text(row: dict) -> str:
-    """A budget's target with its unit: '0.75 of the parameters' or '0.5 GB (memory)'."""
-    if row.get("budget_type") == "memory":
-        return f"{readable_bytes(float(row['target']) * 1e9)} (memory)"
-    return f"{row['target']:g} of the parameters"
-
-
-def readable_bytes(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 # ------------------------------------------------------------------------------------ export

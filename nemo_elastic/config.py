@@ -440,13 +440,13 @@ class Config:
             smallest_gb = smallest_memory(m, e, spec) / GB
             for name, value in e.budgets.items():
                 if value > parent_gb * (1 + e.loss.tolerance):
-                    from nemo_elastic.checkpoint_commands import readable_bytes
+                    from nemo_elastic.units import readable_bytes
 
                     _fail(f"elastic.budgets.{name}", value, f"({readable_bytes(value * GB)}) "
                           f"exceeds the parent's memory {readable_bytes(parent_gb * GB)} at "
                           f"elastic.memory={e.memory}")
                 if value < smallest_gb * (1 - e.loss.tolerance):
-                    from nemo_elastic.checkpoint_commands import readable_bytes
+                    from nemo_elastic.units import readable_bytes
 
                     _fail(f"elastic.budgets.{name}", value, f"({readable_bytes(value * GB)}) is "
                           f"below the smallest memory the elastic axes can reach, "

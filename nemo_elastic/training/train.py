@@ -210,7 +210,7 @@ def _write_outputs(out_dir: Path, result: TrainResult, trainer: ElasticTrainer) 
         plot_router_choices(history, names, trainer.router, out_dir / "router_choices.png")
         write_tensorboard(history, out_dir / "tb")
     from nemo_elastic.family_check import check_family
-    from nemo_elastic.checkpoint_commands import target_text
+    from nemo_elastic.units import target_text
 
     check = check_family(result.family)
     bands = check.by_name()
