@@ -32,6 +32,7 @@ from nemo_elastic.run.lock import OutputLock
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"  # one JSON record per logged iteration
 ELASTIC_DIR = "elastic"  # the elastic run's default folder inside output_dir
 BRIDGE_DIR = "bridge"  # the Megatron-Bridge run's default folder inside output_dir
 
@@ -76,6 +77,10 @@ class RunDir:
     @property
     def config_path(self) -> Path:
         return self.root / CONFIG_FILE
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS_FILE
 
     @property
     def answer_examples(self) -> Path:

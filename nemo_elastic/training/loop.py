@@ -39,7 +39,7 @@ from nemo_elastic.checkpoint import checkpoint_meta, latest_checkpoint, load_par
 from nemo_elastic.config import Config, ConfigError, to_dict
 from nemo_elastic.errors import TrainingDiverged
 from nemo_elastic.report import json_safe, strict_json  # noqa: F401  (json_safe: re-exported)
-from nemo_elastic.run.run_dir import RunDir
+from nemo_elastic.run.run_dir import METRICS_FILE, RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -367,9 +367,6 @@ class Trainer:
     def full_history(self) -> list[dict]:
         """Every iteration of the run so far, across resumes (what plots and files show)."""
         return self.earlier + self.history
-
-
-METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(out_dir: Path, *, up_to: int) -> list[dict]:
