@@ -29,6 +29,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "nemo_elastic"
 # spells as that format's own)
 LAYOUT_NAMES = {"checkpoints", "summary.json", "pipeline.json", "zero_shot.json",
                 "evaluation.json", "training_curve.json", "family.json", "answer_examples.json",
+                "metrics.jsonl",
                 "prepared", "elastic", "bridge", "latest", ".lock"}
 OWNERS = {"run", "checkpoint"}  # nemo_elastic/run/*, nemo_elastic/checkpoint/*
 
