@@ -24,7 +24,7 @@ import torch
 from nemo_elastic.config import Config, from_dict
 from nemo_elastic.family_check import check_family
 from nemo_elastic.router import ElasticRouter
-from nemo_elastic.training.elastic_trainer import _lr_factor
+from nemo_elastic.training.elastic.trainer import _lr_factor
 
 MODEL = dict(hybrid_layer_pattern="M-M*-M-", hidden_size=64, ffn_hidden_size=192,
              num_attention_heads=4, num_query_groups=2, kv_channels=16, mamba_num_heads=8,

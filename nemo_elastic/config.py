@@ -430,7 +430,7 @@ class Config:
             _fail("elastic.warmup_iters", e.warmup_iters,
                   f"must be below the run's {e.total_iters} iterations")
         if e.budget_type == "memory":
-            from nemo_elastic.budget import GB, MemorySpec, count_memory
+            from nemo_elastic.cost_model import GB, MemorySpec, count_memory
 
             try:
                 spec = MemorySpec(**e.memory)
@@ -587,7 +587,7 @@ def smallest_memory(m: "ModelConfig", e, spec) -> float:
     axis at its smallest choice (explicit `choices`, else the smallest width fraction rounded as
     `router.axis_choices` rounds it), each layer kept (with elastic depth: the parent's layers
     minus the most memory-hungry ones it may drop, a lower bound)."""
-    from nemo_elastic.budget import count_memory
+    from nemo_elastic.cost_model import count_memory
     from nemo_elastic.elastic.subnet import SubNetwork
     from nemo_elastic.sizes import ELASTIC_AXES, GROUPED
 

@@ -106,7 +106,7 @@ def _check_warmup(value, name: str) -> None:
              f"{WARMUP_FRACTION:.0%} of the run")
 
 
-# Memory budgets may carry a unit; stored as GB (decimal, as nemo_elastic.budget.GB).
+# Memory budgets may carry a unit; stored as GB (decimal, as nemo_elastic.cost_model.GB).
 MEMORY_UNITS = {"B": 1e-9, "kB": 1e-6, "KB": 1e-6, "MB": 1e-3, "GB": 1.0, "TB": 1e3,
                 "KiB": 2**10 / 1e9, "MiB": 2**20 / 1e9, "GiB": 2**30 / 1e9}
 
@@ -227,7 +227,7 @@ class ElasticConfig:
     output_dir: Optional[str] = None  # default: <output_dir>/elastic
     budgets: dict = field(default_factory=lambda: {"100%": 1.0, "75%": 0.75, "50%": 0.5})
     budget_type: str = "params"  # params: fractions of the parent; memory: GB (see `memory`)
-    memory: dict = field(default_factory=dict)  # nemo_elastic.budget.MemorySpec fields
+    memory: dict = field(default_factory=dict)  # nemo_elastic.cost_model.MemorySpec fields
     axes: list = field(default_factory=lambda: ["hidden", "mamba_heads", "attention_heads", "ffn"])
     # 1/16 steps: with 1/8 steps one step of an axis moves the size by more than a +-5 % band,
     # and the router oscillates across the band (bench/bench_router_band.py: 12/12 budgets

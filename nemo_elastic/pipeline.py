@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence
 
 from nemo_elastic.checkpoint import META_FILE
 from nemo_elastic.config import Config
-from nemo_elastic.report import fmt_loss, fmt_pct, format_table, plot_budgets
+from nemo_elastic.report.common import fmt_loss, fmt_pct, format_table, plot_budgets
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def _read_json(path: Path) -> Optional[dict]:
 def _write_json(path: Path, value) -> None:
     """Atomic and fsync'd (a crash leaves the old file or the new one, never half of one)."""
     from nemo_elastic.checkpoint import write_text_durably
-    from nemo_elastic.report import strict_json
+    from nemo_elastic.report.common import strict_json
 
     write_text_durably(path, strict_json(value, indent=2))
 
@@ -218,7 +218,7 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
         else:
             _write_json(curve_path, curve)
 
-    from nemo_elastic.run_report import write_report
+    from nemo_elastic.report.main_job import write_report
 
     table.update(evaluation=evaluation, training_curve=curve, exported=
                  {k: {n: str(p) for n, p in v.items()} for k, v in exported.items()})
@@ -258,7 +258,7 @@ def _prepared_from(prepared: Path) -> Optional[str]:
 
 
 def _elastic_dir(cfg: Config) -> Path:
-    from nemo_elastic.training.elastic_trainer import elastic_output_dir
+    from nemo_elastic.training.elastic.trainer import elastic_output_dir
 
     return elastic_output_dir(cfg)
 
@@ -436,7 +436,7 @@ def zero_shot_budgets(cfg: Config, checkpoints: dict[str, Path],
                       fractions: Sequence[float]) -> dict:
     """Masked prefix sub-networks of each checkpoint: parameters, val loss, answer accuracy."""
     from nemo_elastic import runtime
-    from nemo_elastic.budget import count_parameters
+    from nemo_elastic.cost_model import count_parameters
     from nemo_elastic.data.loaders import build_training_data
 
     run_cfg = cfg.single_process()
@@ -467,7 +467,7 @@ def _table_row(record: dict, full_parameters: int) -> tuple[str, ...]:
 def _checkpoint_budgets(run_cfg: Config, ckpt: Path, data, info,
                         fractions: Sequence[float]) -> list[dict]:
     """One record per fraction for the elastic model of `ckpt` (one process, TP=PP=1)."""
-    from nemo_elastic.budget import subnetwork_parameters
+    from nemo_elastic.cost_model import subnetwork_parameters
     from nemo_elastic.checkpoint import load_checkpoint
     from nemo_elastic.elastic.specs import build_elastic_model
     from nemo_elastic.importance.zero_shot import fractional_subnetwork

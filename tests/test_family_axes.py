@@ -21,7 +21,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from nemo_elastic import cli, runtime
-from nemo_elastic.budget import GB, MemorySpec, count_memory
+from nemo_elastic.cost_model import GB, MemorySpec, count_memory
 from nemo_elastic.checkpoint import read_meta, save_checkpoint
 from nemo_elastic.config import ParallelConfig, smallest_memory
 from nemo_elastic.elastic.specs import build_elastic_model

@@ -283,7 +283,7 @@ def _uneven_ffn(model, cfg, layout):
 def _check_layout(rank, world_size, tmp_path, layout):
     """In one layout: sliced step == masked step (loss, every local gradient, router), and the
     shared-teacher step over all budgets == the probability-weighted sum of one-budget steps."""
-    from nemo_elastic.training.elastic_trainer import parent_config
+    from nemo_elastic.training.elastic.trainer import parent_config
     from nemo_elastic.training.train import build_trainer
     from tests.test_train import _cfg
 

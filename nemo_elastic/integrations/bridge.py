@@ -99,7 +99,7 @@ class ElasticForwardStep:
 def budget_probs_at(cfg: Config, iteration: int) -> tuple[str, list[float]]:
     """(stage name, budget probabilities) of the curriculum stage running `iteration`
     (1-based); the last stage once past the end."""
-    from nemo_elastic.training.elastic_trainer import _segments
+    from nemo_elastic.training.elastic.trainer import _segments
 
     segments = _segments(cfg, None)  # data is built lazily; only the schedule is read here
     for seg in segments:
@@ -150,8 +150,8 @@ class ElasticRouterCallback(Callback):
         from megatron.core import parallel_state as ps
 
         from nemo_elastic.checkpoint import load_checkpoint
-        from nemo_elastic.training.elastic_step import ElasticDistillationStep
-        from nemo_elastic.training.elastic_trainer import _lr_factor, parent_config
+        from nemo_elastic.training.elastic.step import ElasticDistillationStep
+        from nemo_elastic.training.elastic.trainer import _lr_factor, parent_config
         from nemo_elastic.training.train import build_teacher
 
         cfg, init, teacher_ckpt = parent_config(self._recipe(context))
@@ -183,7 +183,7 @@ class ElasticRouterCallback(Callback):
         self.step.begin_iteration(iteration, probs)
 
     def on_train_step_end(self, context: CallbackContext) -> None:
-        from nemo_elastic.training.elastic_trainer import choice_summary, sync_router_grads
+        from nemo_elastic.training.elastic.trainer import choice_summary, sync_router_grads
 
         iteration = context.state.train_state.step
         if self.sync_grads:

@@ -38,7 +38,7 @@ from nemo_elastic.checkpoint import latest_checkpoint, load_checkpoint, prune_ch
     save_checkpoint, start_writer_processes, write_text_durably
 from nemo_elastic.config import Config, ConfigError, to_dict
 from nemo_elastic.errors import TrainingDiverged
-from nemo_elastic.report import json_safe, strict_json  # noqa: F401  (json_safe: re-exported)
+from nemo_elastic.report.common import json_safe, strict_json  # noqa: F401  (json_safe: re-exported)
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from nemo_elastic.checkpoint import OutputLock, latest_checkpoint, load_checkpoi
     write_text_durably
 from nemo_elastic.config import Config, ConfigError, TrainConfig
 from nemo_elastic.fingerprint import guard_run_folder, run_fingerprint, training_fingerprint
-from nemo_elastic.training.elastic_step import ElasticDistillationStep
-from nemo_elastic.training.elastic_trainer import (ElasticTrainer, _finalize_with_router,
+from nemo_elastic.training.elastic.step import ElasticDistillationStep
+from nemo_elastic.training.elastic.trainer import (ElasticTrainer, _finalize_with_router,
                                                    _lr_factor, _segments, elastic_output_dir,
                                                    evaluate_family, parent_config)
 from nemo_elastic.training.loop import StopRequest, global_param_count, json_safe, \
@@ -189,8 +189,8 @@ def _pct(value: Optional[float]) -> str:
 
 
 def _write_outputs(out_dir: Path, result: TrainResult, trainer: ElasticTrainer) -> None:
-    from nemo_elastic.report import format_table
-    from nemo_elastic.training.report import plot_kd_by_budget, plot_router_choices, \
+    from nemo_elastic.report.common import format_table
+    from nemo_elastic.report.elastic import plot_kd_by_budget, plot_router_choices, \
         write_tensorboard
 
     history = trainer.full_history  # across resumes
@@ -240,12 +240,12 @@ def _write_outputs(out_dir: Path, result: TrainResult, trainer: ElasticTrainer) 
 def write_train_report(out_dir: Path, result: TrainResult, check, header, rows,
                        protocol: str) -> Path:
     """`report.md` of `nemo-elastic train`: the family table, band and order."""
-    from nemo_elastic.run_report import _md_table
+    from nemo_elastic.report.common import markdown_table
 
     lines = [f"# Elastic training report: `{out_dir}`", "",
              f"{result.iterations} iterations, {result.wall_time_s:.1f} s; checkpoint "
              f"`{result.checkpoint}`.", "",
-             _md_table(header, rows), "", f"({protocol}.)", "",
+             markdown_table(header, rows), "", f"({protocol}.)", "",
              f"**Bands**: {check.summary()}.", "",
              f"**Order**: sizes {check.order_text()}.", "",
              "Figures: `kd_by_budget.png` (per-budget distillation loss), `router_choices.png` "

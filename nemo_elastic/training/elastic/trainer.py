@@ -26,7 +26,7 @@ import torch
 from nemo_elastic.checkpoint import CheckpointError, read_meta, resolve_checkpoint
 from nemo_elastic.config import Config, ConfigError, to_dict
 from nemo_elastic.config_elastic import StageConfig
-from nemo_elastic.training.elastic_step import ElasticDistillationStep, reduce_reports
+from nemo_elastic.training.elastic.step import ElasticDistillationStep, reduce_reports
 from nemo_elastic.training.loop import Segment, Trainer
 
 logger = logging.getLogger(__name__)
@@ -296,7 +296,7 @@ class ElasticTrainer(Trainer):
 def choice_summary(router) -> dict:
     """{budget: {axis: chosen size (mean over layers for heterogeneous axes), params_fraction}}
     of the router's argmax sub-networks (no noise)."""
-    from nemo_elastic.budget import subnetwork_parameters
+    from nemo_elastic.cost_model import subnetwork_parameters
 
     out = {}
     with torch.no_grad():
