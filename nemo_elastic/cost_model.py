@@ -1,4 +1,4 @@
-"""Closed-form parameter counts for the hybrid Mamba2 / attention / MLP model.
+"""The closed-form cost model: parameters and memory of the hybrid Mamba2 / attention / MLP model.
 
 Pure Python (no torch / megatron import): a recipe's size can be checked anywhere.  The formulas
 follow the Megatron-Core parameter layout built by `nemo_elastic.model.build_hybrid_model` (which
@@ -44,7 +44,7 @@ the prefill chunking, not on the model's shape alone.  `memory_breakdown` / `cou
 `subnetwork_memory` mirror the parameter functions; `GB` = 1e9 bytes.
 
 One walk (`cost_terms`) serves the exact counts here and the probability-weighted expected
-costs of `nemo_elastic.elastic.cost`, so the two cannot drift apart.
+costs of `nemo_elastic.elastic.expected_cost`, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _size(m: ModelConfig, field_name: str, layer: Optional[int]) -> int:
 
 
 # Size-generic formulas: plain arithmetic, so ints give exact counts and (in
-# `nemo_elastic.elastic.cost`) probability-weighted expected sizes give a differentiable cost.
+# `nemo_elastic.elastic.expected_cost`) probability-weighted expected sizes give a differentiable cost.
 
 def mamba_parameters(h, heads, head_dim, groups: int, state: int, conv_kernel: int):
     """One Mamba2 layer (pre-norm + mixer) with `heads` x `head_dim` inner channels."""

@@ -27,7 +27,7 @@ from torch import nn
 from nemo_elastic import cost_model
 from nemo_elastic.config import ConfigError, ModelConfig
 from nemo_elastic.config_elastic import ROUTER_MODES, ElasticConfig
-from nemo_elastic.elastic.cost import expected_parameters
+from nemo_elastic.elastic.expected_cost import expected_parameters
 from nemo_elastic.elastic.masks import SoftAxis, SoftLayer, SoftSubNetwork
 from nemo_elastic.elastic.subnet import SubNetwork
 from nemo_elastic.sizes import ELASTIC_AXES, GROUPED
@@ -137,7 +137,7 @@ class ElasticRouter(nn.Module):
 
     def expected_cost(self, soft: SoftSubNetwork) -> torch.Tensor:
         if self.memory_spec is not None:
-            from nemo_elastic.elastic.cost import expected_memory
+            from nemo_elastic.elastic.expected_cost import expected_memory
 
             return expected_memory(self.model, soft, self.memory_spec)
         return expected_parameters(self.model, soft)

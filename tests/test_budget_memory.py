@@ -1,5 +1,5 @@
 """Inference memory (weights + KV cache + Mamba state) of hard and soft sub-networks:
-closed form (`nemo_elastic.cost_model`), expected / differentiable (`nemo_elastic.elastic.cost`)."""
+closed form (`nemo_elastic.cost_model`), expected / differentiable (`nemo_elastic.elastic.expected_cost`)."""
 
 import contextlib
 import dataclasses
@@ -12,7 +12,7 @@ import torch
 from nemo_elastic.cost_model import (GB, MemorySpec, count_memory, count_parameters, memory_breakdown,
                                  memory_gb, subnetwork_memory)
 from nemo_elastic.config import ConfigError, load_config
-from nemo_elastic.elastic.cost import expected_memory, expected_parameters
+from nemo_elastic.elastic.expected_cost import expected_memory, expected_parameters
 from nemo_elastic.elastic.masks import SoftAxis, SoftLayer, SoftSubNetwork
 from nemo_elastic.elastic.subnet import SubNetwork, sample_subnetwork
 from tests.conftest import soft_one_hot, tiny_config
