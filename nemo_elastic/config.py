@@ -414,18 +414,19 @@ class Config:
             if c > m.num_layers:
                 _fail("elastic.depth_choices", e.depth_choices,
                       f"{c} exceeds the parent's {m.num_layers} layers")
-        for i, stage in enumerate(e.curriculum):
-            p = f"elastic.curriculum[{i}]."
-            seq = stage.seq_length or d.seq_length
-            gbs = stage.global_batch_size or d.global_batch_size
-            mbs = stage.micro_batch_size or d.micro_batch_size
+        from nemo_elastic.training.elastic.schedule import Curriculum  # pure Python
+
+        curriculum = Curriculum(e, d)
+        for stage in curriculum.stages if curriculum.explicit else []:
+            p = f"elastic.curriculum[{stage.index}]."
+            seq, gbs, mbs = stage.seq_length, stage.global_batch_size, stage.micro_batch_size
             if seq > m.max_sequence_length:
                 _fail(f"{p}seq_length", seq, f"exceeds model.max_sequence_length={m.max_sequence_length}")
             if gbs % mbs:
                 _fail(f"{p}global_batch_size", gbs, f"must be a multiple of the micro batch {mbs}")
-            if stage.iters is None:  # tokens -> iterations at this stage's batch and length
-                stage.iters, stage.tokens = max(1, math.ceil(stage.tokens / (gbs * seq))), None
-        e.resolve_warmups()  # stages given in tokens are resolved to iterations above
+        # the stored recipe carries every stage's iterations (stages given in tokens resolved)
+        e.curriculum = curriculum.stage_configs()
+        e.resolve_warmups()
         if e.warmup_iters >= e.total_iters:
             _fail("elastic.warmup_iters", e.warmup_iters,
                   f"must be below the run's {e.total_iters} iterations")

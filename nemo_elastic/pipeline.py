@@ -415,21 +415,9 @@ def training_curve(cfg: Config, prepared: Path, checkpoints: dict[int, Path],
 
 def _tokens_per_iteration(cfg: Config) -> Callable[[int], int]:
     """iteration -> training tokens the student saw up to it (curriculum stages in order)."""
-    from nemo_elastic.config_elastic import StageConfig
+    from nemo_elastic.training.elastic.schedule import Curriculum
 
-    e, d = cfg.elastic, cfg.data
-    stages = e.curriculum or [StageConfig(name="elastic", iters=e.iters)]
-    spans = [(s.iters, (s.global_batch_size or d.global_batch_size) * (s.seq_length or d.seq_length))
-             for s in stages]
-
-    def tokens(iteration: int) -> int:
-        total, left = 0, iteration
-        for iters, per in spans:
-            step = min(left, iters)
-            total, left = total + step * per, left - step
-        return total + left * spans[-1][1]
-
-    return tokens
+    return Curriculum.of(cfg).tokens_at
 
 
 def zero_shot_budgets(cfg: Config, checkpoints: dict[str, Path],

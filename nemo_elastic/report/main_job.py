@@ -79,7 +79,9 @@ def write_report(out: Path, *, cfg: Config, parent: dict, zero_shot: dict, evalu
                  curve: dict, stages: dict) -> Path:
     out = Path(out)
     from nemo_elastic.family_check import check_family
+    from nemo_elastic.training.elastic.schedule import Curriculum
 
+    curriculum = Curriculum.of(cfg)
     family = zero_shot["family"]
     check = check_family(family)
     names = [r["name"] for r in family]
@@ -88,15 +90,10 @@ def write_report(out: Path, *, cfg: Config, parent: dict, zero_shot: dict, evalu
     plot_family(out / BUDGETS_PNG, evaluation, family, before, zero_shot["budgets"],
                 parent.get("uniform_loss"))
     if curve is not None:
-        plot_training(out / TRAINING_PNG, curve, names, _stage_tokens(cfg))
+        plot_training(out / TRAINING_PNG, curve, names, curriculum.stage_change_tokens())
     p = evaluation["protocol"]
     e = cfg.elastic
-    stage_text = "; ".join(
-        f"{s.name}: {s.iters} iterations x {s.global_batch_size or cfg.data.global_batch_size} x "
-        f"{s.seq_length or cfg.data.seq_length} tokens, budgets drawn "
-        + ("uniformly" if not s.budget_probs else
-           "/".join(f"{s.budget_probs.get(n, 0):g}" for n in names))
-        for s in e.curriculum) or f"{e.iters} iterations"
+    stage_text = curriculum.describe(names)
     total_tokens = max((v["tokens"] for v in points.values()), default=0)
     lines = [
         f"# Main job report: `{out}`",
@@ -164,7 +161,7 @@ def write_report(out: Path, *, cfg: Config, parent: dict, zero_shot: dict, evalu
         (name, "n/a" if s.get("seconds") is None else f"{s['seconds']:.1f} s",
          "reused" if s.get("reused") else "ran") for name, s in stages.items()]), ""]
     teacher_train = zero_shot.get("teacher", {}).get("val_loss")
-    last = e.curriculum[-1] if e.curriculum else None
+    last = curriculum.stages[-1] if curriculum.explicit else None
     lines += [
         "## Two losses for one checkpoint", "",
         "The same model gets slightly different validation losses in different places "
@@ -174,8 +171,8 @@ def write_report(out: Path, *, cfg: Config, parent: dict, zero_shot: dict, evalu
         ", the recipe's windows and `train.eval_iters` global batches;",
         "- the elastic run's closing table (`elastic/summary.json`, teacher "
         f"{fmt_loss(teacher_train)}): the last curriculum stage's data"
-        + (f" ({last.seq_length or cfg.data.seq_length}-token windows, "
-           f"{cfg.train.eval_iters} x {last.global_batch_size or cfg.data.global_batch_size} "
+        + (f" ({last.seq_length}-token windows, "
+           f"{cfg.train.eval_iters} x {last.global_batch_size} "
            "sequences)" if last else "") + ", with the router's family at the end of training.",
         ""]
     path = out / REPORT
@@ -185,17 +182,6 @@ def write_report(out: Path, *, cfg: Config, parent: dict, zero_shot: dict, evalu
 
 def _teacher(evaluation: dict) -> Optional[float]:
     return next((m["val_loss"] for m in evaluation["models"] if m["name"] == "teacher"), None)
-
-
-def _stage_tokens(cfg: Config) -> list[int]:
-    """Training tokens at each curriculum stage change."""
-    e, d = cfg.elastic, cfg.data
-    marks, total = [], 0
-    for s in (e.curriculum or [])[:-1]:
-        total += s.iters * (s.global_batch_size or d.global_batch_size) * \
-            (s.seq_length or d.seq_length)
-        marks.append(total)
-    return marks
 
 
 def _figure(ncols: int):

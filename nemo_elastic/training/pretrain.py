@@ -20,10 +20,10 @@ from nemo_elastic.checkpoint import OutputLock, write_text_durably
 from nemo_elastic.config import Config
 from nemo_elastic.data.loaders import build_training_data
 from nemo_elastic.model import build_hybrid_model
-from nemo_elastic.report.common import format_table, plot_curves
+from nemo_elastic.report.common import format_table, json_safe, plot_curves, strict_json
 from nemo_elastic.training.evaluation import answer_accuracy_of, to_every_stage, validation_loss
 from nemo_elastic.training.loop import Segment, StopRequest, Trainer, global_param_count, \
-    json_safe, strict_json, write_metrics
+    write_metrics
 from nemo_elastic.training.optim import build_optimizer, build_scheduler, wrap_ddp
 from nemo_elastic.training.step import lm_forward_step, reduce_lm_loss
 
