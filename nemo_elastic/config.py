@@ -431,7 +431,8 @@ class Config:
             _fail("elastic.warmup_iters", e.warmup_iters,
                   f"must be below the run's {e.total_iters} iterations")
         if e.budget_type == "memory":
-            from nemo_elastic.cost_model import GB, MemorySpec, count_memory
+            from nemo_elastic.cost_model import (GB, MemorySpec, count_memory, readable_bytes,
+                                                 smallest_memory)
 
             try:
                 spec = MemorySpec(**e.memory)
@@ -441,14 +442,10 @@ class Config:
             smallest_gb = smallest_memory(m, e, spec) / GB
             for name, value in e.budgets.items():
                 if value > parent_gb * (1 + e.loss.tolerance):
-                    from nemo_elastic.jobs import readable_bytes
-
                     _fail(f"elastic.budgets.{name}", value, f"({readable_bytes(value * GB)}) "
                           f"exceeds the parent's memory {readable_bytes(parent_gb * GB)} at "
                           f"elastic.memory={e.memory}")
                 if value < smallest_gb * (1 - e.loss.tolerance):
-                    from nemo_elastic.jobs import readable_bytes
-
                     _fail(f"elastic.budgets.{name}", value, f"({readable_bytes(value * GB)}) is "
                           f"below the smallest memory the elastic axes can reach, "
                           f"{readable_bytes(smallest_gb * GB)} (every axis at its smallest "
@@ -581,33 +578,3 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
         raise ConfigError(f"config: {str(err).splitlines()[0]}; fix or remove the ${{...}} "
                           "reference") from None
     return from_dict(Config, data)
-
-
-def smallest_memory(m: "ModelConfig", e, spec) -> float:
-    """Memory in bytes of the smallest sub-network the router can choose: every elastic width
-    axis at its smallest choice (explicit `choices`, else the smallest width fraction rounded as
-    `router.axis_choices` rounds it), each layer kept (with elastic depth: the parent's layers
-    minus the most memory-hungry ones it may drop, a lower bound)."""
-    from nemo_elastic.cost_model import count_memory
-    from nemo_elastic.elastic.subnet import SubNetwork
-    from nemo_elastic.sizes import ELASTIC_AXES, GROUPED
-
-    sizes = {}
-    for axis in e.axes:
-        _, field_name = ELASTIC_AXES[axis]
-        step = getattr(m, GROUPED[field_name]) if field_name in GROUPED else 1
-        full = getattr(m, field_name)
-        smallest = min(e.choices[axis]) if e.choices.get(axis) else \
-            max(step, int(round(full * min(e.width_fractions) / step)) * step)
-        sizes[field_name] = min(smallest, full)
-    subnet = SubNetwork.uniform(m, **sizes)
-    if not e.depth_choices:
-        return count_memory(subnet.model_config(m), spec)
-    keep = min(e.depth_choices)
-    costs = []
-    for j in range(m.num_layers):  # the memory each layer adds (drop it alone)
-        alone = SubNetwork.uniform(m, **sizes, drop_layers=[j])
-        costs.append(count_memory(subnet.model_config(m), spec)
-                     - count_memory(alone.model_config(m), spec))
-    drop = sorted(range(m.num_layers), key=lambda j: -costs[j])[:max(0, m.num_layers - keep)]
-    return count_memory(SubNetwork.uniform(m, **sizes, drop_layers=drop).model_config(m), spec)

@@ -53,10 +53,11 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from nemo_elastic.config import (ATTENTION, MAMBA, MLP, MOE, MOE_FIELDS, ConfigError,
-                                 ModelConfig, require_positive)
+from nemo_elastic.errors import ConfigError, require_positive
+from nemo_elastic.sizes import ATTENTION, ELASTIC_AXES, GROUPED, MAMBA, MLP, MOE, MOE_FIELDS
 
-if TYPE_CHECKING:  # pure Python either way; avoid importing the elastic package at load time
+if TYPE_CHECKING:  # annotations only: the cost model is a leaf that `config` may import
+    from nemo_elastic.config import ModelConfig
     from nemo_elastic.elastic.subnet import SubNetwork
 
 __all__ = ["GB", "MemorySpec", "active_parameter_breakdown", "attention_layer_parameters",
@@ -65,7 +66,8 @@ __all__ = ["GB", "MemorySpec", "active_parameter_breakdown", "attention_layer_pa
            "kv_cache_bytes", "layer_parameters", "mamba_layer_parameters", "mamba_parameters",
            "mamba_state_bytes", "memory_breakdown", "memory_from_terms", "memory_gb",
            "mlp_layer_parameters", "mlp_parameters", "parameter_breakdown",
-           "parameters_from_terms", "subnetwork_memory", "subnetwork_parameters"]
+           "parameters_from_terms", "readable_bytes", "smallest_memory", "subnetwork_memory",
+           "subnetwork_parameters"]
 
 GB = 1e9  # bytes; budgets in GB are decimal gigabytes, as in Flextron's memory budget
 
@@ -302,3 +304,43 @@ def memory_gb(m: ModelConfig, spec: Optional[MemorySpec] = None,
     """`count_memory` (or `subnetwork_memory` of `subnet`) in GB (1e9 bytes)."""
     nbytes = count_memory(m, spec) if subnet is None else subnetwork_memory(m, subnet, spec)
     return nbytes / GB
+
+
+def readable_bytes(n: float) -> str:
+    """'1.23 GB' / '456.00 MB' / '7.00 kB' / '12 B' (decimal units, as `GB`)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _uniform_memory(m: ModelConfig, spec: MemorySpec, sizes: dict, drop=()) -> float:
+    """Memory in bytes of the sub-network with the same `sizes` in every layer of a type
+    (`SubNetwork.uniform(m, **sizes, drop_layers=drop)`, counted without building it)."""
+    size = lambda f, i: sizes[f] if sizes.get(f) is not None else m.layer_size(f, i)  # noqa: E731
+    terms = cost_terms(m, spec, hidden=sizes.get("hidden_size", m.hidden_size), size=size,
+                       keep=lambda i: i not in drop)
+    return memory_from_terms(terms, spec)["total"]
+
+
+def smallest_memory(m: ModelConfig, e, spec: MemorySpec) -> float:
+    """Memory in bytes of the smallest sub-network the router can choose: every elastic width
+    axis at its smallest choice (explicit `choices`, else the smallest width fraction rounded as
+    `router.axis_choices` rounds it), each layer kept (with elastic depth: the parent's layers
+    minus the most memory-hungry ones it may drop, a lower bound).  `e`: the elastic section."""
+    sizes = {}
+    for axis in e.axes:
+        _, field_name = ELASTIC_AXES[axis]
+        step = getattr(m, GROUPED[field_name]) if field_name in GROUPED else 1
+        full = getattr(m, field_name)
+        smallest = min(e.choices[axis]) if e.choices.get(axis) else \
+            max(step, int(round(full * min(e.width_fractions) / step)) * step)
+        sizes[field_name] = min(smallest, full)
+    if not e.depth_choices:
+        return _uniform_memory(m, spec, sizes)
+    keep = min(e.depth_choices)
+    kept_all = _uniform_memory(m, spec, sizes)
+    costs = [kept_all - _uniform_memory(m, spec, sizes, {j})  # the memory each layer adds
+             for j in range(m.num_layers)]
+    drop = sorted(range(m.num_layers), key=lambda j: -costs[j])[:max(0, m.num_layers - keep)]
+    return _uniform_memory(m, spec, sizes, set(drop))

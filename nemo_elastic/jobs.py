@@ -15,6 +15,7 @@ import logging
 from typing import Callable, Optional, Sequence
 
 from nemo_elastic.errors import ConfigError
+from nemo_elastic.cost_model import readable_bytes
 
 logger = logging.getLogger("nemo_elastic")
 
@@ -89,11 +90,6 @@ def target_text(row: dict) -> str:
     return f"{row['target']:g} of the parameters"
 
 
-def readable_bytes(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 # ------------------------------------------------------------------------------------ export
