@@ -23,6 +23,7 @@ from nemo_elastic.errors import ConfigError, fail as _fail, require_positive  # 
 from nemo_elastic.data.synthetic import SyntheticReasoningConfig
 from nemo_elastic.config_elastic import ElasticConfig
 from nemo_elastic.config_io import from_dict, load_yaml, yaml_problem
+from nemo_elastic.config_optimizer import LR_DECAY_STYLES, OptimizerConfig
 
 # The layer symbols and their size tables live in `sizes` (re-exported here: config.MAMBA, ...).
 # GDN ('G'), MLA ('+'), DSA ('D') and MTP ('/') are real Megatron symbols that the elastic
@@ -304,7 +305,7 @@ class TrainConfig:
             _fail("train.lr", self.lr, "must be > 0")
         if not 0 <= self.min_lr <= self.lr:
             _fail("train.min_lr", self.min_lr, f"must be in [0, train.lr={self.lr}]")
-        if self.lr_decay_style not in ("constant", "linear", "cosine"):
+        if self.lr_decay_style not in LR_DECAY_STYLES:
             _fail("train.lr_decay_style", self.lr_decay_style, "must be constant, linear or cosine")
         if self.clip_grad < 0:
             _fail("train.clip_grad", self.clip_grad, "must be >= 0 (0 disables clipping)")
@@ -316,6 +317,14 @@ class TrainConfig:
                 _fail("train.recompute_method", self.recompute_method,
                       "full recompute needs 'uniform' or 'block'")
             require_positive(self, "recompute_num_layers", prefix="train.")
+
+    @property
+    def optimizer(self) -> OptimizerConfig:
+        """The pretraining's optimizer and LR schedule (over `iters`)."""
+        return OptimizerConfig(
+            iters=self.iters, lr=self.lr, min_lr=self.min_lr, warmup_iters=self.warmup_iters,
+            lr_decay_style=self.lr_decay_style, weight_decay=self.weight_decay,
+            adam_beta1=self.adam_beta1, adam_beta2=self.adam_beta2, clip_grad=self.clip_grad)
 
     def recompute_overrides(self) -> dict:
         """TransformerConfig overrides for activation recompute (empty when off)."""

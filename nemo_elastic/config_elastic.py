@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from nemo_elastic.config_io import from_dict
+from nemo_elastic.config_optimizer import LR_DECAY_STYLES, OptimizerConfig
 from nemo_elastic.errors import fail, first_repeated, require_number, require_positive
 from nemo_elastic.sizes import ELASTIC_AXES
 
@@ -298,7 +299,7 @@ class ElasticConfig:
         _check_warmup(self.warmup_iters, f"{p}warmup_iters")
         if all(s.iters is not None for s in self.curriculum):  # else Config resolves tokens first
             self.resolve_warmups()
-        if self.lr_decay_style not in ("constant", "linear", "cosine"):
+        if self.lr_decay_style not in LR_DECAY_STYLES:
             fail(f"{p}lr_decay_style", self.lr_decay_style, "must be constant, linear or cosine")
 
     # ------------------------------------------------------------------ validation pieces
@@ -410,6 +411,14 @@ class ElasticConfig:
         return out
 
     # ------------------------------------------------------------------ queries
+    def optimizer(self, train) -> OptimizerConfig:
+        """The student's optimizer and LR schedule over the whole run (all stages); the Adam
+        betas are the `train:` section's (`train`)."""
+        return OptimizerConfig(
+            iters=self.total_iters, lr=self.lr, min_lr=self.min_lr, warmup_iters=self.warmup_iters,
+            lr_decay_style=self.lr_decay_style, weight_decay=self.weight_decay,
+            adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2, clip_grad=self.clip_grad)
+
     @property
     def budget_names(self) -> list[str]:
         return list(self.budgets)

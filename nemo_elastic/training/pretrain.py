@@ -97,8 +97,8 @@ def _pretrain_locked(cfg: Config, info, out_dir: Path, stop: StopRequest, *, res
     model = build_hybrid_model(cfg, **cfg.train.recompute_overrides())
     n_params = global_param_count(model)
     ddp = wrap_ddp(model)
-    optimizer = build_optimizer([ddp], cfg.train, model.config.params_dtype)
-    scheduler = build_scheduler(optimizer, cfg.train)
+    optimizer = build_optimizer([ddp], cfg.train.optimizer, model.config.params_dtype)
+    scheduler = build_scheduler(optimizer, cfg.train.optimizer)
     d, t = cfg.data, cfg.train
     data = build_training_data(cfg, info)
     segment = Segment(name="pretrain", begin=0, end=t.iters, seq_length=d.seq_length,

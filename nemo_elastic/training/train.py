@@ -21,7 +21,7 @@ from typing import Optional
 from nemo_elastic import runtime
 from nemo_elastic.checkpoint import OutputLock, latest_checkpoint, load_checkpoint, \
     write_text_durably
-from nemo_elastic.config import Config, ConfigError, TrainConfig
+from nemo_elastic.config import Config, ConfigError
 from nemo_elastic.fingerprint import guard_run_folder, run_fingerprint, training_fingerprint
 from nemo_elastic.training.elastic.step import ElasticDistillationStep
 from nemo_elastic.report.common import json_safe
@@ -116,12 +116,8 @@ def build_trainer(cfg: Config, init: Path, teacher_ckpt: Path, info, *, load_ini
                            layer_ranking=read_meta(init).get("layer_ranking")).to(device)
     teacher = None if e.distill.teacher_mode == "trainable" else build_teacher(cfg, teacher_ckpt)
     ddp = wrap_ddp(student, finalize_grads=partial(finalize_with_router, router=router))
-    model_train = TrainConfig(
-        iters=e.total_iters, lr=e.lr, min_lr=e.min_lr, warmup_iters=e.warmup_iters,
-        lr_decay_style=e.lr_decay_style, weight_decay=e.weight_decay, clip_grad=e.clip_grad,
-        adam_beta1=cfg.train.adam_beta1, adam_beta2=cfg.train.adam_beta2, seed=e.seed)
-    optimizer = build_optimizer([ddp], model_train, student.config.params_dtype)
-    scheduler = build_scheduler(optimizer, model_train)
+    optimizer = build_optimizer([ddp], e.optimizer(cfg.train), student.config.params_dtype)
+    scheduler = build_scheduler(optimizer, e.optimizer(cfg.train))
     router_opt, router_sched = build_router_optimizer(cfg, router)
     step = ElasticDistillationStep(router=router, teacher=teacher, elastic_cfg=e,
                                    tp_group=ps.get_tensor_model_parallel_group())
