@@ -12,7 +12,7 @@
 6. **evaluate** each exported model as a plain model (validation loss, greedy answer accuracy,
    greedy decoding tokens/s) and the teacher -> `evaluation.json`; and every saved elastic
    checkpoint's family (loss and accuracy against training tokens) -> `training_curve.json`;
-7. **report**: `report.md` with tables and PNG plots (`run_report.py`).
+7. **report**: `report.md` with tables and PNG plots (`report/main_job.py`).
 
 Every evaluation in steps 3 and 6 uses one protocol (`evaluation_protocol`): the recipe's
 `data` section, the first `train.eval_iters` micro-batches of the validation set, the first
