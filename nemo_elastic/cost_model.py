@@ -51,14 +51,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 from nemo_elastic.errors import ConfigError, require_positive
 from nemo_elastic.sizes import ATTENTION, ELASTIC_AXES, GROUPED, MAMBA, MLP, MOE, MOE_FIELDS
 
-if TYPE_CHECKING:  # annotations only: the cost model is a leaf that `config` may import
-    from nemo_elastic.config import ModelConfig
-    from nemo_elastic.elastic.subnet import SubNetwork
+# The cost model is a leaf: `config` imports it to check memory budgets, so it imports neither
+# `config` nor `elastic.subnet`, not even for type checking.  In annotations (never evaluated),
+# ModelConfig is `nemo_elastic.config.ModelConfig`, SubNetwork `nemo_elastic.elastic.subnet`'s.
+ModelConfig = SubNetwork = Any
 
 __all__ = ["GB", "MemorySpec", "active_parameter_breakdown", "attention_layer_parameters",
            "attention_parameters", "count_active_parameters", "moe_parameters",
