@@ -251,7 +251,7 @@ def zero_shot(cfg, ckpt: Path, family: dict) -> dict:
 
 def matched_uniform(model_cfg, target_params: int):
     """The uniform fraction of every axis whose sub-network's parameter count is closest."""
-    from nemo_elastic.budget import subnetwork_parameters
+    from nemo_elastic.cost_model import subnetwork_parameters
     from nemo_elastic.importance.zero_shot import fractional_subnetwork
 
     best = None
@@ -279,7 +279,7 @@ def tokens_to_reach(curve: list, target: float) -> Optional[float]:
 # ----------------------------------------------------------------------------- main
 
 def run(args) -> dict:
-    from nemo_elastic.budget import count_parameters, subnetwork_parameters
+    from nemo_elastic.cost_model import count_parameters, subnetwork_parameters
     from nemo_elastic.checkpoint import META_FILE, resolve_checkpoint
     from nemo_elastic.elastic.subnet import SubNetwork
     from nemo_elastic.importance.prepare import prepare
@@ -345,7 +345,7 @@ def run(args) -> dict:
 
 def summarize(s: Settings, runs: dict, zs: dict, zs_random: dict, family: dict, uniform: dict,
               m, full: int) -> dict:
-    from nemo_elastic.budget import subnetwork_parameters
+    from nemo_elastic.cost_model import subnetwork_parameters
 
     T = s.elastic_iters * s.tokens_per_iter
     el = runs["elastic"]["final"]
@@ -438,7 +438,7 @@ def _tok(v) -> str:
 
 
 def print_tables(r: dict) -> None:
-    from nemo_elastic.report import format_table
+    from nemo_elastic.report.common import format_table
 
     cost = r["cost_of_family"]
     T = cost["elastic_tokens"]

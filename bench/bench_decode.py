@@ -87,7 +87,7 @@ def main() -> None:
     from nemo_elastic.elastic.subnet import SubNetwork
     from nemo_elastic.export.slicing import slice_model
     from nemo_elastic.inference import cached, uncached
-    from nemo_elastic.report import format_table
+    from nemo_elastic.report.common import format_table
     from nemo_elastic.training.evaluation import greedy_logits_fn
 
     table = []

@@ -41,7 +41,7 @@ def main() -> None:
     from nemo_elastic.elastic.masks import SoftAxis, SoftLayer, SoftSubNetwork
     from nemo_elastic.elastic.specs import build_elastic_model
     from nemo_elastic.model import build_hybrid_model
-    from nemo_elastic.report import format_table
+    from nemo_elastic.report.common import format_table
 
     h = args.hidden
     cfg = bench_config(h, args.pattern, args.seq)

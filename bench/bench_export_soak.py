@@ -37,7 +37,7 @@ BUDGETS = {"full": {}, "half": {"hidden_size": 16, "ffn_hidden_size": 32},
 def make_family(root: Path) -> Path:
     """The tiny parent saved again as an elastic checkpoint whose family is BUDGETS."""
     from nemo_elastic import runtime
-    from nemo_elastic.budget import MemorySpec, count_parameters, subnetwork_memory, \
+    from nemo_elastic.cost_model import MemorySpec, count_parameters, subnetwork_memory, \
         subnetwork_parameters
     from nemo_elastic.checkpoint import config_from_checkpoint, load_checkpoint, save_checkpoint
     from nemo_elastic.config import ParallelConfig

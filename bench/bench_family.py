@@ -36,7 +36,7 @@ def _size(path: Path) -> int:
 
 
 def _family(m):
-    from nemo_elastic.budget import MemorySpec, count_parameters, subnetwork_memory, \
+    from nemo_elastic.cost_model import MemorySpec, count_parameters, subnetwork_memory, \
         subnetwork_parameters
     from nemo_elastic.elastic.subnet import SubNetwork
 
@@ -76,7 +76,7 @@ def main() -> None:
     from nemo_elastic.data.protocol import document_ids
     from nemo_elastic.elastic.specs import build_elastic_model
     from nemo_elastic.export import export_budgets
-    from nemo_elastic.report import format_table
+    from nemo_elastic.report.common import format_table
     from nemo_elastic.inference import generate_ids
     from nemo_elastic.serve import ElasticGenerator
 

@@ -118,7 +118,7 @@ def run(args) -> dict:
 
 
 def print_table(result: dict) -> None:
-    from nemo_elastic.report import format_table
+    from nemo_elastic.report.common import format_table
 
     rows = []
     for name, per_seed in result["variants"].items():

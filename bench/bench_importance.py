@@ -107,7 +107,7 @@ def evaluate(args, cfg, parent: Path, prepared: Path, train_s: float, prepare_s:
     from nemo_elastic.importance import (Aggregation, compute_scores, permutations_from_scores,
                                          permute_model_, random_permutations)
     from nemo_elastic.importance.prepare import calibration_batches
-    from nemo_elastic.report import format_table
+    from nemo_elastic.report.common import format_table
     from nemo_elastic.data.loaders import build_training_data
     from nemo_elastic.training.evaluation import validation_loss
 

@@ -29,7 +29,7 @@ def main() -> None:
     from nemo_elastic.elastic.specs import build_elastic_model
     from nemo_elastic.elastic.subnet import AXES, sample_subnetwork
     from nemo_elastic.export.slicing import slice_model
-    from nemo_elastic.report import format_table
+    from nemo_elastic.report.common import format_table
 
     cfg = from_dict(Config, {"model": dict(
         hybrid_layer_pattern=args.pattern, hidden_size=64, ffn_hidden_size=128,

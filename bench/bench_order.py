@@ -114,7 +114,7 @@ def run(args) -> dict:
     from nemo_elastic.importance import (compute_scores, permutations_from_scores,
                                          permute_model_, random_permutations)
     from nemo_elastic.importance.prepare import calibration_batches
-    from nemo_elastic.report import format_table
+    from nemo_elastic.report.common import format_table
     from nemo_elastic.training.evaluation import validation_loss
 
     started = time.perf_counter()

@@ -233,7 +233,7 @@ def final_accuracy(cfg, ckpt_dir: Path, subnets: dict, samples: int) -> dict:
 
 
 def run(args) -> dict:
-    from nemo_elastic.budget import count_parameters, subnetwork_parameters
+    from nemo_elastic.cost_model import count_parameters, subnetwork_parameters
     from nemo_elastic.checkpoint import META_FILE, resolve_checkpoint
     from nemo_elastic.elastic.subnet import SubNetwork
     from nemo_elastic.importance.prepare import prepare
@@ -336,7 +336,7 @@ def search_arm(s, work, n, frac, seed, mo_parent, candidates, args, m, cfg) -> d
     r["search_tokens"] = spent
     r["winner"] = {"index": best_k, "export_config": export_of_subnet(m, best_sub),
                    "short_losses": [x[0] for x in short]}
-    from nemo_elastic.budget import subnetwork_parameters
+    from nemo_elastic.cost_model import subnetwork_parameters
 
     r["parameters"] = subnetwork_parameters(m, best_sub)
     r["accuracy"] = final_accuracy(cfg, work / f"modelopt_search_{n}_best_s{seed}",
@@ -401,7 +401,7 @@ def _f(ms, digits=4) -> str:
 
 
 def print_tables(r: dict) -> None:
-    from nemo_elastic.report import format_table
+    from nemo_elastic.report.common import format_table
 
     derived = r["derived"]
     T = r["elastic_tokens"]
@@ -454,7 +454,7 @@ def extrapolate(ratio_two_sizes: float | None) -> list[tuple]:
 
 
 def print_extrapolation(ratio: float | None) -> None:
-    from nemo_elastic.report import format_table
+    from nemo_elastic.report.common import format_table
 
     b = lambda t: "n/a" if t is None else f"{t / 1e9:,.0f}B"  # noqa: E731
     h = lambda t, g: "n/a" if t is None else f"{g(t):,.0f}"  # noqa: E731

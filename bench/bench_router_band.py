@@ -24,7 +24,7 @@ import torch
 from nemo_elastic.config import Config, from_dict
 from nemo_elastic.family_check import check_family
 from nemo_elastic.router import ElasticRouter
-from nemo_elastic.training.elastic_trainer import _lr_factor
+from nemo_elastic.training.elastic.schedule import lr_factor
 
 MODEL = dict(hybrid_layer_pattern="M-M*-M-", hidden_size=64, ffn_hidden_size=192,
              num_attention_heads=4, num_query_groups=2, kv_channels=16, mamba_num_heads=8,
@@ -55,7 +55,7 @@ def run(setup: dict, cost: str, seed: int, iters: int, micro: int, kd_pull: floa
     router = ElasticRouter(cfg.model, e, total_iters=iters, layer_ranking=ranking)
     opt = torch.optim.AdamW(router.parameters(), lr=e.router.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(
-        _lr_factor, warmup=e.router.warmup_iters, total=iters, style="cosine",
+        lr_factor, warmup=e.router.warmup_iters, total=iters, style="cosine",
         min_ratio=0.1))
     gen = torch.Generator().manual_seed(seed + 1)
     for it in range(iters):

@@ -66,9 +66,9 @@ def step_times(args) -> None:
     from nemo_elastic import runtime
     from nemo_elastic.config import ParallelConfig
     from nemo_elastic.elastic.specs import build_elastic_model
-    from nemo_elastic.report import format_table
+    from nemo_elastic.report.common import format_table
     from nemo_elastic.router import ElasticRouter
-    from nemo_elastic.training.elastic_step import ElasticDistillationStep
+    from nemo_elastic.training.elastic.step import ElasticDistillationStep
 
     names = [f"{round(f * 100)}%" for f in FRACTIONS]
     cfg = bench_config(args.hidden, args.pattern, args.seq, elastic={
@@ -184,7 +184,7 @@ def _stage1(prepared: Path, out: Path, iters: int, execution: str, sampling: str
     with a test suite took 4x the wall time of the same run alone), CPU time does not."""
     from nemo_elastic import runtime
     from nemo_elastic.config import load_config
-    from nemo_elastic.training.elastic_trainer import (choice_summary, elastic_output_dir,
+    from nemo_elastic.training.elastic.trainer import (choice_summary, elastic_output_dir,
                                                        parent_config)
     from nemo_elastic.training.loop import StopRequest
     from nemo_elastic.training.train import build_trainer
@@ -216,7 +216,7 @@ def _stage1(prepared: Path, out: Path, iters: int, execution: str, sampling: str
 
 
 def stage1(args) -> None:
-    from nemo_elastic.report import format_table
+    from nemo_elastic.report.common import format_table
 
     variants = (("masked", "masked", "one"), ("sliced", "sliced", "one"),
                 ("sliced + shared teacher", "sliced", "all"))

@@ -42,9 +42,9 @@ def main() -> None:
     from nemo_elastic.config import ParallelConfig
     from nemo_elastic.elastic.specs import build_elastic_model
     from nemo_elastic.model import build_hybrid_model
-    from nemo_elastic.report import format_table
+    from nemo_elastic.report.common import format_table
     from nemo_elastic.router import ElasticRouter
-    from nemo_elastic.training.elastic_step import ElasticDistillationStep
+    from nemo_elastic.training.elastic.step import ElasticDistillationStep
 
     h = args.hidden
     budgets = {"full": 1.0, "75pct": 0.75, "50pct": 0.5}

@@ -47,7 +47,7 @@ def checkpoint_info(ckpt) -> dict:
 
 def format_info(info: dict) -> Optional[str]:
     """The family table of `checkpoint_info(...)` (None without a family); logs the header."""
-    from nemo_elastic.report import format_table
+    from nemo_elastic.report.common import format_table
 
     logger.info("checkpoint %s: kind %s, iteration %s", info["checkpoint"], info["kind"],
                 info["iteration"])
@@ -141,7 +141,7 @@ def budget_size_line(ckpt, name: str) -> str:
 
 
 def size_line(parent, subnet) -> str:
-    from nemo_elastic.budget import count_parameters, subnetwork_parameters
+    from nemo_elastic.cost_model import count_parameters, subnetwork_parameters
 
     full, kept = count_parameters(parent), subnetwork_parameters(parent, subnet)
     return (f"{kept:,} parameters ({100 * kept / full:.1f}% of {full:,}); "

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from nemo_elastic.config import ConfigError, load_config
-from nemo_elastic.errors import UserError
+from nemo_elastic.errors import UserError, setup_logging, user_error_line
 from nemo_elastic.sizes import MOE_FIELDS, SIZE_FIELDS
 from nemo_elastic.checkpoint_commands import budget_size_line as _budget_size, \
     size_line as _size_line
@@ -44,22 +44,6 @@ from nemo_elastic.checkpoint_commands import budget_size_line as _budget_size, \
 logger = logging.getLogger("nemo_elastic")
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "tiny.yaml"
-
-
-def _setup_logging(verbose: bool) -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
-    # Megatron logs and warns a lot about GPU-only features; keep the output readable.
-    logging.getLogger("megatron").setLevel(logging.WARNING if not verbose else logging.INFO)
-    logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").setLevel(logging.ERROR)
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    if not verbose:
-        import warnings
-
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron(\..*)?")
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed\..*")
 
 
 def _default_config() -> Path:
@@ -476,17 +460,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     previous = _sigterm_interrupts()
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     try:
         with logging_redirect_tqdm():  # log lines print above progress bars, not through them
             return args.func(args)
-    except UserError as err:  # CheckpointError, ConfigError, DataError, TrainingDiverged
-        return _user_error(_one_line(str(err)))
-    except OSError as err:  # a missing input, an output that cannot be written, a full disk
-        return _user_error(_one_line(_os_error_line(err)))
+    except (UserError, OSError) as err:  # errors.user_error_line: one line, exit 2
+        return _user_error(user_error_line(err))
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (see _sigterm_interrupts): one line
         signum = getattr(err, "signum", signal.SIGINT)
         logger.error("%s interrupted by %s: an unfinished output is never published (its "
@@ -534,27 +516,6 @@ def _user_error(line: str) -> int:
         except OSError:
             pass  # the log line above is still there
     return 2
-
-
-def _one_line(message: str) -> str:
-    return " ".join(message.split())
-
-
-def _os_error_line(err: OSError) -> str:
-    import errno
-
-    if not err.strerror:  # raised with a message of ours
-        return str(err)
-    where = f"{err.filename}: " if err.filename else ""
-    fix = {errno.ENOENT: "check the path", errno.EEXIST: "choose another path or remove it",
-           errno.ENOTDIR: "a file is in the way: choose another path",
-           errno.EISDIR: "pass a file, not a directory",
-           errno.EACCES: "choose a location you can read/write",
-           errno.EPERM: "choose a location you can read/write",
-           errno.EROFS: "choose a writable location",
-           errno.ENOSPC: "free disk space or choose another location"}.get(err.errno,
-                                                                          "check the path")
-    return f"{where}{err.strerror.lower()}; {fix}"
 
 
 class _Once(argparse.Action):

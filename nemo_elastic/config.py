@@ -23,6 +23,7 @@ from nemo_elastic.errors import ConfigError, fail as _fail, require_positive  # 
 from nemo_elastic.data.synthetic import SyntheticReasoningConfig
 from nemo_elastic.config_elastic import ElasticConfig
 from nemo_elastic.config_io import from_dict, load_yaml, yaml_problem
+from nemo_elastic.config_optimizer import LR_DECAY_STYLES, OptimizerConfig
 
 # The layer symbols and their size tables live in `sizes` (re-exported here: config.MAMBA, ...).
 # GDN ('G'), MLA ('+'), DSA ('D') and MTP ('/') are real Megatron symbols that the elastic
@@ -304,7 +305,7 @@ class TrainConfig:
             _fail("train.lr", self.lr, "must be > 0")
         if not 0 <= self.min_lr <= self.lr:
             _fail("train.min_lr", self.min_lr, f"must be in [0, train.lr={self.lr}]")
-        if self.lr_decay_style not in ("constant", "linear", "cosine"):
+        if self.lr_decay_style not in LR_DECAY_STYLES:
             _fail("train.lr_decay_style", self.lr_decay_style, "must be constant, linear or cosine")
         if self.clip_grad < 0:
             _fail("train.clip_grad", self.clip_grad, "must be >= 0 (0 disables clipping)")
@@ -316,6 +317,14 @@ class TrainConfig:
                 _fail("train.recompute_method", self.recompute_method,
                       "full recompute needs 'uniform' or 'block'")
             require_positive(self, "recompute_num_layers", prefix="train.")
+
+    @property
+    def optimizer(self) -> OptimizerConfig:
+        """The pretraining's optimizer and LR schedule (over `iters`)."""
+        return OptimizerConfig(
+            iters=self.iters, lr=self.lr, min_lr=self.min_lr, warmup_iters=self.warmup_iters,
+            lr_decay_style=self.lr_decay_style, weight_decay=self.weight_decay,
+            adam_beta1=self.adam_beta1, adam_beta2=self.adam_beta2, clip_grad=self.clip_grad)
 
     def recompute_overrides(self) -> dict:
         """TransformerConfig overrides for activation recompute (empty when off)."""
@@ -414,23 +423,25 @@ class Config:
             if c > m.num_layers:
                 _fail("elastic.depth_choices", e.depth_choices,
                       f"{c} exceeds the parent's {m.num_layers} layers")
-        for i, stage in enumerate(e.curriculum):
-            p = f"elastic.curriculum[{i}]."
-            seq = stage.seq_length or d.seq_length
-            gbs = stage.global_batch_size or d.global_batch_size
-            mbs = stage.micro_batch_size or d.micro_batch_size
+        from nemo_elastic.training.elastic.schedule import Curriculum  # pure Python
+
+        curriculum = Curriculum(e, d)
+        for stage in curriculum.stages if curriculum.explicit else []:
+            p = f"elastic.curriculum[{stage.index}]."
+            seq, gbs, mbs = stage.seq_length, stage.global_batch_size, stage.micro_batch_size
             if seq > m.max_sequence_length:
                 _fail(f"{p}seq_length", seq, f"exceeds model.max_sequence_length={m.max_sequence_length}")
             if gbs % mbs:
                 _fail(f"{p}global_batch_size", gbs, f"must be a multiple of the micro batch {mbs}")
-            if stage.iters is None:  # tokens -> iterations at this stage's batch and length
-                stage.iters, stage.tokens = max(1, math.ceil(stage.tokens / (gbs * seq))), None
-        e.resolve_warmups()  # stages given in tokens are resolved to iterations above
+        # the stored recipe carries every stage's iterations (stages given in tokens resolved)
+        e.curriculum = curriculum.stage_configs()
+        e.resolve_warmups()
         if e.warmup_iters >= e.total_iters:
             _fail("elastic.warmup_iters", e.warmup_iters,
                   f"must be below the run's {e.total_iters} iterations")
         if e.budget_type == "memory":
-            from nemo_elastic.budget import GB, MemorySpec, count_memory
+            from nemo_elastic.cost_model import GB, MemorySpec, count_memory, smallest_memory
+            from nemo_elastic.units import readable_bytes
 
             try:
                 spec = MemorySpec(**e.memory)
@@ -440,14 +451,10 @@ class Config:
             smallest_gb = smallest_memory(m, e, spec) / GB
             for name, value in e.budgets.items():
                 if value > parent_gb * (1 + e.loss.tolerance):
-                    from nemo_elastic.units import readable_bytes
-
                     _fail(f"elastic.budgets.{name}", value, f"({readable_bytes(value * GB)}) "
                           f"exceeds the parent's memory {readable_bytes(parent_gb * GB)} at "
                           f"elastic.memory={e.memory}")
                 if value < smallest_gb * (1 - e.loss.tolerance):
-                    from nemo_elastic.units import readable_bytes
-
                     _fail(f"elastic.budgets.{name}", value, f"({readable_bytes(value * GB)}) is "
                           f"below the smallest memory the elastic axes can reach, "
                           f"{readable_bytes(smallest_gb * GB)} (every axis at its smallest "
@@ -580,33 +587,3 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
         raise ConfigError(f"config: {str(err).splitlines()[0]}; fix or remove the ${{...}} "
                           "reference") from None
     return from_dict(Config, data)
-
-
-def smallest_memory(m: "ModelConfig", e, spec) -> float:
-    """Memory in bytes of the smallest sub-network the router can choose: every elastic width
-    axis at its smallest choice (explicit `choices`, else the smallest width fraction rounded as
-    `router.axis_choices` rounds it), each layer kept (with elastic depth: the parent's layers
-    minus the most memory-hungry ones it may drop, a lower bound)."""
-    from nemo_elastic.budget import count_memory
-    from nemo_elastic.elastic.subnet import SubNetwork
-    from nemo_elastic.sizes import ELASTIC_AXES, GROUPED
-
-    sizes = {}
-    for axis in e.axes:
-        _, field_name = ELASTIC_AXES[axis]
-        step = getattr(m, GROUPED[field_name]) if field_name in GROUPED else 1
-        full = getattr(m, field_name)
-        smallest = min(e.choices[axis]) if e.choices.get(axis) else \
-            max(step, int(round(full * min(e.width_fractions) / step)) * step)
-        sizes[field_name] = min(smallest, full)
-    subnet = SubNetwork.uniform(m, **sizes)
-    if not e.depth_choices:
-        return count_memory(subnet.model_config(m), spec)
-    keep = min(e.depth_choices)
-    costs = []
-    for j in range(m.num_layers):  # the memory each layer adds (drop it alone)
-        alone = SubNetwork.uniform(m, **sizes, drop_layers=[j])
-        costs.append(count_memory(subnet.model_config(m), spec)
-                     - count_memory(alone.model_config(m), spec))
-    drop = sorted(range(m.num_layers), key=lambda j: -costs[j])[:max(0, m.num_layers - keep)]
-    return count_memory(SubNetwork.uniform(m, **sizes, drop_layers=drop).model_config(m), spec)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from nemo_elastic.config_io import from_dict
+from nemo_elastic.config_optimizer import LR_DECAY_STYLES, OptimizerConfig
 from nemo_elastic.errors import fail, first_repeated, require_number, require_positive
 from nemo_elastic.sizes import ELASTIC_AXES
 
@@ -106,7 +107,7 @@ def _check_warmup(value, name: str) -> None:
              f"{WARMUP_FRACTION:.0%} of the run")
 
 
-# Memory budgets may carry a unit; stored as GB (decimal, as nemo_elastic.budget.GB).
+# Memory budgets may carry a unit; stored as GB (decimal, as nemo_elastic.cost_model.GB).
 MEMORY_UNITS = {"B": 1e-9, "kB": 1e-6, "KB": 1e-6, "MB": 1e-3, "GB": 1.0, "TB": 1e3,
                 "KiB": 2**10 / 1e9, "MiB": 2**20 / 1e9, "GiB": 2**30 / 1e9}
 
@@ -227,7 +228,7 @@ class ElasticConfig:
     output_dir: Optional[str] = None  # default: <output_dir>/elastic
     budgets: dict = field(default_factory=lambda: {"100%": 1.0, "75%": 0.75, "50%": 0.5})
     budget_type: str = "params"  # params: fractions of the parent; memory: GB (see `memory`)
-    memory: dict = field(default_factory=dict)  # nemo_elastic.budget.MemorySpec fields
+    memory: dict = field(default_factory=dict)  # nemo_elastic.cost_model.MemorySpec fields
     axes: list = field(default_factory=lambda: ["hidden", "mamba_heads", "attention_heads", "ffn"])
     # 1/16 steps: with 1/8 steps one step of an axis moves the size by more than a +-5 % band,
     # and the router oscillates across the band (bench/bench_router_band.py: 12/12 budgets
@@ -298,7 +299,7 @@ class ElasticConfig:
         _check_warmup(self.warmup_iters, f"{p}warmup_iters")
         if all(s.iters is not None for s in self.curriculum):  # else Config resolves tokens first
             self.resolve_warmups()
-        if self.lr_decay_style not in ("constant", "linear", "cosine"):
+        if self.lr_decay_style not in LR_DECAY_STYLES:
             fail(f"{p}lr_decay_style", self.lr_decay_style, "must be constant, linear or cosine")
 
     # ------------------------------------------------------------------ validation pieces
@@ -410,6 +411,14 @@ class ElasticConfig:
         return out
 
     # ------------------------------------------------------------------ queries
+    def optimizer(self, train) -> OptimizerConfig:
+        """The student's optimizer and LR schedule over the whole run (all stages); the Adam
+        betas are the `train:` section's (`train`)."""
+        return OptimizerConfig(
+            iters=self.total_iters, lr=self.lr, min_lr=self.min_lr, warmup_iters=self.warmup_iters,
+            lr_decay_style=self.lr_decay_style, weight_decay=self.weight_decay,
+            adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2, clip_grad=self.clip_grad)
+
     @property
     def budget_names(self) -> list[str]:
         return list(self.budgets)

@@ -1,8 +1,17 @@
-"""Error types for problems in what the user gave us (a config, a file, a flag).
+"""Error types for problems in what the user gave us (a config, a file, a flag), and the
+error contract of both command lines (`nemo-elastic`, NeMo-Run's `nemo elastic`).
 
-The CLI prints these as one line naming the field/path and the fix and exits with status 2;
-any other exception is a bug and keeps its traceback.
+The contract: a user error (`UserError`, or an `OSError` on a path the user gave) is printed as
+one line naming the field/path and the fix (`user_error_line`) and the command exits with status
+2; any other exception is a bug and keeps its traceback.  `setup_logging` is the logging both
+command lines start with.
 """
+
+import errno
+import logging
+import os
+import sys
+from typing import Optional
 
 
 class UserError(ValueError):
@@ -135,3 +144,55 @@ def check_output_path(path, field_name: str, overwrite: bool = False, error=User
             raise error(str(output_path_error(field_name, path, err))) from None
     else:
         _require_writable(path, field_name, error)
+
+
+# ------------------------------------------------------------------ the command-line contract
+
+def one_line(message: str) -> str:
+    """`message` with every run of whitespace (newlines included) as one space."""
+    return " ".join(message.split())
+
+
+_OS_ERROR_FIXES = {
+    errno.ENOENT: "check the path", errno.EEXIST: "choose another path or remove it",
+    errno.ENOTDIR: "a file is in the way: choose another path",
+    errno.EISDIR: "pass a file, not a directory",
+    errno.EACCES: "choose a location you can read/write",
+    errno.EPERM: "choose a location you can read/write",
+    errno.EROFS: "choose a writable location",
+    errno.ENOSPC: "free disk space or choose another location"}
+
+
+def os_error_line(err: OSError) -> str:
+    """'path: what went wrong; the fix' for an OSError (its own message if it has no errno)."""
+    if not err.strerror:  # raised with a message of ours
+        return str(err)
+    where = f"{err.filename}: " if err.filename else ""
+    return f"{where}{err.strerror.lower()}; {_OS_ERROR_FIXES.get(err.errno, 'check the path')}"
+
+
+def user_error_line(err: BaseException) -> Optional[str]:
+    """The one line a command prints for `err` when it is a user error; None for a bug."""
+    if isinstance(err, UserError):  # CheckpointError, ConfigError, DataError, TrainingDiverged
+        return one_line(str(err))
+    if isinstance(err, OSError):  # a missing input, an output that cannot be written, full disk
+        return one_line(os_error_line(err))
+    return None
+
+
+def setup_logging(verbose: bool) -> None:
+    """Log lines on stderr (rank 0 at INFO, other ranks WARNING; DEBUG with `verbose`), with
+    Megatron's and torch's GPU-only chatter quieted."""
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    # Megatron logs and warns a lot about GPU-only features; keep the output readable.
+    logging.getLogger("megatron").setLevel(logging.WARNING if not verbose else logging.INFO)
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    if not verbose:
+        import warnings
+
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron(\..*)?")
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed\..*")

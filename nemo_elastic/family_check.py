@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-GB = 1e9  # = nemo_elastic.budget.GB (kept here so this module needs no torch)
+GB = 1e9  # = nemo_elastic.cost_model.GB (kept here so this module needs no torch)
 DEFAULT_TOLERANCE = 0.05
 DEFAULT_BAND = "symmetric"
 

@@ -35,7 +35,7 @@ Three things live here:
    qkv, proj, ...  Slicing passes prefixes (the first k of each group), the reordering passes
    permutations; `reindex` applies them to a tensor after checking its shape.
 
-Pure Python at import (torch is imported inside the functions), like `config` and `budget`.
+Pure Python at import (torch is imported inside the functions), like `config` and `cost_model`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@
 6. **evaluate** each exported model as a plain model (validation loss, greedy answer accuracy,
    greedy decoding tokens/s) and the teacher -> `evaluation.json`; and every saved elastic
    checkpoint's family (loss and accuracy against training tokens) -> `training_curve.json`;
-7. **report**: `report.md` with tables and PNG plots (`run_report.py`).
+7. **report**: `report.md` with tables and PNG plots (`report/main_job.py`).
 
 The folder's layout and each stage's `finished` check: `run.main_job_dir.MainJobDir`.
 
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from nemo_elastic.config import Config
-from nemo_elastic.report import fmt_loss, fmt_pct, format_table, plot_budgets
+from nemo_elastic.report.common import fmt_loss, fmt_pct, format_table, plot_budgets
 from nemo_elastic.run.main_job_dir import MainJobDir, stamped
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class _Stages:
 def write_json(path: Path, value) -> None:
     """Atomic and fsync'd (a crash leaves the old file or the new one, never half of one)."""
     from nemo_elastic.checkpoint import write_text_durably
-    from nemo_elastic.report import strict_json
+    from nemo_elastic.report.common import strict_json
 
     write_text_durably(path, strict_json(value, indent=2))
 
@@ -198,7 +198,7 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
         else:
             write_json(curve_path, curve)
 
-    from nemo_elastic.run_report import write_report
+    from nemo_elastic.report.main_job import write_report
 
     table.update(evaluation=evaluation, training_curve=curve, exported=
                  {k: {n: str(p) for n, p in v.items()} for k, v in exported.items()})
@@ -319,28 +319,16 @@ def training_curve(cfg: Config, prepared: Path, checkpoints: dict[int, Path],
 
 def _tokens_per_iteration(cfg: Config) -> Callable[[int], int]:
     """iteration -> training tokens the student saw up to it (curriculum stages in order)."""
-    from nemo_elastic.config_elastic import StageConfig
+    from nemo_elastic.training.elastic.schedule import Curriculum
 
-    e, d = cfg.elastic, cfg.data
-    stages = e.curriculum or [StageConfig(name="elastic", iters=e.iters)]
-    spans = [(s.iters, (s.global_batch_size or d.global_batch_size) * (s.seq_length or d.seq_length))
-             for s in stages]
-
-    def tokens(iteration: int) -> int:
-        total, left = 0, iteration
-        for iters, per in spans:
-            step = min(left, iters)
-            total, left = total + step * per, left - step
-        return total + left * spans[-1][1]
-
-    return tokens
+    return Curriculum.of(cfg).tokens_at
 
 
 def zero_shot_budgets(cfg: Config, checkpoints: dict[str, Path],
                       fractions: Sequence[float]) -> dict:
     """Masked prefix sub-networks of each checkpoint: parameters, val loss, answer accuracy."""
     from nemo_elastic import runtime
-    from nemo_elastic.budget import count_parameters
+    from nemo_elastic.cost_model import count_parameters
     from nemo_elastic.data.loaders import build_training_data
 
     run_cfg = cfg.single_process()
@@ -371,7 +359,7 @@ def _table_row(record: dict, full_parameters: int) -> tuple[str, ...]:
 def _checkpoint_budgets(run_cfg: Config, ckpt: Path, data, info,
                         fractions: Sequence[float]) -> list[dict]:
     """One record per fraction for the elastic model of `ckpt` (one process, TP=PP=1)."""
-    from nemo_elastic.budget import subnetwork_parameters
+    from nemo_elastic.cost_model import subnetwork_parameters
     from nemo_elastic.checkpoint import load_checkpoint
     from nemo_elastic.elastic.specs import build_elastic_model
     from nemo_elastic.importance.zero_shot import fractional_subnetwork

@@ -24,10 +24,10 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from nemo_elastic import budget as budget_math
+from nemo_elastic import cost_model
 from nemo_elastic.config import ConfigError, ModelConfig
 from nemo_elastic.config_elastic import ROUTER_MODES, ElasticConfig
-from nemo_elastic.elastic.cost import expected_parameters
+from nemo_elastic.elastic.expected_cost import expected_parameters
 from nemo_elastic.elastic.masks import SoftAxis, SoftLayer, SoftSubNetwork
 from nemo_elastic.elastic.subnet import SubNetwork
 from nemo_elastic.sizes import ELASTIC_AXES, GROUPED
@@ -120,24 +120,24 @@ class ElasticRouter(nn.Module):
             raise ConfigError(f"elastic.axes={list(config.axes)}: none of these axes exists in "
                               f"model.hybrid_layer_pattern={model.hybrid_layer_pattern!r}")
         self.routers = nn.ModuleDict(routers)
-        self.full_parameters = budget_math.count_parameters(model)
-        self.memory_spec = budget_math.MemorySpec(**config.memory) \
+        self.full_parameters = cost_model.count_parameters(model)
+        self.memory_spec = cost_model.MemorySpec(**config.memory) \
             if config.budget_type == "memory" else None
         self.full_cost = float(self.cost_of(SubNetwork.full(model)))
         # Target cost of each budget, in the cost's unit (parameters or bytes).
-        unit = budget_math.GB if self.memory_spec is not None else self.full_parameters
+        unit = cost_model.GB if self.memory_spec is not None else self.full_parameters
         self.targets = [float(config.budgets[n]) * unit for n in self.names]
 
     # ------------------------------------------------------------------ costs
     def cost_of(self, subnetwork) -> float:
         """Parameters (or memory in bytes) of a hard SubNetwork."""
         if self.memory_spec is not None:
-            return budget_math.subnetwork_memory(self.model, subnetwork, self.memory_spec)
-        return budget_math.subnetwork_parameters(self.model, subnetwork)
+            return cost_model.subnetwork_memory(self.model, subnetwork, self.memory_spec)
+        return cost_model.subnetwork_parameters(self.model, subnetwork)
 
     def expected_cost(self, soft: SoftSubNetwork) -> torch.Tensor:
         if self.memory_spec is not None:
-            from nemo_elastic.elastic.cost import expected_memory
+            from nemo_elastic.elastic.expected_cost import expected_memory
 
             return expected_memory(self.model, soft, self.memory_spec)
         return expected_parameters(self.model, soft)
@@ -254,20 +254,20 @@ class ElasticRouter(nn.Module):
 
     def family_table(self) -> list[dict]:
         """One entry per budget: name, target, sizes, parameters and memory (bytes)."""
-        spec = self.memory_spec or budget_math.MemorySpec()
+        spec = self.memory_spec or cost_model.MemorySpec()
         rows = []
         for name, subnet in self.family().items():
-            params = budget_math.subnetwork_parameters(self.model, subnet)
+            params = cost_model.subnetwork_parameters(self.model, subnet)
             rows.append({
                 "name": name, "target": float(self.config.budgets[name]),
                 "budget_type": self.config.budget_type, "parameters": params,
                 "parameter_fraction": params / self.full_parameters,
-                "memory_bytes": budget_math.subnetwork_memory(self.model, subnet, spec),
+                "memory_bytes": cost_model.subnetwork_memory(self.model, subnet, spec),
                 "memory_spec": dataclasses.asdict(spec), "summary": subnet.describe(self.model),
                 "subnetwork": subnet.to_dict(),
                 # the band the budget loss treats as free (nemo_elastic.family_check)
                 "tolerance": float(self.config.loss.tolerance), "band": self.config.loss.band})
             if self.model.has_moe:  # what one token touches (top-k experts of each MoE layer)
-                rows[-1]["active_parameters"] = budget_math.count_active_parameters(
+                rows[-1]["active_parameters"] = cost_model.count_active_parameters(
                     subnet.model_config(self.model))
         return rows

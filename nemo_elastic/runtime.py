@@ -1,17 +1,13 @@
 """The one place that sets up processes: torch.distributed, Megatron-Core parallel state, seeds.
 
-Megatron-Core 0.19 assumes a GPU in a handful of places (device="cuda" literals in the
-schedules, optimizer and checkpointing, `torch.cuda.current_device()` at module construction,
-the CUDA RNG tracker, a CUDA causal mask).  When - and only when - CUDA is absent, `initialize`
-applies the measures listed in `_install_cpu_measures`, so the unmodified Megatron-Core training
-stack (schedules, DDP, optimizer, dist_checkpointing) runs on CPU with gloo.  Nothing else in the
-package patches Megatron.
+When - and only when - CUDA is absent, `initialize` first installs `compat`'s CPU measures, so
+the unmodified Megatron-Core training stack (schedules, DDP, optimizer, dist_checkpointing) runs
+on CPU with gloo.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import random
@@ -24,148 +20,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nemo_elastic import compat
 from nemo_elastic.config import ConfigError, ParallelConfig
 
 logger = logging.getLogger(__name__)
-
-_CPU_MEASURES_INSTALLED = False
-
-
-# ---------------------------------------------------------------------------------------------
-# CPU measures (megatron-ecosystem.md §3.3); installed once per process, never on a GPU machine
-# ---------------------------------------------------------------------------------------------
-
-def _to_cpu_device(dev):
-    if isinstance(dev, torch.device) and dev.type == "cuda":
-        return torch.device("cpu")
-    if isinstance(dev, str) and dev.startswith("cuda"):
-        return "cpu"
-    if isinstance(dev, int) and not isinstance(dev, bool):  # device=torch.cuda.current_device()
-        return "cpu"
-    return dev
-
-
-class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
-    """Rewrites `device="cuda"` factory arguments, `.cuda()` and `.to("cuda")` to CPU.
-
-    Megatron-Core's schedules, optimizer and checkpoint code allocate small bookkeeping tensors
-    with literal `device="cuda"`.  Also reports CPU float tensors as `torch.cuda.*Tensor` from
-    `Tensor.type()`, which Megatron's grad clipping and mixed-precision optimizer assert on.
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if "device" in kwargs:
-            kwargs = dict(kwargs, device=_to_cpu_device(kwargs["device"]))
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if func is torch.Tensor.to and len(args) > 1 and isinstance(args[1], (str, torch.device, int)):
-            args = (args[0], _to_cpu_device(args[1]), *args[2:])
-        result = func(*args, **kwargs)
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs and isinstance(result, str):
-            return result.replace("torch.", "torch.cuda.", 1)
-        return result
-
-
-class _NoopStream:
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def wait_stream(self, *args, **kwargs):
-        pass
-
-    def wait_event(self, *args, **kwargs):
-        pass
-
-    def record_event(self, *args, **kwargs):
-        return _NoopEvent()
-
-    def synchronize(self):
-        pass
-
-    def query(self):
-        return True
-
-
-class _NoopEvent(_NoopStream):
-    def record(self, *args, **kwargs):
-        pass
-
-    def wait(self, *args, **kwargs):
-        pass
-
-    def elapsed_time(self, other):
-        return 0.0
-
-
-@functools.lru_cache(maxsize=64)
-def _cpu_causal_mask(sq: int, sk: Optional[int] = None) -> torch.Tensor:
-    """[sq, sk] bool, True = masked (future) position; same contract as Megatron's helper."""
-    sk = sq if sk is None else sk
-    return torch.triu(torch.ones(sq, sk, dtype=torch.bool), diagonal=1 + sk - sq)
-
-
-def _install_cpu_measures() -> None:
-    global _CPU_MEASURES_INSTALLED
-    if _CPU_MEASURES_INSTALLED or torch.cuda.is_available():
-        return
-    cuda = torch.cuda
-    cuda.current_device = lambda: "cpu"
-    cuda.synchronize = lambda *a, **k: None
-    cuda.current_stream = lambda *a, **k: _NoopStream()
-    cuda.default_stream = lambda *a, **k: _NoopStream()
-    cuda.Stream = _NoopStream
-    cuda.Event = _NoopEvent
-    cuda.stream = lambda *a, **k: contextlib.nullcontext()
-    cuda.set_device = lambda *a, **k: None
-    cuda.empty_cache = lambda: None
-    cuda.memory_allocated = lambda *a, **k: 0
-    cuda.max_memory_allocated = lambda *a, **k: 0
-
-    import megatron.core.fusions.fused_softmax as fused_softmax
-    import megatron.core.transformer.utils as transformer_utils
-
-    transformer_utils.get_default_causal_mask = _cpu_causal_mask
-    fused_softmax.get_default_causal_mask = _cpu_causal_mask
-    _activation_checkpoints_without_gpu()
-    _eager_moe_router()
-    _CudaToCpuMode().__enter__()  # process-global; a CPU process never has real CUDA tensors
-    _CPU_MEASURES_INSTALLED = True
-    logger.info("CUDA is not available: Megatron-Core runs on CPU (gloo, torch Mamba2 path)")
-
-
-def _eager_moe_router() -> None:
-    """Megatron-Core's `TopKRouter._apply_expert_bias` (the MoE load count behind the expert-bias
-    update) is wrapped in torch.compile (`jit_fuser`): on CPU that is seconds of C++ code
-    generation for one add.  Run the function itself."""
-    from megatron.core.transformer.moe.router import TopKRouter
-
-    fn = TopKRouter.__dict__["_apply_expert_bias"]
-    TopKRouter._apply_expert_bias = getattr(fn, "_torchdynamo_orig_callable", fn)
-
-
-class _NoFp8:
-    """Transformer-Engine's FP8GlobalStateManager with fp8 off."""
-
-    is_fp8_enabled = staticmethod(lambda: False)
-    get_fp8_recipe = staticmethod(lambda: None)
-
-
-def _activation_checkpoints_without_gpu() -> None:
-    """Megatron's activation checkpoints (`tensor_parallel.checkpoint`,
-    `CheckpointWithoutOutput`, i.e. full and selective recompute) save and restore the CUDA RNG
-    state, which a CPU process has not: an empty state.  `CheckpointWithoutOutput()` also treats
-    fp8=False as fp8 on and calls Transformer-Engine's fp8 state manager: without TE, fp8 is off."""
-    from megatron.core.tensor_parallel import random as mrandom
-
-    mrandom._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
-    mrandom._set_cuda_rng_state = lambda *a, **k: None
-    if not getattr(mrandom, "HAVE_TE", False):
-        off = lambda *a, **k: contextlib.nullcontext()  # noqa: E731
-        mrandom.FP8GlobalStateManager = _NoFp8
-        mrandom.activation_recompute_forward = off
-        mrandom.fp8_autocast = off
-
 
 # ---------------------------------------------------------------------------------------------
 # process / parallel state
@@ -218,7 +76,7 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> RankInfo:
     Works under torchrun / srun (env RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), under
     torch.multiprocessing (the caller sets those env vars per rank) and in one plain process.
     """
-    _install_cpu_measures()
+    compat.install_cpu_measures()
     backend = parallel.backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if not dist.is_initialized():
         world_size = int(os.environ.get("WORLD_SIZE", "1"))

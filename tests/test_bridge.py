@@ -25,7 +25,7 @@ from megatron.bridge.training.state import GlobalState  # noqa: E402
 from megatron.bridge.training.utils.train_utils import prepare_forward_step_func  # noqa: E402
 
 from nemo_elastic import runtime  # noqa: E402
-from nemo_elastic.training.elastic_trainer import parent_config  # noqa: E402
+from nemo_elastic.training.elastic.trainer import parent_config  # noqa: E402
 from nemo_elastic.training.loop import StopRequest  # noqa: E402
 from nemo_elastic.training.train import build_trainer  # noqa: E402
 from tests.test_train import _cfg, _parent  # noqa: E402

@@ -1,5 +1,5 @@
 """Inference memory (weights + KV cache + Mamba state) of hard and soft sub-networks:
-closed form (`nemo_elastic.budget`), expected / differentiable (`nemo_elastic.elastic.cost`)."""
+closed form (`nemo_elastic.cost_model`), expected / differentiable (`nemo_elastic.elastic.expected_cost`)."""
 
 import contextlib
 import dataclasses
@@ -9,10 +9,10 @@ import random
 import pytest
 import torch
 
-from nemo_elastic.budget import (GB, MemorySpec, count_memory, count_parameters, memory_breakdown,
+from nemo_elastic.cost_model import (GB, MemorySpec, count_memory, count_parameters, memory_breakdown,
                                  memory_gb, subnetwork_memory)
 from nemo_elastic.config import ConfigError, load_config
-from nemo_elastic.elastic.cost import expected_memory, expected_parameters
+from nemo_elastic.elastic.expected_cost import expected_memory, expected_parameters
 from nemo_elastic.elastic.masks import SoftAxis, SoftLayer, SoftSubNetwork
 from nemo_elastic.elastic.subnet import SubNetwork, sample_subnetwork
 from tests.conftest import soft_one_hot, tiny_config
@@ -125,7 +125,7 @@ def _module_memory(model, spec: MemorySpec) -> int:
             (channels, width), ssm_shape = module.mamba_state_shapes_per_request()
             assert width == module.d_conv
             # Megatron keeps k conv columns; only the last k - 1 inputs are state (the convention
-            # of nemo_elastic.budget, as in vLLM), so one column is not counted.
+            # of nemo_elastic.cost_model, as in vLLM), so one column is not counted.
             total += spec.batch_size * (math.prod(ssm_shape) + channels * (width - 1)) * cache_bytes
     return total
 

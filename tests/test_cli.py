@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from nemo_elastic import cli
-from nemo_elastic.budget import count_parameters, parameter_breakdown
+from nemo_elastic.cost_model import count_parameters, parameter_breakdown
 from nemo_elastic.checkpoint import latest_checkpoint, read_meta
 from nemo_elastic.config import load_config
 from nemo_elastic.training.pretrain import pretrain

@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
-from nemo_elastic.budget import count_parameters, subnetwork_parameters
+from nemo_elastic.cost_model import count_parameters, subnetwork_parameters
 from nemo_elastic.elastic import SubNetwork
-from nemo_elastic.elastic.cost import expected_parameters
+from nemo_elastic.elastic.expected_cost import expected_parameters
 from nemo_elastic.elastic.masks import SoftAxis, SoftLayer, SoftSubNetwork
 from nemo_elastic.elastic.subnet import sample_subnetwork
 from tests.conftest import soft_one_hot, tiny_config

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nemo_elastic import cli, runtime
-from nemo_elastic.budget import (
+from nemo_elastic.cost_model import (
     MemorySpec, count_parameters, subnetwork_memory, subnetwork_parameters)
 from nemo_elastic.checkpoint import (
     CheckpointError, config_from_checkpoint, load_checkpoint, read_meta, save_checkpoint)

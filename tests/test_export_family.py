@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from nemo_elastic import cli, runtime
-from nemo_elastic.budget import count_parameters
+from nemo_elastic.cost_model import count_parameters
 from nemo_elastic.checkpoint import config_from_checkpoint, load_checkpoint
 from nemo_elastic.config import ParallelConfig
 from nemo_elastic.export import budgets as budgets_mod

@@ -21,9 +21,9 @@ import torch
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from nemo_elastic import cli, runtime
-from nemo_elastic.budget import GB, MemorySpec, count_memory
+from nemo_elastic.cost_model import GB, MemorySpec, count_memory, smallest_memory
 from nemo_elastic.checkpoint import read_meta, save_checkpoint
-from nemo_elastic.config import ParallelConfig, smallest_memory
+from nemo_elastic.config import ParallelConfig
 from nemo_elastic.elastic.specs import build_elastic_model
 from nemo_elastic.export.slicing import child_config, slice_model
 from nemo_elastic.router import ElasticRouter

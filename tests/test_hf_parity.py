@@ -17,7 +17,7 @@ pytest.importorskip("transformers")
 
 from tests.hf_util import hf_config, hf_logits, our_logits, random_hf_model, rel_err, save_hf, tokens
 
-from nemo_elastic.budget import count_parameters
+from nemo_elastic.cost_model import count_parameters
 from nemo_elastic.config import ModelConfig
 from nemo_elastic.export import HFConfigError, import_hf
 
@@ -147,7 +147,7 @@ def test_closed_form_count_matches_built_model(pattern, megatron_env):
     from tests.conftest import tiny_config
 
     from nemo_elastic.model import build_hybrid_model
-    from nemo_elastic.model import count_parameters as count_built
+    from nemo_elastic.model import module_parameters as count_built
 
     cfg = tiny_config({"hybrid_layer_pattern": pattern})
     model = build_hybrid_model(cfg, spec_backend="local")

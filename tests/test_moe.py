@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemo_elastic.budget import count_active_parameters, count_parameters, parameter_breakdown
+from nemo_elastic.cost_model import count_active_parameters, count_parameters, parameter_breakdown
 from nemo_elastic.config import ConfigError, ModelConfig
 from tests.conftest import perturb, tiny_config, tiny_model_dict
 
@@ -109,7 +109,7 @@ def _hand_count(h=32, V=64, E=8, f=24, fs=16, k=2):
 
 def test_total_and_active_counts(megatron_env):
     from nemo_elastic.model import build_hybrid_model
-    from nemo_elastic.model import count_parameters as count_built
+    from nemo_elastic.model import module_parameters as count_built
 
     cfg = _moe_cfg()
     total, active = _hand_count()

@@ -266,7 +266,7 @@ def test_router_soft_expert_axis(megatron_env):
 
 def test_family_table_counts_total_and_active():
     """The family table of a MoE parent gives each budget's total and active parameters."""
-    from nemo_elastic.budget import count_active_parameters, count_parameters
+    from nemo_elastic.cost_model import count_active_parameters, count_parameters
     from nemo_elastic.config import load_config
     from nemo_elastic.router import ElasticRouter as Router
 

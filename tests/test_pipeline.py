@@ -33,7 +33,7 @@ def _number(cell: str) -> float:
 
 @pytest.mark.slow
 def test_main_job_end_to_end(tmp_path):
-    from nemo_elastic.budget import subnetwork_parameters
+    from nemo_elastic.cost_model import subnetwork_parameters
     from nemo_elastic.checkpoint import config_from_checkpoint, read_meta
     from nemo_elastic.elastic.subnet import SubNetwork
 

@@ -36,7 +36,7 @@ RECOMPUTE = {
 @pytest.fixture
 def recompute_env(megatron_env):
     """The runtime's CPU measures make Megatron's activation checkpoints run without a GPU
-    (empty CUDA RNG state, Transformer-Engine fp8 off: `runtime._activation_checkpoints_without_gpu`)."""
+    (empty CUDA RNG state, Transformer-Engine fp8 off: `compat._activation_checkpoints_without_gpu`)."""
     return megatron_env
 
 

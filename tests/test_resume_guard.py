@@ -38,7 +38,7 @@ def _with_elastic(cfg, **changes):
 
 def _build(cfg):
     """(trainer, cfg, init, teacher) inside an initialized runtime (caller's `with`)."""
-    from nemo_elastic.training.elastic_trainer import parent_config
+    from nemo_elastic.training.elastic.trainer import parent_config
     from nemo_elastic.training.train import build_trainer
 
     cfg, init, teacher = parent_config(cfg)
@@ -104,7 +104,7 @@ def test_teacher_init_and_curriculum_changes(trained, caplog):
     import logging
 
     from nemo_elastic.checkpoint.fingerprint import guard_run_folder, run_fingerprint
-    from nemo_elastic.training.elastic_trainer import parent_config
+    from nemo_elastic.training.elastic.trainer import parent_config
     from nemo_elastic.training.train import train
 
     tmp, _ = trained
@@ -248,7 +248,7 @@ def test_budget_names_that_cannot_be_folders_are_refused_at_load(tmp_path, name,
 
 
 def test_never_drawn_and_unreachable_budgets_are_refused_at_load(tmp_path, caplog):
-    from nemo_elastic.budget import GB, MemorySpec, count_memory
+    from nemo_elastic.cost_model import GB, MemorySpec, count_memory
 
     cfg = _cfg(tmp_path)
     with pytest.raises(ConfigError, match=r"^elastic.budgets.75pct=0.75: is never trained"):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nemo_elastic.budget import count_parameters, subnetwork_parameters
+from nemo_elastic.cost_model import count_parameters, subnetwork_parameters
 from nemo_elastic.config import ConfigError
 from nemo_elastic.config_elastic import ElasticConfig
 from nemo_elastic.router import ElasticRouter, axis_choices
@@ -104,7 +104,7 @@ def test_budget_loss_alone_steers_the_router_into_the_band(budget_index):
 def test_memory_budgets_in_gb_steer_the_router_into_the_band():
     """budget_type=memory: targets in GB (weights + KV cache + Mamba state at the given batch /
     context / dtype); the budget loss alone moves the argmax sub-network's memory into the band."""
-    from nemo_elastic.budget import GB, MemorySpec, count_memory, subnetwork_memory
+    from nemo_elastic.cost_model import GB, MemorySpec, count_memory, subnetwork_memory
 
     m = _model()
     # short context: the weights dominate (the KV cache of a kept attention layer cannot shrink)

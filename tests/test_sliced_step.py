@@ -164,7 +164,7 @@ def test_router_hard_mode_depth_drops_layers_and_sliced_skips_them(megatron_env,
     up to eps - whose fp32 rounding reaches ~4e-5 of the largest router gradient; the test above
     covers it without depth.)"""
     from nemo_elastic.config_elastic import ElasticConfig
-    from nemo_elastic.elastic.cost import expected_parameters
+    from nemo_elastic.elastic.expected_cost import expected_parameters
     from nemo_elastic.router import ElasticRouter
 
     cfg = tiny_config({"hybrid_layer_pattern": "M-*M-"})
@@ -283,7 +283,7 @@ def _uneven_ffn(model, cfg, layout):
 def _check_layout(rank, world_size, tmp_path, layout):
     """In one layout: sliced step == masked step (loss, every local gradient, router), and the
     shared-teacher step over all budgets == the probability-weighted sum of one-budget steps."""
-    from nemo_elastic.training.elastic_trainer import parent_config
+    from nemo_elastic.training.elastic.trainer import parent_config
     from nemo_elastic.training.train import build_trainer
     from tests.test_train import _cfg
 

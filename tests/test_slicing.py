@@ -12,8 +12,8 @@ import random
 import pytest
 import torch
 
-from nemo_elastic.budget import count_parameters as closed_form_count
-from nemo_elastic.budget import subnetwork_parameters
+from nemo_elastic.cost_model import count_parameters as closed_form_count
+from nemo_elastic.cost_model import subnetwork_parameters
 from nemo_elastic.checkpoint import (
     CheckpointError, config_from_checkpoint, load_checkpoint, read_meta, save_checkpoint)
 from nemo_elastic.config import ConfigError
@@ -21,7 +21,7 @@ from nemo_elastic.elastic.subnet import SubNetwork
 from nemo_elastic.export.extract import extract_checkpoint
 from nemo_elastic.export.hf_adapter import HFConfigError, hf_config_from_model
 from nemo_elastic.export.slicing import SlicingError, slice_model, slice_state_dict
-from nemo_elastic.model import build_hybrid_model, count_parameters
+from nemo_elastic.model import build_hybrid_model, module_parameters
 from nemo_elastic.runtime import set_seed
 from tests.conftest import tiny_config
 from tests.conftest import perturb as _perturb
@@ -99,7 +99,7 @@ def test_random_subnetworks_match_fresh_child_shapes(megatron_env, parent_per_la
         expected = {k: tuple(v.shape) for k, v in _params(fresh).items()}
         sliced = slice_state_dict(parent_sd, cfg.model, sub)
         assert {k: tuple(v.shape) for k, v in sliced.items()} == expected, sub.describe(cfg.model)
-        assert count_parameters(fresh) == subnetwork_parameters(cfg.model, sub)
+        assert module_parameters(fresh) == subnetwork_parameters(cfg.model, sub)
         child_cfg, child = slice_model(parent, cfg, sub)  # strict load
         assert child_cfg.model == child_model_cfg
         assert child_cfg.parallel.tensor_model_parallel_size == 1
@@ -183,7 +183,7 @@ def test_heterogeneous_dist_checkpoint_round_trip_and_count(megatron_env, tmp_pa
     # in_proj rows [z 6 | x 6 | B 16 | C 16 | dt 2]
     assert (mixer.nheads, mixer.headdim, tuple(mixer.in_proj.weight.shape)) == (2, 3, (46, 32))
     assert source.decoder.layers[5].self_attention.linear_qkv.weight.shape == ((2 + 4) * 8, 32)
-    assert count_parameters(source) == closed_form_count(cfg.model)
+    assert module_parameters(source) == closed_form_count(cfg.model)
     path = save_checkpoint(tmp_path / "ckpt", cfg=cfg, model=source, kind="test")
     loaded_cfg = config_from_checkpoint(path)
     assert loaded_cfg.model.per_layer == per_layer

@@ -9,7 +9,7 @@ import torch
 from nemo_elastic import runtime
 from nemo_elastic.checkpoint import LATEST_FILE, read_meta, save_checkpoint
 from nemo_elastic.config import ConfigError, ParallelConfig, load_config
-from nemo_elastic.training.elastic_step import sample_budget
+from nemo_elastic.training.elastic.step import sample_budget
 from tests.conftest import perturb, tiny_model_dict
 
 PATTERN = "M-*M-"
@@ -130,7 +130,7 @@ def test_train_resumes_bit_exactly_mid_stage_and_at_the_stage_transition(tmp_pat
     report = (out / "report.md").read_text()
     assert "inside band?" in report and "**Order**" in report and "75pct" in report
     # `nemo-elastic info --json`: one entry per budget, counts from the closed-form cost model
-    from nemo_elastic.budget import subnetwork_parameters
+    from nemo_elastic.cost_model import subnetwork_parameters
     from nemo_elastic.cli import main
     from nemo_elastic.elastic import SubNetwork
 
@@ -156,7 +156,7 @@ def _step_in_layout(rank, world_size, tmp_path, layout):
     """One elastic forward-backward at `layout`; save its model gradients as a (resharding)
     checkpoint, the losses and the router gradients; then train 3 iterations and save this
     rank's router weights (copies on every stage must agree)."""
-    from nemo_elastic.training.elastic_trainer import parent_config
+    from nemo_elastic.training.elastic.trainer import parent_config
     from nemo_elastic.training.loop import StopRequest
     from nemo_elastic.training.train import build_trainer
 
@@ -294,7 +294,7 @@ def _one_step(trainer):
 def test_elastic_step_with_activation_recompute_equals_without(tmp_path, mode):
     """train.recompute_* turns on Megatron's recompute for the student: the router's masks
     survive it (same loss, model and router gradients)."""
-    from nemo_elastic.training.elastic_trainer import parent_config
+    from nemo_elastic.training.elastic.trainer import parent_config
     from nemo_elastic.training.train import build_trainer
 
     _parent(tmp_path)
@@ -349,7 +349,7 @@ def test_tiny_family_lands_in_its_bands_and_beats_its_zero_shot_prefixes(tmp_pat
 
 def test_memory_budgets_train_and_report_gb(tmp_path):
     """budget_type=memory end to end: targets in GB, the family reports its memory."""
-    from nemo_elastic.budget import GB, MemorySpec, count_memory, subnetwork_memory
+    from nemo_elastic.cost_model import GB, MemorySpec, count_memory, subnetwork_memory
     from nemo_elastic.elastic import SubNetwork
     from nemo_elastic.training.train import train
 

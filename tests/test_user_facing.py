@@ -45,7 +45,7 @@ def test_layer_importance_plot_heights_and_labels_come_from_one_ranking(tmp_path
     import matplotlib.pyplot as plt
 
     from nemo_elastic.importance.depth import DepthRanking
-    from nemo_elastic.importance.report import PANEL_TITLES, plot_layer_importance
+    from nemo_elastic.report.importance import PANEL_TITLES, plot_layer_importance
     from tests.conftest import tiny_config
 
     cfg = tiny_config()  # 5 layers
@@ -86,7 +86,7 @@ def test_help_texts_match_behaviour(capsys):
 
 
 def test_one_number_format():
-    from nemo_elastic.report import fmt_loss, fmt_pct
+    from nemo_elastic.report.common import fmt_loss, fmt_pct
 
     assert fmt_pct(0.875) == "87.5%" and fmt_pct(0.0) == "0.0%" and fmt_pct(None) == "n/a"
     assert fmt_loss(0.39421) == "0.3942" and fmt_loss(None) == "n/a"

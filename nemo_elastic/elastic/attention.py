@@ -18,7 +18,7 @@ import contextlib
 
 from megatron.core.transformer.attention import SelfAttention
 
-from nemo_elastic.elastic.sliced import Index, local, pinned_attributes, swapped_parameters, take
+from nemo_elastic.elastic.sliced import Index, local, pinned, swapped_parameters, take
 from nemo_elastic.elastic.state import ElasticMixin
 
 
@@ -92,5 +92,5 @@ class ElasticSelfAttention(ElasticMixin, SelfAttention):
         with contextlib.ExitStack() as stack:
             stack.enter_context(swapped_parameters(self.linear_qkv, weight=qkv))
             stack.enter_context(swapped_parameters(self.linear_proj, weight=proj))
-            stack.enter_context(pinned_attributes(self, num_attention_heads_per_partition=n))
+            stack.enter_context(pinned(self, num_attention_heads_per_partition=n))
             yield

@@ -22,7 +22,7 @@ import contextlib
 import torch
 
 from nemo_elastic.elastic.norm import corrected
-from nemo_elastic.elastic.sliced import Index, local, pinned_attributes, swapped_parameters, take
+from nemo_elastic.elastic.sliced import Index, local, pinned, swapped_parameters, take
 from nemo_elastic.elastic.state import ElasticMixin
 from nemo_elastic.model.mamba import NemoMambaMixer
 
@@ -79,17 +79,17 @@ class ElasticMambaMixer(ElasticMixin, NemoMambaMixer):
             stack.enter_context(swapped_parameters(self.in_proj, weight=in_proj))
             stack.enter_context(swapped_parameters(
                 self.out_proj, weight=take(take(self.out_proj.weight, 0, hidden), 1, inner)))
-            stack.enter_context(pinned_attributes(
+            stack.enter_context(pinned(
                 cp, conv1d_weight_cp1=take(cp.conv1d_weight_cp1, 0, kept["conv"]),
                 conv1d_bias_cp1=take(cp.conv1d_bias_cp1, 0, kept["conv"]),
                 dt_bias_cp1=take(cp.dt_bias_cp1, 0, heads), A_log_cp1=take(cp.A_log_cp1, 0, heads),
                 D_cp1=D))
-            stack.enter_context(pinned_attributes(
+            stack.enter_context(pinned(
                 self, headdim=self.elastic.sliced.choice.mamba_head_dim))
             if self.rmsnorm:
                 stack.enter_context(swapped_parameters(
                     self.norm, weight=take(self.norm.weight, 0, inner)))
-                stack.enter_context(pinned_attributes(
+                stack.enter_context(pinned(
                     self.norm, group_size=inner.size // self.ngroups_local_tp))
             yield
 

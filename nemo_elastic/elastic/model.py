@@ -27,9 +27,9 @@ from megatron.core.models.hybrid.hybrid_model import HybridModel
 from nemo_elastic.elastic.masks import (ElasticMasks, SoftAxis, SoftSubNetwork, hard_masks,
                                         soft_masks)
 from nemo_elastic.elastic.norm import ElasticRMSNorm
-from nemo_elastic.elastic.sliced import swapped_parameters
 from nemo_elastic.elastic.stack import ElasticHybridStack
-from nemo_elastic.elastic.state import bound_layers, pinned, pinned_norm
+from nemo_elastic.elastic.sliced import pinned, swapped_parameters
+from nemo_elastic.elastic.state import bound_layers, pinned_norm
 from nemo_elastic.elastic.subnet import SubNetwork
 from nemo_elastic.sizes import SIZE_FIELDS
 
@@ -92,8 +92,8 @@ class ElasticHybridModel(HybridModel):
         module of this stage; always unbind on exit."""
         decoder = self.decoder
         with contextlib.ExitStack() as stack:
-            stack.enter_context(pinned(decoder, "elastic", masks))
-            stack.enter_context(pinned(decoder, "sliced", sliced))
+            stack.enter_context(pinned(decoder, elastic=masks))
+            stack.enter_context(pinned(decoder, sliced=sliced))
             stack.enter_context(bound_layers(decoder.layers, masks, sliced))
             final_norm = getattr(decoder, "final_norm", None)
             if isinstance(final_norm, ElasticRMSNorm):

@@ -31,8 +31,8 @@ import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from nemo_elastic.elastic.masks import MoEMasks, shard
-from nemo_elastic.elastic.sliced import Index, local, swapped_parameters, take
-from nemo_elastic.elastic.state import ElasticMixin, pinned
+from nemo_elastic.elastic.sliced import Index, local, pinned, swapped_parameters, take
+from nemo_elastic.elastic.state import ElasticMixin
 
 # mask axis -> (LayerChoice size field, TransformerConfig field of the parent's size)
 NEURON_AXES = {"expert_ffn": "moe_ffn_hidden_size",
@@ -101,7 +101,7 @@ class ElasticMoELayer(ElasticMixin, MoELayer):
         bias = router.expert_bias if router.expert_bias is not None else \
             torch.zeros(keep.shape, device=keep.device)
         masked = bias.float().masked_fill(keep == 0, float("-inf"))
-        with pinned(router, "expert_bias", masked):
+        with pinned(router, expert_bias=masked):
             yield
 
     def forward(self, hidden_states, *args, **kwargs):

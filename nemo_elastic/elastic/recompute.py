@@ -27,7 +27,6 @@ recompute was not adopted here is refused at its first masked forward
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Sequence
 
 import torch
@@ -35,7 +34,8 @@ from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel import random as mrandom
 
 from nemo_elastic.elastic.norm import ElasticRMSNorm
-from nemo_elastic.elastic.state import ADOPTED, ElasticMixin, pinned
+from nemo_elastic.elastic.sliced import pinned
+from nemo_elastic.elastic.state import ADOPTED, ElasticMixin
 
 SELECTIVE = ("core_attn", "layernorm", "mlp")
 
@@ -132,7 +132,7 @@ def checkpoint_module(module: ElasticMixin, function: Callable, *args, **kwargs)
     def run(*inputs):  # (*args, masks); the masks are already bound to module.elastic
         return function(*inputs[:-1], **kwargs)
 
-    return checkpoint_with_masks(run, module.elastic, functools.partial(pinned, module, "elastic"),
+    return checkpoint_with_masks(run, module.elastic, lambda masks: pinned(module, elastic=masks),
                                  *args)
 
 
@@ -188,6 +188,6 @@ def _pin_norm_recompute(layer, args, output) -> None:
 def _with_fraction(run_function: Callable, norm: ElasticRMSNorm, fraction, width=None) -> Callable:
     """The norm's masked hidden fraction (or sliced width) of this call, pinned in its recompute."""
     def run(*inputs):
-        with pinned(norm, "elastic_fraction", fraction), pinned(norm, "elastic_width", width):
+        with pinned(norm, elastic_fraction=fraction), pinned(norm, elastic_width=width):
             return run_function(*inputs)
     return run

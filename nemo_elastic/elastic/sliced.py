@@ -102,9 +102,10 @@ def swapped_parameters(module: torch.nn.Module, **tensors: torch.Tensor) -> Iter
 
 
 @contextlib.contextmanager
-def pinned_attributes(obj, **values) -> Iterator[None]:
-    """Plain attributes of `obj` set for the duration of the block (sizes an upstream forward
-    reads, e.g. the number of attention heads of this rank)."""
+def pinned(obj, **values) -> Iterator[None]:
+    """Plain attributes of `obj` set for the duration of the block, the previous values
+    restored after it (sizes an upstream forward reads, e.g. the number of attention heads of
+    this rank; the sub-network state bound to a module for one call)."""
     saved = {name: getattr(obj, name) for name in values}
     try:
         for name, value in values.items():

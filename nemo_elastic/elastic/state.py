@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 
 from nemo_elastic.elastic.masks import AxisMask, ElasticMasks, LayerMasks, shard
 from nemo_elastic.elastic.norm import ElasticRMSNorm
-from nemo_elastic.elastic.sliced import Index, SlicedLayer, take
+from nemo_elastic.elastic.sliced import Index, SlicedLayer, pinned, take
 from nemo_elastic.elastic.subnet import SubNetwork
 
 # Sub-modules of a Megatron layer that take masks: residual-stream pre-norms and the mixers.
@@ -97,17 +97,6 @@ class ElasticMixin:
         return (x.unflatten(-1, (n, -1)) * mask[:, None]).flatten(-2)
 
 
-@contextlib.contextmanager
-def pinned(obj: Any, attr: str, value: Any) -> Iterator[None]:
-    """`obj.attr = value` for the duration of the block; the previous value is restored."""
-    previous = getattr(obj, attr)
-    setattr(obj, attr, value)
-    try:
-        yield
-    finally:
-        setattr(obj, attr, previous)
-
-
 def check_recompute_adopted(layer: torch.nn.Module) -> None:
     """Refuse to mask a layer whose Megatron selective recompute would re-run masked modules in
     the backward pass without re-binding their masks (i.e. not prepared by `recompute.adopt`)."""
@@ -125,11 +114,11 @@ def pinned_norm(stack: contextlib.ExitStack, norm: ElasticRMSNorm, masks: Elasti
     """Masked: the norm corrects for the active hidden fraction; sliced: it normalizes the first
     `hidden_size` channels it is given."""
     if sliced is None:
-        stack.enter_context(pinned(norm, "elastic_fraction", masks.hidden.fraction))
+        stack.enter_context(pinned(norm, elastic_fraction=masks.hidden.fraction))
         return
     width = sliced.hidden_size if sliced.hidden_size < norm.weight.shape[0] else None
-    stack.enter_context(pinned(norm, "elastic_fraction", None))
-    stack.enter_context(pinned(norm, "elastic_width", width))
+    stack.enter_context(pinned(norm, elastic_fraction=None))
+    stack.enter_context(pinned(norm, elastic_width=width))
 
 
 @contextlib.contextmanager
@@ -152,5 +141,5 @@ def bound_layers(layers: Iterable[torch.nn.Module], masks: ElasticMasks,
             for name in MIXERS:
                 child = getattr(layer, name, None)
                 if isinstance(child, ElasticMixin):
-                    stack.enter_context(pinned(child, "elastic", state))
+                    stack.enter_context(pinned(child, elastic=state))
         yield

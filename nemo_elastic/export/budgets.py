@@ -34,7 +34,7 @@ from nemo_elastic.errors import check_output_path
 from nemo_elastic.export.common import honour_umask
 from nemo_elastic.run.output_lock import output_lock
 from nemo_elastic.run.paths import check_output_location
-from nemo_elastic.report import strict_json
+from nemo_elastic.report.common import strict_json
 from nemo_elastic.export.family import folder_name
 from nemo_elastic.export.staging import staging as staged_output
 
@@ -180,7 +180,7 @@ def _hf_preflight(cfg, meta, children, hf_per_layer):
 
 
 def _export_all(ckpt, cfg, meta, subnets, staged, format, tokenizer, passthrough):
-    from nemo_elastic.budget import subnetwork_parameters
+    from nemo_elastic.cost_model import subnetwork_parameters
     from nemo_elastic.elastic.specs import build_elastic_model
     from nemo_elastic.export.common import tp1_runtime
     from nemo_elastic.export.slicing import slice_model

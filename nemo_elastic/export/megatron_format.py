@@ -38,15 +38,15 @@ type) cannot be a plain HybridModel: a TransformerConfig has one size per layer 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
+from nemo_elastic.compat import megatron_cpu_kernels
 from nemo_elastic.config import Config, ModelConfig
 from nemo_elastic.errors import ConfigError
 
@@ -128,45 +128,6 @@ def _squared_relu_eager(x: torch.Tensor) -> torch.Tensor:
     return torch.square(torch.relu(x))
 
 
-@contextlib.contextmanager
-def _megatron_cpu_kernels() -> Iterator[None]:
-    """While building: megatron-core's Mamba2 / TE-norm hooks filled with torch references
-    where mamba-ssm / Transformer Engine are not importable.  Only missing kernels are filled;
-    the module classes stay megatron-core's.  The scan function stays filled afterwards (the
-    forward pass looks it up at call time; it was None before)."""
-    from megatron.core.models.hybrid import hybrid_block
-    from megatron.core.post_training.modelopt.hybrid import model_specs
-    from megatron.core.ssm import mamba_mixer
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    from nemo_elastic.model.mamba import ShardedGatedRMSNorm
-    from nemo_elastic.model.specs import have_transformer_engine
-    from nemo_elastic.ops import GatedRMSNorm, have_mamba_kernels, mamba_split_conv1d_scan
-
-    saved: list[tuple[Any, str, Any]] = []
-
-    def patch(module, name, value):
-        saved.append((module, name, getattr(module, name)))
-        setattr(module, name, value)
-
-    if not have_transformer_engine():
-        patch(hybrid_block, "TENorm", WrappedTorchNorm)
-        patch(model_specs, "Norm", WrappedTorchNorm)
-    if not have_mamba_kernels():
-        patch(mamba_mixer, "HAVE_MAMBA_SSM", True)
-        patch(mamba_mixer, "RMSNormGated", GatedRMSNorm)
-        # upstream ExtendedRMSNorm = mamba-ssm's RMSNormGated + a sharded_state_dict; without
-        # mamba-ssm it subclasses a MagicMock, so its torch twin (same code, same keys) stands in
-        patch(mamba_mixer, "ExtendedRMSNorm", ShardedGatedRMSNorm)
-        if mamba_mixer.mamba_split_conv1d_scan_combined is None:
-            mamba_mixer.mamba_split_conv1d_scan_combined = mamba_split_conv1d_scan
-    try:
-        yield
-    finally:
-        for module, name, value in reversed(saved):
-            setattr(module, name, value)
-
-
 def plain_stack_spec(mamba_mixer: dict[str, int]):
     """megatron-core's own hybrid spec: TE (`hybrid_stack_spec`) when Transformer Engine is
     importable, else its torch spec (`get_hybrid_stack_modelopt_spec(local_core_attention=True,
@@ -214,7 +175,7 @@ def load_plain_hybrid_model(directory: str | Path, *, tensor_model_parallel_size
         tensor_model_parallel_size=tp, use_cpu_initialization=not on_gpu,
         bias_activation_fusion=False, masked_softmax_fusion=on_gpu, persist_layer_norm=False,
         bias_dropout_fusion=False, gradient_accumulation_fusion=False, apply_rope_fusion=False)
-    with _megatron_cpu_kernels():
+    with megatron_cpu_kernels():
         spec = plain_stack_spec(cfg["mamba_mixer"])
         model = HybridModel(config=tc, hybrid_stack_spec=spec, **cfg["hybrid_model"])
     if on_gpu:

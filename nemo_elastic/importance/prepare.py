@@ -37,7 +37,7 @@ from nemo_elastic.importance.depth import METHODS, depth_rankings
 from nemo_elastic.importance.hooks import DEFAULT_MAMBA_SIGNAL
 from nemo_elastic.importance.order import permutations_from_scores
 from nemo_elastic.importance.permute import permute_model_
-from nemo_elastic.importance.report import plot_layer_importance, ranking_document, write_ranking
+from nemo_elastic.report.importance import plot_layer_importance, ranking_document, write_ranking
 from nemo_elastic.importance.scores import compute_scores
 
 logger = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def _prepare(src: Path, out: Path, cfg: Config, run_cfg: Config, info, *, agg, n
 
 def _log_summary(cfg: Config, depth, selected: str, score_s: float, depth_s: float,
                  out: Path) -> None:
-    from nemo_elastic.report import format_table
+    from nemo_elastic.report.common import format_table
 
     symbols = cfg.model.layer_symbols
     position = {j: k + 1 for k, j in enumerate(depth[selected].order)}

@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from functools import partial
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -99,13 +98,10 @@ class ElasticForwardStep:
 def budget_probs_at(cfg: Config, iteration: int) -> tuple[str, list[float]]:
     """(stage name, budget probabilities) of the curriculum stage running `iteration`
     (1-based); the last stage once past the end."""
-    from nemo_elastic.training.elastic_trainer import _segments
+    from nemo_elastic.training.elastic.schedule import Curriculum
 
-    segments = _segments(cfg, None)  # data is built lazily; only the schedule is read here
-    for seg in segments:
-        if iteration <= seg.end:
-            return seg.name, seg.extra["budget_probs"]
-    return segments[-1].name, segments[-1].extra["budget_probs"]
+    stage = Curriculum.of(cfg).stage_at(iteration)
+    return stage.name, list(stage.budget_probs)
 
 
 class ElasticRouterCallback(Callback):
@@ -150,8 +146,8 @@ class ElasticRouterCallback(Callback):
         from megatron.core import parallel_state as ps
 
         from nemo_elastic.checkpoint import load_checkpoint
-        from nemo_elastic.training.elastic_step import ElasticDistillationStep
-        from nemo_elastic.training.elastic_trainer import _lr_factor, parent_config
+        from nemo_elastic.training.elastic.step import ElasticDistillationStep
+        from nemo_elastic.training.elastic.trainer import build_router_optimizer, parent_config
         from nemo_elastic.training.train import build_teacher
 
         cfg, init, teacher_ckpt = parent_config(self._recipe(context))
@@ -162,14 +158,9 @@ class ElasticRouterCallback(Callback):
             if context.optimizer is not None and hasattr(context.optimizer, "reload_model_params"):
                 context.optimizer.reload_model_params()  # fp32 main copies of bf16 weights
         router = _build_router(cfg, init, next(student.parameters()).device)
-        e, r = cfg.elastic, cfg.elastic.router
+        e = cfg.elastic
         teacher = None if e.distill.teacher_mode == "trainable" else build_teacher(cfg, teacher_ckpt)
-        self.router_optimizer = torch.optim.AdamW(
-            router.parameters(), lr=r.lr, weight_decay=r.weight_decay,
-            betas=(cfg.train.adam_beta1, cfg.train.adam_beta2))  # as training.train builds it
-        self.router_scheduler = torch.optim.lr_scheduler.LambdaLR(self.router_optimizer, partial(
-            _lr_factor, warmup=r.warmup_iters, total=e.total_iters, style=e.lr_decay_style,
-            min_ratio=e.min_lr / e.lr))
+        self.router_optimizer, self.router_scheduler = build_router_optimizer(cfg, router)
         self.step = ElasticDistillationStep(router=router, teacher=teacher, elastic_cfg=e,
                                             tp_group=ps.get_tensor_model_parallel_group())
         self.forward_step.step = self.step
@@ -183,7 +174,7 @@ class ElasticRouterCallback(Callback):
         self.step.begin_iteration(iteration, probs)
 
     def on_train_step_end(self, context: CallbackContext) -> None:
-        from nemo_elastic.training.elastic_trainer import choice_summary, sync_router_grads
+        from nemo_elastic.training.elastic.trainer import choice_summary, sync_router_grads
 
         iteration = context.state.train_state.step
         if self.sync_grads:
@@ -332,11 +323,11 @@ def recipe(name_or_path: str = "tiny", overrides: Sequence[str] = (), *,
     cfg = load_config(path, list(overrides))
     if cfg.elastic is None:
         raise ConfigError(f"recipe {str(path)!r} has no `elastic:` section")
+    from nemo_elastic.training.elastic.schedule import Curriculum
+
     e, d = cfg.elastic, cfg.data
-    stage = e.curriculum[0] if e.curriculum else None
-    seq = (stage.seq_length if stage else None) or d.seq_length
-    gbs = (stage.global_batch_size if stage else None) or d.global_batch_size
-    mbs = (stage.micro_batch_size if stage else None) or d.micro_batch_size
+    first = Curriculum.of(cfg).stages[0]
+    seq, gbs, mbs = first.seq_length, first.global_batch_size, first.micro_batch_size
     from nemo_elastic.run.run_dir import bridge_run_dir
 
     run = bridge_run_dir(cfg, output_dir)

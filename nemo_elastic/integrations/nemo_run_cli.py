@@ -65,17 +65,13 @@ def _job(verbose: bool = False):
     """The same logging as `nemo-elastic`, and its error contract: a user error (bad option,
     missing or damaged file, existing output) is one line on stderr and exit status 2, in the
     `key=value` spelling of this CLI; anything else is a bug and keeps its traceback."""
-    from nemo_elastic.cli import _one_line, _os_error_line, _setup_logging
-    from nemo_elastic.errors import UserError
+    from nemo_elastic.errors import UserError, setup_logging, user_error_line
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     try:
         yield
-    except UserError as err:
-        logger.error("%s", nemo_spelling(_one_line(str(err))))
-        raise SystemExit(2) from None
-    except OSError as err:
-        logger.error("%s", nemo_spelling(_one_line(_os_error_line(err))))
+    except (UserError, OSError) as err:
+        logger.error("%s", nemo_spelling(user_error_line(err)))
         raise SystemExit(2) from None
 
 

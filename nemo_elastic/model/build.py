@@ -136,5 +136,7 @@ def _with_layer_overrides(spec: ModuleSpec, overrides: dict[int, dict[str, int]]
     return dataclasses.replace(spec, params={**spec.params, "layer_overrides": overrides})
 
 
-def count_parameters(model: torch.nn.Module) -> int:
+def module_parameters(model: torch.nn.Module) -> int:
+    """Parameters of a built module, counted tensor by tensor on this rank (the closed form
+    from a config is `cost_model.count_parameters`; across ranks `loop.global_param_count`)."""
     return sum(p.numel() for p in model.parameters())

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from nemo_elastic.checkpoint import config_from_checkpoint, read_meta, resolve_checkpoint
-from nemo_elastic.report import fmt_loss, fmt_pct, format_table
+from nemo_elastic.report.common import fmt_loss, fmt_pct, format_table
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from nemo_elastic.checkpoint import config_from_checkpoint, load_checkpoint, rea
 from nemo_elastic.config import Config
 from nemo_elastic.data.loaders import build_training_data
 from nemo_elastic.model import build_hybrid_model
-from nemo_elastic.report import fmt_loss, fmt_pct, format_table
+from nemo_elastic.report.common import fmt_loss, fmt_pct, format_table
 from nemo_elastic.training.evaluation import answer_accuracy_of, validation_loss
 
 logger = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ def check_result(result: dict) -> None:
 
 def result_json(result: dict) -> str:
     """The result as strict JSON (a non-finite number becomes null, never NaN)."""
-    from nemo_elastic.report import strict_json
+    from nemo_elastic.report.common import strict_json
 
     return strict_json(result, indent=2)
 

@@ -133,7 +133,7 @@ def answer_accuracy_of(cfg: Config, model, data, info: RankInfo, *,
         _warn_once("train.eval_accuracy_samples", f"train.eval_accuracy_samples={n} is more "
                    f"than the {len(data.val_problems)} validation problems: using "
                    f"{len(data.val_problems)}")
-    from nemo_elastic.report import fmt_pct
+    from nemo_elastic.report.common import fmt_pct
 
     was_training = model.training
     model.eval()

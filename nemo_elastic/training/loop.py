@@ -2,12 +2,12 @@
 
 One iteration = one global batch = `num_microbatches` micro-batches per data-parallel rank run by
 Megatron's `get_forward_backward_func()` (pipeline-aware) with a *pluggable forward step*, then
-the Megatron optimizer step (Adam, grad clipping), the LR scheduler, and `after_step` (the
-elastic job's router optimizer).  A run is a list of `Segment`s (curriculum stages: each with its
+the Megatron optimizer step (Adam, grad clipping), the LR scheduler, and `after_step` (e.g. a
+subclass's second optimizer).  A run is a list of `Segment`s (curriculum stages: each with its
 own sequence length, batch and data iterator); pretraining is one segment.
 
 Checkpoints (model, optimizer, scheduler, RNG, data position, and whatever `extra_state()` adds,
-e.g. the router and its optimizer) are written every `save_interval` iterations, at every segment
+e.g. a subclass's extra modules and optimizers) are written every `save_interval` iterations, at every segment
 end, at the end, and when SIGTERM / Ctrl-C arrives (Slurm preemption), so a rerun resumes exactly
 where it stopped — also across a stage transition.
 
@@ -38,7 +38,7 @@ from nemo_elastic.checkpoint import checkpoint_meta, latest_checkpoint, load_par
     prune_checkpoints, save_parts, start_writer_processes, write_text_durably
 from nemo_elastic.config import Config, ConfigError, to_dict
 from nemo_elastic.errors import TrainingDiverged
-from nemo_elastic.report import json_safe, strict_json  # noqa: F401  (json_safe: re-exported)
+from nemo_elastic.report.common import strict_json
 from nemo_elastic.run.run_dir import METRICS_FILE, RunDir
 
 logger = logging.getLogger(__name__)
@@ -126,6 +126,13 @@ class Trainer:
 
     kind = "pretrain"  # checkpoint kind
     desc = "train"  # progress-bar label
+    output_field, lr_field = "output_dir", "train.lr"  # recipe fields named in errors
+    # the record fields that must stay finite, in the order they are reported, with their
+    # names; and the fields holding {name: value} maps of them (subclasses add theirs)
+    finite_fields = {"train_loss": "training loss", "val_loss": "validation loss",
+                     "grad_norm": "gradient norm"}
+    finite_maps: dict = {}
+    validation_keys = ("val_loss",)  # record fields measured on the current weights
 
     def __init__(self, cfg: Config, info, *, out_dir: Path, model, ddp, optimizer, scheduler,
                  segments: list[Segment], log_interval: int, eval_interval: int,
@@ -191,6 +198,10 @@ class Trainer:
     def extra_meta(self) -> dict:
         return {}
 
+    def failure_context(self, record: dict) -> str:
+        """More words on where a non-finite value came from (appended after the stage)."""
+        return ""
+
     # ------------------------------------------------------------------ checkpoints
     def segment_at(self, iteration: int) -> Segment:
         """The segment that runs iteration `iteration + 1` (the last one once finished)."""
@@ -233,7 +244,7 @@ class Trainer:
                 self.cfg, kind=self.kind, iteration=iteration,
                 has_optimizer=self.optimizer is not None,
                 extra={"segment": seg.name, **self.extra_meta()}), overwrite=True,
-            field_name="elastic.output_dir" if self.kind == "elastic" else "output_dir")
+            field_name=self.output_field)
         if self._metrics_file is not None:  # the records up to this checkpoint are on disk
             os.fsync(self._metrics_file.fileno())
         prune_checkpoints(self.ckpt_root, self.keep_checkpoints)
@@ -267,19 +278,17 @@ class Trainer:
         return validation_loss(one, self.ddp, seg.data, 1, self.info, all_stages=True)
 
     def _check_finite(self, record: dict, seg: Segment) -> None:
-        """A non-finite loss (training, any budget's, validation) or gradient norm stops the
+        """A non-finite loss (training, validation, a subclass's per-name ones) or gradient norm stops the
         run here, before any checkpoint of these weights."""
-        bad = _non_finite(record)
+        bad = non_finite(record, self.finite_fields, self.finite_maps)
         if not bad:
             return
         what, value = bad
-        drawn = [n for n, k in (record.get("budgets_drawn") or {}).items() if k]
-        budgets = f", budget(s) {', '.join(drawn)}" if drawn else ""
         self._diverged(f"{what} is {value} at iteration {record['iteration']} (stage "
-                       f"{seg.name!r}{budgets})")
+                       f"{seg.name!r}{self.failure_context(record)})")
 
     def _diverged(self, what: str) -> None:
-        lr = "elastic.lr" if self.kind == "elastic" else "train.lr"
+        lr = self.lr_field
         if self.ckpt_path:
             fix = (f"the last good checkpoint {str(self.ckpt_path)!r} is kept; lower {lr} (and "
                    "its min_lr) and rerun the same command to resume from it with the new rate")
@@ -288,7 +297,7 @@ class Trainer:
         raise TrainingDiverged(f"{what}; {fix}")
 
     def _check_weights_before_save(self, record: dict, seg: Segment) -> None:
-        if "val_loss" in record or "val_by_budget" in record:  # measured on these weights
+        if any(key in record for key in self.validation_keys):  # measured on these weights
             return
         loss = self.weights_loss(seg)
         if not math.isfinite(loss):
@@ -392,22 +401,16 @@ def write_metrics(out_dir: Path, history: list[dict], name: str = METRICS_FILE) 
         strict_json(record) + "\n" for record in history))
 
 
-# the record fields that must stay finite, in the order they are reported, with their names
-_CHECKED = {"train_loss": "training loss", "kd": "distillation (KD) loss",
-            "budget_loss": "budget loss", "ce": "cross-entropy loss",
-            "val_loss": "validation loss", "grad_norm": "gradient norm",
-            "router_grad_norm": "router gradient norm"}
-
-
-def _non_finite(record: dict) -> Optional[tuple[str, float]]:
-    """(name, value) of the first non-finite loss or gradient norm of an iteration record:
-    the losses, each budget's KD and validation loss, the gradient norms."""
-    for key, name in _CHECKED.items():
+def non_finite(record: dict, fields: dict, maps: dict) -> Optional[tuple[str, float]]:
+    """(name, value) of the first non-finite value of an iteration record: `fields` maps
+    record keys to names, `maps` keys of {name: value} entries (e.g. one loss per budget) to
+    the words before the name."""
+    for key, name in fields.items():
         value = record.get(key)
         if isinstance(value, float) and not math.isfinite(value):
             return name, value
-    for key, label in (("kd_by_budget", "KD loss"), ("val_by_budget", "validation loss")):
-        for budget, value in (record.get(key) or {}).items():
+    for key, label in maps.items():
+        for name, value in (record.get(key) or {}).items():
             if isinstance(value, float) and not math.isfinite(value):
-                return f"{label} of budget {budget!r}", value
+                return f"{label} {name!r}", value
     return None

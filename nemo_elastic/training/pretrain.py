@@ -20,10 +20,10 @@ from nemo_elastic.run.run_dir import RunDir, pretrain_run_dir
 from nemo_elastic.config import Config
 from nemo_elastic.data.loaders import build_training_data
 from nemo_elastic.model import build_hybrid_model
-from nemo_elastic.report import format_table, plot_curves
+from nemo_elastic.report.common import format_table, json_safe, plot_curves, strict_json
 from nemo_elastic.training.evaluation import answer_accuracy_of, to_every_stage, validation_loss
 from nemo_elastic.training.loop import Segment, StopRequest, Trainer, global_param_count, \
-    json_safe, strict_json, write_metrics
+    write_metrics
 from nemo_elastic.training.optim import build_optimizer, build_scheduler, wrap_ddp
 from nemo_elastic.training.step import lm_forward_step, reduce_lm_loss
 
@@ -98,8 +98,8 @@ def _pretrain_locked(cfg: Config, info, run: RunDir, stop: StopRequest, *, resum
     model = build_hybrid_model(cfg, **cfg.train.recompute_overrides())
     n_params = global_param_count(model)
     ddp = wrap_ddp(model)
-    optimizer = build_optimizer([ddp], cfg.train, model.config.params_dtype)
-    scheduler = build_scheduler(optimizer, cfg.train)
+    optimizer = build_optimizer([ddp], cfg.train.optimizer, model.config.params_dtype)
+    scheduler = build_scheduler(optimizer, cfg.train.optimizer)
     d, t = cfg.data, cfg.train
     data = build_training_data(cfg, info)
     segment = Segment(name="pretrain", begin=0, end=t.iters, seq_length=d.seq_length,

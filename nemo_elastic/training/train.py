@@ -17,20 +17,20 @@ from functools import partial
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 from nemo_elastic import runtime
 from nemo_elastic.checkpoint import load_checkpoint, write_text_durably
-from nemo_elastic.config import Config, ConfigError, TrainConfig
+from nemo_elastic.config import Config, ConfigError
 from nemo_elastic.checkpoint.fingerprint import guard_run_folder, run_fingerprint, \
     training_fingerprint
+from nemo_elastic.report.common import json_safe
 from nemo_elastic.run.run_dir import RunDir, elastic_run_dir
-from nemo_elastic.training.elastic_step import ElasticDistillationStep
-from nemo_elastic.training.elastic_trainer import (ElasticTrainer, _finalize_with_router,
-                                                   _lr_factor, _segments, elastic_output_dir,
-                                                   evaluate_family, parent_config)
-from nemo_elastic.training.loop import StopRequest, global_param_count, json_safe, \
-    write_metrics
+from nemo_elastic.training.elastic.step import ElasticDistillationStep
+from nemo_elastic.training.elastic.trainer import (ElasticTrainer, build_router_optimizer,
+                                                   elastic_output_dir, evaluate_family,
+                                                   finalize_with_router, parent_config,
+                                                   training_segments)
+from nemo_elastic.training.loop import StopRequest, global_param_count, write_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -117,24 +117,15 @@ def build_trainer(cfg: Config, init: Path, teacher_ckpt: Path, info, *, load_ini
     router = ElasticRouter(cfg.model, e, total_iters=e.total_iters,
                            layer_ranking=read_meta(init).get("layer_ranking")).to(device)
     teacher = None if e.distill.teacher_mode == "trainable" else build_teacher(cfg, teacher_ckpt)
-    ddp = wrap_ddp(student, finalize_grads=partial(_finalize_with_router, router=router))
-    model_train = TrainConfig(
-        iters=e.total_iters, lr=e.lr, min_lr=e.min_lr, warmup_iters=e.warmup_iters,
-        lr_decay_style=e.lr_decay_style, weight_decay=e.weight_decay, clip_grad=e.clip_grad,
-        adam_beta1=cfg.train.adam_beta1, adam_beta2=cfg.train.adam_beta2, seed=e.seed)
-    optimizer = build_optimizer([ddp], model_train, student.config.params_dtype)
-    scheduler = build_scheduler(optimizer, model_train)
-    r = e.router
-    router_opt = torch.optim.AdamW(router.parameters(), lr=r.lr, weight_decay=r.weight_decay,
-                                   betas=(cfg.train.adam_beta1, cfg.train.adam_beta2))
-    router_sched = torch.optim.lr_scheduler.LambdaLR(router_opt, partial(
-        _lr_factor, warmup=r.warmup_iters, total=e.total_iters, style=e.lr_decay_style,
-        min_ratio=e.min_lr / e.lr))
+    ddp = wrap_ddp(student, finalize_grads=partial(finalize_with_router, router=router))
+    optimizer = build_optimizer([ddp], e.optimizer(cfg.train), student.config.params_dtype)
+    scheduler = build_scheduler(optimizer, e.optimizer(cfg.train))
+    router_opt, router_sched = build_router_optimizer(cfg, router)
     step = ElasticDistillationStep(router=router, teacher=teacher, elastic_cfg=e,
                                    tp_group=ps.get_tensor_model_parallel_group())
     trainer = ElasticTrainer(
         cfg, info, out_dir=elastic_output_dir(cfg), model=student, ddp=ddp, optimizer=optimizer,
-        scheduler=scheduler, segments=_segments(cfg, info), log_interval=e.log_interval,
+        scheduler=scheduler, segments=training_segments(cfg, info), log_interval=e.log_interval,
         eval_interval=e.eval_interval, save_interval=e.save_interval, progress=progress,
         step=step, router=router, router_optimizer=router_opt, router_scheduler=router_sched,
         teacher=teacher, fingerprint=training_fingerprint(
@@ -191,8 +182,8 @@ def _pct(value: Optional[float]) -> str:
 
 
 def _write_outputs(out_dir: Path, result: TrainResult, trainer: ElasticTrainer) -> None:
-    from nemo_elastic.report import format_table
-    from nemo_elastic.training.report import plot_kd_by_budget, plot_router_choices, \
+    from nemo_elastic.report.common import format_table
+    from nemo_elastic.report.elastic import plot_kd_by_budget, plot_router_choices, \
         write_tensorboard
 
     history = trainer.full_history  # across resumes
@@ -243,12 +234,12 @@ def _write_outputs(out_dir: Path, result: TrainResult, trainer: ElasticTrainer) 
 def write_train_report(out_dir: Path, result: TrainResult, check, header, rows,
                        protocol: str) -> Path:
     """`report.md` of `nemo-elastic train`: the family table, band and order."""
-    from nemo_elastic.run_report import _md_table
+    from nemo_elastic.report.common import markdown_table
 
     lines = [f"# Elastic training report: `{out_dir}`", "",
              f"{result.iterations} iterations, {result.wall_time_s:.1f} s; checkpoint "
              f"`{result.checkpoint}`.", "",
-             _md_table(header, rows), "", f"({protocol}.)", "",
+             markdown_table(header, rows), "", f"({protocol}.)", "",
              f"**Bands**: {check.summary()}.", "",
              f"**Order**: sizes {check.order_text()}.", "",
              "Figures: `kd_by_budget.png` (per-budget distillation loss), `router_choices.png` "

@@ -2,7 +2,7 @@
 
 Every number in the report comes from the JSON files next to it (`evaluation.json`,
 `training_curve.json`, `zero_shot.json`, `pipeline.json`) through the formatters of
-`nemo_elastic.report` (`fmt_loss`, `fmt_pct`), so the report and the JSON always agree.
+`nemo_elastic.report.common` (`fmt_loss`, `fmt_pct`), so the report and the JSON always agree.
 
 * `report_budgets.png`: validation loss and answer accuracy against parameters - the exported
   elastic family, the same sub-networks zero-shot (prepared parent, no training), the uniform
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from nemo_elastic.config import Config
-from nemo_elastic.report import fmt_loss, fmt_pct
+from nemo_elastic.report.common import fmt_loss, fmt_pct, markdown_table
 
 REPORT = "report.md"
 BUDGETS_PNG = "report_budgets.png"
@@ -40,12 +40,6 @@ def fmt_speed(value: Optional[float]) -> str:
 
 def fmt_params(params: int, full: int) -> str:
     return f"{params:,} ({fmt_pct(params / full)})"
-
-
-def _md_table(header, rows) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def family_rows(evaluation: dict, family: list[dict], before: dict[str, dict]) -> list[tuple]:
@@ -85,7 +79,9 @@ def write_report(out: Path, *, cfg: Config, parent: dict, zero_shot: dict, evalu
                  curve: dict, stages: dict) -> Path:
     out = Path(out)
     from nemo_elastic.family_check import check_family
+    from nemo_elastic.training.elastic.schedule import Curriculum
 
+    curriculum = Curriculum.of(cfg)
     family = zero_shot["family"]
     check = check_family(family)
     names = [r["name"] for r in family]
@@ -94,15 +90,10 @@ def write_report(out: Path, *, cfg: Config, parent: dict, zero_shot: dict, evalu
     plot_family(out / BUDGETS_PNG, evaluation, family, before, zero_shot["budgets"],
                 parent.get("uniform_loss"))
     if curve is not None:
-        plot_training(out / TRAINING_PNG, curve, names, _stage_tokens(cfg))
+        plot_training(out / TRAINING_PNG, curve, names, curriculum.stage_change_tokens())
     p = evaluation["protocol"]
     e = cfg.elastic
-    stage_text = "; ".join(
-        f"{s.name}: {s.iters} iterations x {s.global_batch_size or cfg.data.global_batch_size} x "
-        f"{s.seq_length or cfg.data.seq_length} tokens, budgets drawn "
-        + ("uniformly" if not s.budget_probs else
-           "/".join(f"{s.budget_probs.get(n, 0):g}" for n in names))
-        for s in e.curriculum) or f"{e.iters} iterations"
+    stage_text = curriculum.describe(names)
     total_tokens = max((v["tokens"] for v in points.values()), default=0)
     lines = [
         f"# Main job report: `{out}`",
@@ -125,7 +116,7 @@ def write_report(out: Path, *, cfg: Config, parent: dict, zero_shot: dict, evalu
         "",
         "## The family: each budget exported and evaluated as a standalone model",
         "",
-        _md_table(FAMILY_HEADER, family_rows(evaluation, family, before)),
+        markdown_table(FAMILY_HEADER, family_rows(evaluation, family, before)),
         "",
         "*parameters (exported)* are counted on the loaded standalone checkpoint "
         "(`family/<name>`, as `nemo-elastic extract --all`); *zero-shot* is the same "
@@ -149,13 +140,13 @@ def write_report(out: Path, *, cfg: Config, parent: dict, zero_shot: dict, evalu
         rows.append([f"{pt['tokens']:,}", str(it)] + [
             v for n in names for v in (fmt_loss(pt.get(n, {}).get("val_loss")),
                                        fmt_pct(pt.get(n, {}).get("answer_accuracy")))])
-    lines += [_md_table(header, rows) if curve is not None else
+    lines += [markdown_table(header, rows) if curve is not None else
               "Not measured (`elastic.training_curve: false`).", ""]
     lines += ["## Zero-shot prefixes (no elastic training)", "",
               "Every width axis cut to the same fraction, in the parent's original order and "
               "in the importance order (`prepare`).", ""]
     full = parent["parameters"]
-    lines += [_md_table(("weights", "width", "parameters", "val loss", "answer acc."), [
+    lines += [markdown_table(("weights", "width", "parameters", "val loss", "answer acc."), [
         (r["weights"], fmt_pct(r["fraction"]), fmt_params(r["parameters"], full),
          fmt_loss(r["val_loss"]), fmt_pct(r["answer_accuracy"])) for r in zero_shot["budgets"]]),
         ""]
@@ -166,11 +157,11 @@ def write_report(out: Path, *, cfg: Config, parent: dict, zero_shot: dict, evalu
     for title, rel in LINKED:
         if (out / rel).is_file():
             lines += [f"![{title}]({rel})", ""]
-    lines += ["## Stages", "", _md_table(("stage", "wall time (when it ran)", "this invocation"), [
+    lines += ["## Stages", "", markdown_table(("stage", "wall time (when it ran)", "this invocation"), [
         (name, "n/a" if s.get("seconds") is None else f"{s['seconds']:.1f} s",
          "reused" if s.get("reused") else "ran") for name, s in stages.items()]), ""]
     teacher_train = zero_shot.get("teacher", {}).get("val_loss")
-    last = e.curriculum[-1] if e.curriculum else None
+    last = curriculum.stages[-1] if curriculum.explicit else None
     lines += [
         "## Two losses for one checkpoint", "",
         "The same model gets slightly different validation losses in different places "
@@ -180,8 +171,8 @@ def write_report(out: Path, *, cfg: Config, parent: dict, zero_shot: dict, evalu
         ", the recipe's windows and `train.eval_iters` global batches;",
         "- the elastic run's closing table (`elastic/summary.json`, teacher "
         f"{fmt_loss(teacher_train)}): the last curriculum stage's data"
-        + (f" ({last.seq_length or cfg.data.seq_length}-token windows, "
-           f"{cfg.train.eval_iters} x {last.global_batch_size or cfg.data.global_batch_size} "
+        + (f" ({last.seq_length}-token windows, "
+           f"{cfg.train.eval_iters} x {last.global_batch_size} "
            "sequences)" if last else "") + ", with the router's family at the end of training.",
         ""]
     path = out / REPORT
@@ -191,17 +182,6 @@ def write_report(out: Path, *, cfg: Config, parent: dict, zero_shot: dict, evalu
 
 def _teacher(evaluation: dict) -> Optional[float]:
     return next((m["val_loss"] for m in evaluation["models"] if m["name"] == "teacher"), None)
-
-
-def _stage_tokens(cfg: Config) -> list[int]:
-    """Training tokens at each curriculum stage change."""
-    e, d = cfg.elastic, cfg.data
-    marks, total = [], 0
-    for s in (e.curriculum or [])[:-1]:
-        total += s.iters * (s.global_batch_size or d.global_batch_size) * \
-            (s.seq_length or d.seq_length)
-        marks.append(total)
-    return marks
 
 
 def _figure(ncols: int):

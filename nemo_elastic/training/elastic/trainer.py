@@ -25,8 +25,8 @@ import torch
 
 from nemo_elastic.checkpoint import CheckpointError, read_meta, resolve_checkpoint
 from nemo_elastic.config import Config, ConfigError, to_dict
-from nemo_elastic.config_elastic import StageConfig
-from nemo_elastic.training.elastic_step import ElasticDistillationStep, reduce_reports
+from nemo_elastic.training.elastic.schedule import Curriculum, lr_factor
+from nemo_elastic.training.elastic.step import ElasticDistillationStep, reduce_reports
 from nemo_elastic.training.loop import Segment, Trainer
 
 logger = logging.getLogger(__name__)
@@ -90,41 +90,33 @@ def parent_config(cfg: Config) -> tuple[Config, Path, Path]:
     return cfg, init, teacher
 
 
-def _segments(cfg: Config, info) -> list[Segment]:
-    """Curriculum stages (or one implicit stage) with their own data and budget probabilities."""
+def training_segments(cfg: Config, info) -> list[Segment]:
+    """The curriculum's stages as the loop's segments: each with its own data (built on first
+    use) and budget probabilities."""
     from nemo_elastic.data.loaders import build_training_data
 
-    e, d = cfg.elastic, cfg.data
-    stages = e.curriculum or [StageConfig(name="elastic", iters=e.iters)]
-    segments, begin = [], 0
-    for k, stage in enumerate(stages):
-        data_cfg = dataclasses.replace(
-            d, seq_length=stage.seq_length or d.seq_length, seed=d.seed + k,
-            micro_batch_size=stage.micro_batch_size or d.micro_batch_size,
-            global_batch_size=stage.global_batch_size or d.global_batch_size)
-        stage_cfg = dataclasses.replace(cfg, data=data_cfg)
-        weights = [float((stage.budget_probs or {}).get(n, 0.0)) if stage.budget_probs else 1.0
-                   for n in e.budget_names]
-        probs = [w / sum(weights) for w in weights]
+    segments = []
+    for stage in Curriculum.of(cfg).stages:
+        stage_cfg = dataclasses.replace(cfg, data=stage.data_config(cfg.data))
         segments.append(Segment(
-            name=stage.name, begin=begin, end=begin + stage.iters, seq_length=data_cfg.seq_length,
-            micro_batch_size=data_cfg.micro_batch_size,
-            global_batch_size=data_cfg.global_batch_size,
+            name=stage.name, begin=stage.begin, end=stage.end, seq_length=stage.seq_length,
+            micro_batch_size=stage.micro_batch_size,
+            global_batch_size=stage.global_batch_size,
             data_factory=partial(build_training_data, stage_cfg, info),
-            extra={"budget_probs": probs, "config": stage_cfg}))
-        begin += stage.iters
+            extra={"budget_probs": list(stage.budget_probs), "config": stage_cfg}))
     return segments
 
 
-def _lr_factor(iteration: int, warmup: int, total: int, style: str, min_ratio: float) -> float:
-    """Linear warmup, then constant / linear / cosine decay to `min_ratio` at `total`."""
-    if warmup and iteration < warmup:
-        return (iteration + 1) / warmup
-    if style == "constant" or total <= warmup:
-        return 1.0
-    t = min(1.0, (iteration - warmup) / max(1, total - warmup))
-    decay = 1 - t if style == "linear" else 0.5 * (1 + math.cos(math.pi * t))
-    return min_ratio + (1 - min_ratio) * decay
+def build_router_optimizer(cfg: Config, router: torch.nn.Module):
+    """The router's own AdamW (its LR, weight decay and the model's betas) and its LR schedule
+    (`schedule.lr_factor`: the router's warmup, the model's decay style and min/max ratio)."""
+    e, r = cfg.elastic, cfg.elastic.router
+    optimizer = torch.optim.AdamW(router.parameters(), lr=r.lr, weight_decay=r.weight_decay,
+                                  betas=(cfg.train.adam_beta1, cfg.train.adam_beta2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+        lr_factor, warmup=r.warmup_iters, total=e.total_iters, style=e.lr_decay_style,
+        min_ratio=e.min_lr / e.lr))
+    return optimizer, scheduler
 
 
 def sync_router_grads(router: torch.nn.Module) -> None:
@@ -151,7 +143,8 @@ def sync_router_grads(router: torch.nn.Module) -> None:
         offset += p.numel()
 
 
-def _finalize_with_router(model_chunks, *args, router, **kwargs):
+def finalize_with_router(model_chunks, *args, router, **kwargs):
+    """Megatron's `finalize_model_grads`, then the router's gradients (`sync_router_grads`)."""
     from megatron.core.distributed import finalize_model_grads
 
     finalize_model_grads(model_chunks, *args, **kwargs)
@@ -160,6 +153,18 @@ def _finalize_with_router(model_chunks, *args, router, **kwargs):
 
 class ElasticTrainer(Trainer):
     kind, desc = "elastic", "elastic"
+    output_field, lr_field = "elastic.output_dir", "elastic.lr"
+    # the record fields that must stay finite, in the order they are reported, with their names
+    finite_fields = {"train_loss": "training loss", "kd": "distillation (KD) loss",
+                     "budget_loss": "budget loss", "ce": "cross-entropy loss",
+                     "val_loss": "validation loss", "grad_norm": "gradient norm",
+                     "router_grad_norm": "router gradient norm"}
+    finite_maps = {"kd_by_budget": "KD loss of budget", "val_by_budget": "validation loss of budget"}
+    validation_keys = ("val_loss", "val_by_budget")
+
+    def failure_context(self, record: dict) -> str:
+        drawn = [n for n, k in (record.get("budgets_drawn") or {}).items() if k]
+        return f", budget(s) {', '.join(drawn)}" if drawn else ""
 
     def __init__(self, *args, step: ElasticDistillationStep, router, router_optimizer,
                  router_scheduler, teacher, fingerprint: Optional[dict] = None,
@@ -299,7 +304,7 @@ class ElasticTrainer(Trainer):
 def choice_summary(router) -> dict:
     """{budget: {axis: chosen size (mean over layers for heterogeneous axes), params_fraction}}
     of the router's argmax sub-networks (no noise)."""
-    from nemo_elastic.budget import subnetwork_parameters
+    from nemo_elastic.cost_model import subnetwork_parameters
 
     out = {}
     with torch.no_grad():

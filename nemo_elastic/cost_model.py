@@ -1,4 +1,4 @@
-"""Closed-form parameter counts for the hybrid Mamba2 / attention / MLP model.
+"""The closed-form cost model: parameters and memory of the hybrid Mamba2 / attention / MLP model.
 
 Pure Python (no torch / megatron import): a recipe's size can be checked anywhere.  The formulas
 follow the Megatron-Core parameter layout built by `nemo_elastic.model.build_hybrid_model` (which
@@ -44,20 +44,22 @@ the prefill chunking, not on the model's shape alone.  `memory_breakdown` / `cou
 `subnetwork_memory` mirror the parameter functions; `GB` = 1e9 bytes.
 
 One walk (`cost_terms`) serves the exact counts here and the probability-weighted expected
-costs of `nemo_elastic.elastic.cost`, so the two cannot drift apart.
+costs of `nemo_elastic.elastic.expected_cost`, so the two cannot drift apart.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
-from nemo_elastic.config import (ATTENTION, MAMBA, MLP, MOE, MOE_FIELDS, ConfigError,
-                                 ModelConfig, require_positive)
+from nemo_elastic.errors import ConfigError, require_positive
+from nemo_elastic.sizes import ATTENTION, ELASTIC_AXES, GROUPED, MAMBA, MLP, MOE, MOE_FIELDS
 
-if TYPE_CHECKING:  # pure Python either way; avoid importing the elastic package at load time
-    from nemo_elastic.elastic.subnet import SubNetwork
+# The cost model is a leaf: `config` imports it to check memory budgets, so it imports neither
+# `config` nor `elastic.subnet`, not even for type checking.  In annotations (never evaluated),
+# ModelConfig is `nemo_elastic.config.ModelConfig`, SubNetwork `nemo_elastic.elastic.subnet`'s.
+ModelConfig = SubNetwork = Any
 
 __all__ = ["GB", "MemorySpec", "active_parameter_breakdown", "attention_layer_parameters",
            "attention_parameters", "count_active_parameters", "moe_parameters",
@@ -65,7 +67,8 @@ __all__ = ["GB", "MemorySpec", "active_parameter_breakdown", "attention_layer_pa
            "kv_cache_bytes", "layer_parameters", "mamba_layer_parameters", "mamba_parameters",
            "mamba_state_bytes", "memory_breakdown", "memory_from_terms", "memory_gb",
            "mlp_layer_parameters", "mlp_parameters", "parameter_breakdown",
-           "parameters_from_terms", "subnetwork_memory", "subnetwork_parameters"]
+           "parameters_from_terms", "smallest_memory", "subnetwork_memory",
+           "subnetwork_parameters"]
 
 GB = 1e9  # bytes; budgets in GB are decimal gigabytes, as in Flextron's memory budget
 
@@ -99,7 +102,7 @@ def _size(m: ModelConfig, field_name: str, layer: Optional[int]) -> int:
 
 
 # Size-generic formulas: plain arithmetic, so ints give exact counts and (in
-# `nemo_elastic.elastic.cost`) probability-weighted expected sizes give a differentiable cost.
+# `nemo_elastic.elastic.expected_cost`) probability-weighted expected sizes give a differentiable cost.
 
 def mamba_parameters(h, heads, head_dim, groups: int, state: int, conv_kernel: int):
     """One Mamba2 layer (pre-norm + mixer) with `heads` x `head_dim` inner channels."""
@@ -205,7 +208,7 @@ def cost_terms(m: ModelConfig, spec: Optional[MemorySpec] = None, *, hidden=None
     """The one per-layer walk behind every count: {'embedding', 'mamba', 'attention', 'mlp'}
     parameters and, with `spec`, {'kv_cache', 'mamba_state'} bytes.
 
-    Defaults give the exact counts of `m` (per-layer aware).  `elastic.cost` passes expected
+    Defaults give the exact counts of `m` (per-layer aware).  `elastic.expected_cost` passes expected
     sizes instead: `hidden` (width), `size(field, layer)` (a layer's size) and `keep(layer)`
     (True, False = dropped, or a soft gate multiplying the layer's weights and cache).
     """
@@ -302,3 +305,35 @@ def memory_gb(m: ModelConfig, spec: Optional[MemorySpec] = None,
     """`count_memory` (or `subnetwork_memory` of `subnet`) in GB (1e9 bytes)."""
     nbytes = count_memory(m, spec) if subnet is None else subnetwork_memory(m, subnet, spec)
     return nbytes / GB
+
+
+def _uniform_memory(m: ModelConfig, spec: MemorySpec, sizes: dict, drop=()) -> float:
+    """Memory in bytes of the sub-network with the same `sizes` in every layer of a type
+    (`SubNetwork.uniform(m, **sizes, drop_layers=drop)`, counted without building it)."""
+    size = lambda f, i: sizes[f] if sizes.get(f) is not None else m.layer_size(f, i)  # noqa: E731
+    terms = cost_terms(m, spec, hidden=sizes.get("hidden_size", m.hidden_size), size=size,
+                       keep=lambda i: i not in drop)
+    return memory_from_terms(terms, spec)["total"]
+
+
+def smallest_memory(m: ModelConfig, e, spec: MemorySpec) -> float:
+    """Memory in bytes of the smallest sub-network the router can choose: every elastic width
+    axis at its smallest choice (explicit `choices`, else the smallest width fraction rounded as
+    `router.axis_choices` rounds it), each layer kept (with elastic depth: the parent's layers
+    minus the most memory-hungry ones it may drop, a lower bound).  `e`: the elastic section."""
+    sizes = {}
+    for axis in e.axes:
+        _, field_name = ELASTIC_AXES[axis]
+        step = getattr(m, GROUPED[field_name]) if field_name in GROUPED else 1
+        full = getattr(m, field_name)
+        smallest = min(e.choices[axis]) if e.choices.get(axis) else \
+            max(step, int(round(full * min(e.width_fractions) / step)) * step)
+        sizes[field_name] = min(smallest, full)
+    if not e.depth_choices:
+        return _uniform_memory(m, spec, sizes)
+    keep = min(e.depth_choices)
+    kept_all = _uniform_memory(m, spec, sizes)
+    costs = [kept_all - _uniform_memory(m, spec, sizes, {j})  # the memory each layer adds
+             for j in range(m.num_layers)]
+    drop = sorted(range(m.num_layers), key=lambda j: -costs[j])[:max(0, m.num_layers - keep)]
+    return _uniform_memory(m, spec, sizes, set(drop))

@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from nemo_elastic.report import _axes, _save
+from nemo_elastic.report.common import plot_axes, save_plot
 
 logger = logging.getLogger(__name__)
 
 
 def plot_kd_by_budget(history: list[dict], names: list[str], path: Path) -> Path:
     """Training KD loss of each budget (micro-batches that drew it) and its validation LM loss."""
-    fig, ax = _axes()
+    fig, ax = plot_axes()
     for k, name in enumerate(names):
         pts = [(h["iteration"], h["kd_by_budget"][name]) for h in history
                if name in h.get("kd_by_budget", {})]
@@ -29,7 +29,7 @@ def plot_kd_by_budget(history: list[dict], names: list[str], path: Path) -> Path
     ax.set_xlabel("iteration")
     ax.set_ylabel("nats/token")
     ax.set_title("per-budget distillation")
-    return _save(fig, ax, path, None)
+    return save_plot(fig, ax, path, None)
 
 
 def plot_router_choices(history: list[dict], names: list[str], router, path: Path) -> Path:

@@ -43,7 +43,14 @@ def format_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str
     return "\n".join([fmt(header), line, *(fmt(r) for r in rows)])
 
 
-def _axes():
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """The same table in Markdown (the `report.md` files)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_axes():
     """A headless (Agg) figure and axes of the size used for every plot."""
     import matplotlib
 
@@ -53,7 +60,7 @@ def _axes():
     return plt.subplots(figsize=(6.4, 4.0), dpi=120)
 
 
-def _save(fig, ax, path: Path, uniform_loss: Optional[float]) -> Path:
+def save_plot(fig, ax, path: Path, uniform_loss: Optional[float]) -> Path:
     import matplotlib.pyplot as plt
 
     if uniform_loss is not None:
@@ -68,7 +75,7 @@ def _save(fig, ax, path: Path, uniform_loss: Optional[float]) -> Path:
 
 def plot_curves(history: list[dict], path: Path, *, uniform_loss: Optional[float] = None) -> Path:
     """Train / validation loss vs iteration (PNG)."""
-    fig, ax = _axes()
+    fig, ax = plot_axes()
     its = [h["iteration"] for h in history]
     ax.plot(its, [h["train_loss"] for h in history], label="train", linewidth=1)
     val = [(h["iteration"], h["val_loss"]) for h in history if "val_loss" in h]
@@ -76,16 +83,16 @@ def plot_curves(history: list[dict], path: Path, *, uniform_loss: Optional[float
         ax.plot(*zip(*val), "o-", label="validation")
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss (nats/token)")
-    return _save(fig, ax, path, uniform_loss)
+    return save_plot(fig, ax, path, uniform_loss)
 
 
 def plot_budgets(records: list[dict], path: Path, *, uniform_loss: Optional[float] = None) -> Path:
     """Validation loss vs parameters of budget sub-networks, one line per weight ordering."""
-    fig, ax = _axes()
+    fig, ax = plot_axes()
     for name in dict.fromkeys(r["weights"] for r in records):
         rows = sorted((r["parameters"], r["val_loss"]) for r in records if r["weights"] == name)
         ax.plot(*zip(*rows), "o-", label=name)
     ax.set_xlabel("parameters of the sub-network")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("zero-shot prefix sub-networks")
-    return _save(fig, ax, path, uniform_loss)
+    return save_plot(fig, ax, path, uniform_loss)

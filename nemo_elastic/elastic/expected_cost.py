@@ -2,12 +2,12 @@
 
 Each axis's size is replaced by its expectation under the router's probabilities,
 E[size] = sum_i p_i * c_i, and pushed through the same closed-form per-layer walk as
-`nemo_elastic.budget` (`budget.cost_terms`; paper-digest §5.4; Megatron-LM's Flextron computes
+`nemo_elastic.cost_model` (`cost_model.cost_terms`; paper-digest §5.4; Megatron-LM's Flextron computes
 the cost the same way).  A soft depth gate multiplies its layer's parameters and its cache (KV
 cache / Mamba state); for the router's depth axis that is the layer's survival probability
 (`SoftLayer.expected_keep`) in both router modes, as the widths count their expectation in
-both.  With one-hot probabilities the result equals `budget.subnetwork_parameters` /
-`budget.subnetwork_memory` of the argmax sub-network exactly.
+both.  With one-hot probabilities the result equals `cost_model.subnetwork_parameters` /
+`cost_model.subnetwork_memory` of the argmax sub-network exactly.
 
 The cost is computed in the probabilities' dtype; in float32 a 12B model's bytes (~3e10) carry
 a relative rounding error of ~1e-7, harmless for a loss.
@@ -19,8 +19,8 @@ from typing import Union
 
 import torch
 
-from nemo_elastic import budget
-from nemo_elastic.budget import MemorySpec
+from nemo_elastic import cost_model
+from nemo_elastic.cost_model import MemorySpec
 from nemo_elastic.config import ModelConfig
 from nemo_elastic.elastic.masks import SoftAxis, SoftSubNetwork
 
@@ -36,11 +36,11 @@ def expected_size(value) -> Number:
 
 
 def _expected_terms(model: ModelConfig, soft: SoftSubNetwork, spec=None) -> dict:
-    """`budget.cost_terms` at the expected sizes of `soft` (soft gates scale their layer)."""
+    """`cost_model.cost_terms` at the expected sizes of `soft` (soft gates scale their layer)."""
     if len(soft.layers) != model.num_layers:
         raise ValueError(f"soft sub-network has {len(soft.layers)} layers; the model has "
                          f"{model.num_layers} (pattern {model.hybrid_layer_pattern!r})")
-    return budget.cost_terms(
+    return cost_model.cost_terms(
         model, spec, hidden=expected_size(soft.hidden_size),
         size=lambda field, i: expected_size(getattr(soft.layers[i], field)),
         keep=lambda i: soft.layers[i].cost_keep())
@@ -53,11 +53,11 @@ def _as_tensor(total: Number) -> torch.Tensor:
 
 def expected_parameters(model: ModelConfig, soft: SoftSubNetwork) -> torch.Tensor:
     """E[parameter count] of `soft` as a differentiable scalar tensor."""
-    return _as_tensor(budget.parameters_from_terms(_expected_terms(model, soft)))
+    return _as_tensor(cost_model.parameters_from_terms(_expected_terms(model, soft)))
 
 
 def expected_memory(model: ModelConfig, soft: SoftSubNetwork,
                     spec: MemorySpec = MemorySpec()) -> torch.Tensor:
     """E[inference memory] of `soft` in bytes (weights + KV cache + Mamba state, see
-    `nemo_elastic.budget`) as a differentiable scalar tensor; divide by `budget.GB` for GB."""
-    return _as_tensor(budget.memory_from_terms(_expected_terms(model, soft, spec), spec)["total"])
+    `nemo_elastic.cost_model`) as a differentiable scalar tensor; divide by `cost_model.GB` for GB."""
+    return _as_tensor(cost_model.memory_from_terms(_expected_terms(model, soft, spec), spec)["total"])

@@ -51,7 +51,7 @@ def ranking_document(scores: ImportanceScores, perms: Permutations,
 
 
 def write_ranking(path: Path, document: dict) -> Path:
-    from nemo_elastic.report import strict_json
+    from nemo_elastic.report.common import strict_json
 
     path.write_text(strict_json(document, indent=1))
     return path
