@@ -36,6 +36,7 @@ from nemo_elastic.run.output_lock import output_lock
 from nemo_elastic.run.paths import check_output_location
 from nemo_elastic.report.common import strict_json
 from nemo_elastic.export.family import folder_name
+from nemo_elastic.export.megatron_format import is_heterogeneous
 from nemo_elastic.export.staging import staging as staged_output
 
 logger = logging.getLogger(__name__)
@@ -64,10 +65,6 @@ class BudgetExport:
     rel_error: float
     seconds: float
     plain: bool  # loads without this plugin (megatron-core HybridModel / stock transformers)
-
-
-def _is_heterogeneous(m) -> bool:
-    return bool(m.per_layer and any(m.per_layer))
 
 
 def plan_targets(out: str | Path, names: Sequence[str]) -> dict[str, Path]:
@@ -155,7 +152,7 @@ def _hf_preflight(cfg, meta, children, hf_per_layer):
     """Refusals of the HF format (before loading), the tokenizer and config.json token ids."""
     from nemo_elastic.export.hf_adapter import HFConfigError, hf_config_from_model
 
-    hetero = [name for name, m in children.items() if _is_heterogeneous(m)]
+    hetero = [name for name, m in children.items() if is_heterogeneous(m)]
     if hetero and not hf_per_layer:
         raise HFConfigError(
             f"budget(s) {', '.join(map(repr, hetero))} cannot be exported for stock "
@@ -246,7 +243,7 @@ def _write_megatron(folder: Path, child_cfg, child, extra) -> bool:
                     extra_meta={**extra, "format": "megatron"}, field_name="--out")
     write_megatron_config(folder, child_cfg.model)
     add_checksummed_files(folder, [MEGATRON_CONFIG_FILE])  # verified by every load (the reload)
-    return not _is_heterogeneous(child_cfg.model)
+    return not is_heterogeneous(child_cfg.model)
 
 
 def _write_hf(folder: Path, child_cfg, child, tokenizer, passthrough) -> bool:
@@ -258,7 +255,7 @@ def _write_hf(folder: Path, child_cfg, child, tokenizer, passthrough) -> bool:
     m = child_cfg.model
     folder.mkdir(parents=True)
     write_hf_weights(child, m, folder)
-    plain = not _is_heterogeneous(m)
+    plain = not is_heterogeneous(m)
     if plain:
         hf_config_from_model(m, passthrough).save_pretrained(str(folder))
     else:
