@@ -11,8 +11,6 @@ public name.
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "nemo_elastic"
 
 
