@@ -59,8 +59,7 @@ def format_info(info: dict) -> Optional[str]:
 
     try:
         rows = [(r["name"], target_text(r), r["summary"],
-                 f"{r['parameters']:,} ({r['parameter_fraction']:.1%})"
-                 + (f", active {r['active_parameters']:,}" if "active_parameters" in r else ""),
+                 parameters_text(r),
                  readable_bytes(r["memory_bytes"])) for r in family]
         check = check_family(family)  # after the rows: a bad row is named by its first field
         bands = check.by_name()
@@ -83,10 +82,24 @@ def format_info(info: dict) -> Optional[str]:
 
 
 def target_text(row: dict) -> str:
-    """A budget's target with its unit: '0.75 of the parameters' or '0.5 GB (memory)'."""
+    """A budget's target with its unit: '0.75 of the parameters', '0.75 of the active
+    parameters' (MoE) or '0.5 GB (memory)'."""
     if row.get("budget_type") == "memory":
         return f"{readable_bytes(float(row['target']) * 1e9)} (memory)"
+    if row.get("budget_type") == "active":
+        return f"{row['target']:g} of the active parameters"
     return f"{row['target']:g} of the parameters"
+
+
+def parameters_text(row: dict) -> str:
+    """A family row's size: '224,128 (73.7%)', and with MoE layers ', active 113,536 (80.1%)'
+    (what one token touches, as a fraction of the parent's active parameters)."""
+    text = f"{row['parameters']:,} ({row['parameter_fraction']:.1%})"
+    if "active_parameters" in row:
+        text += f", active {row['active_parameters']:,}"
+        if "active_fraction" in row:  # rows written before it was stored lack it
+            text += f" ({row['active_fraction']:.1%})"
+    return text
 
 
 def readable_bytes(n: float) -> str:
