@@ -6,10 +6,11 @@ checkpoint (`nemo_elastic.json` -> `family`).  Two properties are checked, from 
 (no weights):
 
 * **band**: the budget's achieved cost (its parameter fraction, its active-parameter fraction
-  for active budgets, or its memory in GB for memory budgets) relative to its target, `achieved / target - 1`, lies in the band the budget loss
-  treats as free: `(-tolerance, +tolerance]` (symmetric) or `(-tolerance, 0]` (ceiling).  The
-  tolerance and band are the training's (`elastic.loss`), stored in each row; rows written
-  before they were stored use the defaults (0.05, symmetric).
+  for active budgets, or its memory in GB for memory budgets) relative to its target,
+  `achieved / target - 1`, lies in the band the budget loss treats as free:
+  `(-tolerance, +tolerance]` (symmetric) or `(-tolerance, 0]` (ceiling).  The tolerance and
+  band are the training's (`elastic.loss`), stored in each row; rows written before they were
+  stored use the defaults (0.05, symmetric).
 * **order**: a budget with a larger target is at least as large (same cost measure) as every
   budget with a smaller target.  A family out of order (60pct larger than 80pct) is not a
   nested family a user can deploy by size; `export` refuses it unless told otherwise.

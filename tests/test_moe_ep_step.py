@@ -3,9 +3,9 @@ ranks, 4 of the 8 experts each, one micro-batch per rank) equals one process run
 micro-batches.  As in the trainer, every data-parallel (= expert-parallel here) rank draws the
 same budget and Gumbel noise for its micro-batch index: the all-gather dispatcher sends every
 rank's tokens through each rank's experts under that rank's masks, so the ranks of an EP group
-must run the same sub-network.  Compared: the router's sub-network, the student (sliced execution: the kept experts,
-expert and shared widths) and the frozen teacher, the KD + budget loss of each micro-batch, and
-every gradient (student weights and the budget router's)."""
+must run the same sub-network.  Compared: the router's sub-network, the student (sliced
+execution: the kept experts, expert and shared widths) and the frozen teacher, the KD + budget
+loss of each micro-batch, and every gradient (student weights and the budget router's)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Differentiable parameter, active-parameter and memory cost of a soft sub-network (the router's budget term).
+"""Differentiable parameter, active-parameter and memory cost of a soft sub-network (the
+router's budget term).
 
 Each axis's size is replaced by its expectation under the router's probabilities,
 E[size] = sum_i p_i * c_i, and pushed through the same closed-form per-layer walk as
