@@ -15,7 +15,7 @@ import logging
 from typing import Callable, Optional, Sequence
 
 from nemo_elastic.errors import ConfigError
-from nemo_elastic.units import readable_bytes, target_text
+from nemo_elastic.units import parameters_text, readable_bytes, target_text
 
 logger = logging.getLogger("nemo_elastic")
 
@@ -60,8 +60,7 @@ def format_info(info: dict) -> Optional[str]:
 
     try:
         rows = [(r["name"], target_text(r), r["summary"],
-                 f"{r['parameters']:,} ({r['parameter_fraction']:.1%})"
-                 + (f", active {r['active_parameters']:,}" if "active_parameters" in r else ""),
+                 parameters_text(r),
                  readable_bytes(r["memory_bytes"])) for r in family]
         check = check_family(family)  # after the rows: a bad row is named by its first field
         bands = check.by_name()

@@ -439,6 +439,10 @@ class Config:
         if e.warmup_iters >= e.total_iters:
             _fail("elastic.warmup_iters", e.warmup_iters,
                   f"must be below the run's {e.total_iters} iterations")
+        if e.budget_type == "active" and not m.has_moe:
+            _fail("elastic.budget_type", e.budget_type, "counts what one token touches, which "
+                  "differs from the parameters only with MoE ('E') layers in "
+                  f"model.hybrid_layer_pattern={m.hybrid_layer_pattern!r}; use params")
         if e.budget_type == "memory":
             from nemo_elastic.cost_model import GB, MemorySpec, count_memory, smallest_memory
             from nemo_elastic.units import readable_bytes

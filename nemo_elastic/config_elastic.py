@@ -8,7 +8,8 @@ length vs. `model.max_sequence_length`, memory budgets vs. the parent's memory) 
     elastic:
       init_checkpoint: runs/tiny/prepared     # student start (prepared = importance-reordered)
       budgets: {full: 1.0, 75pct: 0.75, half: 0.5}   # fractions of the parent's parameters
-      budget_type: params                     # or memory: budgets in GB (see `memory`)
+      budget_type: params                     # active: fractions of the active parameters
+                                              # (MoE: what one token touches); memory: GB
       axes: [hidden, mamba_heads, attention_heads, ffn]
       width_fractions: [1.0, 0.875, 0.75, 0.625, 0.5]
       router: {hidden_dim: 256, tau_start: 1.0, tau_end: 0.05, mode: hard, lr: 1.0e-2}
@@ -35,7 +36,9 @@ from nemo_elastic.sizes import ELASTIC_AXES
 logger = logging.getLogger(__name__)
 
 ROUTER_MODES = {"hard": "scaled", "soft": "mixture"}  # config name -> masks.SoftAxis mode
-BUDGET_TYPES = ("params", "memory")
+BUDGET_TYPES = ("params", "active", "memory")
+# budget types whose targets are fractions of the parent (of its total / active parameters)
+FRACTION_BUDGETS = ("params", "active")
 TEACHER_MODES = ("frozen", "trainable")
 BANDS = ("symmetric", "ceiling")
 BUDGET_COSTS = ("hard", "expected")
@@ -124,7 +127,7 @@ def parse_budget(value, budget_type: str, name: str):
     unit = match.group(2) if match else None
     if match and budget_type == "memory" and unit in MEMORY_UNITS:
         return float(f"{float(match.group(1)) * MEMORY_UNITS[unit]:.12g}")
-    if match and budget_type == "params" and unit == "%":
+    if match and budget_type in FRACTION_BUDGETS and unit == "%":
         return float(match.group(1)) / 100
     what = (f"a size with a unit ({', '.join(MEMORY_UNITS)}), e.g. '512 MB', or a number of GB"
             if budget_type == "memory" else "a fraction of the parameters (0.75) or a percentage "
@@ -227,7 +230,9 @@ class ElasticConfig:
     init_checkpoint: Optional[str] = None  # model-only or prepared checkpoint to start from
     output_dir: Optional[str] = None  # default: <output_dir>/elastic
     budgets: dict = field(default_factory=lambda: {"100%": 1.0, "75%": 0.75, "50%": 0.5})
-    budget_type: str = "params"  # params: fractions of the parent; memory: GB (see `memory`)
+    # params: fractions of the parent's parameters; active: of its active parameters (what one
+    # token touches: MoE layers count top-k experts); memory: GB (see `memory`)
+    budget_type: str = "params"
     memory: dict = field(default_factory=dict)  # nemo_elastic.cost_model.MemorySpec fields
     axes: list = field(default_factory=lambda: ["hidden", "mamba_heads", "attention_heads", "ffn"])
     # 1/16 steps: with 1/8 steps one step of an axis moves the size by more than a +-5 % band,
@@ -318,7 +323,7 @@ class ElasticConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
                     or math.isinf(value):
                 fail(f"{p}budgets.{name}", value, "must be a positive number")
-            if self.budget_type == "params" and value > 1:
+            if self.budget_type in FRACTION_BUDGETS and value > 1:
                 fail(f"{p}budgets.{name}", value, "must be a fraction of the parent's parameters "
                      "in (0, 1]; for sizes in GB set elastic.budget_type=memory")
         values = sorted(self.budgets.values())

@@ -67,7 +67,8 @@ __all__ = ["GB", "MemorySpec", "active_parameter_breakdown", "attention_layer_pa
            "kv_cache_bytes", "layer_parameters", "mamba_layer_parameters", "mamba_parameters",
            "mamba_state_bytes", "memory_breakdown", "memory_from_terms", "memory_gb",
            "mlp_layer_parameters", "mlp_parameters", "parameter_breakdown",
-           "parameters_from_terms", "smallest_memory", "subnetwork_memory",
+           "parameters_from_terms", "smallest_memory", "subnetwork_active_parameters",
+           "subnetwork_memory",
            "subnetwork_parameters"]
 
 GB = 1e9  # bytes; budgets in GB are decimal gigabytes, as in Flextron's memory budget
@@ -279,6 +280,12 @@ def subnetwork_parameters(m: ModelConfig, subnet: "SubNetwork") -> int:
     """Parameters of the physically sliced sub-network `subnet` of parent `m`
     (= `count_parameters(subnet.model_config(m))`; validates `subnet` against `m`)."""
     return count_parameters(subnet.model_config(m))
+
+
+def subnetwork_active_parameters(m: ModelConfig, subnet: "SubNetwork") -> int:
+    """Active parameters (one token's) of the sliced sub-network `subnet` of parent `m`
+    (= `count_active_parameters(subnet.model_config(m))`; validates `subnet`)."""
+    return count_active_parameters(subnet.model_config(m))
 
 
 def memory_breakdown(m: ModelConfig, spec: Optional[MemorySpec] = None) -> dict[str, float]:

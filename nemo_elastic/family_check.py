@@ -5,11 +5,12 @@ A family is the list of rows `ElasticRouter.family_table()` writes into every el
 checkpoint (`nemo_elastic.json` -> `family`).  Two properties are checked, from the rows alone
 (no weights):
 
-* **band**: the budget's achieved cost (its parameter fraction, or its memory in GB for memory
-  budgets) relative to its target, `achieved / target - 1`, lies in the band the budget loss
-  treats as free: `(-tolerance, +tolerance]` (symmetric) or `(-tolerance, 0]` (ceiling).  The
-  tolerance and band are the training's (`elastic.loss`), stored in each row; rows written
-  before they were stored use the defaults (0.05, symmetric).
+* **band**: the budget's achieved cost (its parameter fraction, its active-parameter fraction
+  for active budgets, or its memory in GB for memory budgets) relative to its target,
+  `achieved / target - 1`, lies in the band the budget loss treats as free:
+  `(-tolerance, +tolerance]` (symmetric) or `(-tolerance, 0]` (ceiling).  The tolerance and
+  band are the training's (`elastic.loss`), stored in each row; rows written before they were
+  stored use the defaults (0.05, symmetric).
 * **order**: a budget with a larger target is at least as large (same cost measure) as every
   budget with a smaller target.  A family out of order (60pct larger than 80pct) is not a
   nested family a user can deploy by size; `export` refuses it unless told otherwise.
@@ -93,6 +94,8 @@ def achieved(row: dict) -> float:
     """A family row's cost in its target's unit."""
     if row.get("budget_type") == "memory":
         return float(row["memory_bytes"]) / GB
+    if row.get("budget_type") == "active":  # MoE: a fraction of the parent's active parameters
+        return float(row["active_fraction"])
     return float(row["parameter_fraction"])
 
 

@@ -121,18 +121,22 @@ class ElasticRouter(nn.Module):
                               f"model.hybrid_layer_pattern={model.hybrid_layer_pattern!r}")
         self.routers = nn.ModuleDict(routers)
         self.full_parameters = cost_model.count_parameters(model)
+        self.full_active = cost_model.count_active_parameters(model)
         self.memory_spec = cost_model.MemorySpec(**config.memory) \
             if config.budget_type == "memory" else None
+        self.active = config.budget_type == "active"  # fractions of the active parameters
         self.full_cost = float(self.cost_of(SubNetwork.full(model)))
-        # Target cost of each budget, in the cost's unit (parameters or bytes).
-        unit = cost_model.GB if self.memory_spec is not None else self.full_parameters
+        # Target cost of each budget, in the cost's unit (parameters, active parameters, bytes).
+        unit = cost_model.GB if self.memory_spec is not None else self.full_cost
         self.targets = [float(config.budgets[n]) * unit for n in self.names]
 
     # ------------------------------------------------------------------ costs
     def cost_of(self, subnetwork) -> float:
-        """Parameters (or memory in bytes) of a hard SubNetwork."""
+        """Parameters (active parameters, or memory in bytes) of a hard SubNetwork."""
         if self.memory_spec is not None:
             return cost_model.subnetwork_memory(self.model, subnetwork, self.memory_spec)
+        if self.active:
+            return cost_model.subnetwork_active_parameters(self.model, subnetwork)
         return cost_model.subnetwork_parameters(self.model, subnetwork)
 
     def expected_cost(self, soft: SoftSubNetwork) -> torch.Tensor:
@@ -140,6 +144,10 @@ class ElasticRouter(nn.Module):
             from nemo_elastic.elastic.expected_cost import expected_memory
 
             return expected_memory(self.model, soft, self.memory_spec)
+        if self.active:
+            from nemo_elastic.elastic.expected_cost import expected_active_parameters
+
+            return expected_active_parameters(self.model, soft)
         return expected_parameters(self.model, soft)
 
     def is_full(self, budget_index: int) -> bool:
@@ -268,6 +276,6 @@ class ElasticRouter(nn.Module):
                 # the band the budget loss treats as free (nemo_elastic.family_check)
                 "tolerance": float(self.config.loss.tolerance), "band": self.config.loss.band})
             if self.model.has_moe:  # what one token touches (top-k experts of each MoE layer)
-                rows[-1]["active_parameters"] = cost_model.count_active_parameters(
-                    subnet.model_config(self.model))
+                active = cost_model.subnetwork_active_parameters(self.model, subnet)
+                rows[-1].update(active_parameters=active, active_fraction=active / self.full_active)
         return rows

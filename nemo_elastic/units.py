@@ -9,7 +9,21 @@ def readable_bytes(n: float) -> str:
 
 
 def target_text(row: dict) -> str:
-    """A budget's target with its unit: '0.75 of the parameters' or '0.5 GB (memory)'."""
+    """A budget's target with its unit: '0.75 of the parameters', '0.75 of the active
+    parameters' (MoE) or '0.5 GB (memory)'."""
     if row.get("budget_type") == "memory":
         return f"{readable_bytes(float(row['target']) * 1e9)} (memory)"
+    if row.get("budget_type") == "active":
+        return f"{row['target']:g} of the active parameters"
     return f"{row['target']:g} of the parameters"
+
+
+def parameters_text(row: dict) -> str:
+    """A family row's size: '224,128 (73.7%)', and with MoE layers ', active 113,536 (80.1%)'
+    (what one token touches, as a fraction of the parent's active parameters)."""
+    text = f"{row['parameters']:,} ({row['parameter_fraction']:.1%})"
+    if "active_parameters" in row:
+        text += f", active {row['active_parameters']:,}"
+        if "active_fraction" in row:  # rows written before it was stored lack it
+            text += f" ({row['active_fraction']:.1%})"
+    return text

@@ -84,6 +84,11 @@ def soft_one_hot(cfg, subnet, mode):
             choices = sorted({heads, m.num_attention_heads}, reverse=True)
             probs = torch.tensor([1.0 if c == heads else 0.0 for c in choices], requires_grad=True)
             layers.append(SoftLayer(keep=layer.keep, num_attention_heads=SoftAxis(choices, probs, mode)))
+        elif sym == "E":  # MoE: expert count, expert width, shared-expert width
+            layers.append(SoftLayer(keep=layer.keep, **{
+                f: axis(getattr(layer, f), getattr(m.moe, f))
+                for f in ("num_moe_experts", "moe_ffn_hidden_size",
+                          "moe_shared_expert_intermediate_size")}))
         else:
             layers.append(SoftLayer(keep=layer.keep, ffn_hidden_size=axis(layer.ffn_hidden_size,
                                                                           m.ffn_hidden_size)))

@@ -1,4 +1,5 @@
-"""Differentiable parameter and memory cost of a soft sub-network (the router's budget term).
+"""Differentiable parameter, active-parameter and memory cost of a soft sub-network (the
+router's budget term).
 
 Each axis's size is replaced by its expectation under the router's probabilities,
 E[size] = sum_i p_i * c_i, and pushed through the same closed-form per-layer walk as
@@ -54,6 +55,14 @@ def _as_tensor(total: Number) -> torch.Tensor:
 def expected_parameters(model: ModelConfig, soft: SoftSubNetwork) -> torch.Tensor:
     """E[parameter count] of `soft` as a differentiable scalar tensor."""
     return _as_tensor(cost_model.parameters_from_terms(_expected_terms(model, soft)))
+
+
+def expected_active_parameters(model: ModelConfig, soft: SoftSubNetwork) -> torch.Tensor:
+    """E[active parameters] of `soft` (what one token touches: each MoE layer's router, top-k
+    of its routed experts at the expected expert width, and its shared expert) as a
+    differentiable scalar tensor; = `expected_parameters` for a model without MoE layers.
+    The expert-count axis still enters through the router's gate rows [E, h]."""
+    return _as_tensor(budget.active_from_terms(_expected_terms(model, soft)))
 
 
 def expected_memory(model: ModelConfig, soft: SoftSubNetwork,

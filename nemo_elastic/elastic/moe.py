@@ -11,7 +11,11 @@
 * the residual-stream output [s, b, h] is hidden-masked like every other mixer.
 
 Expert parallelism needs nothing more: the routing map is computed on the full [tokens, E]
-before dispatch, and each rank's local experts read the same global neuron mask.
+before dispatch, and each rank's local experts read the same global neuron mask.  It does need
+every rank of an expert-parallel group to run the same sub-network in a micro-batch: the
+dispatcher sends every rank's tokens through each rank's experts under *that* rank's masks.
+The elastic step guarantees it (budget and Gumbel noise depend on the seed, iteration and
+micro-batch index, never on the data-parallel rank; `tests/test_moe_ep_step.py`).
 Sliced execution (`execution="sliced"`): the router reads the kept hidden channels of its gate
 (every expert's row: dropped experts still get the -inf bias, so they receive no tokens and
 cost nothing but their empty loop turn), every expert and the shared expert run on the kept

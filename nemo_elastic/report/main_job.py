@@ -54,14 +54,26 @@ def family_rows(evaluation: dict, family: list[dict], before: dict[str, dict]) -
     for row in family:
         m, b = models[row["name"]], before.get(row["name"], {})
         rows.append((row["name"], f"{row['target']:g}", row["summary"],
-                     fmt_params(m["parameters"], full), bands[row["name"]].band_text,
+                     fmt_params(m["parameters"], full) + _active_text(row),
+                     bands[row["name"]].band_text,
                      fmt_loss(m["val_loss"]),
                      fmt_pct(m["answer_accuracy"]), fmt_speed(m["tokens_per_s"]),
                      fmt_loss(b.get("val_loss")), fmt_pct(b.get("answer_accuracy"))))
-    rows.append(("teacher (parent)", "-", "parent", fmt_params(full, full), "-",
+    parent_active = {"active_parameters": round(family[0]["active_parameters"]
+                                                / family[0]["active_fraction"]),
+                     "active_fraction": 1.0} if "active_fraction" in family[0] else {}
+    rows.append(("teacher (parent)", "-", "parent", fmt_params(full, full)
+                 + _active_text(parent_active), "-",
                  fmt_loss(teacher["val_loss"]), fmt_pct(teacher["answer_accuracy"]),
                  fmt_speed(teacher["tokens_per_s"]), "-", "-"))
     return rows
+
+
+def _active_text(row: dict) -> str:
+    """MoE: ', active N (x%)' of a family row (what one token touches); '' otherwise."""
+    if "active_fraction" not in row:
+        return ""
+    return f", active {row['active_parameters']:,} ({100 * row['active_fraction']:.1f}%)"
 
 
 FAMILY_HEADER = ("budget", "target", "sizes", "parameters (exported)", "inside band?", "val loss",
@@ -121,7 +133,10 @@ def write_report(out: Path, *, cfg: Config, parent: dict, zero_shot: dict, evalu
         "*parameters (exported)* are counted on the loaded standalone checkpoint "
         "(`family/<name>`, as `nemo-elastic extract --all`); *zero-shot* is the same "
         "sub-network sliced from the prepared parent before any elastic training; *inside "
-        "band?*: the achieved size against the target's band (`elastic.loss.tolerance`).",
+        "band?*: the achieved size against the target's band (`elastic.loss.tolerance`)."
+        + (" *active*: the parameters one token touches (each MoE layer's router, top-"
+           f"{cfg.model.moe.moe_router_topk} routed experts and shared expert; closed form), "
+           "as a fraction of the parent's." if cfg.model.has_moe else ""),
         "",
         f"**Bands**: {check.summary()}. **Order**: sizes {check.order_text()}.",
         "",

@@ -201,13 +201,12 @@ def _write_outputs(out_dir: Path, result: TrainResult, trainer: ElasticTrainer) 
         plot_router_choices(history, names, trainer.router, out_dir / "router_choices.png")
         write_tensorboard(history, out_dir / "tb")
     from nemo_elastic.family_check import check_family
-    from nemo_elastic.units import target_text
+    from nemo_elastic.units import parameters_text, target_text
 
     check = check_family(result.family)
     bands = check.by_name()
     rows = [(r["name"], target_text(r), r["summary"],
-             f"{r['parameters']:,} ({r['parameter_fraction']:.1%})"
-             + (f", active {r['active_parameters']:,}" if "active_parameters" in r else ""),
+             parameters_text(r),
              bands[r["name"]].band_text,
              f"{r['val_loss_before']:.4f}", f"{r['val_loss_after']:.4f}",
              _pct(r["answer_accuracy_before"]), _pct(r["answer_accuracy_after"]))
