@@ -41,9 +41,13 @@ BUDGET_COSTS = ("hard", "expected")
 # How a hard-mode student runs (soft mode is always masked): on the kept slices of the weights
 # (a smaller budget costs less) or masked (the reference; every budget costs the full model).
 EXECUTIONS = ("sliced", "masked")
-# one: one budget drawn per micro-batch (the paper); all: every budget with a non-zero
-# probability on every micro-batch after one teacher forward, losses weighted by the probabilities.
-BUDGET_SAMPLINGS = ("one", "all")
+# one: one budget drawn per micro-batch (the paper); stratified: one budget per micro-batch, the
+# iteration's micro-batches spread over the budgets in proportion to the probabilities
+# (systematic sampling: every iteration trains each budget its share, same cost as `one`);
+# full_plus_one: the full budget on every micro-batch plus one other drawn (two students per
+# teacher forward); all: every budget with a non-zero probability on every micro-batch after one
+# teacher forward.  Losses are weighted so that each step's expectation equals `one`'s.
+BUDGET_SAMPLINGS = ("one", "stratified", "full_plus_one", "all")
 # Unset warmups (model and router) are this share of the whole run, so a default fits any run
 # length (the paper's 60 iterations were ~1 % of its run; in an 80-iteration run, 75 %).
 WARMUP_FRACTION = 0.05
@@ -242,7 +246,7 @@ class ElasticConfig:
     curriculum: list = field(default_factory=list)  # StageConfig dicts; [] = one stage
     iters: Optional[int] = None  # length of the implicit single stage (no curriculum)
     execution: str = "sliced"  # hard-mode students: sliced | masked (see EXECUTIONS)
-    budget_sampling: str = "one"  # one | all (see BUDGET_SAMPLINGS)
+    budget_sampling: str = "one"  # one | stratified | full_plus_one | all (BUDGET_SAMPLINGS)
     lr: Optional[float] = None  # None: PAPER_LR (tuned for a 12B parent), with a warning
     min_lr: Optional[float] = None  # None: lr / 10
     warmup_iters: Optional[int] = None  # None: WARMUP_FRACTION of the run (paper: 60)

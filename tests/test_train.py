@@ -1,6 +1,7 @@
 """Elastic distillation (`nemo-elastic train`): config, step, resume across stages, family."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 from nemo_elastic import runtime
 from nemo_elastic.checkpoint import LATEST_FILE, read_meta, save_checkpoint
 from nemo_elastic.config import ConfigError, ParallelConfig, load_config
-from nemo_elastic.training.elastic_step import sample_budget
+from nemo_elastic.training.elastic_step import ElasticDistillationStep, sample_budget, \
+    stratified_budgets
 from tests.conftest import perturb, tiny_model_dict
 
 PATTERN = "M-*M-"
@@ -51,6 +53,51 @@ def test_budget_sampling_is_a_pure_function_and_follows_the_probabilities():
     freq = [draws.count(i) / len(draws) for i in range(3)]
     assert freq == pytest.approx([0.5, 0.3, 0.2], abs=0.03)
     assert {sample_budget([0, 1, 0], 1, it, 0) for it in range(50)} == {1}
+
+
+@pytest.mark.parametrize("probs, n_micro", [([1 / 3] * 3, 4), ([0.5, 0.3, 0.2], 2),
+                                            ([0.5, 0.3, 0.2], 4), ([0, 1, 0], 3)])
+def test_stratified_sampling_gives_every_budget_its_share_of_each_iteration(probs, n_micro):
+    """elastic.budget_sampling=stratified: within an iteration budget i gets floor or ceil of
+    n * p_i micro-batches; over iterations each micro-batch slot follows the probabilities."""
+    runs = [stratified_budgets(probs, 7, it, n_micro) for it in range(600)]
+    assert runs == [stratified_budgets(probs, 7, it, n_micro) for it in range(600)]
+    for drawn in runs:
+        for i, p in enumerate(probs):
+            assert math.floor(n_micro * p + 1e-9) <= drawn.count(i) <= math.ceil(n_micro * p - 1e-9)
+    for slot in range(n_micro):  # no slot is biased toward a budget
+        freq = [sum(r[slot] == i for r in runs) / len(runs) for i in range(len(probs))]
+        assert freq == pytest.approx(probs, abs=0.07)
+
+
+class _Router:  # the step reads only the budget names and which budget is full
+    names, mode = ["full", "75pct", "50pct"], "scaled"
+
+    def is_full(self, i):
+        return i == 0
+
+
+@pytest.mark.parametrize("probs, expected", [
+    ([0.5, 0.3, 0.2], "pair"), ([1 / 3] * 3, "pair"), ([0, 0.5, 0.5], "one"), ([1, 0, 0], "one")])
+def test_full_plus_one_trains_the_full_budget_on_every_micro_batch(probs, expected):
+    """elastic.budget_sampling=full_plus_one: the full budget (weight p_full) and one other drawn
+    from the rest (weight 1 - p_full), so the loss's expectation over draws equals `one`'s;
+    a stage that never (or only) draws the full budget falls back to one budget."""
+    cfg = load_config("conf/tiny.yaml", ["elastic.budget_sampling=full_plus_one"]).elastic
+    step = ElasticDistillationStep(router=_Router(), teacher=torch.nn.Identity(), elastic_cfg=cfg)
+    step.begin_iteration(1, probs)
+    expectation = [0.0] * 3
+    n = 3000
+    for it in range(n):
+        step.begin_iteration(it, probs)
+        students = step.students(0)
+        assert len(students) == step.students_per_micro_batch
+        assert sum(w for _, w in students) == pytest.approx(1.0)
+        if expected == "pair":
+            assert students[0] == (0, pytest.approx(probs[0])) and students[1][0] != 0
+        for i, w in students:
+            expectation[i] += w / n
+    assert expectation == pytest.approx(probs, abs=0.03)
 
 
 @pytest.mark.parametrize("override, match", [
