@@ -10,7 +10,12 @@ stage's wall time.
 
     .venv/bin/python bench/bench_family_seeds.py --prepared runs/tiny/prepared --seeds 0,1,2 \
         --variant recipe= --variant hard=elastic.loss.cost=hard
-A variant is NAME=OVERRIDE[;OVERRIDE...] (OmegaConf key=value overrides of conf/tiny.yaml).
+A variant is NAME=OVERRIDE[;OVERRIDE...] (OmegaConf key=value overrides of conf/tiny.yaml);
+the pseudo-override `fixed=AXES` (`all` or comma-separated router axes) trains a fixed family
+instead of the router's: each smaller budget is the uniform cut of AXES (the others kept
+whole) whose parameter count is closest to its target, trained by the same loop, loss, teacher
+and data (`bench_claims.fixed_router`) - the router against fixed configurations at equal
+parameters (issue 22, item 5).
 Writes `family_seeds.json` into `--out`; finished runs are reused.
 """
 
@@ -46,15 +51,22 @@ def run_one(overrides: list[str], prepared: str, out: Path, seed: int, accuracy:
     from nemo_elastic.elastic.subnet import SubNetwork
     from nemo_elastic.training.train import train
 
+    import contextlib
+
+    from bench_claims import fixed_router
+
     done = out / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
+    fixed_axes = [o.partition("=")[2] for o in overrides if o.startswith("fixed=")]
     cfg = load_config("conf/tiny.yaml", ["train.eval_accuracy_samples=0",
                                          f"elastic.init_checkpoint={prepared}",
                                          f"elastic.output_dir={out}", f"elastic.seed={seed}",
-                                         *overrides])
+                                         *(o for o in overrides if not o.startswith("fixed="))])
+    fixed = fixed_family(cfg, fixed_axes[0]) if fixed_axes else None
     start = time.perf_counter()
-    res = train(cfg, progress=False)
+    with fixed_router(fixed) if fixed else contextlib.nullcontext():
+        res = train(cfg, progress=False)
     seconds = time.perf_counter() - start
     family = {r["name"]: SubNetwork.from_dict(r["subnetwork"]) for r in res.family}
     result = {"seed": seed, "seconds": round(seconds, 1),
@@ -66,6 +78,36 @@ def run_one(overrides: list[str], prepared: str, out: Path, seed: int, accuracy:
               "accuracy": bp.final_accuracy(cfg, out, family, accuracy)}
     done.write_text(json.dumps(result, indent=2))
     return result
+
+
+def fixed_family(cfg, axes: str) -> dict:
+    """{budget: SubNetwork}: the full model for a full budget, else the uniform cut of `axes`
+    (others whole) closest to the budget's parameter target."""
+    from nemo_elastic.budget import count_parameters, subnetwork_parameters
+    from nemo_elastic.elastic.subnet import SubNetwork
+    from nemo_elastic.importance.zero_shot import _scaled
+    from nemo_elastic.sizes import ELASTIC_AXES, GROUPED
+
+    m, e = cfg.model, cfg.elastic
+    cut_axes = list(e.axes) if axes == "all" else axes.split(",")
+    full = count_parameters(m)
+
+    def cut(f):
+        kw = {}
+        for a in cut_axes:
+            fld = ELASTIC_AXES[a][1]
+            kw[fld] = _scaled(getattr(m, fld), f, getattr(m, GROUPED[fld]) if fld in GROUPED else 1)
+        return SubNetwork.uniform(m, **kw)
+
+    family = {}
+    for name, target in e.budgets.items():
+        if target >= 1.0:
+            family[name] = SubNetwork.full(m)
+            continue
+        family[name] = min((cut(k / 1000) for k in range(100, 1001)),
+                           key=lambda s: abs(subnetwork_parameters(m, s) / full - target))
+        logger.info("fixed %s (%s): %s", name, axes, family[name].describe(m))
+    return family
 
 
 def summarize(results: dict) -> None:
