@@ -156,9 +156,19 @@ class BudgetLossConfig:
     # expectation's gradient (straight-through).  Measured no better in router-only runs
     # (bench/bench_router_band.py), so not the default.
     cost: str = "expected"
+    # Where the cost's gradient comes from.  None: the router's probabilities as the student
+    # uses them (Gumbel noise, logit scale, annealed tau; Megatron-LM).  Late in a run those are
+    # one-hot to float precision (tau 0.05, scale 10), the gradient is exactly 0 while the loss
+    # is not, and the router's choice drifts with whatever else moves it (the main job's 75pct
+    # left its band at iteration ~110 that way).  A number T: the gradient of the expected cost
+    # under softmax(raw router logits / T) - no noise, no scale, no annealing, never saturated;
+    # the loss value is unchanged (straight-through).
+    grad_temperature: Optional[float] = None
 
     def __post_init__(self) -> None:
         p = "elastic.loss."
+        if self.grad_temperature is not None:
+            require_number(self, "grad_temperature", prefix=p)
         if self.band not in BANDS:
             fail(f"{p}band", self.band, f"must be one of {list(BANDS)}")
         if self.cost not in BUDGET_COSTS:

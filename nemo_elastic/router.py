@@ -68,6 +68,8 @@ class _AxisRouter(nn.Module):
 class RouterOutput:
     subnetwork: SoftSubNetwork
     probs: dict[str, torch.Tensor] = field(default_factory=dict)  # axis -> [n_outputs, n_choices]
+    # axis -> the MLP's logits [n_outputs, n_choices] before scale, noise and temperature
+    raw_logits: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ElasticRouter(nn.Module):
@@ -178,9 +180,10 @@ class ElasticRouter(nn.Module):
         one_hot = torch.zeros(n, dtype=param.dtype, device=param.device)
         one_hot[budget_index] = 1.0
         tau, scale = self.temperature(iteration), self.logit_scale(iteration)
-        probs = {}
+        probs, raw = {}, {}
         for k, (axis, router) in enumerate(self.routers.items()):
-            logits = router(one_hot) * scale
+            raw[axis] = router(one_hot)
+            logits = raw[axis] * scale
             if noise:
                 gen = torch.Generator().manual_seed(
                     hash((self.config.seed, iteration, micro_batch, k)) % (2**63))
@@ -188,7 +191,7 @@ class ElasticRouter(nn.Module):
                 gumbel = -torch.log(-torch.log(u.clamp(1e-12, 1 - 1e-12)))
                 logits = logits + gumbel.to(logits)
             probs[axis] = torch.softmax(logits / tau, dim=-1)
-        return RouterOutput(subnetwork=self._soft_subnetwork(probs), probs=probs)
+        return RouterOutput(subnetwork=self._soft_subnetwork(probs), probs=probs, raw_logits=raw)
 
     def _soft_subnetwork(self, probs: dict[str, torch.Tensor]) -> SoftSubNetwork:
         m, mode = self.model, self.mode
@@ -234,6 +237,12 @@ class ElasticRouter(nn.Module):
             # value: the cost of the sub-network the student runs; gradient: the expectation's
             hard = self.cost_of(output.subnetwork.hard())
             cost = cost + (hard - cost.detach())
+        if loss_cfg.grad_temperature is not None and output.raw_logits:
+            # gradient of E[cost] under an unsaturated softmax of the raw logits; same value
+            t = loss_cfg.grad_temperature
+            smooth = self.expected_cost(self._soft_subnetwork(
+                {axis: torch.softmax(z / t, dim=-1) for axis, z in output.raw_logits.items()}))
+            cost = smooth + (cost.detach() - smooth.detach())
         signed = cost / self.targets[budget_index] - 1.0
         upper = 0.0 if loss_cfg.band == "ceiling" else loss_cfg.tolerance
         inside = (signed > -loss_cfg.tolerance) & (signed <= upper)

@@ -125,3 +125,46 @@ def test_memory_budgets_in_gb_steer_the_router_into_the_band():
     assert abs(ratio - 1) <= 0.12, ratio
     table = {row["name"]: row for row in router.family_table()}
     assert table["small"]["memory_bytes"] == subnetwork_memory(m, final, MemorySpec(**spec))
+
+
+@pytest.mark.parametrize("cost", ["expected", "hard"])
+def test_a_saturated_router_still_hears_the_budget_loss_with_grad_temperature(cost):
+    """At the end of the schedule (tau 0.05, logit scale 10) the router's probabilities are
+    one-hot to float precision: with the default gradient path a budget outside its band has a
+    non-zero loss and an exactly-zero gradient (the main job's router froze that way, then
+    drifted out of its band).  With `loss.grad_temperature` the loss value is the same and the
+    gradient is non-zero and lowers the expected cost of the raw logits."""
+    m = _model()
+    kw = dict(budgets={"full": 1.0, "b40": 0.4}, loss={"cost": cost})
+    plain = _router(m, total_iters=10, **kw)
+    with torch.no_grad():  # a confident router: raw logit 3 for the largest choice, 0 else
+        one_hot = torch.tensor([0.0, 1.0])
+        for axis_router in plain.routers.values():
+            h = axis_router.net[1](axis_router.net[0](one_hot))
+            last = axis_router.net[2]
+            last.weight.zero_()
+            last.weight.view(axis_router.n_outputs, axis_router.n_choices, -1)[:, 0] = \
+                3.0 * h / h.dot(h)
+    smooth = _router(m, total_iters=10, **{**kw, "loss": {"cost": cost, "grad_temperature": 1.0}})
+    smooth.load_state_dict(plain.state_dict())
+    losses, grads = [], []
+    for router in (plain, smooth):
+        out = router(1, iteration=10)
+        assert all(float(p.max()) == 1.0 for p in out.probs.values())  # saturated
+        loss = router.budget_loss(out, 1)
+        router.zero_grad()
+        loss.backward()
+        losses.append(float(loss))
+        grads.append(sum(float(p.grad.abs().sum()) for p in router.parameters()
+                         if p.grad is not None))
+    assert losses[0] == pytest.approx(losses[1]) and losses[0] > 1.0
+    assert grads[0] == 0.0 and grads[1] > 0.0
+    opt = torch.optim.SGD(smooth.parameters(), lr=0.1)  # one step down the smooth gradient
+    with torch.no_grad():
+        before = smooth.expected_cost(smooth._soft_subnetwork(
+            {a: torch.softmax(z, -1) for a, z in smooth(1, noise=False).raw_logits.items()}))
+    opt.step()
+    with torch.no_grad():
+        after = smooth.expected_cost(smooth._soft_subnetwork(
+            {a: torch.softmax(z, -1) for a, z in smooth(1, noise=False).raw_logits.items()}))
+    assert after < before
