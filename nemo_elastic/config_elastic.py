@@ -38,6 +38,7 @@ BUDGET_TYPES = ("params", "memory")
 TEACHER_MODES = ("frozen", "trainable")
 BANDS = ("symmetric", "ceiling")
 BUDGET_COSTS = ("hard", "expected")
+FAMILY_CHOICES = ("argmax", "in_band")  # RouterConfig.family_choice
 # How a hard-mode student runs (soft mode is always masked): on the kept slices of the weights
 # (a smaller budget costs less) or masked (the reference; every budget costs the full model).
 EXECUTIONS = ("sliced", "masked")
@@ -90,9 +91,16 @@ class RouterConfig:
     warmup_iters: Optional[int] = None  # None: WARMUP_FRACTION of the run (paper: 60)
     weight_decay: float = 0.0
     clip_grad: float = 1.0  # clipped separately from the model's gradients (0: off)
+    # Each budget's deployed sub-network.  argmax: every axis's most likely choice (the paper).
+    # in_band: the most likely combination of choices (largest sum of raw logit margins) whose
+    # cost lies inside the budget's band - the argmax when it is inside; only when no
+    # combination of the lattice is inside, the argmax (`family_check` then says so).
+    family_choice: str = "argmax"
 
     def __post_init__(self) -> None:
         p = "elastic.router."
+        if self.family_choice not in FAMILY_CHOICES:
+            fail(f"{p}family_choice", self.family_choice, f"must be one of {list(FAMILY_CHOICES)}")
         require_positive(self, "hidden_dim", prefix=p)
         require_number(self, "init_std", "tau_start", "tau_end", "scale_start", "scale_end", "lr",
                        prefix=p)

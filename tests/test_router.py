@@ -168,3 +168,40 @@ def test_a_saturated_router_still_hears_the_budget_loss_with_grad_temperature(co
         after = smooth.expected_cost(smooth._soft_subnetwork(
             {a: torch.softmax(z, -1) for a, z in smooth(1, noise=False).raw_logits.items()}))
     assert after < before
+
+
+def test_in_band_family_is_the_most_likely_combination_inside_the_band():
+    """router.family_choice=in_band: brute force over every combination of an untrained
+    router's choices (hidden, FFN per layer - heterogeneous rows count separately): the chosen
+    sub-network is inside the band and no combination inside scores higher (sum of raw logit
+    margins); a budget whose argmax is inside keeps its argmax."""
+    import itertools
+
+    m = _model()
+    kw = dict(budgets={"full": 1.0, "b60": 0.6, "b35": 0.35}, axes=["hidden", "ffn"],
+              heterogeneous=["ffn"], width_fractions=[1.0, 0.75, 0.5, 0.375, 0.25])
+    argmax = _router(m, **kw)
+    router = _router(m, **kw, router={"family_choice": "in_band"})
+    router.load_state_dict(argmax.state_dict())
+    plain, chosen = argmax.family(), router.family()
+    for i, name in enumerate(router.names):
+        raw = router(i, noise=False).raw_logits
+        rows = [(a, r) for a, z in raw.items() for r in range(z.shape[0])]
+        best = None
+        for combo in itertools.product(*(range(raw[a].shape[1]) for a, r in rows)):
+            probs = {a: torch.zeros_like(z) for a, z in raw.items()}
+            for (a, r), k in zip(rows, combo):
+                probs[a][r, k] = 1.0
+            sub = router._soft_subnetwork(probs).hard()
+            if router.inside_band(subnetwork_parameters(m, sub), i):
+                score = sum(float(raw[a][r, k] - raw[a][r].max()) for (a, r), k in zip(rows, combo))
+                if best is None or score > best[0] + 1e-9:
+                    best = (score, sub)
+        assert best is not None, name
+        assert router.inside_band(subnetwork_parameters(m, chosen[name]), i), name
+        assert chosen[name] == best[1], name
+        if argmax.inside_band(subnetwork_parameters(m, plain[name]), i):
+            assert chosen[name] == plain[name]
+    # the untrained router's argmax misses at least one band: the test exercises the search
+    assert any(not argmax.inside_band(subnetwork_parameters(m, plain[n]), i)
+               for i, n in enumerate(argmax.names))
