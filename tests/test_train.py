@@ -365,9 +365,11 @@ def test_elastic_step_with_activation_recompute_equals_without(tmp_path, mode):
 @pytest.mark.slow
 def test_tiny_family_lands_in_its_bands_and_beats_its_zero_shot_prefixes(tmp_path):
     """The embedded recipe end to end at reduced size: pretrain -> prepare -> train.  Every
-    budget's chosen sub-network lies inside the dead band of its target, every smaller budget's
-    validation loss is much better than its zero-shot prefix before training, and the full
-    budget stays close to the teacher."""
+    budget's deployed sub-network lies inside the dead band of its target (router.family_choice
+    in_band), every smaller budget's validation loss is much better than its zero-shot prefix
+    before training, and the full budget stays within 1 % of the teacher (issue 22 item 4;
+    full_plus_one sampling and the longer stage 2 of conf/tiny.yaml).  Margins, not digits:
+    another CPU's float rounding moves these losses by ~1e-3 (README)."""
     from nemo_elastic.importance.prepare import prepare
     from nemo_elastic.training.pretrain import pretrain
     from nemo_elastic.training.train import train
@@ -390,7 +392,7 @@ def test_tiny_family_lands_in_its_bands_and_beats_its_zero_shot_prefixes(tmp_pat
     for name in ("75pct", "50pct"):  # distillation closes most of the gap to the teacher
         before, after = rows[name]["val_loss_before"], rows[name]["val_loss_after"]
         assert after - teacher < 0.5 * (before - teacher), (rows[name], teacher)
-    assert rows["full"]["val_loss_after"] <= 1.05 * teacher, (rows["full"], teacher)
+    assert rows["full"]["val_loss_after"] <= 1.01 * teacher, (rows["full"], teacher)
     assert rows["50pct"]["val_loss_after"] > rows["full"]["val_loss_after"]
 
 
