@@ -42,12 +42,17 @@ FRACTION_BUDGETS = ("params", "active")
 TEACHER_MODES = ("frozen", "trainable")
 BANDS = ("symmetric", "ceiling")
 BUDGET_COSTS = ("hard", "expected")
+FAMILY_CHOICES = ("argmax", "in_band")  # RouterConfig.family_choice
 # How a hard-mode student runs (soft mode is always masked): on the kept slices of the weights
 # (a smaller budget costs less) or masked (the reference; every budget costs the full model).
 EXECUTIONS = ("sliced", "masked")
-# one: one budget drawn per micro-batch (the paper); all: every budget with a non-zero
-# probability on every micro-batch after one teacher forward, losses weighted by the probabilities.
-BUDGET_SAMPLINGS = ("one", "all")
+# one: one budget drawn per micro-batch (the paper); stratified: one budget per micro-batch, the
+# iteration's micro-batches spread over the budgets in proportion to the probabilities
+# (systematic sampling: every iteration trains each budget its share, same cost as `one`);
+# full_plus_one: the full budget on every micro-batch plus one other drawn (two students per
+# teacher forward); all: every budget with a non-zero probability on every micro-batch after one
+# teacher forward.  Losses are weighted so that each step's expectation equals `one`'s.
+BUDGET_SAMPLINGS = ("one", "stratified", "full_plus_one", "all")
 # Unset warmups (model and router) are this share of the whole run, so a default fits any run
 # length (the paper's 60 iterations were ~1 % of its run; in an 80-iteration run, 75 %).
 WARMUP_FRACTION = 0.05
@@ -90,9 +95,16 @@ class RouterConfig:
     warmup_iters: Optional[int] = None  # None: WARMUP_FRACTION of the run (paper: 60)
     weight_decay: float = 0.0
     clip_grad: float = 1.0  # clipped separately from the model's gradients (0: off)
+    # Each budget's deployed sub-network.  argmax: every axis's most likely choice (the paper).
+    # in_band: the most likely combination of choices (largest sum of raw logit margins) whose
+    # cost lies inside the budget's band - the argmax when it is inside; only when no
+    # combination of the lattice is inside, the argmax (`family_check` then says so).
+    family_choice: str = "argmax"
 
     def __post_init__(self) -> None:
         p = "elastic.router."
+        if self.family_choice not in FAMILY_CHOICES:
+            fail(f"{p}family_choice", self.family_choice, f"must be one of {list(FAMILY_CHOICES)}")
         require_positive(self, "hidden_dim", prefix=p)
         require_number(self, "init_std", "tau_start", "tau_end", "scale_start", "scale_end", "lr",
                        prefix=p)
@@ -156,9 +168,19 @@ class BudgetLossConfig:
     # expectation's gradient (straight-through).  Measured no better in router-only runs
     # (bench/bench_router_band.py), so not the default.
     cost: str = "expected"
+    # Where the cost's gradient comes from.  None: the router's probabilities as the student
+    # uses them (Gumbel noise, logit scale, annealed tau; Megatron-LM).  Late in a run those are
+    # one-hot to float precision (tau 0.05, scale 10), the gradient is exactly 0 while the loss
+    # is not, and the router's choice drifts with whatever else moves it (the main job's 75pct
+    # left its band at iteration ~110 that way).  A number T: the gradient of the expected cost
+    # under softmax(raw router logits / T) - no noise, no scale, no annealing, never saturated;
+    # the loss value is unchanged (straight-through).
+    grad_temperature: Optional[float] = None
 
     def __post_init__(self) -> None:
         p = "elastic.loss."
+        if self.grad_temperature is not None:
+            require_number(self, "grad_temperature", prefix=p)
         if self.band not in BANDS:
             fail(f"{p}band", self.band, f"must be one of {list(BANDS)}")
         if self.cost not in BUDGET_COSTS:
@@ -248,7 +270,7 @@ class ElasticConfig:
     curriculum: list = field(default_factory=list)  # StageConfig dicts; [] = one stage
     iters: Optional[int] = None  # length of the implicit single stage (no curriculum)
     execution: str = "sliced"  # hard-mode students: sliced | masked (see EXECUTIONS)
-    budget_sampling: str = "one"  # one | all (see BUDGET_SAMPLINGS)
+    budget_sampling: str = "one"  # one | stratified | full_plus_one | all (BUDGET_SAMPLINGS)
     lr: Optional[float] = None  # None: PAPER_LR (tuned for a 12B parent), with a warning
     min_lr: Optional[float] = None  # None: lr / 10
     warmup_iters: Optional[int] = None  # None: WARMUP_FRACTION of the run (paper: 60)

@@ -68,6 +68,8 @@ class _AxisRouter(nn.Module):
 class RouterOutput:
     subnetwork: SoftSubNetwork
     probs: dict[str, torch.Tensor] = field(default_factory=dict)  # axis -> [n_outputs, n_choices]
+    # axis -> the MLP's logits [n_outputs, n_choices] before scale, noise and temperature
+    raw_logits: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class ElasticRouter(nn.Module):
@@ -186,9 +188,10 @@ class ElasticRouter(nn.Module):
         one_hot = torch.zeros(n, dtype=param.dtype, device=param.device)
         one_hot[budget_index] = 1.0
         tau, scale = self.temperature(iteration), self.logit_scale(iteration)
-        probs = {}
+        probs, raw = {}, {}
         for k, (axis, router) in enumerate(self.routers.items()):
-            logits = router(one_hot) * scale
+            raw[axis] = router(one_hot)
+            logits = raw[axis] * scale
             if noise:
                 gen = torch.Generator().manual_seed(
                     hash((self.config.seed, iteration, micro_batch, k)) % (2**63))
@@ -196,7 +199,7 @@ class ElasticRouter(nn.Module):
                 gumbel = -torch.log(-torch.log(u.clamp(1e-12, 1 - 1e-12)))
                 logits = logits + gumbel.to(logits)
             probs[axis] = torch.softmax(logits / tau, dim=-1)
-        return RouterOutput(subnetwork=self._soft_subnetwork(probs), probs=probs)
+        return RouterOutput(subnetwork=self._soft_subnetwork(probs), probs=probs, raw_logits=raw)
 
     def _soft_subnetwork(self, probs: dict[str, torch.Tensor]) -> SoftSubNetwork:
         m, mode = self.model, self.mode
@@ -242,6 +245,12 @@ class ElasticRouter(nn.Module):
             # value: the cost of the sub-network the student runs; gradient: the expectation's
             hard = self.cost_of(output.subnetwork.hard())
             cost = cost + (hard - cost.detach())
+        if loss_cfg.grad_temperature is not None and output.raw_logits:
+            # gradient of E[cost] under an unsaturated softmax of the raw logits; same value
+            t = loss_cfg.grad_temperature
+            smooth = self.expected_cost(self._soft_subnetwork(
+                {axis: torch.softmax(z / t, dim=-1) for axis, z in output.raw_logits.items()}))
+            cost = smooth + (cost.detach() - smooth.detach())
         signed = cost / self.targets[budget_index] - 1.0
         upper = 0.0 if loss_cfg.band == "ceiling" else loss_cfg.tolerance
         inside = (signed > -loss_cfg.tolerance) & (signed <= upper)
@@ -254,11 +263,60 @@ class ElasticRouter(nn.Module):
         return loss
 
     # ------------------------------------------------------------------ the family
+    def inside_band(self, cost: float, budget_index: int) -> bool:
+        """The budget loss's free band (`family_check`'s verdict, same rounding allowance)."""
+        loss_cfg = self.config.loss
+        dev = cost / self.targets[budget_index] - 1.0
+        upper = 0.0 if loss_cfg.band == "ceiling" else loss_cfg.tolerance
+        return -loss_cfg.tolerance - 1e-9 < dev <= upper + 1e-9
+
     @torch.no_grad()
     def family(self) -> dict[str, SubNetwork]:
         """Each budget's deployable sub-network: the argmax of the router's logits, no noise
-        (argmax does not depend on tau or the positive logit scale)."""
+        (argmax does not depend on tau or the positive logit scale); with
+        `router.family_choice: in_band` the most likely combination inside the band."""
+        if self.config.router.family_choice == "in_band":
+            return {name: self.in_band(i) for i, name in enumerate(self.names)}
         return {name: self(i, noise=False).subnetwork.hard() for i, name in enumerate(self.names)}
+
+    MAX_VISITS = 20000  # combinations tried before in_band gives up and keeps the argmax
+
+    @torch.no_grad()
+    def in_band(self, budget_index: int) -> SubNetwork:
+        """The combination of choices with the largest sum of raw logit margins
+        (z_choice - z_max, summed over every axis and every per-layer row) whose cost is inside
+        the band: combinations are visited best-first (a heap over per-row rank positions, each
+        row's choices sorted by logit), so the argmax comes first and is kept when inside.  The
+        sum of margins orders combinations the same at every temperature and logit scale."""
+        import heapq
+
+        raw = self(budget_index, noise=False).raw_logits
+        rows = [(axis, r) for axis, z in raw.items() for r in range(z.shape[0])]
+        order = [torch.argsort(raw[a][r], descending=True, stable=True).tolist() for a, r in rows]
+        margin = [(raw[a][r][o] - raw[a][r].max()).tolist() for (a, r), o in zip(rows, order)]
+
+        def subnet(state):
+            probs = {a: torch.zeros_like(z) for a, z in raw.items()}
+            for (a, r), o, k in zip(rows, order, state):
+                probs[a][r, o[k]] = 1.0
+            return self._soft_subnetwork(probs).hard()
+
+        start = (0,) * len(rows)
+        heap, seen = [(0.0, start)], {start}
+        for _ in range(self.MAX_VISITS):
+            if not heap:
+                break
+            neg, state = heapq.heappop(heap)
+            candidate = subnet(state)
+            if self.inside_band(self.cost_of(candidate), budget_index):
+                return candidate
+            for j in range(len(rows)):
+                if state[j] + 1 < len(order[j]):
+                    nxt = state[:j] + (state[j] + 1,) + state[j + 1:]
+                    if nxt not in seen:
+                        seen.add(nxt)
+                        heapq.heappush(heap, (-sum(m[k] for m, k in zip(margin, nxt)), nxt))
+        return subnet(start)  # nothing inside: the argmax, reported outside by family_check
 
     def family_table(self) -> list[dict]:
         """One entry per budget: name, target, sizes, parameters and memory (bytes)."""

@@ -67,3 +67,95 @@ def test_readme_python_block_runs_as_written(workdir, code, needs):
     out = subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env, text=True,
                          capture_output=True, timeout=300)
     assert out.returncode == 0, f"{code}\n--- stderr ---\n{out.stderr[-3000:]}"
+
+
+# ----------------------------------------------------------------------------- bash blocks
+# Every ```bash block is checked as written without running it (its commands train for minutes,
+# or need a corpus, GPUs, Slurm or Docker): each `nemo-elastic` command (also under `torchrun -m
+# nemo_elastic.cli`) must parse with the CLI's own parser, and a recipe it names, with its
+# key=value overrides, must load and validate; `make` targets must exist in the Makefile;
+# scripts run by python / bash / sbatch must exist and `python -c` code must compile.  Any
+# other program (docker, nemo, ...) needs a `<!-- readme-test: needs ... -->` line above the
+# block saying what it needs.
+BASH_BLOCK = re.compile(r"(?:<!-- readme-test: (?P<needs>[^>]*?) -->\n)?(?P<indent>[ \t]*)"
+                        r"```bash\n(?P<code>.*?)\n(?P=indent)```", re.S)
+ENV_ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=")
+
+
+def _bash_blocks():
+    text = (ROOT / "README.md").read_text()
+    out = []
+    for m in BASH_BLOCK.finditer(text):
+        line = text[:m.start("code")].count("\n") + 1
+        out.append(pytest.param(textwrap.dedent(m.group("code")), m.group("needs"),
+                                id=f"README.md:{line}"))
+    return out
+
+
+def _commands(code: str) -> list[list[str]]:
+    """argv of each command: continuations joined, comments dropped; in a transcript (lines
+    starting with `$ `) only the prompted lines are commands, the rest is output."""
+    import shlex
+
+    lines = code.splitlines()
+    if any(line.startswith("$ ") for line in lines):
+        lines = [line[2:] for line in lines if line.startswith("$ ")]
+    joined, commands = "", []
+    for line in lines:
+        joined += line
+        if joined.endswith("\\"):
+            joined = joined[:-1] + " "
+            continue
+        argv = shlex.split(joined, comments=True)
+        joined = ""
+        while argv and ENV_ASSIGNMENT.match(argv[0]):
+            argv = argv[1:]
+        if argv:
+            commands.append(argv)
+    return commands
+
+
+def _check_nemo_elastic(argv: list[str]) -> None:
+    from nemo_elastic.cli import build_parser
+    from nemo_elastic.config import load_config
+
+    try:
+        args = build_parser().parse_args([a[1:] if a.startswith("$'") else a for a in argv])
+    except SystemExit as exc:  # argparse printed the reason to stderr
+        raise AssertionError(f"`nemo-elastic {' '.join(argv)}` does not parse") from exc
+    if hasattr(args, "overrides"):  # a recipe and its overrides must validate
+        load_config(ROOT / (getattr(args, "config", None) or "conf/tiny.yaml"), args.overrides)
+
+
+def _check_command(argv: list[str], needs) -> None:
+    program = os.path.basename(argv[0])
+    if program == "nemo-elastic":
+        _check_nemo_elastic(argv[1:])
+    elif program == "torchrun" and "nemo_elastic.cli" in argv:
+        _check_nemo_elastic(argv[argv.index("nemo_elastic.cli") + 1:])
+    elif program == "make":
+        targets = set(re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(), re.M))
+        assert set(argv[1:]) <= targets, f"make {argv[1:]}: targets are {sorted(targets)}"
+    elif program.startswith("python"):
+        if argv[1] == "-c":
+            compile(argv[2], "<readme>", "exec")
+        else:
+            assert (ROOT / argv[1]).is_file(), f"{argv}: no script {argv[1]}"
+    elif program in ("bash", "sbatch"):
+        script = next(a for a in argv[1:] if not a.startswith("-"))
+        assert (ROOT / script).is_file(), f"{argv}: no script {script}"
+    else:
+        assert needs, (f"`{' '.join(argv)}`: {program} is not checked here; say what the block "
+                       "needs in a `<!-- readme-test: needs ... -->` line above it")
+
+
+def test_the_readme_has_bash_blocks():
+    assert len(_bash_blocks()) >= 5
+
+
+@pytest.mark.parametrize("code,needs", _bash_blocks())
+def test_readme_bash_block_commands_are_valid_as_written(code, needs):
+    commands = _commands(code)
+    assert commands, code
+    for argv in commands:
+        _check_command(argv, needs)

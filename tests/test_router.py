@@ -125,3 +125,83 @@ def test_memory_budgets_in_gb_steer_the_router_into_the_band():
     assert abs(ratio - 1) <= 0.12, ratio
     table = {row["name"]: row for row in router.family_table()}
     assert table["small"]["memory_bytes"] == subnetwork_memory(m, final, MemorySpec(**spec))
+
+
+@pytest.mark.parametrize("cost", ["expected", "hard"])
+def test_a_saturated_router_still_hears_the_budget_loss_with_grad_temperature(cost):
+    """At the end of the schedule (tau 0.05, logit scale 10) the router's probabilities are
+    one-hot to float precision: with the default gradient path a budget outside its band has a
+    non-zero loss and an exactly-zero gradient (the main job's router froze that way, then
+    drifted out of its band).  With `loss.grad_temperature` the loss value is the same and the
+    gradient is non-zero and lowers the expected cost of the raw logits."""
+    m = _model()
+    kw = dict(budgets={"full": 1.0, "b40": 0.4}, loss={"cost": cost})
+    plain = _router(m, total_iters=10, **kw)
+    with torch.no_grad():  # a confident router: raw logit 3 for the largest choice, 0 else
+        one_hot = torch.tensor([0.0, 1.0])
+        for axis_router in plain.routers.values():
+            h = axis_router.net[1](axis_router.net[0](one_hot))
+            last = axis_router.net[2]
+            last.weight.zero_()
+            last.weight.view(axis_router.n_outputs, axis_router.n_choices, -1)[:, 0] = \
+                3.0 * h / h.dot(h)
+    smooth = _router(m, total_iters=10, **{**kw, "loss": {"cost": cost, "grad_temperature": 1.0}})
+    smooth.load_state_dict(plain.state_dict())
+    losses, grads = [], []
+    for router in (plain, smooth):
+        out = router(1, iteration=10)
+        assert all(float(p.max()) == 1.0 for p in out.probs.values())  # saturated
+        loss = router.budget_loss(out, 1)
+        router.zero_grad()
+        loss.backward()
+        losses.append(float(loss))
+        grads.append(sum(float(p.grad.abs().sum()) for p in router.parameters()
+                         if p.grad is not None))
+    assert losses[0] == pytest.approx(losses[1]) and losses[0] > 1.0
+    assert grads[0] == 0.0 and grads[1] > 0.0
+    opt = torch.optim.SGD(smooth.parameters(), lr=0.1)  # one step down the smooth gradient
+    with torch.no_grad():
+        before = smooth.expected_cost(smooth._soft_subnetwork(
+            {a: torch.softmax(z, -1) for a, z in smooth(1, noise=False).raw_logits.items()}))
+    opt.step()
+    with torch.no_grad():
+        after = smooth.expected_cost(smooth._soft_subnetwork(
+            {a: torch.softmax(z, -1) for a, z in smooth(1, noise=False).raw_logits.items()}))
+    assert after < before
+
+
+def test_in_band_family_is_the_most_likely_combination_inside_the_band():
+    """router.family_choice=in_band: brute force over every combination of an untrained
+    router's choices (hidden, FFN per layer - heterogeneous rows count separately): the chosen
+    sub-network is inside the band and no combination inside scores higher (sum of raw logit
+    margins); a budget whose argmax is inside keeps its argmax."""
+    import itertools
+
+    m = _model()
+    kw = dict(budgets={"full": 1.0, "b60": 0.6, "b35": 0.35}, axes=["hidden", "ffn"],
+              heterogeneous=["ffn"], width_fractions=[1.0, 0.75, 0.5, 0.375, 0.25])
+    argmax = _router(m, **kw)
+    router = _router(m, **kw, router={"family_choice": "in_band"})
+    router.load_state_dict(argmax.state_dict())
+    plain, chosen = argmax.family(), router.family()
+    for i, name in enumerate(router.names):
+        raw = router(i, noise=False).raw_logits
+        rows = [(a, r) for a, z in raw.items() for r in range(z.shape[0])]
+        best = None
+        for combo in itertools.product(*(range(raw[a].shape[1]) for a, r in rows)):
+            probs = {a: torch.zeros_like(z) for a, z in raw.items()}
+            for (a, r), k in zip(rows, combo):
+                probs[a][r, k] = 1.0
+            sub = router._soft_subnetwork(probs).hard()
+            if router.inside_band(subnetwork_parameters(m, sub), i):
+                score = sum(float(raw[a][r, k] - raw[a][r].max()) for (a, r), k in zip(rows, combo))
+                if best is None or score > best[0] + 1e-9:
+                    best = (score, sub)
+        assert best is not None, name
+        assert router.inside_band(subnetwork_parameters(m, chosen[name]), i), name
+        assert chosen[name] == best[1], name
+        if argmax.inside_band(subnetwork_parameters(m, plain[name]), i):
+            assert chosen[name] == plain[name]
+    # the untrained router's argmax misses at least one band: the test exercises the search
+    assert any(not argmax.inside_band(subnetwork_parameters(m, plain[n]), i)
+               for i, n in enumerate(argmax.names))

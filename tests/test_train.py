@@ -1,6 +1,7 @@
 """Elastic distillation (`nemo-elastic train`): config, step, resume across stages, family."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 from nemo_elastic import runtime
 from nemo_elastic.checkpoint import LATEST_FILE, read_meta, save_checkpoint
 from nemo_elastic.config import ConfigError, ParallelConfig, load_config
-from nemo_elastic.training.elastic.step import sample_budget
+from nemo_elastic.training.elastic.step import ElasticDistillationStep, sample_budget, \
+    stratified_budgets
 from tests.conftest import perturb, tiny_model_dict
 
 PATTERN = "M-*M-"
@@ -53,10 +55,59 @@ def test_budget_sampling_is_a_pure_function_and_follows_the_probabilities():
     assert {sample_budget([0, 1, 0], 1, it, 0) for it in range(50)} == {1}
 
 
+@pytest.mark.parametrize("probs, n_micro", [([1 / 3] * 3, 4), ([0.5, 0.3, 0.2], 2),
+                                            ([0.5, 0.3, 0.2], 4), ([0, 1, 0], 3)])
+def test_stratified_sampling_gives_every_budget_its_share_of_each_iteration(probs, n_micro):
+    """elastic.budget_sampling=stratified: within an iteration budget i gets floor or ceil of
+    n * p_i micro-batches; over iterations each micro-batch slot follows the probabilities."""
+    runs = [stratified_budgets(probs, 7, it, n_micro) for it in range(600)]
+    assert runs == [stratified_budgets(probs, 7, it, n_micro) for it in range(600)]
+    for drawn in runs:
+        for i, p in enumerate(probs):
+            assert math.floor(n_micro * p + 1e-9) <= drawn.count(i) <= math.ceil(n_micro * p - 1e-9)
+    for slot in range(n_micro):  # no slot is biased toward a budget
+        freq = [sum(r[slot] == i for r in runs) / len(runs) for i in range(len(probs))]
+        assert freq == pytest.approx(probs, abs=0.07)
+
+
+class _Router:  # the step reads only the budget names and which budget is full
+    names, mode = ["full", "75pct", "50pct"], "scaled"
+
+    def is_full(self, i):
+        return i == 0
+
+
+@pytest.mark.parametrize("probs, expected", [
+    ([0.5, 0.3, 0.2], "pair"), ([1 / 3] * 3, "pair"), ([0, 0.5, 0.5], "one"), ([1, 0, 0], "one")])
+def test_full_plus_one_trains_the_full_budget_on_every_micro_batch(probs, expected):
+    """elastic.budget_sampling=full_plus_one: the full budget (weight p_full) and one other drawn
+    from the rest (weight 1 - p_full), so the loss's expectation over draws equals `one`'s;
+    a stage that never (or only) draws the full budget falls back to one budget."""
+    cfg = load_config("conf/tiny.yaml", ["elastic.budget_sampling=full_plus_one"]).elastic
+    step = ElasticDistillationStep(router=_Router(), teacher=torch.nn.Identity(), elastic_cfg=cfg)
+    step.begin_iteration(1, probs)
+    expectation = [0.0] * 3
+    n = 3000
+    for it in range(n):
+        step.begin_iteration(it, probs)
+        students = step.students(0)
+        assert len(students) == step.students_per_micro_batch
+        assert sum(w for _, w in students) == pytest.approx(1.0)
+        if expected == "pair":
+            assert students[0] == (0, pytest.approx(probs[0])) and students[1][0] != 0
+        for i, w in students:
+            expectation[i] += w / n
+    assert expectation == pytest.approx(probs, abs=0.03)
+
+
 @pytest.mark.parametrize("override, match", [
     ("elastic.budgets.b2=1.5", r"elastic.budgets.b2=1.5: must be a fraction"),
     ("elastic.curriculum.1.budget_probs.nope=1", r"budget_probs.nope=1: unknown budget"),
     ("elastic.router.mode=medium", r"elastic.router.mode='medium': must be one of"),
+    ("elastic.router.family_choice=best",
+     r"elastic.router.family_choice='best': must be one of \['argmax', 'in_band'\]"),
+    ("elastic.loss.grad_temperature=0", r"elastic.loss.grad_temperature=0.0: must be in \(0"),
+    ("elastic.budget_sampling=two", r"elastic.budget_sampling='two': must be one of"),
     ("elastic.choices.ffn=[1000]", r"elastic.choices.ffn=\[1000\]: 1000 exceeds"),
     ("elastic.choices.mamba_heads=[3]", r"not a multiple of model.mamba_num_groups"),
     ("elastic.curriculum.0.seq_length=100000", r"exceeds model.max_sequence_length"),
@@ -318,9 +369,11 @@ def test_elastic_step_with_activation_recompute_equals_without(tmp_path, mode):
 @pytest.mark.slow
 def test_tiny_family_lands_in_its_bands_and_beats_its_zero_shot_prefixes(tmp_path):
     """The embedded recipe end to end at reduced size: pretrain -> prepare -> train.  Every
-    budget's chosen sub-network lies inside the dead band of its target, every smaller budget's
-    validation loss is much better than its zero-shot prefix before training, and the full
-    budget stays close to the teacher."""
+    budget's deployed sub-network lies inside the dead band of its target (router.family_choice
+    in_band), every smaller budget's validation loss is much better than its zero-shot prefix
+    before training, and the full budget stays within 1 % of the teacher (issue 22 item 4;
+    full_plus_one sampling and the longer stage 2 of conf/tiny.yaml).  Margins, not digits:
+    another CPU's float rounding moves these losses by ~1e-3 (README)."""
     from nemo_elastic.importance.prepare import prepare
     from nemo_elastic.training.pretrain import pretrain
     from nemo_elastic.training.train import train
@@ -343,7 +396,7 @@ def test_tiny_family_lands_in_its_bands_and_beats_its_zero_shot_prefixes(tmp_pat
     for name in ("75pct", "50pct"):  # distillation closes most of the gap to the teacher
         before, after = rows[name]["val_loss_before"], rows[name]["val_loss_after"]
         assert after - teacher < 0.5 * (before - teacher), (rows[name], teacher)
-    assert rows["full"]["val_loss_after"] <= 1.05 * teacher, (rows["full"], teacher)
+    assert rows["full"]["val_loss_after"] <= 1.01 * teacher, (rows["full"], teacher)
     assert rows["50pct"]["val_loss_after"] > rows["full"]["val_loss_after"]
 
 

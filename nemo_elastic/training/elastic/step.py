@@ -16,6 +16,18 @@ Megatron-Bridge loop through a two-line adapter - runs it unchanged:
 the kept slices of the weights (`sliced`, so a smaller budget costs less) or masked (`masked`,
 the reference; same loss and gradients).  Soft mode is always masked.
 
+`elastic.budget_sampling=stratified`: still one budget per micro-batch, but the iteration's
+micro-batches are spread over the budgets by systematic sampling (one uniform offset per
+iteration, seeded by (seed, iteration), positions (k + u) / n on the probabilities' cumulative
+sum, assigned to micro-batches in a seeded random order): each iteration trains every budget its
+share of the micro-batches (+-1), where `one` leaves an iteration without the full budget in
+(2/3)^4 = 20 % of stage 1's iterations.  Same cost as `one`; it needs the iteration's number of
+micro-batches (`begin_iteration(..., num_micro_batches=)`).
+
+`elastic.budget_sampling=full_plus_one`: the full budget on every micro-batch (weight p_full)
+plus one other budget drawn from the rest (weight 1 - p_full), after one teacher forward: two
+students, the same expectation as `one`.
+
 `elastic.budget_sampling=all`: instead of drawing one budget, every budget with a non-zero
 probability runs on the micro-batch after ONE teacher forward (K students, a BigNAS-style
 sandwich); the loss is sum_b p_b * loss_b, so its expectation equals the one-budget step's and
@@ -47,6 +59,20 @@ def sample_budget(probs: Sequence[float], seed: int, iteration: int, micro_batch
     return int(rng.choice(len(probs), p=np.asarray(probs, dtype=np.float64)))
 
 
+def stratified_budgets(probs: Sequence[float], seed: int, iteration: int,
+                       n_micro: int) -> list[int]:
+    """Budget index of each of the iteration's `n_micro` micro-batches by systematic sampling:
+    budget i gets floor or ceil of n_micro * p_i of them; each micro-batch is marginally drawn
+    with the probabilities.  A pure function of its arguments (every rank agrees)."""
+    p = np.asarray(probs, dtype=np.float64)
+    rng = np.random.default_rng([seed, iteration, 2**31 - 1])  # not a micro-batch's stream
+    positions = (np.arange(n_micro) + rng.random()) / n_micro
+    edges = np.cumsum(p / p.sum())
+    edges[-1] = 1.0 + 1e-12  # rounding: the last position always falls inside
+    picks = np.searchsorted(edges, positions, side="right")
+    return [int(picks[j]) for j in rng.permutation(n_micro)]
+
+
 def _unwrap(model):
     """The module under DDP / Float16Module wrappers."""
     while hasattr(model, "module"):
@@ -73,13 +99,19 @@ class ElasticDistillationStep:
         n = len(router.names)
         self.budget_probs = [1.0 / n] * n
         self.budgets_drawn: list[int] = []
+        self.strata: Optional[list[int]] = None  # stratified: this iteration's budgets
 
     # ------------------------------------------------------------------ schedule position
-    def begin_iteration(self, iteration: int, budget_probs: Optional[Sequence[float]] = None) -> None:
+    def begin_iteration(self, iteration: int, budget_probs: Optional[Sequence[float]] = None,
+                        num_micro_batches: Optional[int] = None) -> None:
         self.iteration, self.micro_batch = iteration, 0
         self.budgets_drawn = []
         if budget_probs is not None:
             self.budget_probs = list(budget_probs)
+        self.strata = None
+        if self.sampling == "stratified" and num_micro_batches:  # without the count: `one`
+            self.strata = stratified_budgets(self.budget_probs, self.cfg.seed, iteration,
+                                             num_micro_batches)
 
     def adjust_tensor_shapes(self, recv_shapes: list, send_shapes: list):
         """Pipeline p2p carries the K student hidden states and the teacher's side by side:
@@ -90,13 +122,34 @@ class ElasticDistillationStep:
 
     @property
     def students_per_micro_batch(self) -> int:
-        return 1 if self.sampling == "one" else sum(p > 0 for p in self.budget_probs)
+        if self.sampling == "all":
+            return sum(p > 0 for p in self.budget_probs)
+        return 2 if self._full_and_rest() is not None else 1
+
+    def _full_and_rest(self) -> Optional[tuple[int, list[float]]]:
+        """full_plus_one: (index of the full budget, the other budgets' renormalized
+        probabilities), or None when the stage leaves nothing to pair (then one budget)."""
+        if self.sampling != "full_plus_one":
+            return None
+        full = next((i for i in range(len(self.router.names)) if self.router.is_full(i)), None)
+        if full is None or not 0 < self.budget_probs[full] < 1:
+            return None
+        rest = [0.0 if i == full else p for i, p in enumerate(self.budget_probs)]
+        return full, [p / sum(rest) for p in rest]
 
     def students(self, micro: int) -> list[tuple[int, float]]:
         """(budget index, loss weight) of each student of micro-batch `micro`."""
-        if self.sampling == "one":
-            return [(sample_budget(self.budget_probs, self.cfg.seed, self.iteration, micro), 1.0)]
-        return [(i, float(p)) for i, p in enumerate(self.budget_probs) if p > 0]
+        if self.sampling == "all":
+            return [(i, float(p)) for i, p in enumerate(self.budget_probs) if p > 0]
+        if self.strata is not None and micro < len(self.strata):
+            return [(self.strata[micro], 1.0)]
+        pair = self._full_and_rest()
+        if pair is not None:
+            full, rest = pair
+            p_full = float(self.budget_probs[full])
+            return [(full, p_full),
+                    (sample_budget(rest, self.cfg.seed, self.iteration, micro), 1.0 - p_full)]
+        return [(sample_budget(self.budget_probs, self.cfg.seed, self.iteration, micro), 1.0)]
 
     # ------------------------------------------------------------------ the step
     def __call__(self, data_iterator: Iterator[dict], model):

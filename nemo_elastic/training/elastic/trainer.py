@@ -180,7 +180,8 @@ class ElasticTrainer(Trainer):
     # ------------------------------------------------------------------ hooks
     def begin_iteration(self, iteration: int, seg: Segment) -> None:
         self.router_optimizer.zero_grad(set_to_none=True)
-        self.step.begin_iteration(iteration, seg.extra["budget_probs"])
+        self.step.begin_iteration(iteration, seg.extra["budget_probs"],
+                                  num_micro_batches=self.num_microbatches(seg))
 
     def schedule_kwargs(self, seg: Segment) -> dict:
         if self.info.pp_size > 1:
