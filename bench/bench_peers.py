@@ -294,7 +294,7 @@ def run(args) -> dict:
             continue
         seeds_done.append(seed)
         for label, r in one.items():
-            arms.setdefault(label, []).append(r)
+            arms.setdefault(label, []).append({**r, "seed": seed})
     if not seeds_done:
         raise SystemExit("no seed finished yet")
     result = summarize(arms, budgets, derived, T, full)
@@ -316,7 +316,10 @@ def run(args) -> dict:
 
 
 def run_seed(args, s, work, seed, budgets, derived, prepared, mo_parent, search, m) -> dict:
-    """Every arm of one seed -> {label: result}; each run's result is stored when it ends."""
+    """Every arm of one seed -> {label: result}; each run's result is stored when it ends.
+    Arm by arm (every size of one arm before the next arm, the ModelOpt arms first), so a
+    benchmark stopped early has whole arms; under --report-only an arm with a missing run is
+    left out of this seed (the elastic run missing leaves the whole seed out)."""
     from nemo_elastic.budget import subnetwork_parameters
     from nemo_elastic.elastic.subnet import SubNetwork
 
@@ -328,36 +331,44 @@ def run_seed(args, s, work, seed, budgets, derived, prepared, mo_parent, search,
     el["parameters"] = {n: f["parameters"] for n, f in el["family"].items()}
     out["elastic"] = el
     out["zero-shot"] = {"final": bc.zero_shot(cfg, prepared, el["family"]), "curve": {}}
-    rows = {ARMS[a]: {} for a in ARMS if a in args.arms}
-    for n in derived:
-        sub = family[n]
-        runs = {}
-        if "modelopt-router" in args.arms:
-            runs["ModelOpt at router arch"] = ("modelopt_router", mo_parent, sub)
-        if "uniform" in args.arms:
-            runs["uniform cut"] = ("uniform_uniform", prepared,
-                                   bc.matched_uniform(m, el["parameters"][n]))
-        for label, (tag, init, subnet) in runs.items():
+
+    def distilled(tag, init, subnet_of):
+        def one(n):
+            subnet = subnet_of(n)
             r = per_size_run(s, work, f"{tag}_{n}_s{seed}", n, budgets[n], seed, init,
                              subnet, s.elastic_iters)
             r["parameters"] = subnetwork_parameters(m, subnet)
             r["accuracy"] = final_accuracy(cfg, work / f"{tag}_{n}_s{seed}", {n: subnet},
                                            args.accuracy).get(n)
-            rows[label][n] = r
-        if "modelopt-search" in args.arms:
-            rows["ModelOpt search + distill"][n] = search_arm(
-                s, work, n, budgets[n], seed, mo_parent, search[n], args, m, cfg)
-        if "scratch" in args.arms:
-            short = dataclasses.replace(cfg, train=dataclasses.replace(
-                cfg.train, warmup_iters=min(cfg.train.warmup_iters, args.scratch_iters // 4)))
-            r = bc.scratch_run(short, f"scratch_{n}_s{seed}", work, sub.model_config(m), s)
-            r["curve"] = {n: r["curve"]}
-            r["parameters"] = el["parameters"][n]
-            r["accuracy"] = final_accuracy(short, work / f"scratch_{n}_s{seed}",
-                                           {n: SubNetwork.full(sub.model_config(m))},
-                                           args.accuracy, model_cfg=sub.model_config(m)).get(n)
-            rows["from scratch"][n] = r
-    out.update(rows)
+            return r
+        return one
+
+    def scratch(n):
+        sub = family[n]
+        short = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, warmup_iters=min(cfg.train.warmup_iters, args.scratch_iters // 4)))
+        r = bc.scratch_run(short, f"scratch_{n}_s{seed}", work, sub.model_config(m), s)
+        r["curve"] = {n: r["curve"]}
+        r["parameters"] = el["parameters"][n]
+        r["accuracy"] = final_accuracy(short, work / f"scratch_{n}_s{seed}",
+                                       {n: SubNetwork.full(sub.model_config(m))},
+                                       args.accuracy, model_cfg=sub.model_config(m)).get(n)
+        return r
+
+    arms = {
+        "modelopt-router": distilled("modelopt_router", mo_parent, lambda n: family[n]),
+        "modelopt-search": lambda n: search_arm(s, work, n, budgets[n], seed, mo_parent,
+                                                search[n], args, m, cfg),
+        "uniform": distilled("uniform_uniform", prepared,
+                             lambda n: bc.matched_uniform(m, el["parameters"][n])),
+        "scratch": scratch}
+    for arm, one in arms.items():
+        if arm not in args.arms:
+            continue
+        try:
+            out[ARMS[arm]] = {n: one(n) for n in derived}
+        except bc.NotFinished as missing:
+            logger.info("seed %d, %s not finished (%s): left out", seed, ARMS[arm], missing)
     return out
 
 
@@ -418,8 +429,10 @@ def loss_at(curve: list, tokens: float) -> Optional[float]:
     prev = None
     for t, v in curve:
         if t >= tokens:
-            if prev is None or t == tokens:
+            if t == tokens:
                 return v
+            if prev is None:  # not evaluated yet at `tokens` (e.g. still searching)
+                return None
             t0, v0 = prev
             return v0 + (v - v0) * (tokens - t0) / (t - t0)
         prev = (t, v)
@@ -431,13 +444,13 @@ def summarize(arms: dict, budgets: dict, derived: list, T: int, full: int) -> di
     loss at equal tokens (the elastic run's tokens shared equally by the derived sizes, and all
     of them), and the tokens needed to reach the same seed's elastic loss of that budget."""
     table = {}
-    elastic = arms["elastic"]
+    elastic = {r["seed"]: r for r in arms["elastic"]}
     share = T / len(derived)
     for label, per_seed in arms.items():
         row = {}
         for n in derived:
             finals, accs, reach, spent, params, at_share, at_T = [], [], [], [], [], [], []
-            for seed, r in enumerate(per_seed):
+            for r in per_seed:
                 if label in ("elastic", "zero-shot"):
                     finals.append(r["final"][n])
                     accs.append((r.get("accuracy") or {}).get(n))
@@ -451,7 +464,7 @@ def summarize(arms: dict, budgets: dict, derived: list, T: int, full: int) -> di
                 accs.append(rr.get("accuracy"))
                 spent.append(curve[-1][0])
                 params.append(rr.get("parameters"))
-                reach.append(bc.tokens_to_reach(curve, elastic[seed]["final"][n]))
+                reach.append(bc.tokens_to_reach(curve, elastic[r["seed"]]["final"][n]))
                 at_share.append(loss_at(curve, share))
                 at_T.append(loss_at(curve, T))
             reached = [x for x in reach if x is not None]
@@ -468,9 +481,10 @@ def summarize(arms: dict, budgets: dict, derived: list, T: int, full: int) -> di
         table[label] = {"budgets": row, "tokens": T if label == "elastic" else spent_all,
                         "tokens_to_reach_elastic": reach_all,
                         "ratio": None if reach_all is None else reach_all / T,
-                        "ratio_is_lower_bound": not exact}
-    full_loss = _ms([r["final"]["full"] for r in elastic])
-    full_acc = _ms([(r.get("accuracy") or {}).get("full") for r in elastic])
+                        "ratio_is_lower_bound": not exact,
+                        "seeds": [r["seed"] for r in per_seed]}
+    full_loss = _ms([r["final"]["full"] for r in elastic.values()])
+    full_acc = _ms([(r.get("accuracy") or {}).get("full") for r in elastic.values()])
     return {"methods": table, "elastic_tokens": T, "parent_parameters": full,
             "elastic_full_loss": full_loss, "elastic_full_accuracy": full_acc,
             "derived": derived, "budgets": budgets,
@@ -504,7 +518,7 @@ def print_tables(r: dict) -> str:
     rows = []
     for label, meth in r["methods"].items():
         b = meth["budgets"]
-        rows.append((label, f"{meth['tokens']:,.0f}",
+        rows.append((f"{label} ({len(meth['seeds'])} seeds)", f"{meth['tokens']:,.0f}",
                      *(_f(b[n]["loss"]) for n in derived),
                      *(_f(b[n]["accuracy"], 0, 100, " %") for n in derived),
                      "-" if label in ("elastic", "zero-shot") else _ratio(meth)))
