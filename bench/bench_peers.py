@@ -23,7 +23,10 @@ dropped; its pruned model is exactly that prefix when Mamba head channels are no
 the fixed router of `bench_claims.py` (the same loop, loss, teacher and data as the elastic run).
 
     .venv/bin/python bench/bench_peers.py --parent runs/tiny/checkpoints/iter_0001200 \
-        --seeds 3 --scale 0.5
+        --seeds 3 --stage1-iters 90 --stage2-iters 30 --eval-every 15 --name peers3
+    (README "The paper's claims" gives the exact commands of its tables; one process per seed
+    with --seed-start S --seeds S+1 shares the machine's cores; a final --report-only pass
+    writes the tables of every seed.)
 Writes `NAME.json`, `NAME.md` (the tables), `NAME_cost.png` (loss vs tokens, mean ± sd per
 method and size) and `NAME_final.png` into `--out`. Each run stores its result when it
 ends and is skipped on a rerun, so a killed benchmark resumes; `--report-only` writes the
