@@ -168,13 +168,41 @@ def _history(out: Path) -> list[dict]:
     return read_metrics(out, up_to=10**9)
 
 
+RESULT_FILE = "bench_result.json"
+REPORT_ONLY = False  # set by a benchmark's --report-only: never train, only read stored results
+
+
+class NotFinished(RuntimeError):
+    """A run whose result is not stored yet (raised instead of training under REPORT_ONLY)."""
+
+
+def cached(out: Path) -> Optional[dict]:
+    """A finished run's result (written when it finished), so a rerun skips it; curves come
+    back as lists of [tokens, loss] pairs."""
+    path = out / RESULT_FILE
+    if path.is_file():
+        return json.loads(path.read_text())
+    if REPORT_ONLY:
+        raise NotFinished(str(out))
+    return None
+
+
+def store(out: Path, result: dict) -> dict:
+    tmp = out / (RESULT_FILE + ".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(out / RESULT_FILE)  # atomic: a crash leaves no half-written result
+    return json.loads((out / RESULT_FILE).read_text())
+
+
 def elastic_run(cfg, name: str, work: Path, init: Path, s: Settings,
                 fixed: Optional[dict] = None) -> dict:
     """One elastic distillation run -> {"curve": {budget: [(tokens, val loss)]}, "final",
-    "family", "seconds"}."""
+    "family", "seconds"}; a finished run's stored result is reused."""
     from nemo_elastic.training.train import train
 
     out = work / name
+    if (done := cached(out)) is not None:
+        return done
     cfg = dataclasses.replace(cfg, elastic=dataclasses.replace(
         cfg.elastic, init_checkpoint=str(init), output_dir=str(out)))
     start = time.perf_counter()
@@ -186,9 +214,11 @@ def elastic_run(cfg, name: str, work: Path, init: Path, s: Settings,
              for n in cfg.elastic.budgets}
     final = {n: pts[-1][1] for n, pts in curve.items()}
     logger.info("%s: %s (%.0f s)", name, {n: round(v, 4) for n, v in final.items()}, seconds)
-    return {"curve": curve, "final": final, "seconds": seconds,
-            "family": {r["name"]: {"parameters": r["parameters"], "summary": r["summary"],
-                                   "subnetwork": r["subnetwork"]} for r in result.family}}
+    return store(out, {"curve": curve, "final": final, "seconds": seconds,
+                       "family": {r["name"]: {"parameters": r["parameters"],
+                                              "summary": r["summary"],
+                                              "subnetwork": r["subnetwork"]}
+                                  for r in result.family}})
 
 
 def scratch_run(cfg, name: str, work: Path, model_cfg, s: Settings) -> dict:
@@ -196,6 +226,8 @@ def scratch_run(cfg, name: str, work: Path, model_cfg, s: Settings) -> dict:
     from nemo_elastic.training.pretrain import pretrain
 
     out = work / name
+    if (done := cached(out)) is not None:
+        return done
     run_cfg = dataclasses.replace(cfg, model=model_cfg, output_dir=str(out), elastic=None,
                                   train=dataclasses.replace(
                                       cfg.train, iters=s.scratch_iters,
@@ -206,7 +238,7 @@ def scratch_run(cfg, name: str, work: Path, model_cfg, s: Settings) -> dict:
     curve = [(h["iteration"] * s.tokens_per_iter, h["val_loss"]) for h in _history(out)
              if "val_loss" in h]
     logger.info("%s: %.4f (%.0f s)", name, curve[-1][1], seconds)
-    return {"curve": curve, "final": curve[-1][1], "seconds": seconds}
+    return store(out, {"curve": curve, "final": curve[-1][1], "seconds": seconds})
 
 
 def random_parent(parent: Path, out: Path, seed: int = 0) -> Path:

@@ -23,8 +23,14 @@ dropped; its pruned model is exactly that prefix when Mamba head channels are no
 the fixed router of `bench_claims.py` (the same loop, loss, teacher and data as the elastic run).
 
     .venv/bin/python bench/bench_peers.py --parent runs/tiny/checkpoints/iter_0001200 \
-        --seeds 3 --scale 0.5
-Writes `peers.json` and `peers_cost.png` into `--out` (finished runs are reused).
+        --seeds 3 --stage1-iters 90 --stage2-iters 30 --eval-every 15 --name peers3
+    (README "The paper's claims" gives the exact commands of its tables; one process per seed
+    with --seed-start S --seeds S+1 shares the machine's cores; a final --report-only pass
+    writes the tables of every seed.)
+Writes `NAME.json`, `NAME.md` (the tables), `NAME_cost.png` (loss vs tokens, mean ± sd per
+method and size) and `NAME_final.png` into `--out`. Each run stores its result when it
+ends and is skipped on a rerun, so a killed benchmark resumes; `--report-only` writes the
+tables from what is stored.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -203,12 +210,14 @@ def per_size_run(s, work: Path, tag: str, name: str, frac: float, seed: int, ini
     return bc.elastic_run(cfg, tag, work, init, s, fixed={name: subnet})
 
 
-def final_accuracy(cfg, ckpt_dir: Path, subnets: dict, samples: int) -> dict:
-    """Greedy answer accuracy of each sub-network of the run's final checkpoint."""
+def final_accuracy(cfg, ckpt_dir: Path, subnets: dict, samples: int, model_cfg=None) -> dict:
+    """Greedy answer accuracy of each sub-network of the run's final checkpoint (`model_cfg`:
+    a plain model of that config, e.g. a from-scratch run; its one entry is the whole model)."""
     from nemo_elastic import runtime
     from nemo_elastic.checkpoint import latest_checkpoint, load_checkpoint
     from nemo_elastic.data.loaders import build_training_data
     from nemo_elastic.elastic.specs import build_elastic_model
+    from nemo_elastic.model.build import build_hybrid_model
     from nemo_elastic.training.evaluation import answer_accuracy_of
 
     if samples <= 0:
@@ -216,26 +225,35 @@ def final_accuracy(cfg, ckpt_dir: Path, subnets: dict, samples: int) -> dict:
     cache = ckpt_dir / f"accuracy_{samples}.json"  # finished runs are reused: so is this
     if cache.is_file() and set(json.loads(cache.read_text())) == set(subnets):
         return json.loads(cache.read_text())
+    if bc.REPORT_ONLY:
+        raise bc.NotFinished(str(cache))
     run_cfg = cfg.single_process()
     run_cfg = dataclasses.replace(run_cfg, train=dataclasses.replace(
         run_cfg.train, eval_accuracy_samples=samples))
+    if model_cfg is not None:
+        run_cfg = dataclasses.replace(run_cfg, model=model_cfg, elastic=None)
     with runtime.distributed(run_cfg.parallel) as info:
         data = build_training_data(run_cfg, info)
-        model = build_elastic_model(run_cfg)
+        model = build_elastic_model(run_cfg) if model_cfg is None else \
+            build_hybrid_model(run_cfg, spec_backend="local")
         load_checkpoint(latest_checkpoint(ckpt_dir / "checkpoints"), model=model,
                         restore_rng=False)
         out = {}
         for n, sub in subnets.items():
-            acc = answer_accuracy_of(run_cfg, model, data, info, subnetwork=sub)
+            acc = answer_accuracy_of(run_cfg, model, data, info,
+                                     subnetwork=None if model_cfg is not None else sub)
             out[n] = None if acc is None else acc.get("accuracy")
     cache.write_text(json.dumps(out))
     return out
 
 
+ARMS = {"modelopt-router": "ModelOpt at router arch", "uniform": "uniform cut",
+        "modelopt-search": "ModelOpt search + distill", "scratch": "from scratch"}
+
+
 def run(args) -> dict:
-    from nemo_elastic.cost_model import count_parameters, subnetwork_parameters
+    from nemo_elastic.cost_model import count_parameters
     from nemo_elastic.checkpoint import META_FILE, resolve_checkpoint
-    from nemo_elastic.elastic.subnet import SubNetwork
     from nemo_elastic.importance.prepare import prepare
 
     s = bc.Settings(stage1_iters=args.stage1_iters, stage2_iters=args.stage2_iters,
@@ -256,11 +274,12 @@ def run(args) -> dict:
                 mamba_signal=args.mamba_signal)
     calib = _calibration(base, args.calib_batches)
     held_out = _calibration(base, 4, skip=args.calib_batches)
-    mo_parent = modelopt_sorted_parent(base, parent, work / "modelopt_sorted", calib)
+    needs_modelopt = {"modelopt-router", "modelopt-search"} & set(args.arms)
+    mo_parent = modelopt_sorted_parent(base, parent, work / "modelopt_sorted", calib) \
+        if needs_modelopt else None
     T = s.elastic_iters * s.tokens_per_iter
-    arms: dict[str, dict] = {}
     search = {}
-    if args.modelopt_search:
+    if "modelopt-search" in args.arms:
         for n in derived:
             path = work / f"modelopt_candidates_{n}.json"
             if not path.is_file():
@@ -268,55 +287,109 @@ def run(args) -> dict:
                     base, parent, calib, held_out, int(budgets[n] * full), args.top_k,
                     args.max_width_pruning), indent=2))
             search[n] = json.loads(path.read_text())
+    arms: dict[str, list] = {}
+    seeds_done = []
     for seed in range(args.seed_start, args.seeds):
-        cfg = recipe(s, work / "parent", budgets, seed)
-        el = bc.elastic_run(cfg, f"elastic_s{seed}", work, prepared, s)
-        family = {n: SubNetwork.from_dict(f["subnetwork"]) for n, f in el["family"].items()}
-        el["accuracy"] = final_accuracy(cfg, work / f"elastic_s{seed}", family, args.accuracy)
-        el["parameters"] = {n: f["parameters"] for n, f in el["family"].items()}
-        arms.setdefault("elastic", []).append(el)
-        zs = bc.zero_shot(cfg, prepared, el["family"])
-        arms.setdefault("zero-shot", []).append({"final": zs, "curve": {}})
-        rows = {"ModelOpt at router arch": {}, "uniform cut": {}, "from scratch": {}}
-        if search:
-            rows["ModelOpt search + distill"] = {}
-        for n in derived:
-            sub = family[n]
-            runs = {"ModelOpt at router arch": (mo_parent, sub),
-                    "uniform cut": (prepared, bc.matched_uniform(m, el["parameters"][n]))}
-            for label, (init, subnet) in runs.items():
-                tag = f"{label.split()[0].lower()}_{'router' if 'router' in label else 'uniform'}"
-                r = per_size_run(s, work, f"{tag}_{n}_s{seed}", n, budgets[n], seed, init,
-                                 subnet, s.elastic_iters)
-                r["parameters"] = subnetwork_parameters(m, subnet)
-                r["accuracy"] = final_accuracy(cfg, work / f"{tag}_{n}_s{seed}", {n: subnet},
-                                               args.accuracy).get(n)
-                rows[label][n] = r
-            if search:
-                rows["ModelOpt search + distill"][n] = search_arm(
-                    s, work, n, budgets[n], seed, mo_parent, search[n], args, m, cfg)
-            if args.scratch_iters > 0:
-                short = dataclasses.replace(cfg, train=dataclasses.replace(
-                    cfg.train, warmup_iters=min(cfg.train.warmup_iters, args.scratch_iters // 4)))
-                r = bc.scratch_run(short, f"scratch_{n}_s{seed}", work, sub.model_config(m), s)
-                r["curve"] = {n: r["curve"]}
-                r["parameters"] = el["parameters"][n]
-                rows["from scratch"][n] = r
-        for label, per in rows.items():
-            if per:
-                arms.setdefault(label, []).append(per)
+        try:  # a seed counts only once every arm of it is stored (--report-only skips the rest)
+            one = run_seed(args, s, work, seed, budgets, derived, prepared, mo_parent, search, m)
+        except bc.NotFinished as missing:
+            logger.info("seed %d not finished (%s): left out of the tables", seed, missing)
+            continue
+        seeds_done.append(seed)
+        for label, r in one.items():
+            arms.setdefault(label, []).append({**r, "seed": seed})
+    if not seeds_done:
+        raise SystemExit("no seed finished yet")
     result = summarize(arms, budgets, derived, T, full)
-    result["settings"] = {**dataclasses.asdict(s), "seeds": args.seeds, "budgets": budgets,
-                          "top_k": args.top_k, "search_iters": args.search_iters,
+    result["settings"] = {**dataclasses.asdict(s), "seeds": seeds_done, "budgets": budgets,
+                          "arms": list(args.arms), "top_k": args.top_k,
+                          "search_iters": args.search_iters,
                           "mamba_signal": args.mamba_signal, "parent": str(parent),
                           "accuracy_samples": args.accuracy}
     result["search_candidates"] = search
-    result["seeds_run"] = len(arms["elastic"])
+    result["seeds_run"] = len(seeds_done)
     result["seconds"] = round(time.perf_counter() - started, 1)
-    (work / "peers.json").write_text(json.dumps(result, indent=2))
-    print_tables(result)
-    plot(result, work)
+    result["run_seconds"] = run_seconds(arms, derived)
+    name = args.name
+    (work / f"{name}.json").write_text(json.dumps(result, indent=2))
+    text = print_tables(result)
+    (work / f"{name}.md").write_text(text)
+    plot(result, work, name)
     return result
+
+
+def run_seed(args, s, work, seed, budgets, derived, prepared, mo_parent, search, m) -> dict:
+    """Every arm of one seed -> {label: result}; each run's result is stored when it ends.
+    Arm by arm (every size of one arm before the next arm, the ModelOpt arms first), so a
+    benchmark stopped early has whole arms; under --report-only an arm with a missing run is
+    left out of this seed (the elastic run missing leaves the whole seed out)."""
+    from nemo_elastic.cost_model import subnetwork_parameters
+    from nemo_elastic.elastic.subnet import SubNetwork
+
+    out = {}
+    cfg = recipe(s, work / "parent", budgets, seed)
+    el = bc.elastic_run(cfg, f"elastic_s{seed}", work, prepared, s)
+    family = {n: SubNetwork.from_dict(f["subnetwork"]) for n, f in el["family"].items()}
+    el["accuracy"] = final_accuracy(cfg, work / f"elastic_s{seed}", family, args.accuracy)
+    el["parameters"] = {n: f["parameters"] for n, f in el["family"].items()}
+    out["elastic"] = el
+    out["zero-shot"] = {"final": bc.zero_shot(cfg, prepared, el["family"]), "curve": {}}
+
+    def distilled(tag, init, subnet_of):
+        def one(n):
+            subnet = subnet_of(n)
+            r = per_size_run(s, work, f"{tag}_{n}_s{seed}", n, budgets[n], seed, init,
+                             subnet, s.elastic_iters)
+            r["parameters"] = subnetwork_parameters(m, subnet)
+            r["accuracy"] = final_accuracy(cfg, work / f"{tag}_{n}_s{seed}", {n: subnet},
+                                           args.accuracy).get(n)
+            return r
+        return one
+
+    def scratch(n):
+        sub = family[n]
+        short = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, warmup_iters=min(cfg.train.warmup_iters, args.scratch_iters // 4)))
+        r = bc.scratch_run(short, f"scratch_{n}_s{seed}", work, sub.model_config(m), s)
+        r["curve"] = {n: r["curve"]}
+        r["parameters"] = el["parameters"][n]
+        r["accuracy"] = final_accuracy(short, work / f"scratch_{n}_s{seed}",
+                                       {n: SubNetwork.full(sub.model_config(m))},
+                                       args.accuracy, model_cfg=sub.model_config(m)).get(n)
+        return r
+
+    arms = {
+        "modelopt-router": distilled("modelopt_router", mo_parent, lambda n: family[n]),
+        "modelopt-search": lambda n: search_arm(s, work, n, budgets[n], seed, mo_parent,
+                                                search[n], args, m, cfg),
+        "uniform": distilled("uniform_uniform", prepared,
+                             lambda n: bc.matched_uniform(m, el["parameters"][n])),
+        "scratch": scratch}
+    for arm, one in arms.items():
+        if arm not in args.arms:
+            continue
+        try:
+            out[ARMS[arm]] = {n: one(n) for n in derived}
+        except bc.NotFinished as missing:
+            logger.info("seed %d, %s not finished (%s): left out", seed, ARMS[arm], missing)
+    return out
+
+
+def run_seconds(arms: dict, derived: list) -> dict:
+    """Mean wall seconds of one seed of each arm (all its per-size runs, search included)."""
+    out = {}
+    for label, per_seed in arms.items():
+        if label == "zero-shot":
+            continue
+        secs = []
+        for r in per_seed:
+            if label == "elastic":
+                secs.append(r["seconds"])
+            else:
+                secs.append(sum(r[n]["seconds"] + r[n].get("search_seconds", 0)
+                                for n in derived))
+        out[label] = round(statistics.mean(secs), 1)
+    return out
 
 
 def search_arm(s, work, n, frac, seed, mo_parent, candidates, args, m, cfg) -> dict:
@@ -328,12 +401,13 @@ def search_arm(s, work, n, frac, seed, mo_parent, candidates, args, m, cfg) -> d
         r = per_size_run(s, work, f"modelopt_search_{n}_c{k}_s{seed}", n, frac, seed, mo_parent,
                          sub, args.search_iters)
         short.append((r["final"][n], k, sub, r))
-    best_loss, best_k, best_sub, _ = min(short, key=lambda x: x[0])
+    _, best_k, best_sub, _ = min(short, key=lambda x: x[0])
     spent = len(short) * args.search_iters * s.tokens_per_iter
     r = per_size_run(s, work, f"modelopt_search_{n}_best_s{seed}", n, frac, seed, mo_parent,
                      best_sub, s.elastic_iters)
     r["curve"] = {n: [(t + spent, v) for t, v in r["curve"][n]]}
     r["search_tokens"] = spent
+    r["search_seconds"] = sum(x[3]["seconds"] for x in short)
     r["winner"] = {"index": best_k, "export_config": export_of_subnet(m, best_sub),
                    "short_losses": [x[0] for x in short]}
     from nemo_elastic.cost_model import subnetwork_parameters
@@ -353,79 +427,149 @@ def _ms(values: list) -> tuple:
     return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
+def loss_at(curve: list, tokens: float) -> Optional[float]:
+    """The curve's loss at `tokens` (linear between evaluations; None past its end)."""
+    prev = None
+    for t, v in curve:
+        if t >= tokens:
+            if t == tokens:
+                return v
+            if prev is None:  # not evaluated yet at `tokens` (e.g. still searching)
+                return None
+            t0, v0 = prev
+            return v0 + (v - v0) * (tokens - t0) / (t - t0)
+        prev = (t, v)
+    return None
+
+
 def summarize(arms: dict, budgets: dict, derived: list, T: int, full: int) -> dict:
-    """Per method and budget: final loss / accuracy mean and sd over seeds, tokens spent, and
-    the tokens needed to reach the elastic run's loss of that budget (same seed's elastic)."""
+    """Per method and budget: final loss / accuracy mean and sd over seeds, tokens spent, the
+    loss at equal tokens (the elastic run's tokens shared equally by the derived sizes, and all
+    of them), and the tokens needed to reach the same seed's elastic loss of that budget."""
     table = {}
-    elastic = arms["elastic"]
+    elastic = {r["seed"]: r for r in arms["elastic"]}
+    share = T / len(derived)
     for label, per_seed in arms.items():
         row = {}
         for n in derived:
-            finals, accs, reach, spent, params = [], [], [], [], []
-            for seed, r in enumerate(per_seed):
-                rr = r if label in ("elastic", "zero-shot") else r[n]
+            finals, accs, reach, spent, params, at_share, at_T = [], [], [], [], [], [], []
+            for r in per_seed:
                 if label in ("elastic", "zero-shot"):
-                    finals.append(rr["final"][n])
-                    accs.append((rr.get("accuracy") or {}).get(n))
+                    finals.append(r["final"][n])
+                    accs.append((r.get("accuracy") or {}).get(n))
                     spent.append(T if label == "elastic" else 0)
-                    params.append((rr.get("parameters") or {}).get(n))
+                    params.append((r.get("parameters") or {}).get(n))
                     reach.append(T if label == "elastic" else None)
                     continue
+                rr = r[n]
                 curve = rr["curve"][n]
                 finals.append(curve[-1][1])
                 accs.append(rr.get("accuracy"))
                 spent.append(curve[-1][0])
                 params.append(rr.get("parameters"))
-                reach.append(bc.tokens_to_reach(curve, elastic[seed]["final"][n]))
+                reach.append(bc.tokens_to_reach(curve, elastic[r["seed"]]["final"][n]))
+                at_share.append(loss_at(curve, share))
+                at_T.append(loss_at(curve, T))
+            reached = [x for x in reach if x is not None]
+            # a seed that never reached: it needs MORE than it spent -> a lower bound
+            bound = [x if x is not None else t for x, t in zip(reach, spent)]
             row[n] = {"loss": _ms(finals), "accuracy": _ms(accs), "tokens": _ms(spent)[0],
-                      "reach": reach, "reach_mean": _ms(reach)[0]
-                      if all(x is not None for x in reach) else None,
+                      "reach": reach, "reached": len(reached), "seeds": len(reach),
+                      "reach_mean": _ms(bound)[0] if label != "zero-shot" else None,
+                      "loss_at_share": _ms(at_share), "loss_at_T": _ms(at_T),
                       "parameters": _ms(params)[0], "losses": finals}
-        total = [sum(row[n]["tokens"] or 0 for n in derived)]
-        reach_all = None if any(row[n]["reach_mean"] is None for n in derived) else \
-            sum(row[n]["reach_mean"] for n in derived)
-        table[label] = {"budgets": row, "tokens": T if label == "elastic" else total[0],
+        spent_all = sum(row[n]["tokens"] or 0 for n in derived)
+        reach_all = None if label == "zero-shot" else sum(row[n]["reach_mean"] for n in derived)
+        exact = all(row[n]["reached"] == row[n]["seeds"] for n in derived)
+        table[label] = {"budgets": row, "tokens": T if label == "elastic" else spent_all,
                         "tokens_to_reach_elastic": reach_all,
-                        "ratio": None if reach_all is None else reach_all / T}
-    full_loss = _ms([r["final"]["full"] for r in elastic])
+                        "ratio": None if reach_all is None else reach_all / T,
+                        "ratio_is_lower_bound": not exact,
+                        "seeds": [r["seed"] for r in per_seed]}
+    full_loss = _ms([r["final"]["full"] for r in elastic.values()])
+    full_acc = _ms([(r.get("accuracy") or {}).get("full") for r in elastic.values()])
     return {"methods": table, "elastic_tokens": T, "parent_parameters": full,
-            "elastic_full_loss": full_loss, "derived": derived,
+            "elastic_full_loss": full_loss, "elastic_full_accuracy": full_acc,
+            "derived": derived, "budgets": budgets,
             "curves": {label: [({n: (r if label in ("elastic", "zero-shot") else r[n])
                                  .get("curve", {}).get(n) for n in derived}) for r in per_seed]
                        for label, per_seed in arms.items()}}
 
 
-def _f(ms, digits=4) -> str:
+def _f(ms, digits=4, scale=1.0, unit="") -> str:
     m, sd = ms
-    return "n/a" if m is None else f"{m:.{digits}f} ± {sd:.{digits}f}"
+    return "n/a" if m is None else f"{m * scale:.{digits}f} ± {sd * scale:.{digits}f}{unit}"
 
 
-def print_tables(r: dict) -> None:
+def _ratio(meth: dict) -> str:
+    if meth["ratio"] is None:
+        return "-"
+    return ("≥ " if meth["ratio_is_lower_bound"] else "") + f"{meth['ratio']:.2f}×"
+
+
+def print_tables(r: dict) -> str:
+    """The markdown tables (printed and returned, for the output folder)."""
     from nemo_elastic.report.common import format_table
 
     derived = r["derived"]
     T = r["elastic_tokens"]
-    print(f"\nCost of a family: {len(derived)} derived sizes, {r['seeds_run']} seed(s) "
-          f"(mean ± sd over seeds); elastic full budget {_f(r['elastic_full_loss'])}")
+    share = T / len(derived)
+    lines = [f"Cost of a family: {len(derived)} derived sizes ({', '.join(derived)}), "
+             f"{r['seeds_run']} seed(s) {r['settings']['seeds']} (mean ± sd over seeds); "
+             f"elastic run T = {T:,} tokens; elastic full budget {_f(r['elastic_full_loss'])} "
+             f"loss, {_f(r['elastic_full_accuracy'], 1, 100, ' %')} accuracy", ""]
     rows = []
     for label, meth in r["methods"].items():
         b = meth["budgets"]
-        rows.append((label, f"{meth['tokens']:,.0f}",
+        rows.append((f"{label} ({len(meth['seeds'])} seeds)", f"{meth['tokens']:,.0f}",
                      *(_f(b[n]["loss"]) for n in derived),
-                     *(_f(b[n]["accuracy"], 3) for n in derived),
-                     "-" if label in ("elastic", "zero-shot") else
-                     ("not reached" if meth["ratio"] is None else f"{meth['ratio']:.2f}x")))
-    print(format_table(("method", "tokens spent", *(f"{n} loss" for n in derived),
-                        *(f"{n} acc." for n in derived), "tokens to reach elastic / elastic"),
-                       rows))
-    print("\nParameters per budget (mean over seeds): " + "; ".join(
+                     *(_f(b[n]["accuracy"], 0, 100, " %") for n in derived),
+                     "-" if label in ("elastic", "zero-shot") else _ratio(meth)))
+    lines.append(format_table(
+        ("method", "tokens spent (all sizes)", *(f"{n} loss" for n in derived),
+         *(f"{n} acc." for n in derived), "tokens to reach elastic / T"), rows))
+    lines += ["", f"Equal tokens: loss of each per-size run after T/{len(derived)} = "
+              f"{share:,.0f} tokens (the family's tokens shared equally) and after T = {T:,} "
+              "(each size alone gets the whole family's tokens); elastic: its one run.", ""]
+    rows = []
+    for label, meth in r["methods"].items():
+        if label == "zero-shot":
+            continue
+        b = meth["budgets"]
+        if label == "elastic":
+            rows.append((label, *(_f(b[n]["loss"]) for n in derived),
+                         *(_f(b[n]["loss"]) for n in derived)))
+            continue
+        rows.append((label, *(_f(b[n]["loss_at_share"]) for n in derived),
+                     *(_f(b[n]["loss_at_T"]) for n in derived)))
+    lines.append(format_table(("method", *(f"{n} @ T/{len(derived)}" for n in derived),
+                               *(f"{n} @ T" for n in derived)), rows))
+    lines += ["", "Tokens to reach the same seed's elastic loss, per size (mean over seeds; "
+              "'k/n' seeds reached it; a seed that did not counts its tokens spent, so the "
+              "mean is then a lower bound):", ""]
+    rows = []
+    for label, meth in r["methods"].items():
+        if label in ("elastic", "zero-shot"):
+            continue
+        b = meth["budgets"]
+        rows.append((label, *(f"{b[n]['reach_mean']:,.0f} ({b[n]['reached']}/{b[n]['seeds']})"
+                              for n in derived), _ratio(meth)))
+    lines.append(format_table(("method", *derived, "sum / T"), rows))
+    lines += ["", "Parameters per budget (mean over seeds): " + "; ".join(
         f"{label}: " + ", ".join(f"{n} {meth['budgets'][n]['parameters']:,.0f}"
                                  for n in derived if meth['budgets'][n]['parameters'])
-        for label, meth in r["methods"].items() if label != "zero-shot"))
-    print(f"seconds: {r['seconds']}  (T = {T:,} tokens per elastic run)")
+        for label, meth in r["methods"].items() if label != "zero-shot")]
+    lines.append("Wall seconds per seed and arm (all sizes): " + ", ".join(
+        f"{k} {v:,.0f}" for k, v in r.get("run_seconds", {}).items()))
     search = r["methods"].get("ModelOpt search + distill") or r["methods"].get(
         "ModelOpt at router arch")
-    print_extrapolation(search["ratio"] if search else None)
+    ratio = None
+    if search and search["ratio"] is not None:
+        ratio = search["ratio"] / len(derived)  # per derived size
+    lines += ["", extrapolation_table(ratio, search["ratio_is_lower_bound"] if search else True)]
+    text = "\n".join(lines)
+    print(text)
+    return text
 
 
 # The paper's 12B numbers (paper-digest, Table 2): Minitron-SSM spends 480B exploratory + 270B
@@ -435,70 +579,110 @@ PAPER_MINITRON_PER_SIZE = 375e9
 TOKENS_PER_GPU_SECOND = 4000.0  # assumed 12B hybrid training throughput per H100 (~30 % MFU)
 
 
-def extrapolate(ratio_two_sizes: float | None) -> list[tuple]:
-    """An extrapolation, not a measurement: tokens and GPU-hours to derive a 12B family of
-    `n` budgets (n - 1 derived sizes) by one elastic run (the paper's 110B, constant in n, and
-    a conservative variant growing with the budgets' share, 110B x n / 3) against ModelOpt
-    Minitron per size (the paper's 375B per size, and our measured per-size token ratio at toy
-    scale applied to the paper's elastic run: ratio / 2 x 110B per size)."""
+def extrapolate(per_size_ratio: Optional[float]) -> list[tuple]:
+    """An extrapolation, not a measurement: tokens to derive a 12B family of `n` budgets
+    (n - 1 derived sizes) by one elastic run (the paper's 110B, constant in n, and a
+    conservative variant growing with the budgets, 110B x n / 3) against ModelOpt Minitron per
+    size (the paper's 375B per size, and the toy scale's measured tokens-to-reach ratio per
+    derived size applied to the paper's elastic run: ratio x 110B per size)."""
     rows = []
-    gpuh = lambda t: t / TOKENS_PER_GPU_SECOND / 3600  # noqa: E731
     for n in (2, 3, 5):
         derived = n - 1
-        el_const, el_prop = PAPER_ELASTIC_TOKENS, PAPER_ELASTIC_TOKENS * n / 3
-        mt_paper = derived * PAPER_MINITRON_PER_SIZE
-        mt_toy = None if ratio_two_sizes is None else \
-            derived * ratio_two_sizes / 2 * PAPER_ELASTIC_TOKENS
-        rows.append((n, el_const, el_prop, mt_paper, mt_toy, gpuh))
+        mt_toy = None if per_size_ratio is None else derived * per_size_ratio * \
+            PAPER_ELASTIC_TOKENS
+        rows.append((n, PAPER_ELASTIC_TOKENS, PAPER_ELASTIC_TOKENS * n / 3,
+                     derived * PAPER_MINITRON_PER_SIZE, mt_toy))
     return rows
 
 
-def print_extrapolation(ratio: float | None) -> None:
+def gpu_hours(tokens: float) -> float:
+    return tokens / TOKENS_PER_GPU_SECOND / 3600
+
+
+def extrapolation_table(per_size_ratio: Optional[float], lower_bound: bool) -> str:
     from nemo_elastic.report.common import format_table
 
     b = lambda t: "n/a" if t is None else f"{t / 1e9:,.0f}B"  # noqa: E731
-    h = lambda t, g: "n/a" if t is None else f"{g(t):,.0f}"  # noqa: E731
-    rows = [(n, b(ec), b(ep), b(mp), b(mt), h(ec, g), h(mp, g), h(mt, g),
-             f"{mp / ec:.1f}x" if mp else "-")
-            for n, ec, ep, mp, mt, g in extrapolate(ratio)]
-    print(f"\nCost at 12B, EXTRAPOLATED (not measured): {TOKENS_PER_GPU_SECOND:,.0f} tokens/s "
-          "per GPU assumed; toy per-size ratio " + ("n/a" if ratio is None else f"{ratio:.2f}"))
-    print(format_table(("budgets", "elastic (paper, const)", "elastic (x n/3)",
-                        "ModelOpt per size (paper 375B/size)", "ModelOpt per size (toy ratio)",
-                        "elastic GPU-h", "ModelOpt GPU-h (paper)", "ModelOpt GPU-h (toy)",
-                        "paper saving"), rows))
+    h = lambda t: "n/a" if t is None else f"{gpu_hours(t):,.0f}"  # noqa: E731
+    ge = "≥ " if lower_bound and per_size_ratio is not None else ""
+    rows = [(n, b(ec), b(ep), b(mp), ge + b(mt), h(ec), h(mp), ge + h(mt),
+             f"{mp / ec:.1f}×", "n/a" if mt is None else f"{ge}{mt / ec:.1f}×")
+            for n, ec, ep, mp, mt in extrapolate(per_size_ratio)]
+    head = (f"Cost at 12B, EXTRAPOLATED (not measured): {TOKENS_PER_GPU_SECOND:,.0f} tokens/s "
+            "per GPU assumed; measured toy tokens-to-reach ratio per derived size "
+            + ("n/a" if per_size_ratio is None else f"{ge}{per_size_ratio:.2f}"))
+    return head + "\n\n" + format_table(
+        ("budgets", "elastic (paper, const)", "elastic (x n/3)",
+         "ModelOpt per size (paper 375B/size)", "ModelOpt per size (toy ratio)",
+         "elastic GPU-h", "ModelOpt GPU-h (paper)", "ModelOpt GPU-h (toy ratio)",
+         "saving (paper)", "saving (toy ratio)"), rows)
 
 
-def plot(r: dict, work: Path) -> None:
+def plot(r: dict, work: Path, name: str) -> None:
+    """Per derived size: mean validation loss ± sd over seeds against the tokens each method
+    spent on that size (elastic: its one run for every size), with the spread as a band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     derived = r["derived"]
-    fig, axs = plt.subplots(1, len(derived), figsize=(4.5 * len(derived), 4), dpi=120,
+    fig, axs = plt.subplots(1, len(derived), figsize=(4.6 * len(derived), 4.2), dpi=120,
                             squeeze=False)
     for ax, n in zip(axs[0], derived):
         for k, (label, per_seed) in enumerate(r["curves"].items()):
-            for j, curves in enumerate(per_seed):
-                pts = curves.get(n)
-                if label == "zero-shot":
-                    ax.plot([1], [r["methods"][label]["budgets"][n]["losses"][j]], "k^",
-                            label=label if j == 0 else None)
-                    continue
-                if not pts:
-                    continue
-                xs, ys = zip(*[(max(t, 1), v) for t, v in pts])
-                ax.plot(xs, ys, "-", color=f"C{k}", alpha=0.7, linewidth=1,
-                        label=label if j == 0 else None)
+            b = r["methods"][label]["budgets"][n]
+            if label == "zero-shot":
+                ax.errorbar([r["elastic_tokens"] / 100], [b["loss"][0]], yerr=[b["loss"][1]],
+                            fmt="k^", capsize=3, label="zero-shot (0 tokens)")
+                continue
+            curves = [c.get(n) for c in per_seed if c.get(n)]
+            if not curves:
+                continue
+            length = min(len(c) for c in curves)
+            xs = [max(curves[0][i][0], 1) for i in range(length)]
+            ys = [[c[i][1] for c in curves] for i in range(length)]
+            mean = [statistics.mean(y) for y in ys]
+            sd = [statistics.stdev(y) if len(y) > 1 else 0.0 for y in ys]
+            ax.plot(xs, mean, "o-", markersize=2.5, color=f"C{k}",
+                    label=f"{label} ({len(curves)} seeds)")
+            ax.fill_between(xs, [m - d for m, d in zip(mean, sd)],
+                            [m + d for m, d in zip(mean, sd)], color=f"C{k}", alpha=0.18)
+        el = r["methods"]["elastic"]["budgets"][n]["loss"][0]
+        ax.axhline(el, color="C0", linestyle="--", linewidth=0.8)
         ax.set_xscale("log")
-        ax.set_title(n)
-        ax.set_xlabel("training tokens spent on this size (log; elastic: its one run)")
-        ax.set_ylabel("validation loss")
-        ax.grid(alpha=0.3)
+        ax.set_yscale("log")
+        ax.set_title(f"{n} (parent {r['parent_parameters']:,} parameters)")
+        ax.set_xlabel("training tokens spent on this size (elastic: its one run)")
+        ax.set_ylabel("validation loss (mean ± sd over seeds)")
+        ax.grid(alpha=0.3, which="both")
     axs[0][0].legend(fontsize="x-small")
     fig.tight_layout()
-    fig.savefig(work / "peers_cost.png")
+    fig.savefig(work / f"{name}_cost.png")
+    plt.close(fig)
+
+    # final quality against tokens spent, one point per method and size (mean ± sd)
+    fig, axs = plt.subplots(1, 2, figsize=(10, 4), dpi=120, squeeze=False)
+    for k, (label, meth) in enumerate(r["methods"].items()):
+        for j, n in enumerate(derived):
+            b = meth["budgets"][n]
+            x = max(b["tokens"] or 0, r["elastic_tokens"] / 100)
+            for ax, key, scale in ((axs[0][0], "loss", 1.0), (axs[0][1], "accuracy", 100.0)):
+                m, sd = b[key]
+                if m is None:
+                    continue
+                ax.errorbar([x], [m * scale], yerr=[sd * scale], fmt="os^vDP"[j % 6],
+                            color=f"C{k}", capsize=3,
+                            label=label if j == 0 and key == "loss" else None)
+    for ax, ylabel in ((axs[0][0], "final validation loss"), (axs[0][1], "answer accuracy %")):
+        ax.set_xscale("log")
+        ax.set_xlabel("tokens spent on the size (markers: " + ", ".join(
+            f"{'os^vDP'[j % 6]} {n}" for j, n in enumerate(derived)) + ")")
+        ax.set_ylabel(ylabel + " (mean ± sd)")
+        ax.grid(alpha=0.3, which="both")
+    axs[0][0].legend(fontsize="x-small")
+    fig.tight_layout()
+    fig.savefig(work / f"{name}_final.png")
     plt.close(fig)
 
 
@@ -523,8 +707,17 @@ def main() -> None:
     p.add_argument("--calib-batches", type=int, default=16)
     p.add_argument("--accuracy", type=int, default=64, help="answer-accuracy problems (0: off)")
     p.add_argument("--mamba-signal", default="output", help="the prepared parent's Mamba signal")
+    p.add_argument("--arms", type=lambda v: [x for x in v.split(",") if x],
+                   default=list(ARMS), help="per-size arms besides elastic and zero-shot: "
+                   + ",".join(ARMS))
+    p.add_argument("--name", default="peers", help="output files NAME.json/.md/_cost.png")
+    p.add_argument("--report-only", action="store_true", help="train nothing: tables and "
+                   "plots from the stored runs (seeds with a missing run are left out)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    if bad := set(args.arms) - set(ARMS):
+        p.error(f"--arms: unknown {sorted(bad)}; choose from {','.join(ARMS)}")
+    bc.REPORT_ONLY = args.report_only
     if args.budgets[0] != 1.0:
         p.error("--budgets must start with 1.0 (the full model)")
     torch.set_num_threads(args.threads)
