@@ -62,7 +62,7 @@ def expected_active_parameters(model: ModelConfig, soft: SoftSubNetwork) -> torc
     of its routed experts at the expected expert width, and its shared expert) as a
     differentiable scalar tensor; = `expected_parameters` for a model without MoE layers.
     The expert-count axis still enters through the router's gate rows [E, h]."""
-    return _as_tensor(budget.active_from_terms(_expected_terms(model, soft)))
+    return _as_tensor(cost_model.active_from_terms(_expected_terms(model, soft)))
 
 
 def expected_memory(model: ModelConfig, soft: SoftSubNetwork,
