@@ -78,7 +78,7 @@ def test_active_count_equals_the_sliced_model(megatron_env):
     less the (experts - top-k) routed experts [f, h] + [h, f] each MoE layer does not use."""
     from nemo_elastic.elastic.specs import build_elastic_model
     from nemo_elastic.export.slicing import slice_model
-    from nemo_elastic.model import count_parameters as count_built
+    from nemo_elastic.model import module_parameters as count_built
 
     cfg = _cfg()
     subnet = _subnet(cfg.model)
