@@ -173,8 +173,9 @@ def test_a_saturated_router_still_hears_the_budget_loss_with_grad_temperature(co
 def test_in_band_family_is_the_most_likely_combination_inside_the_band():
     """router.family_choice=in_band: brute force over every combination of an untrained
     router's choices (hidden, FFN per layer - heterogeneous rows count separately): the chosen
-    sub-network is inside the band and no combination inside scores higher (sum of raw logit
-    margins); a budget whose argmax is inside keeps its argmax."""
+    sub-network is inside the band and no combination inside with the argmax's hidden size (or,
+    when none is inside, any hidden size) scores higher (sum of raw logit margins); a budget
+    whose argmax is inside keeps its argmax."""
     import itertools
 
     m = _model()
@@ -187,7 +188,8 @@ def test_in_band_family_is_the_most_likely_combination_inside_the_band():
     for i, name in enumerate(router.names):
         raw = router(i, noise=False).raw_logits
         rows = [(a, r) for a, z in raw.items() for r in range(z.shape[0])]
-        best = None
+        best, best_kept = None, None
+        top = {a: int(z[0].argmax()) for a, z in raw.items()}
         for combo in itertools.product(*(range(raw[a].shape[1]) for a, r in rows)):
             probs = {a: torch.zeros_like(z) for a, z in raw.items()}
             for (a, r), k in zip(rows, combo):
@@ -197,6 +199,10 @@ def test_in_band_family_is_the_most_likely_combination_inside_the_band():
                 score = sum(float(raw[a][r, k] - raw[a][r].max()) for (a, r), k in zip(rows, combo))
                 if best is None or score > best[0] + 1e-9:
                     best = (score, sub)
+                kept = all(k == top[a] for (a, r), k in zip(rows, combo) if a == "hidden")
+                if kept and (best_kept is None or score > best_kept[0] + 1e-9):
+                    best_kept = (score, sub)
+        best = best_kept or best  # the argmax's hidden size first (router.AXES_KEPT_FIRST)
         assert best is not None, name
         assert router.inside_band(subnetwork_parameters(m, chosen[name]), i), name
         assert chosen[name] == best[1], name
