@@ -62,7 +62,9 @@ def run_one(overrides: list[str], prepared: str, out: Path, seed: int, accuracy:
     cfg = load_config("conf/tiny.yaml", ["train.eval_accuracy_samples=0",
                                          f"elastic.init_checkpoint={prepared}",
                                          f"elastic.output_dir={out}", f"elastic.seed={seed}",
-                                         *(o for o in overrides if not o.startswith("fixed="))])
+                                         *(o for o in overrides if not o.startswith("fixed=")),
+                                         *(["elastic.router.family_choice=argmax"]
+                                           if fixed_axes else [])])
     fixed = fixed_family(cfg, fixed_axes[0]) if fixed_axes else None
     start = time.perf_counter()
     with fixed_router(fixed) if fixed else contextlib.nullcontext():

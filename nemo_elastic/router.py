@@ -294,7 +294,10 @@ class ElasticRouter(nn.Module):
         sum of margins orders combinations the same at every temperature and logit scale."""
         import heapq
 
-        raw = self(budget_index, noise=False).raw_logits
+        routed = self(budget_index, noise=False)
+        raw = routed.raw_logits
+        if not raw:  # a router that reports no logits (e.g. a fixed family): its own choice
+            return routed.subnetwork.hard()
         rows = [(axis, r) for axis, z in raw.items() for r in range(z.shape[0])]
         order = [torch.argsort(raw[a][r], descending=True, stable=True).tolist() for a, r in rows]
         margin = [(raw[a][r][o] - raw[a][r].max()).tolist() for (a, r), o in zip(rows, order)]
