@@ -17,7 +17,8 @@
 The folder's layout and each stage's `finished` check: `run.main_job_dir.MainJobDir`.
 
 Every evaluation in steps 3 and 6 uses one protocol (`evaluation_protocol`): the recipe's
-`data` section, the first `train.eval_iters` micro-batches of the validation set, the first
+`data` section, the first `train.eval_iters` global batches of the validation set (as `eval` and
+training measure it: `training.evaluation.eval_microbatches`), the first
 `train.eval_accuracy_samples` validation problems.  Steps 2-7 run in a single process (they need
 whole tensors); under torchrun with several ranks only step 1 runs.  A stage whose output exists
 (and was made from the same inputs) is skipped; `--no-resume` redoes everything.
@@ -247,9 +248,12 @@ def export_family(job: MainJobDir, ckpt: Path, family: list[dict]) -> dict:
 
 def evaluation_protocol(cfg: Config) -> dict:
     """What every number of the report is measured on (one protocol for every model)."""
+    from nemo_elastic.training.evaluation import eval_microbatches
+
     d, t = cfg.data, cfg.train
+    micro = t.eval_iters * eval_microbatches(cfg)
     return {"seq_length": d.seq_length, "micro_batch_size": d.micro_batch_size,
-            "val_micro_batches": t.eval_iters, "val_sequences": t.eval_iters * d.micro_batch_size,
+            "val_micro_batches": micro, "val_sequences": micro * d.micro_batch_size,
             "accuracy_problems": t.eval_accuracy_samples, "data": d.source}
 
 
@@ -279,7 +283,7 @@ def training_curve(cfg: Config, prepared: Path, checkpoints: dict[int, Path],
     from nemo_elastic.data.loaders import build_training_data
     from nemo_elastic.elastic.specs import build_elastic_model
     from nemo_elastic.elastic.subnet import SubNetwork
-    from nemo_elastic.training.evaluation import evaluate_subnetwork
+    from nemo_elastic.training.evaluation import eval_microbatches, evaluate_subnetwork
 
     run_cfg = _eval_config(cfg)
     tokens = _tokens_per_iteration(cfg)
@@ -303,7 +307,8 @@ def training_curve(cfg: Config, prepared: Path, checkpoints: dict[int, Path],
                 bar.set_postfix_str(f"iteration {iteration}, {row['name']}")
                 metrics = evaluate_subnetwork(run_cfg, model, data, info,
                                               SubNetwork.from_dict(row["subnetwork"]),
-                                              num_microbatches=1, progress=progress)
+                                              num_microbatches=eval_microbatches(run_cfg),
+                                              progress=progress)
                 records.append({"iteration": iteration, "tokens": tokens(iteration),
                                 "budget": row["name"], "parameters": row["parameters"],
                                 **metrics})
@@ -363,7 +368,7 @@ def _checkpoint_budgets(run_cfg: Config, ckpt: Path, data, info,
     from nemo_elastic.checkpoint import load_checkpoint
     from nemo_elastic.elastic.specs import build_elastic_model
     from nemo_elastic.importance.zero_shot import fractional_subnetwork
-    from nemo_elastic.training.evaluation import evaluate_subnetwork
+    from nemo_elastic.training.evaluation import eval_microbatches, evaluate_subnetwork
 
     model = build_elastic_model(run_cfg)
     load_checkpoint(ckpt, model=model, restore_rng=False)
@@ -371,9 +376,9 @@ def _checkpoint_budgets(run_cfg: Config, ckpt: Path, data, info,
     records = []
     for fraction in fractions:
         subnet = fractional_subnetwork(run_cfg.model, fraction)
-        # One micro-batch per eval iteration: the loss is the token mean over the first
-        # `train.eval_iters` validation micro-batches (the report's one protocol).
-        metrics = evaluate_subnetwork(run_cfg, model, data, info, subnet, num_microbatches=1)
+        # The report's one protocol: `train.eval_iters` global batches (`eval_microbatches`).
+        metrics = evaluate_subnetwork(run_cfg, model, data, info, subnet,
+                                      num_microbatches=eval_microbatches(run_cfg))
         records.append({"fraction": fraction,
                         "parameters": subnetwork_parameters(run_cfg.model, subnet), **metrics,
                         "subnetwork": subnet.to_dict()})

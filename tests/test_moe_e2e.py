@@ -96,10 +96,10 @@ def test_moe_main_job_and_every_command(tmp_path, capsys):
     rows = info["budgets"] if isinstance(info, dict) else info
     assert [(r["name"], r["active_parameters"]) for r in rows] == \
         [(r["name"], r["active_parameters"]) for r in family]
-    # the job's protocol: `train.eval_iters` micro-batches (`eval` reads `eval_iters` global
-    # batches, so the global batch is set to the micro-batch here)
+    # one protocol: the job and `eval` both read `train.eval_iters` global batches (here two
+    # micro-batches each: micro 8, global 16)
     assert cli.main(["eval", "--ckpt", str(tmp_path / "family" / "50pct"), "--json",
-                     *FAST, "data.global_batch_size=8"]) == 0
+                     *FAST]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert abs(evaluated["val_loss"] - models["50pct"]["val_loss"]) <= \
         1e-4 * models["50pct"]["val_loss"]

@@ -25,21 +25,17 @@ def evaluate_all_budgets(ckpt, overrides=(), *, speed: bool = False,
     inside_band, val_loss, answer_accuracy, tokens_per_s}]} of every budget of `ckpt`."""
     from nemo_elastic.export.family import extract_family, family_of
     from nemo_elastic.family_check import check_family
-    from nemo_elastic.training.evaluate_checkpoint import result_record, dataclasses_replace, \
-        evaluate_models
+    from nemo_elastic.training.evaluate_checkpoint import evaluate_models, result_record
 
     path = resolve_checkpoint(ckpt)
     family_of(path)  # no family: one line before anything is loaded
     meta = read_meta(path)
     rows = meta["family"]
     cfg = config_from_checkpoint(path, overrides)
-    per_iter = max(1, cfg.data.global_batch_size // cfg.data.micro_batch_size)
-    eval_cfg = dataclasses_replace(cfg, train=dataclasses_replace(
-        cfg.train, eval_iters=cfg.train.eval_iters * per_iter))
     check = check_family(rows)
     with tempfile.TemporaryDirectory(prefix=".eval-budgets-") as tmp:
         children = extract_family(path, Path(tmp) / "family")
-        evaluated = {r["name"]: r for r in evaluate_models(eval_cfg, children, speed=speed,
+        evaluated = {r["name"]: r for r in evaluate_models(cfg, children, speed=speed,
                                                            progress=progress)}
     budgets = []
     for row in rows:

@@ -24,7 +24,8 @@ from nemo_elastic.config import Config
 from nemo_elastic.data.loaders import build_training_data
 from nemo_elastic.model import build_hybrid_model
 from nemo_elastic.report.common import fmt_loss, fmt_pct, format_table
-from nemo_elastic.training.evaluation import answer_accuracy_of, validation_loss
+from nemo_elastic.training.evaluation import answer_accuracy_of, eval_microbatches, \
+    validation_loss
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def evaluate_models(cfg: Config, checkpoints: dict[str, Path], *, speed: bool = 
             model.eval()
             logger.info("evaluating %s (%s): validation loss, greedy answer accuracy",
                         name, path)
-            loss = validation_loss(run_cfg, model, data, 1, info)
+            loss = validation_loss(run_cfg, model, data, eval_microbatches(run_cfg, info), info)
             accuracy = answer_accuracy_of(run_cfg, model, data, info, progress=progress)
             rows.append({
                 "name": name, "checkpoint": str(path), "iteration": meta.get("iteration"),
@@ -123,12 +124,6 @@ def interleaved_speeds(models: list, data, rounds: int = SPEED_ROUNDS, *,
     return [statistics.median(v) if v else None for v in samples]
 
 
-def dataclasses_replace(cfg: Config, **changes) -> Config:
-    import dataclasses
-
-    return dataclasses.replace(cfg, **changes)
-
-
 def evaluate_checkpoint(ckpt: str, overrides=(), *, speed: bool = False,
                         progress: bool = True) -> dict:
     """`nemo-elastic eval`: the checkpoint (or a run's latest) with its stored config (+
@@ -138,13 +133,9 @@ def evaluate_checkpoint(ckpt: str, overrides=(), *, speed: bool = False,
     cfg = config_from_checkpoint(path, overrides)
     if cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size > 1:
         return _evaluate_parallel(path, cfg)
-    # The validation set is read in micro-batches of data.micro_batch_size; one "eval
-    # iteration" covers a global batch (as in training), so the loss matches the one logged
-    # while training.
-    per_iter = max(1, cfg.data.global_batch_size // cfg.data.micro_batch_size)
-    eval_cfg = dataclasses_replace(cfg, train=dataclasses_replace(
-        cfg.train, eval_iters=cfg.train.eval_iters * per_iter))
-    row = evaluate_models(eval_cfg, {"model": path}, speed=speed, progress=progress)[0]
+    # One "eval iteration" covers a global batch (as in training: `eval_microbatches`), so the
+    # loss matches the one logged while training.
+    row = evaluate_models(cfg, {"model": path}, speed=speed, progress=progress)[0]
     return result_record(path, cfg, row["val_loss"], row["answer_accuracy"], row["parameters"],
                    row["iteration"], row["tokens_per_s"])
 
@@ -156,9 +147,7 @@ def _evaluate_parallel(path: Path, cfg: Config) -> dict:
         model = build_hybrid_model(cfg)
         load_checkpoint(path, model=model, restore_rng=False)
         data = build_training_data(cfg, info)
-        per_step = cfg.data.micro_batch_size * info.dp_size
-        num_micro = max(1, cfg.data.global_batch_size // per_step)
-        loss = validation_loss(cfg, model, data, num_micro, info)
+        loss = validation_loss(cfg, model, data, eval_microbatches(cfg, info), info)
         accuracy = answer_accuracy_of(cfg, model, data, info)
         from nemo_elastic.training.evaluation import to_every_stage
 

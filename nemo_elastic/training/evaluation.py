@@ -65,6 +65,16 @@ def to_every_stage(value: float) -> float:
     return t.item()
 
 
+def eval_microbatches(cfg: Config, info: Optional[RankInfo] = None) -> int:
+    """Validation micro-batches per evaluation iteration: one global batch, as in training
+    (`data.global_batch_size / (data.micro_batch_size x data-parallel size)`).  Every command
+    that reports a validation loss - training's log, `eval`, `eval --all-budgets`, the main
+    job's tables - measures `train.eval_iters` of these iterations, so they agree whatever the
+    micro-batch size."""
+    dp = info.dp_size if info is not None else 1
+    return max(1, cfg.data.global_batch_size // (cfg.data.micro_batch_size * dp))
+
+
 def validation_loss(cfg: Config, model, data, num_microbatches: int, info: RankInfo, *,
                     subnetwork=None, all_stages: bool = False) -> float:
     """Token-mean loss over the first `train.eval_iters * num_microbatches` validation
