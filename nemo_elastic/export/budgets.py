@@ -36,7 +36,7 @@ from nemo_elastic.run.output_lock import output_lock
 from nemo_elastic.run.paths import check_output_location
 from nemo_elastic.report.common import strict_json
 from nemo_elastic.export.family import folder_name
-from nemo_elastic.export.megatron_format import is_heterogeneous
+from nemo_elastic.export.megatron_format import is_heterogeneous, why_not_plain
 from nemo_elastic.export.staging import staging as staged_output
 
 logger = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ def _write_megatron(folder: Path, child_cfg, child, extra) -> bool:
                     extra_meta={**extra, "format": "megatron"}, field_name="--out")
     write_megatron_config(folder, child_cfg.model)
     add_checksummed_files(folder, [MEGATRON_CONFIG_FILE])  # verified by every load (the reload)
-    return not is_heterogeneous(child_cfg.model)
+    return why_not_plain(child_cfg.model) is None
 
 
 def _write_hf(folder: Path, child_cfg, child, tokenizer, passthrough) -> bool:

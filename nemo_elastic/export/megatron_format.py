@@ -33,7 +33,8 @@ type) cannot be a plain HybridModel: a TransformerConfig has one size per layer 
 `megatron_config.json` says so (`plain_megatron_core: false`) and lists the per-layer sizes
 (`per_layer`, TransformerConfig field names by global layer); they load with this plugin's
 `build_hybrid_model` (upstream layer classes, each rebuilt with its own sizes) +
-`load_checkpoint`, e.g. `nemo-elastic eval --ckpt DIR`.
+`load_checkpoint`, e.g. `nemo-elastic eval --ckpt DIR`.  Mixture-of-experts models load the same
+way for now (`why_not_plain`): their Nemotron 3 router is not yet described in this file.
 """
 
 from __future__ import annotations
@@ -66,8 +67,23 @@ HETEROGENEOUS_WHY = (
     "megatron-core TransformerConfig has one size per layer type")
 
 
+MOE_WHY = (
+    "it has mixture-of-experts layers with the Nemotron 3 router (sigmoid scores, expert bias, "
+    "grouped top-k, ungated shared expert), which megatron_config.json does not describe yet")
+
+
 def is_heterogeneous(m: ModelConfig) -> bool:
     return bool(m.per_layer and any(m.per_layer))
+
+
+def why_not_plain(m: ModelConfig) -> Optional[str]:
+    """Why a model of config `m` cannot be rebuilt as a plain megatron-core HybridModel from
+    `megatron_config.json` alone (None when it can)."""
+    if is_heterogeneous(m):
+        return HETEROGENEOUS_WHY
+    if m.has_moe:
+        return MOE_WHY
+    return None
 
 
 def megatron_config(m: ModelConfig) -> dict[str, Any]:
@@ -76,6 +92,7 @@ def megatron_config(m: ModelConfig) -> dict[str, Any]:
           and name != "kv_channels"}
     tc.update(num_layers=m.num_layers, kv_channels=m.head_dim, **_TC_CONSTANTS)
     hetero = is_heterogeneous(m)
+    why = why_not_plain(m)
     return {
         "format": FORMAT,
         "transformer_config": tc,
@@ -90,10 +107,11 @@ def megatron_config(m: ModelConfig) -> dict[str, Any]:
         "mamba_mixer": {"d_conv": m.mamba_conv_kernel, "chunk_size": m.mamba_chunk_size},
         "checkpoint": {"format": "torch_dist", "state_dict_key": "model",
                        "norm_keys": "transformer_engine_fused"},
-        "plain_megatron_core": not hetero,
-        **({"why_not_plain": HETEROGENEOUS_WHY, "per_layer": m.per_layer,
+        "plain_megatron_core": why is None,
+        **({"why_not_plain": why,
             "loader": "nemo_elastic.model.build_hybrid_model + nemo_elastic.checkpoint."
-                      "load_checkpoint (or `nemo-elastic eval --ckpt DIR`)"} if hetero else {}),
+                      "load_checkpoint (or `nemo-elastic eval --ckpt DIR`)"} if why else {}),
+        **({"per_layer": m.per_layer} if hetero else {}),
     }
 
 
