@@ -31,6 +31,7 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 from tqdm import tqdm
 
+from nemo_elastic.checkpoint.durable import fsync_path
 from nemo_elastic.errors import DataError, ensure_output_dir
 from nemo_elastic.data.protocol import TokenizerProtocol, document_ids
 
@@ -98,14 +99,6 @@ def _remove_quietly(path: str) -> None:
         pass
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def preprocess_to_indexed(input_path: str | Path, tokenizer: TokenizerProtocol,
                           output_prefix: str | Path, *, json_key: str = "text",
                           append_eod: bool = True, show_progress: bool = True,
@@ -160,12 +153,12 @@ def preprocess_to_indexed(input_path: str | Path, tokenizer: TokenizerProtocol,
         if num_docs == 0:
             raise DataError(f"{input_path}: no non-empty document found")
         builder.finalize(tmp_idx)
-        _fsync(tmp_bin)
-        _fsync(tmp_idx)
+        fsync_path(tmp_bin)
+        fsync_path(tmp_idx)
         _remove_quietly(final_idx)  # from here until the last rename, no valid pair exists
         os.replace(tmp_bin, final_bin)
         os.replace(tmp_idx, final_idx)
-        _fsync(os.path.dirname(os.path.abspath(final_idx)) or ".")
+        fsync_path(os.path.dirname(os.path.abspath(final_idx)) or ".")
     finally:
         bar.close()
         if builder is not None and not builder.data_file.closed:
