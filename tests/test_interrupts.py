@@ -70,10 +70,19 @@ def test_import_hf_refuses_nan_weights_and_a_missing_transformers(hf_dir, tmp_pa
     del torch
 
 
+def _foreground_signals() -> None:
+    """In the child: SIGINT and SIGTERM at their defaults, as for a command in a terminal's
+    foreground.  A test run started in the background by a non-interactive shell (`make test
+    &`, CI wrappers) inherits SIGINT ignored, and Python then installs no Ctrl-C handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _cli(*argv):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     return subprocess.Popen([sys.executable, "-m", "nemo_elastic.cli", *argv], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_foreground_signals)
 
 
 def _wait_for(predicate, proc, timeout=300.0):
