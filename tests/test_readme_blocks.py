@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-BLOCK = re.compile(r"(?:<!-- readme-test: (?P<needs>[^>]*?) -->\n)?(?P<indent>[ \t]*)```python\n"
-                   r"(?P<code>.*?)\n(?P=indent)```", re.S)
-
-
-def _blocks():
+def _blocks(language: str = "python"):
+    """(code, needs) of every ```LANGUAGE block of the README, optionally preceded by a
+    `<!-- readme-test: needs ... -->` marker, with its line as the test id."""
+    block = re.compile(r"(?:<!-- readme-test: (?P<needs>[^>]*?) -->\n)?(?P<indent>[ \t]*)```"
+                       + language + r"\n(?P<code>.*?)\n(?P=indent)```", re.S)
     text = (ROOT / "README.md").read_text()
     out = []
-    for m in BLOCK.finditer(text):
+    for m in block.finditer(text):
         line = text[:m.start("code")].count("\n") + 1
         out.append(pytest.param(textwrap.dedent(m.group("code")), m.group("needs"),
                                 id=f"README.md:{line}"))
@@ -77,19 +77,7 @@ def test_readme_python_block_runs_as_written(workdir, code, needs):
 # scripts run by python / bash / sbatch must exist and `python -c` code must compile.  Any
 # other program (docker, nemo, ...) needs a `<!-- readme-test: needs ... -->` line above the
 # block saying what it needs.
-BASH_BLOCK = re.compile(r"(?:<!-- readme-test: (?P<needs>[^>]*?) -->\n)?(?P<indent>[ \t]*)"
-                        r"```bash\n(?P<code>.*?)\n(?P=indent)```", re.S)
 ENV_ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=")
-
-
-def _bash_blocks():
-    text = (ROOT / "README.md").read_text()
-    out = []
-    for m in BASH_BLOCK.finditer(text):
-        line = text[:m.start("code")].count("\n") + 1
-        out.append(pytest.param(textwrap.dedent(m.group("code")), m.group("needs"),
-                                id=f"README.md:{line}"))
-    return out
 
 
 def _commands(code: str) -> list[list[str]]:
@@ -150,10 +138,10 @@ def _check_command(argv: list[str], needs) -> None:
 
 
 def test_the_readme_has_bash_blocks():
-    assert len(_bash_blocks()) >= 5
+    assert len(_blocks("bash")) >= 5
 
 
-@pytest.mark.parametrize("code,needs", _bash_blocks())
+@pytest.mark.parametrize("code,needs", _blocks("bash"))
 def test_readme_bash_block_commands_are_valid_as_written(code, needs):
     commands = _commands(code)
     assert commands, code
