@@ -106,6 +106,42 @@ def reseed(cfg, seed: int):
         elastic=dataclasses.replace(cfg.elastic, seed=cfg.elastic.seed + seed))
 
 
+TEACHER_PASS = 1.0 / 3.0  # a frozen teacher's forward costs ~1/3 of a forward + backward
+
+
+def elastic_compute(cfg, fractions: dict) -> float:
+    """Estimated training compute of the elastic run, in full-model forward+backward token
+    passes: per stage, its tokens x (the students' expected parameter fraction per micro-batch
+    + one teacher forward).  `fractions`: each budget's parameter fraction.  `one`/`stratified`
+    run one student (expected fraction sum p_b f_b), `full_plus_one` the full one plus one drawn
+    from the rest, `all` every budget with p_b > 0.  Parameters only (6 N flops per token):
+    attention's sequence term and the router are left out, as is the hidden-state size."""
+    from nemo_elastic.training.elastic.schedule import Curriculum
+
+    names = list(cfg.elastic.budget_names)
+    f = [fractions[n] for n in names]
+    total = 0.0
+    for st in Curriculum(cfg.elastic, cfg.data).stages:
+        p = st.budget_probs
+        mode = cfg.elastic.budget_sampling
+        full = next((i for i, x in enumerate(f) if x >= 1.0), None)
+        if mode == "all":
+            students = sum(fi for fi, pi in zip(f, p) if pi > 0)
+        elif mode == "full_plus_one" and full is not None and 0 < p[full] < 1:
+            rest = [0.0 if i == full else pi for i, pi in enumerate(p)]
+            students = 1.0 + sum(fi * ri / sum(rest) for fi, ri in zip(f, rest))
+        else:
+            students = sum(fi * pi for fi, pi in zip(f, p))
+        total += st.iters * st.tokens_per_iteration * (students + TEACHER_PASS)
+    return total
+
+
+def per_size_compute(tokens: float, fraction: float) -> float:
+    """A per-size distillation's compute in the same unit: one student of `fraction` and one
+    teacher forward per token."""
+    return tokens * (fraction + TEACHER_PASS)
+
+
 # ----------------------------------------------------------------------------- ModelOpt
 
 def _plain_parent(cfg, parent: Path):
@@ -305,6 +341,7 @@ def run(args) -> dict:
                           "arms": list(args.arms), "top_k": args.top_k,
                           "search_iters": args.search_iters,
                           "mamba_signal": args.mamba_signal, "parent": str(parent),
+                          "sampling": base_sampling(args),
                           "accuracy_samples": args.accuracy}
     result["search_candidates"] = search
     result["seeds_run"] = len(seeds_done)
@@ -318,6 +355,18 @@ def run(args) -> dict:
     return result
 
 
+def is_elastic(label: str) -> bool:
+    """The elastic run, or a variant of it (`elastic (SAMPLING)`, --extra-sampling)."""
+    return label == "elastic" or label.startswith("elastic (")
+
+
+def base_sampling(args) -> str:
+    """The elastic run's budget sampling: --sampling or conf/tiny.yaml's."""
+    from nemo_elastic.config import load_config
+
+    return args.sampling or load_config("conf/tiny.yaml").elastic.budget_sampling
+
+
 def run_seed(args, s, work, seed, budgets, derived, prepared, mo_parent, search, m) -> dict:
     """Every arm of one seed -> {label: result}; each run's result is stored when it ends.
     Arm by arm (every size of one arm before the next arm, the ModelOpt arms first), so a
@@ -326,14 +375,30 @@ def run_seed(args, s, work, seed, budgets, derived, prepared, mo_parent, search,
     from nemo_elastic.cost_model import subnetwork_parameters
     from nemo_elastic.elastic.subnet import SubNetwork
 
+    from nemo_elastic.cost_model import count_parameters
+
     out = {}
-    cfg = recipe(s, work / "parent", budgets, seed)
+    m_params = count_parameters(m)
+    cfg = recipe(s, work / "parent", budgets, seed, **(
+        {"budget_sampling": args.sampling} if args.sampling else {}))
     el = bc.elastic_run(cfg, f"elastic_s{seed}", work, prepared, s)
     family = {n: SubNetwork.from_dict(f["subnetwork"]) for n, f in el["family"].items()}
     el["accuracy"] = final_accuracy(cfg, work / f"elastic_s{seed}", family, args.accuracy)
     el["parameters"] = {n: f["parameters"] for n, f in el["family"].items()}
+    el["compute"] = elastic_compute(cfg, {n: p / m_params for n, p in el["parameters"].items()})
     out["elastic"] = el
     out["zero-shot"] = {"final": bc.zero_shot(cfg, prepared, el["family"]), "curve": {}}
+    for mode in args.extra_sampling:  # the same seed's elastic run with other budget sampling
+        xcfg = recipe(s, work / "parent", budgets, seed, budget_sampling=mode)
+        x = bc.elastic_run(xcfg, f"elastic_{mode}_s{seed}", work, prepared, s)
+        x["accuracy"] = final_accuracy(
+            xcfg, work / f"elastic_{mode}_s{seed}",
+            {n: SubNetwork.from_dict(f["subnetwork"]) for n, f in x["family"].items()},
+            args.accuracy)
+        x["parameters"] = {n: f["parameters"] for n, f in x["family"].items()}
+        x["compute"] = elastic_compute(xcfg, {n: p / m_params
+                                              for n, p in x["parameters"].items()})
+        out[f"elastic ({mode})"] = x
 
     def distilled(tag, init, subnet_of):
         def one(n):
@@ -383,7 +448,7 @@ def run_seconds(arms: dict, derived: list) -> dict:
             continue
         secs = []
         for r in per_seed:
-            if label == "elastic":
+            if is_elastic(label):
                 secs.append(r["seconds"])
             else:
                 secs.append(sum(r[n]["seconds"] + r[n].get("search_seconds", 0)
@@ -454,12 +519,12 @@ def summarize(arms: dict, budgets: dict, derived: list, T: int, full: int) -> di
         for n in derived:
             finals, accs, reach, spent, params, at_share, at_T = [], [], [], [], [], [], []
             for r in per_seed:
-                if label in ("elastic", "zero-shot"):
+                if is_elastic(label) or label == "zero-shot":
                     finals.append(r["final"][n])
                     accs.append((r.get("accuracy") or {}).get(n))
-                    spent.append(T if label == "elastic" else 0)
+                    spent.append(T if is_elastic(label) else 0)
                     params.append((r.get("parameters") or {}).get(n))
-                    reach.append(T if label == "elastic" else None)
+                    reach.append(T if is_elastic(label) else None)
                     continue
                 rr = r[n]
                 curve = rr["curve"][n]
@@ -479,9 +544,18 @@ def summarize(arms: dict, budgets: dict, derived: list, T: int, full: int) -> di
                       "loss_at_share": _ms(at_share), "loss_at_T": _ms(at_T),
                       "parameters": _ms(params)[0], "losses": finals}
         spent_all = sum(row[n]["tokens"] or 0 for n in derived)
+        if is_elastic(label):
+            compute = _ms([r.get("compute") for r in per_seed])[0]
+        elif label == "zero-shot":
+            compute = 0.0
+        else:  # each size's tokens (search included) at its parameter fraction
+            compute = sum(per_size_compute(row[n]["tokens"] or 0,
+                                           (row[n]["parameters"] or full) / full)
+                          for n in derived)
         reach_all = None if label == "zero-shot" else sum(row[n]["reach_mean"] for n in derived)
         exact = all(row[n]["reached"] == row[n]["seeds"] for n in derived)
-        table[label] = {"budgets": row, "tokens": T if label == "elastic" else spent_all,
+        table[label] = {"budgets": row, "tokens": T if is_elastic(label) else spent_all,
+                        "compute": compute,
                         "tokens_to_reach_elastic": reach_all,
                         "ratio": None if reach_all is None else reach_all / T,
                         "ratio_is_lower_bound": not exact,
@@ -491,7 +565,7 @@ def summarize(arms: dict, budgets: dict, derived: list, T: int, full: int) -> di
     return {"methods": table, "elastic_tokens": T, "parent_parameters": full,
             "elastic_full_loss": full_loss, "elastic_full_accuracy": full_acc,
             "derived": derived, "budgets": budgets,
-            "curves": {label: [({n: (r if label in ("elastic", "zero-shot") else r[n])
+            "curves": {label: [({n: (r if is_elastic(label) or label == "zero-shot" else r[n])
                                  .get("curve", {}).get(n) for n in derived}) for r in per_seed]
                        for label, per_seed in arms.items()}}
 
@@ -517,16 +591,23 @@ def print_tables(r: dict) -> str:
     lines = [f"Cost of a family: {len(derived)} derived sizes ({', '.join(derived)}), "
              f"{r['seeds_run']} seed(s) {r['settings']['seeds']} (mean ± sd over seeds); "
              f"elastic run T = {T:,} tokens; elastic full budget {_f(r['elastic_full_loss'])} "
-             f"loss, {_f(r['elastic_full_accuracy'], 1, 100, ' %')} accuracy", ""]
+             f"loss, {_f(r['elastic_full_accuracy'], 1, 100, ' %')} accuracy; budget sampling "
+             f"{r['settings'].get('sampling')}. Compute: estimated training compute in full-model "
+             "forward+backward token passes (students' parameter fractions + a teacher forward "
+             "as 1/3 pass per token; `elastic_compute`), relative to the elastic run's", ""]
     rows = []
     for label, meth in r["methods"].items():
         b = meth["budgets"]
+        el_compute = r["methods"]["elastic"].get("compute")
+        compute = meth.get("compute")
         rows.append((f"{label} ({len(meth['seeds'])} seeds)", f"{meth['tokens']:,.0f}",
+                     "n/a" if compute is None or not el_compute else f"{compute / el_compute:.2f}×",
                      *(_f(b[n]["loss"]) for n in derived),
                      *(_f(b[n]["accuracy"], 0, 100, " %") for n in derived),
-                     "-" if label in ("elastic", "zero-shot") else _ratio(meth)))
+                     "-" if is_elastic(label) or label == "zero-shot" else _ratio(meth)))
     lines.append(format_table(
-        ("method", "tokens spent (all sizes)", *(f"{n} loss" for n in derived),
+        ("method", "tokens spent (all sizes)", "compute / elastic's",
+         *(f"{n} loss" for n in derived),
          *(f"{n} acc." for n in derived), "tokens to reach elastic / T"), rows))
     lines += ["", f"Equal tokens: loss of each per-size run after T/{len(derived)} = "
               f"{share:,.0f} tokens (the family's tokens shared equally) and after T = {T:,} "
@@ -536,7 +617,7 @@ def print_tables(r: dict) -> str:
         if label == "zero-shot":
             continue
         b = meth["budgets"]
-        if label == "elastic":
+        if is_elastic(label):
             rows.append((label, *(_f(b[n]["loss"]) for n in derived),
                          *(_f(b[n]["loss"]) for n in derived)))
             continue
@@ -549,7 +630,7 @@ def print_tables(r: dict) -> str:
               "mean is then a lower bound):", ""]
     rows = []
     for label, meth in r["methods"].items():
-        if label in ("elastic", "zero-shot"):
+        if is_elastic(label) or label == "zero-shot":
             continue
         b = meth["budgets"]
         rows.append((label, *(f"{b[n]['reach_mean']:,.0f} ({b[n]['reached']}/{b[n]['seeds']})"
@@ -714,9 +795,20 @@ def main() -> None:
     p.add_argument("--report-only", action="store_true", help="train nothing: tables and "
                    "plots from the stored runs (seeds with a missing run are left out)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--extra-sampling", type=lambda v: [x for x in v.split(",") if x],
+                   default=[], help="also run the elastic arm with these budget_sampling "
+                   "modes (rows 'elastic (MODE)'; the per-size arms follow the main run)")
+    p.add_argument("--sampling", default=None, help="the elastic run's budget_sampling "
+                   "(one, stratified, full_plus_one, all; default: the recipe's)")
     args = p.parse_args()
     if bad := set(args.arms) - set(ARMS):
         p.error(f"--arms: unknown {sorted(bad)}; choose from {','.join(ARMS)}")
+    from nemo_elastic.config_elastic import BUDGET_SAMPLINGS
+
+    for mode in ([args.sampling] if args.sampling else []) + args.extra_sampling:
+        if mode not in BUDGET_SAMPLINGS:
+            p.error(f"--sampling/--extra-sampling: unknown {mode!r}; choose from "
+                    f"{','.join(BUDGET_SAMPLINGS)}")
     bc.REPORT_ONLY = args.report_only
     if args.budgets[0] != 1.0:
         p.error("--budgets must start with 1.0 (the full model)")
