@@ -554,8 +554,11 @@ def summarize(arms: dict, budgets: dict, derived: list, T: int, full: int) -> di
                           for n in derived)
         reach_all = None if label == "zero-shot" else sum(row[n]["reach_mean"] for n in derived)
         exact = all(row[n]["reached"] == row[n]["seeds"] for n in derived)
+        compute_to_reach = None if is_elastic(label) or label == "zero-shot" else sum(
+            per_size_compute(row[n]["reach_mean"], (row[n]["parameters"] or full) / full)
+            for n in derived)
         table[label] = {"budgets": row, "tokens": T if is_elastic(label) else spent_all,
-                        "compute": compute,
+                        "compute": compute, "compute_to_reach_elastic": compute_to_reach,
                         "tokens_to_reach_elastic": reach_all,
                         "ratio": None if reach_all is None else reach_all / T,
                         "ratio_is_lower_bound": not exact,
@@ -581,6 +584,15 @@ def _ratio(meth: dict) -> str:
     return ("≥ " if meth["ratio_is_lower_bound"] else "") + f"{meth['ratio']:.2f}×"
 
 
+def _compute_ratio(meth: dict, elastic_compute: Optional[float]) -> str:
+    """Compute to reach the elastic losses over the elastic run's compute (a lower bound
+    where the tokens to reach are)."""
+    if meth.get("compute_to_reach_elastic") is None or not elastic_compute:
+        return "-"
+    return ("≥ " if meth["ratio_is_lower_bound"] else "") + \
+        f"{meth['compute_to_reach_elastic'] / elastic_compute:.2f}×"
+
+
 def print_tables(r: dict) -> str:
     """The markdown tables (printed and returned, for the output folder)."""
     from nemo_elastic.report.common import format_table
@@ -604,11 +616,13 @@ def print_tables(r: dict) -> str:
                      "n/a" if compute is None or not el_compute else f"{compute / el_compute:.2f}×",
                      *(_f(b[n]["loss"]) for n in derived),
                      *(_f(b[n]["accuracy"], 0, 100, " %") for n in derived),
-                     "-" if is_elastic(label) or label == "zero-shot" else _ratio(meth)))
+                     "-" if is_elastic(label) or label == "zero-shot" else _ratio(meth),
+                     _compute_ratio(meth, el_compute)))
     lines.append(format_table(
         ("method", "tokens spent (all sizes)", "compute / elastic's",
          *(f"{n} loss" for n in derived),
-         *(f"{n} acc." for n in derived), "tokens to reach elastic / T"), rows))
+         *(f"{n} acc." for n in derived), "tokens to reach elastic / T",
+         "compute to reach elastic / elastic's"), rows))
     lines += ["", f"Equal tokens: loss of each per-size run after T/{len(derived)} = "
               f"{share:,.0f} tokens (the family's tokens shared equally) and after T = {T:,} "
               "(each size alone gets the whole family's tokens); elastic: its one run.", ""]
