@@ -341,6 +341,12 @@ def test_prepare_writes_an_equivalent_reordered_checkpoint(tmp_path):
     assert sorted(ranking["hidden"]["permutation"]) == list(range(cfg.model.hidden_size))
     assert ranking["hidden"]["permutation"] != list(range(cfg.model.hidden_size))
     assert ranking["layers"]["1"]["type"] == "-" and "ffn" in ranking["layers"]["1"]
+    assert meta["importance"]["mamba_channel_order"] == "per_head"
+    channels = ranking["layers"]["0"]["mamba_channels"]  # one row per parent head
+    assert len(channels["permutation"]) == cfg.model.mamba_num_heads
+    for row, row_scores in zip(channels["permutation"], channels["sorted_scores"]):
+        assert sorted(row) == list(range(cfg.model.mamba_head_dim))
+        assert row_scores == sorted(row_scores, reverse=True)
     assert (out / PLOT_FILE).stat().st_size > 0
     with pytest.raises(CheckpointError, match="already exists"):
         prepare(parent, out, num_batches=1, progress=False)

@@ -35,7 +35,8 @@ from nemo_elastic.errors import check_output_path
 from nemo_elastic.importance.aggregate import Aggregation
 from nemo_elastic.importance.depth import METHODS, depth_rankings
 from nemo_elastic.importance.hooks import DEFAULT_MAMBA_SIGNAL
-from nemo_elastic.importance.order import DEFAULT_MAMBA_CHANNEL_ORDER, permutations_from_scores
+from nemo_elastic.importance.order import (DEFAULT_MAMBA_CHANNEL_ORDER, MAMBA_CHANNEL_ORDERS,
+                                           permutations_from_scores)
 from nemo_elastic.importance.permute import permute_model_
 from nemo_elastic.report.importance import plot_layer_importance, ranking_document, write_ranking
 from nemo_elastic.importance.scores import compute_scores
@@ -94,8 +95,6 @@ def prepare(ckpt: Union[str, Path], out: Union[str, Path], *, num_batches: int =
     Returns the prepared checkpoint's path.  The stored config is the parent's (unchanged); the
     metadata adds `importance` (a summary) and `layer_ranking` (least important layer first).
     """
-    from nemo_elastic.importance.order import MAMBA_CHANNEL_ORDERS
-
     if mamba_channel_order not in MAMBA_CHANNEL_ORDERS:
         raise ConfigError(f"mamba_channel_order (--mamba-channel-order)={mamba_channel_order!r}: "
                           f"must be one of {MAMBA_CHANNEL_ORDERS}")
@@ -148,9 +147,7 @@ def _prepare_locked(src, out, cfg, run_cfg, *, progress, **kwargs) -> Path:
 
 def _prepare(src: Path, out: Path, cfg: Config, run_cfg: Config, info, *, agg, num_batches,
              depth_method, overwrite, mamba_top_channels, mamba_signal, mamba_channel_order,
-             depth_batches,
-             depth_max_rounds,
-             progress) -> Path:
+             depth_batches, depth_max_rounds, progress) -> Path:
     from nemo_elastic.elastic.specs import build_elastic_model
     from nemo_elastic.data.loaders import build_training_data
 
