@@ -2,8 +2,10 @@
 
 The same-shaped prefix sub-networks of one parent, each axis alone and all axes together, under
 * this project's importance order (`compute_scores` + `permutations_from_scores`, the two Mamba
-  signals: 'output' = what out_proj reads, the default; 'x' = the paper's in_proj x block),
-  and as it was before issue 22 (the hidden score also summing the final norm's output),
+  signals: 'output' = what out_proj reads, the default; 'x' = the paper's in_proj x block; Mamba
+  head channels ordered per head, the default, or one order shared by every head, as before),
+  and as it was before issue 22 (the hidden score also summing the final norm's output, the x
+  signal, shared head channels),
 * ModelOpt's Minitron order (`mcore_minitron` pruning to the full sizes: every width axis sorted
   by ModelOpt's activation scores, nothing dropped; needs the `peers` extra),
 * the parent's original order, and random structure-respecting orders (`--seeds`, mean and
@@ -47,9 +49,10 @@ def shapes(m) -> dict:
         cols[f"M chan {p}"] = SubNetwork.uniform(m, mamba_head_dim=_scaled(m.mamba_head_dim, f))
     cols["attn 50%"] = SubNetwork.uniform(m, num_attention_heads=_scaled(
         m.num_attention_heads, 0.5, m.num_query_groups))
-    cols["M heads+chan 75%"] = SubNetwork.uniform(
-        m, mamba_num_heads=_scaled(m.mamba_num_heads, 0.75, m.mamba_num_groups),
-        mamba_head_dim=_scaled(m.mamba_head_dim, 0.75))
+    for f in (0.75, 0.5):
+        cols[f"M heads+chan {int(f * 100)}%"] = SubNetwork.uniform(
+            m, mamba_num_heads=_scaled(m.mamba_num_heads, f, m.mamba_num_groups),
+            mamba_head_dim=_scaled(m.mamba_head_dim, f))
     return {k: s.validate(m) for k, s in cols.items()}
 
 
@@ -144,16 +147,19 @@ def run(args) -> dict:
             reload()
             scores = by_signal[signal] = compute_scores(model, calib, m, mamba_signal=signal,
                                                         progress=False)
-            permute_model_(model, m, permutations_from_scores(scores, m))
-            rows[f"project, Mamba signal {signal}" + (" (default)" if signal == "output"
-                                                      else "")] = losses()
+            for order in ("per_head", "shared"):  # per-head head channels: the default
+                reload()
+                permute_model_(model, m, permutations_from_scores(
+                    scores, m, mamba_channel_order=order))
+                rows[f"project, signal {signal}, {order} channels"
+                     + (" (default)" if (signal, order) == ("output", "per_head") else "")
+                     ] = losses()
         # before issue 22: the hidden score also summed decoder.final_norm's output
-        for signal in ("x", "output"):
-            reload()
-            with_final = _scores_with_final_norm(model, calib, m, signal)
-            permute_model_(model, m, permutations_from_scores(with_final, m))
-            rows[f"signal {signal}, hidden + final norm" + (" (before)" if signal == "x"
-                                                           else "")] = losses()
+        reload()
+        with_final = _scores_with_final_norm(model, calib, m, "x")
+        permute_model_(model, m, permutations_from_scores(with_final, m,
+                                                          mamba_channel_order="shared"))
+        rows["signal x, shared channels, hidden + final norm (before issue 22)"] = losses()
         # diagnosis: Mamba heads ranked on x, head channels on the output signal
         import copy
 
@@ -163,7 +169,7 @@ def run(args) -> dict:
                 ls.mamba_heads = by_signal["x"].layers[i].mamba_heads
         reload()
         permute_model_(model, m, permutations_from_scores(mixed, m))
-        rows["project, heads x / channels output"] = losses()
+        rows["project, heads x / channels output (per head)"] = losses()
         if args.diagnose:  # which axis's order hurts in combination: one axis left original
             from nemo_elastic.importance.order import identity_permutations
 

@@ -158,6 +158,7 @@ def cmd_prepare(args) -> int:
                    aggregation=args.aggregation, depth_method=args.depth_method,
                    overwrite=args.overwrite, depth_batches=args.depth_batches,
                    mamba_signal=args.mamba_signal,
+                   mamba_channel_order=args.mamba_channel_order,
                    overrides=args.overrides, data_config=data_config,
                    progress=not args.no_progress)
     logger.info("prepared (importance-reordered) checkpoint: %s; rankings in %s", path,
@@ -386,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mamba-signal", default="output", choices=["x", "output"],
                    help="activations scoring Mamba heads/channels: output (default: what "
                         "out_proj reads) or x (paper: in_proj's x block)")
+    p.add_argument("--mamba-channel-order", default="per_head", choices=["per_head", "shared"],
+                   help="Mamba head channels: per_head (default: each head sorted by its own "
+                        "scores) or shared (paper Eq. 3: one order for every head)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_prepare)

@@ -79,11 +79,15 @@ def kept_heads(m: ModelConfig, layer: int, kept: int) -> "torch.Tensor":
 
 def head_channels(heads: "torch.Tensor", head_dim: int, kept_dim) -> "torch.Tensor":
     """Indices into a [num_heads * head_dim] axis (head i owns i*head_dim .. +head_dim-1): for
-    every head in `heads`, in that order, its channels `kept_dim` (an index tensor into
-    [head_dim]) or, given an int, its first `kept_dim` channels."""
+    every head in `heads`, in that order, its channels `kept_dim`: an index tensor [p'] into
+    [head_dim] (the same for every head), a per-head one [num_heads, p'] (row i: head i's own
+    channels, indexed by the head's number in `heads`, e.g. Mamba's per-head channel orders), or,
+    given an int, its first `kept_dim` channels."""
     import torch
 
     channels = torch.arange(kept_dim) if isinstance(kept_dim, int) else kept_dim
+    if channels.dim() == 2:  # per head: head heads[j] keeps channels[heads[j]]
+        return (heads[:, None] * head_dim + channels[heads]).reshape(-1)
     return (heads[:, None] * head_dim + channels[None, :]).reshape(-1)
 
 
@@ -211,7 +215,8 @@ class LayerIndex:
 
     hidden [h'] into the hidden channels; heads [k] global head indices (Mamba or query heads;
     each group contributes the same number and heads never leave their group); channels [p']
-    into one Mamba head's P channels (the same for every head); ffn [f'] into the neurons.
+    into one Mamba head's P channels (the same for every head), or [H, p'] per head (row h: head
+    h's own channels; the reordering's per-head orders); ffn [f'] into the neurons.
     `axis(name)` expands them into the index of any axis in `TENSOR_AXES`.
     """
 

@@ -7,7 +7,7 @@ import torch
 
 from nemo_elastic import runtime
 from nemo_elastic.checkpoint import CheckpointError, load_checkpoint, read_meta, save_checkpoint
-from nemo_elastic.config import ParallelConfig
+from nemo_elastic.config import ConfigError, ParallelConfig
 from nemo_elastic.elastic.specs import build_elastic_model
 from nemo_elastic.importance import (Aggregation, compute_scores, depth_rankings,
                                      permutations_from_scores, permute_state_dict,
@@ -123,9 +123,20 @@ def test_rescored_permuted_model_has_sorted_scores(megatron_env):
     groups = {"mamba_heads": m.mamba_num_groups, "attention_heads": m.num_query_groups}
     for i, layer in after.layers.items():
         for axis, values in layer.axes().items():
+            if axis == "mamba_channels":  # ordered per head: checked on [H, P] below
+                continue
             _assert_non_increasing(f"layer {i} {axis}", values, groups.get(axis, 1))
             old = before.layers[i].axes()[axis][getattr(perms.layers[i], axis)]
             torch.testing.assert_close(values, old, rtol=1e-5, atol=0)
+        if layer.kind == "M":  # new head j = old head heads[j], its channels in its own order
+            heads, channels = perms.layers[i].mamba_heads, perms.layers[i].mamba_channels
+            assert channels.shape == (m.mamba_num_heads, m.mamba_head_dim)
+            for j, old in enumerate(heads.tolist()):
+                _assert_non_increasing(f"layer {i} head {j} channels",
+                                       layer.mamba_head_channel[j])
+                torch.testing.assert_close(
+                    layer.mamba_head_channel[j],
+                    before.layers[i].mamba_head_channel[old][channels[old]], rtol=1e-5, atol=0)
 
 
 # --------------------------------------------------------------------------- planted structure
@@ -186,7 +197,9 @@ def test_planted_unimportant_units_rank_last(megatron_env):
     last_of_each_group = perms.layers[layer].mamba_heads.view(-1, per)[:, -1]
     assert last_of_each_group.tolist() == heads
     layer, channel = planted["mamba_channel"]
-    assert perms.layers[layer].mamba_channels[-1].item() == channel
+    assert perms.layers[layer].mamba_channels[:, -1].tolist() == [channel] * m.mamba_num_heads
+    shared = permutations_from_scores(scores, m, mamba_channel_order="shared")
+    assert shared.layers[layer].mamba_channels[-1].item() == channel
     layer, head = planted["attention_head"]
     assert perms.layers[layer].attention_heads[-1].item() == head
     depth = depth_rankings(model, batches, m, progress=False)
@@ -220,6 +233,90 @@ def test_head_permutations_never_cross_groups(megatron_env):
         validate_permutations(bad, m)
 
 
+# --------------------------------------------------------------------------- per-head channels
+
+def _per_head_channel_perms(m, seed):
+    """Random structure-respecting permutations with hidden left in place and every Mamba
+    head's channels in its own random order ([H, P], rows pairwise different)."""
+    gen = torch.Generator().manual_seed(seed)
+    perms = random_permutations(m, gen)
+    perms.hidden = torch.arange(m.hidden_size)
+    for p in perms.layers.values():
+        if p.kind == "M":
+            p.mamba_channels = torch.stack([torch.randperm(m.mamba_head_dim, generator=gen)
+                                            for _ in range(m.mamba_num_heads)])
+    return validate_permutations(perms, m)
+
+
+def test_per_head_channel_prefix_keeps_each_heads_own_channels(megatron_env):
+    """Per-head channel orders preserve the function (the parent's logits), and a head-dim prefix
+    of the reordered model keeps, in every head, exactly that head's own first channels: the
+    sliced tensors equal rows of the PARENT written out here by index arithmetic."""
+    from nemo_elastic.elastic.subnet import SubNetwork
+    from nemo_elastic.export.slicing import slice_state_dict
+
+    cfg = _cfg()
+    m = cfg.model
+    H, P, G, N = m.mamba_num_heads, m.mamba_head_dim, m.mamba_num_groups, m.mamba_state_dim
+    d, bc, keep = H * P, 2 * G * N, m.mamba_head_dim // 2
+    model = _perturb(build_elastic_model(cfg))
+    perms = _per_head_channel_perms(m, seed=4)
+    batches = _batches(cfg)
+    permuted = _permuted_copy(cfg, model, perms)
+    assert _rel(_logits(permuted, batches), _logits(model, batches)) <= RTOL
+    parent = model.state_dict()
+    sliced = slice_state_dict(permuted.state_dict(), m,
+                              SubNetwork.uniform(m, mamba_head_dim=keep).validate(m))
+    for i, p in perms.layers.items():
+        if p.kind != "M":
+            continue
+        heads = p.mamba_heads.tolist()  # new head j = parent head heads[j]
+        inner = [h * P + int(p.mamba_channels[h, c]) for h in heads for c in range(keep)]
+        rows = {"in_proj.weight": inner + [d + r for r in inner] + list(range(2 * d, 2 * d + bc))
+                + [2 * d + bc + h for h in heads],
+                "conv1d_weight": inner + list(range(d, d + bc)), "norm.weight": inner,
+                "conv1d_bias": inner + list(range(d, d + bc)), "dt_bias": heads, "A_log": heads,
+                "D": heads if parent[f"decoder.layers.{i}.mixer.D"].numel() == H else inner}
+        pre = f"decoder.layers.{i}.mixer."
+        for name, index in rows.items():
+            assert torch.equal(sliced[pre + name], parent[pre + name][index]), name
+        assert torch.equal(sliced[pre + "out_proj.weight"],
+                           parent[pre + "out_proj.weight"][:, inner])
+
+
+def test_per_head_order_ranks_each_heads_own_weak_channel_last(megatron_env):
+    """Head h's weak channel is (3 h + 1) mod P (its gated-norm weight ~0, so out_proj reads ~0
+    from it): the per-head order puts each head's own weak channel last; one shared order
+    cannot (it has one last channel for all heads)."""
+    cfg = _cfg()
+    m = cfg.model
+    H, P = m.mamba_num_heads, m.mamba_head_dim
+    weak = [(3 * h + 1) % P for h in range(H)]
+    model = _perturb(build_elastic_model(cfg))
+    with torch.no_grad():
+        for h, c in enumerate(weak):
+            model.decoder.layers[0].mixer.norm.weight[h * P + c] *= 1e-3
+    scores = compute_scores(model, _batches(cfg, s=48), m, progress=False)
+    assert permutations_from_scores(scores, m).layers[0].mamba_channels[:, -1].tolist() == weak
+    shared = permutations_from_scores(scores, m, mamba_channel_order="shared")
+    assert shared.layers[0].mamba_channels.shape == (P,)
+    with pytest.raises(ValueError, match="mamba_channel_order='bogus'"):
+        permutations_from_scores(scores, m, mamba_channel_order="bogus")
+
+
+def test_per_head_channel_permutations_are_validated(megatron_env):
+    m = _cfg().model
+    perms = _per_head_channel_perms(m, seed=1)
+    perms.layers[0].mamba_channels[2, :2] = 0  # head 2: channel 0 twice
+    with pytest.raises(ValueError, match=r"layers\[0\]\.mamba_channels\[2\] is not a permutation"):
+        validate_permutations(perms, m)
+    perms.layers[0].mamba_channels = perms.layers[0].mamba_channels[:3]
+    with pytest.raises(ValueError, match=r"expected \[8, P\] or \[P\]"):
+        validate_permutations(perms, m)
+    with pytest.raises(ConfigError, match="mamba_channel_order"):
+        prepare("no-such-checkpoint", "out", mamba_channel_order="bogus", progress=False)
+
+
 # --------------------------------------------------------------------------- prepare end to end
 
 def _parent_checkpoint(tmp_path, cfg):
@@ -244,6 +341,12 @@ def test_prepare_writes_an_equivalent_reordered_checkpoint(tmp_path):
     assert sorted(ranking["hidden"]["permutation"]) == list(range(cfg.model.hidden_size))
     assert ranking["hidden"]["permutation"] != list(range(cfg.model.hidden_size))
     assert ranking["layers"]["1"]["type"] == "-" and "ffn" in ranking["layers"]["1"]
+    assert meta["importance"]["mamba_channel_order"] == "per_head"
+    channels = ranking["layers"]["0"]["mamba_channels"]  # one row per parent head
+    assert len(channels["permutation"]) == cfg.model.mamba_num_heads
+    for row, row_scores in zip(channels["permutation"], channels["sorted_scores"]):
+        assert sorted(row) == list(range(cfg.model.mamba_head_dim))
+        assert row_scores == sorted(row_scores, reverse=True)
     assert (out / PLOT_FILE).stat().st_size > 0
     with pytest.raises(CheckpointError, match="already exists"):
         prepare(parent, out, num_batches=1, progress=False)
@@ -330,7 +433,7 @@ def test_output_signal_scores_what_out_proj_reads(megatron_env):
                                                     progress=False), m)
     per = H // m.mamba_num_groups
     assert perms.layers[0].mamba_heads.view(-1, per)[:, -1].tolist() == [1, 6]
-    assert perms.layers[2].mamba_channels[-1].item() == 3
+    assert perms.layers[2].mamba_channels[:, -1].tolist() == [3] * H
     x_perms = permutations_from_scores(compute_scores(model, batches, m, mamba_signal="x",
                                                       progress=False), m)
     assert x_perms.layers[0].mamba_heads.view(-1, per)[:, -1].tolist() != [1, 6]  # x can't see it

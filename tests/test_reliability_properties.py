@@ -278,6 +278,7 @@ def test_generated_flags_of_the_checkpoint_commands(ckpt, family, tmp_path):
                                      "--aggregation": st.sampled_from(
                                          ["sum", "mean/l2", "l2/l2/l2", "max", "", "/"]),
                                      "--depth-method": NASTY_TEXT, "--mamba-signal": NASTY_TEXT,
+                                     "--mamba-channel-order": NASTY_TEXT,
                                      "--config": st.sampled_from([TINY, "/nonexistent"])})),
         "export": st.builds(lambda p, f: ["export", "--ckpt", p, "--out", out, *f], paths,
                             _flags({"--format": st.sampled_from(["hf", "megatron", "onnx", ""]),

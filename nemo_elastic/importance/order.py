@@ -8,7 +8,11 @@ exactly what a `SubNetwork` prefix keeps (`elastic/subnet.py`):
 * ``mamba_heads [H]``: heads stay in their group - group g owns heads ``g*H/G .. (g+1)*H/G-1``
   before and after (B/C are per group, so a head moved across groups would read another group's
   B/C); each group is sorted on its own, so "the first k/G heads of every group" are its best;
-* ``mamba_channels [P]``: one permutation of head channels shared by every head of the layer;
+* ``mamba_channels``: ``[H, P]`` per head (row h: old head h's own channel order, the default
+  from scores: each head's prefix of ``p`` channels is its own best ``p``) or ``[P]`` shared by
+  every head of the layer (`MAMBA_CHANNEL_ORDERS`).  Either preserves the function: a head's
+  channels only meet in the gated RMSNorm's sum over its group and in out_proj's columns, both
+  permuted with them; B / C / dt / A stay per group / head;
 * ``attention_heads [Hq]``: query heads stay in their query group (KV is per group);
 * ``ffn [F]``: any permutation.
 """
@@ -29,7 +33,7 @@ class LayerPermutation:
     kind: str  # 'M' | '*' | '-'
     ffn: Optional[torch.Tensor] = None  # [F]
     mamba_heads: Optional[torch.Tensor] = None  # [H], group-preserving
-    mamba_channels: Optional[torch.Tensor] = None  # [P]
+    mamba_channels: Optional[torch.Tensor] = None  # [H, P] per head, or [P] shared
     attention_heads: Optional[torch.Tensor] = None  # [Hq], query-group-preserving
     experts: Optional[torch.Tensor] = None  # [E] routed experts (MoE)
     expert_ffn: Optional[torch.Tensor] = None  # [F_e], the same for every expert
@@ -88,14 +92,30 @@ def _layer_sizes(m: ModelConfig, i: int, kind: str) -> dict[str, tuple[int, int]
 
 # ------------------------------------------------------------------------------ constructors
 
-def permutations_from_scores(scores: ImportanceScores, model_cfg: ModelConfig) -> Permutations:
-    """Every axis sorted by descending score (Mamba / attention heads within their groups)."""
+MAMBA_CHANNEL_ORDERS = ("per_head", "shared")
+DEFAULT_MAMBA_CHANNEL_ORDER = "per_head"
+
+
+def permutations_from_scores(scores: ImportanceScores, model_cfg: ModelConfig, *,
+                             mamba_channel_order: str = DEFAULT_MAMBA_CHANNEL_ORDER
+                             ) -> Permutations:
+    """Every axis sorted by descending score (Mamba / attention heads within their groups).
+
+    `mamba_channel_order`: 'per_head' sorts each Mamba head's channels by that head's own
+    scores (``mamba_head_channel [H, P]``); 'shared' sorts them once for all heads by the
+    channel score ``||A[:, d]||`` (paper Eq. 3)."""
+    if mamba_channel_order not in MAMBA_CHANNEL_ORDERS:
+        raise ValueError(f"mamba_channel_order={mamba_channel_order!r}: must be one of "
+                         f"{MAMBA_CHANNEL_ORDERS}")
     layers = {}
     for i, s in scores.layers.items():
         sizes = _layer_sizes(model_cfg, i, s.kind)
         layers[i] = LayerPermutation(kind=s.kind, **{
             axis: grouped_descending(values.cpu(), sizes[axis][1])
             for axis, values in s.axes().items()})
+        if s.kind == MAMBA and mamba_channel_order == "per_head":
+            layers[i].mamba_channels = torch.sort(s.mamba_head_channel.cpu(), dim=1,
+                                                  descending=True, stable=True).indices
     perms = Permutations(hidden=descending(scores.hidden.cpu()), layers=layers)
     return validate_permutations(perms, model_cfg)
 
@@ -135,6 +155,14 @@ def validate_permutations(perms: Permutations, model_cfg: ModelConfig) -> Permut
         for axis, values in p.axes().items():
             if values is None:
                 raise ValueError(f"permutations.layers[{i}].{axis} is missing")
+            if axis == "mamba_channels" and values.dim() == 2:  # per head [H, P]
+                H = sizes["mamba_heads"][0]
+                if values.shape[0] != H:
+                    raise ValueError(f"permutations.layers[{i}].mamba_channels has shape "
+                                     f"{tuple(values.shape)}; expected [{H}, P] or [P]")
+                for h in range(H):
+                    _check_axis(f"layers[{i}].mamba_channels[{h}]", values[h], *sizes[axis])
+                continue
             _check_axis(f"layers[{i}].{axis}", values, *sizes[axis])
     return perms
 

@@ -7,7 +7,8 @@ same permutation (``perm[new] = old``): which rows and columns those are is
 `nemo_elastic.layout` (the same table slicing reads), given
 
 hidden ``p_h [h]``, per Mamba layer ``mamba_heads [H]`` (group-preserving) and
-``mamba_channels [P]`` (the same for every head), per attention layer ``attention_heads [a]``
+``mamba_channels`` ([H, P]: each parent head's own channel order, or [P] the same for every
+head), per attention layer ``attention_heads [a]``
 (query-group-preserving; K/V untouched), per MLP layer ``ffn [F]``, per MoE layer ``experts
 [E]`` (the router's gate rows and score-correction bias entries move with their experts, whose
 tensors are renamed), ``expert_ffn [F_e]`` (the same for every expert) and ``shared_ffn [F_s]``.
@@ -17,7 +18,10 @@ are never reordered.
 
 Why the function is preserved: RMSNorm statistics are sums over the whole hidden axis (and over
 each Mamba group's channels for the gated norm) - invariant to a permutation inside the set;
-heads never leave their group, so every head keeps reading its group's B / C and K / V.
+heads never leave their group, so every head keeps reading its group's B / C and K / V; a
+head's channels (per-head orders included) move together through in_proj's z and x rows, the
+conv's x channels, D, the gated norm's weight and out_proj's columns, and meet only in the
+group's norm sum.
 
 Unknown keys raise: a parameter this module does not know about would otherwise stay unpermuted
 and silently break the function.

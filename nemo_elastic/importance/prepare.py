@@ -35,7 +35,8 @@ from nemo_elastic.errors import check_output_path
 from nemo_elastic.importance.aggregate import Aggregation
 from nemo_elastic.importance.depth import METHODS, depth_rankings
 from nemo_elastic.importance.hooks import DEFAULT_MAMBA_SIGNAL
-from nemo_elastic.importance.order import permutations_from_scores
+from nemo_elastic.importance.order import (DEFAULT_MAMBA_CHANNEL_ORDER, MAMBA_CHANNEL_ORDERS,
+                                           permutations_from_scores)
 from nemo_elastic.importance.permute import permute_model_
 from nemo_elastic.report.importance import plot_layer_importance, ranking_document, write_ranking
 from nemo_elastic.importance.scores import compute_scores
@@ -58,6 +59,7 @@ def prepare(ckpt: Union[str, Path], out: Union[str, Path], *, num_batches: int =
             aggregation: Union[Aggregation, str, None] = "mean/l2",
             depth_method: str = "iterative", overwrite: bool = False,
             mamba_top_channels: float = 1.0, mamba_signal: str = DEFAULT_MAMBA_SIGNAL,
+            mamba_channel_order: str = DEFAULT_MAMBA_CHANNEL_ORDER,
             depth_batches: Optional[int] = None,
             depth_max_rounds: Optional[int] = None, overrides: Sequence[str] = (),
             data_config=None, progress: bool = True) -> Path:
@@ -79,6 +81,9 @@ def prepare(ckpt: Union[str, Path], out: Union[str, Path], *, num_batches: int =
         mamba_signal: activations that score Mamba heads/channels: 'output' (default: what
             out_proj reads; better zero-shot prefixes on the tiny model) or 'x' (the paper's
             in_proj x block).
+        mamba_channel_order: 'per_head' (default: each Mamba head's channels sorted by that
+            head's own scores, so a head-dim prefix keeps every head's own best channels) or
+            'shared' (paper Eq. 3: one channel order for all heads of a layer).
         depth_batches: calibration batches used for the depth rankings (default: all); the
             iterative ranking costs about L^2/2 forwards per batch for L layers.
         depth_max_rounds: stop the iterative removal after this many rounds.
@@ -90,6 +95,9 @@ def prepare(ckpt: Union[str, Path], out: Union[str, Path], *, num_batches: int =
     Returns the prepared checkpoint's path.  The stored config is the parent's (unchanged); the
     metadata adds `importance` (a summary) and `layer_ranking` (least important layer first).
     """
+    if mamba_channel_order not in MAMBA_CHANNEL_ORDERS:
+        raise ConfigError(f"mamba_channel_order (--mamba-channel-order)={mamba_channel_order!r}: "
+                          f"must be one of {MAMBA_CHANNEL_ORDERS}")
     if depth_method not in METHODS:
         raise ConfigError(f"depth_method={depth_method!r}: must be one of {METHODS}")
     if not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 1:
@@ -124,6 +132,7 @@ def prepare(ckpt: Union[str, Path], out: Union[str, Path], *, num_batches: int =
         return _prepare_locked(src, out, cfg, run_cfg, agg=agg, num_batches=num_batches,
                                depth_method=depth_method, overwrite=overwrite,
                                mamba_top_channels=mamba_top_channels, mamba_signal=mamba_signal,
+                               mamba_channel_order=mamba_channel_order,
                                depth_batches=depth_batches, depth_max_rounds=depth_max_rounds,
                                progress=progress)
 
@@ -137,9 +146,8 @@ def _prepare_locked(src, out, cfg, run_cfg, *, progress, **kwargs) -> Path:
 
 
 def _prepare(src: Path, out: Path, cfg: Config, run_cfg: Config, info, *, agg, num_batches,
-             depth_method, overwrite, mamba_top_channels, mamba_signal, depth_batches,
-             depth_max_rounds,
-             progress) -> Path:
+             depth_method, overwrite, mamba_top_channels, mamba_signal, mamba_channel_order,
+             depth_batches, depth_max_rounds, progress) -> Path:
     from nemo_elastic.elastic.specs import build_elastic_model
     from nemo_elastic.data.loaders import build_training_data
 
@@ -156,10 +164,12 @@ def _prepare(src: Path, out: Path, cfg: Config, run_cfg: Config, info, *, agg, n
     depth = depth_rankings(model, batches[:depth_batches], run_cfg.model,
                            max_rounds=depth_max_rounds, progress=progress)
     depth_seconds = time.perf_counter() - started
-    perms = permutations_from_scores(scores, run_cfg.model)
+    perms = permutations_from_scores(scores, run_cfg.model,
+                                     mamba_channel_order=mamba_channel_order)
     permute_model_(model, run_cfg.model, perms)
 
     summary = {**scores.summary(), "num_batches": num_batches, "mamba_signal": mamba_signal,
+               "mamba_channel_order": mamba_channel_order,
                "source": str(src),
                "depth_method": depth_method, "depth_batches": depth_batches or num_batches,
                "depth_seconds": round(depth_seconds, 3), "data_parallel_size": info.dp_size,

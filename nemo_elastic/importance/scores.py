@@ -5,7 +5,9 @@
 * ``hidden [h]``: sum over every pre-norm and the final norm of the aggregated |LN(X)|;
 * ``ffn [F]`` per MLP layer: aggregated |fc1 output after the activation|;
 * Mamba, nested (Eqs. 3-4): ``A [H, P]`` = aggregated |x| per (head, channel);
-  head-channel score ``s_d = ||A[:, d]||_2`` (L2 over heads, one ranking shared by all heads);
+  head-channel score ``s_d = ||A[:, d]||_2`` (L2 over heads: the paper's one ranking shared by
+  all heads; the default order sorts each head's channels by its own row ``A[h, :]`` instead,
+  `order.py`);
   head score ``f_h = ||A[h, D_top]||_2`` over the top ``mamba_top_channels`` fraction of
   channels by s_d; heads are then ranked within their group (`permute.py`);
 * ``attention [Hq]`` per attention layer: aggregated per-head L2 of the attention output.

@@ -10,7 +10,9 @@
                "methods": {"iterative": {"order", "scores", "rounds"}, "one_shot": ..., "cosine": ...}}}
 
 ``permutation[new] = old`` (the parent's index now at position ``new``); ``sorted_scores`` are
-the scores in the new order (non-increasing, within each group for heads).
+the scores in the new order (non-increasing, within each group for heads).  Mamba
+``mamba_channels`` ordered per head (the default) holds one list per parent head (``[H][P]``,
+row h: head h's channel order and its per-(head, channel) scores in that order).
 """
 
 from __future__ import annotations
@@ -30,8 +32,18 @@ LAYER_NAMES = {MAMBA: "Mamba2", ATTENTION: "attention", MLP: "MLP", MOE: "MoE"}
 
 
 def _axis(scores: torch.Tensor, perm: torch.Tensor) -> dict:
-    return {"permutation": perm.tolist(),
-            "sorted_scores": [float(v) for v in scores.cpu()[perm.cpu()]]}
+    """scores [n] and perm [n]; or per-head scores [H, P] and perm [H, P] (row by row)."""
+    scores, perm = scores.cpu(), perm.cpu()
+    ordered = scores.gather(1, perm) if perm.dim() == 2 else scores[perm]
+    return {"permutation": perm.tolist(), "sorted_scores": ordered.tolist()}
+
+
+def _scores_of(s, axis: str, p) -> torch.Tensor:
+    """The scores an axis was sorted by: a per-head Mamba channel order [H, P] was sorted by
+    the per-(head, channel) scores, a shared one [P] by the channel scores."""
+    if axis == "mamba_channels" and p.mamba_channels.dim() == 2:
+        return s.mamba_head_channel
+    return getattr(s, axis)
 
 
 def ranking_document(scores: ImportanceScores, perms: Permutations,
@@ -39,8 +51,8 @@ def ranking_document(scores: ImportanceScores, perms: Permutations,
     layers = {}
     for i, s in scores.layers.items():
         p = perms.layers[i]
-        layers[str(i)] = {"type": s.kind, **{axis: _axis(values, getattr(p, axis))
-                                              for axis, values in s.axes().items()}}
+        layers[str(i)] = {"type": s.kind, **{axis: _axis(_scores_of(s, axis, p), getattr(p, axis))
+                                              for axis in s.axes()}}
     return {
         "calibration": scores.summary(),
         "hidden": _axis(scores.hidden, perms.hidden),
