@@ -214,7 +214,8 @@ def train(recipe: Config, resume: bool = True, verbose: bool = False) -> None:
                     "(nemo-elastic prepare)")
 def prepare(ckpt: str, out: str, config: Optional[str] = None, num_batches: int = 16,
             depth_batches: Optional[int] = None, aggregation: str = "mean/l2",
-            depth_method: str = "iterative", mamba_signal: str = "output", overwrite: bool = False,
+            depth_method: str = "iterative", mamba_signal: str = "output",
+            mamba_channel_order: str = "per_head", overwrite: bool = False,
             verbose: bool = False) -> None:
     from nemo_elastic.importance.prepare import prepare as _prepare
 
@@ -222,7 +223,8 @@ def prepare(ckpt: str, out: str, config: Optional[str] = None, num_batches: int 
         data_config = load_config(config).data if config else None
         path = _prepare(ckpt, out, num_batches=num_batches, aggregation=aggregation,
                         depth_method=depth_method, overwrite=overwrite, depth_batches=depth_batches,
-                        mamba_signal=mamba_signal, data_config=data_config, progress=False)
+                        mamba_signal=mamba_signal, mamba_channel_order=mamba_channel_order,
+                        data_config=data_config, progress=False)
         logger.info("prepared (importance-reordered) checkpoint: %s; rankings in %s", path,
                     Path(path) / "ranking.json")
 
