@@ -116,6 +116,40 @@ def teacher_accuracy(prepared: str, work: Path, samples: int):
     return acc["accuracy"]
 
 
+def accuracy_trajectory(run: Path, samples: int) -> dict:
+    """{iteration: {budget: accuracy}}: each saved checkpoint of a finished run, every budget
+    at its FINAL sub-network, on the first `samples` validation problems (when accuracy is
+    won or lost along the curriculum)."""
+    from nemo_elastic import runtime
+    from nemo_elastic.checkpoint import load_checkpoint
+    from nemo_elastic.config import load_config
+    from nemo_elastic.data.loaders import build_training_data
+    from nemo_elastic.elastic.specs import build_elastic_model
+    from nemo_elastic.elastic.subnet import SubNetwork
+    from nemo_elastic.training.evaluation import answer_accuracy_of
+
+    cache = run / f"accuracy_trajectory_{samples}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    rows = json.loads((run / "family.json").read_text())
+    rows = rows["family"] if isinstance(rows, dict) else rows
+    family = {r["name"]: SubNetwork.from_dict(r["subnetwork"]) for r in rows}
+    cfg = load_config(str(run / "config.json"), [f"train.eval_accuracy_samples={samples}"])
+    cfg = cfg.single_process()
+    out = {}
+    with runtime.distributed(cfg.parallel) as info:
+        data = build_training_data(cfg, info)
+        model = build_elastic_model(cfg)
+        for ckpt in sorted((run / "checkpoints").glob("iter_*")):
+            load_checkpoint(ckpt, model=model, restore_rng=False)
+            out[int(ckpt.name[5:])] = {
+                n: answer_accuracy_of(cfg, model, data, info, subnetwork=sub)["accuracy"]
+                for n, sub in family.items()}
+            logger.info("%s %s: %s", run.name, ckpt.name, out[int(ckpt.name[5:])])
+    _write_json(cache, out)
+    return out
+
+
 def _write_json(path: Path, obj) -> None:
     """Atomically (several bench processes may share `--out`)."""
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -217,43 +251,62 @@ def search_fixed(prepared: str, work: Path, microbatches: int = 16) -> list[dict
 
 
 def summarize(results: dict, teacher_acc=None) -> None:
+    """Three tables: quality (mean ± sd over seeds), sizes (per seed, inside the band?), and
+    each variant minus the first one, paired by seed (same data order and router init)."""
     from nemo_elastic.report.common import format_table
 
     ms = lambda xs: (f"{statistics.mean(xs):.4f} ± {statistics.pstdev(xs):.4f}"  # noqa: E731
                      if xs else "-")
     pct = lambda xs: (f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.pstdev(xs):.1f}%"  # noqa: E731
                       if xs else "-")
-    rows = []
+    results = {k: v for k, v in results.items() if v}
+    if not results:
+        return
+    budgets = max((list(v[0]["fraction"]) for v in results.values()), key=len)
+    quality, sizes, paired = [], [], []
+    base_name, base = next(iter(results.items()))
     for name, runs in results.items():
-        if not runs:
-            continue
-        budgets = list(runs[0]["fraction"])
+        have = [b for b in budgets if b in runs[0]["fraction"]]
+        vals = [ms([r["val"][b] for r in runs]) if b in have else "-" for b in budgets]
+        gaps = [100 * (r["val"][budgets[0]] / r["teacher"] - 1) for r in runs if r["teacher"]]
+        acc = [pct([r["accuracy"][b] for r in runs if r["accuracy"].get(b) is not None])
+               if b in have else "-" for b in budgets]
+        points = [100 * (r["accuracy"][budgets[0]] - teacher_acc) for r in runs
+                  if teacher_acc is not None and r["accuracy"].get(budgets[0]) is not None]
+        quality.append((name, len(runs), *vals,
+                        f"{statistics.mean(gaps):+.2f}% [{', '.join(f'{g:+.2f}' for g in gaps)}]"
+                        if gaps else "-", *acc,
+                        f"{statistics.mean(points):+.1f} [{', '.join(f'{g:+.1f}' for g in points)}]"
+                        if points else "-",
+                        f"{statistics.mean(r['seconds'] for r in runs):.0f}"))
         cells = []
         for b in budgets:
+            if b not in have:
+                cells.append("-")
+                continue
             fr = [r["fraction"][b] for r in runs]
             inside = sum(abs(r["fraction"][b] / r["target"][b] - 1) <= r["tolerance"] + 1e-9
                          for r in runs)
             cells.append(f"{100 * statistics.mean(fr):.1f}% [{', '.join(f'{100 * f:.1f}' for f in fr)}] "
                          f"{inside}/{len(runs)} in")
-        vals = [ms([r["val"][b] for r in runs]) for b in budgets]
-        gaps = [100 * (r["val"][budgets[0]] / r["teacher"] - 1) for r in runs if r["teacher"]]
-        acc = [pct([r["accuracy"][b] for r in runs if r["accuracy"].get(b) is not None])
-               for b in budgets]
-        points = [100 * (r["accuracy"][budgets[0]] - teacher_acc) for r in runs
-                  if teacher_acc is not None and r["accuracy"].get(budgets[0]) is not None]
-        rows.append((name, len(runs), *cells, *vals,
-                     f"{statistics.mean(gaps):+.2f}% [{', '.join(f'{g:+.2f}' for g in gaps)}]"
-                     if gaps else "-", *acc,
-                     f"{statistics.mean(points):+.1f} [{', '.join(f'{g:+.1f}' for g in points)}]"
-                     if points else "-",
-                     f"{statistics.mean(r['seconds'] for r in runs):.0f}"))
-    budgets = list(next(iter(results.values()))[0]["fraction"])
-    print(format_table(("variant", "seeds", *(f"{b} size" for b in budgets),
-                        *(f"{b} val" for b in budgets), "full vs teacher",
+        sizes.append((name, *cells))
+        by_seed = {r["seed"]: r for r in base}
+        pairs = [(r, by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed]
+        paired.append((name, len(pairs), *(
+            ms([r["val"][b] - q["val"][b] for r, q in pairs]) if b in have else "-"
+            for b in budgets), *(
+            pct([r["accuracy"][b] - q["accuracy"][b] for r, q in pairs
+                 if r["accuracy"].get(b) is not None and q["accuracy"].get(b) is not None])
+            if b in have else "-" for b in budgets)))
+    print(format_table(("variant", "seeds", *(f"{b} val" for b in budgets), "full vs teacher",
                         *(f"{b} acc" for b in budgets), "full acc - teacher (points)", "s"),
-                       rows))
+                       quality))
     if teacher_acc is not None:
         print(f"teacher answer accuracy: {100 * teacher_acc:.1f}%")
+    print(format_table(("variant", *(f"{b} size" for b in budgets)), sizes))
+    print(f"paired by seed, variant - {base_name}:")
+    print(format_table(("variant", "seeds", *(f"{b} val" for b in budgets),
+                        *(f"{b} acc" for b in budgets)), paired))
 
 
 def main() -> None:
@@ -267,11 +320,23 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--search-fixed", action="store_true",
                    help="print the zero-shot training-batch loss of every fixed= family; no run")
+    p.add_argument("--trajectory", nargs="+", default=None, metavar="RUN",
+                   help="accuracy of every saved checkpoint of these finished runs; no run")
+    p.add_argument("--report-only", action="store_true",
+                   help="summarize the finished runs only; start none")
     p.add_argument("--same-data", action="store_true",
                    help="every seed trains on the recipe's batch order (data.seed unchanged)")
     args = p.parse_args()
     global DATA_SEED
     DATA_SEED = not args.same_data
+    if args.trajectory:
+        teacher = teacher_accuracy(args.prepared, Path(args.out), args.accuracy)
+        for run in args.trajectory:
+            traj = accuracy_trajectory(Path(run), args.accuracy)
+            print(f"{run}: teacher {100 * teacher:.1f}%; " + "; ".join(
+                f"it {it}: " + " / ".join(f"{n} {100 * a:.1f}%" for n, a in acc.items())
+                for it, acc in traj.items()))
+        return
     if args.search_fixed:
         from nemo_elastic.report.common import format_table
 
@@ -299,6 +364,8 @@ def main() -> None:
     for seed in seeds:  # seed-major: every variant has a first seed early
         for name, overrides in variants.items():
             tag = "".join(c if c.isalnum() else "_" for c in name) + f"_s{seed}"
+            if args.report_only and not (work / tag / "result.json").is_file():
+                continue
             r = run_one(overrides, args.prepared, work / tag, seed, args.accuracy)
             r["overrides"] = overrides
             runs = [x for x in results.get(name, []) if x["seed"] != seed] + [r]
@@ -307,9 +374,10 @@ def main() -> None:
                         {k: round(v, 4) for k, v in r["fraction"].items()},
                         {k: round(v, 4) for k, v in r["val"].items()}, r["teacher"],
                         r["accuracy"], r["seconds"])
-            _write_json(work / "family_seeds.json", results)
+            if not args.report_only:
+                _write_json(work / "family_seeds.json", results)
     teacher = teacher_accuracy(args.prepared, work, args.accuracy)
-    summarize({k: v for k, v in results.items() if k in variants}, teacher)
+    summarize({k: results[k] for k in variants if k in results}, teacher)
 
 
 if __name__ == "__main__":
