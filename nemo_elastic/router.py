@@ -247,8 +247,10 @@ class ElasticRouter(nn.Module):
         largest choice)."""
         loss_cfg = self.config.loss
         cost = self.expected_cost(output.subnetwork)
-        if loss_cfg.cost == "hard" and self.mode == "scaled":
-            # value: the cost of the sub-network the student runs; gradient: the expectation's
+        if loss_cfg.cost == "hard":
+            # value: the cost of the argmax sub-network (the one the student runs in mode hard,
+            # the one the family deploys in either mode); gradient: the expectation's.  In mode
+            # soft E[cost] can sit inside the band while the argmax does not (issue 22 item 5).
             hard = self.cost_of(output.subnetwork.hard())
             cost = cost + (hard - cost.detach())
         if loss_cfg.grad_temperature is not None and output.raw_logits:
