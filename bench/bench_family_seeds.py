@@ -15,7 +15,11 @@ the pseudo-override `fixed=AXES` (`all` or comma-separated router axes) trains a
 instead of the router's: each smaller budget is the uniform cut of AXES (the others kept
 whole) whose parameter count is closest to its target, trained by the same loop, loss, teacher
 and data (`bench_claims.fixed_router`) - the router against fixed configurations at equal
-parameters (issue 22, item 5).
+parameters (issue 22, item 5); `fixed=search` takes, per budget, the cut of whichever axes
+has the lowest zero-shot loss on TRAINING batches (`--search-fixed` prints that search).
+A seed changes elastic.seed and data.seed (batch order; `--same-data` keeps the recipe's).
+`--accuracy N`: greedy answers on the first N validation problems, the teacher's too.
+`--trajectory RUN...`: accuracy at every saved checkpoint; `--report-only`: tables only.
 Writes `family_seeds.json` into `--out`; finished runs are reused.
 """
 
