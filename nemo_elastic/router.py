@@ -28,7 +28,7 @@ from nemo_elastic import cost_model
 from nemo_elastic.config import ConfigError, ModelConfig
 from nemo_elastic.config_elastic import ROUTER_MODES, ElasticConfig
 from nemo_elastic.elastic.expected_cost import expected_parameters
-from nemo_elastic.elastic.masks import SoftAxis, SoftLayer, SoftSubNetwork
+from nemo_elastic.elastic.masks import SoftAxis, SoftLayer, SoftSubNetwork, hard_scale
 from nemo_elastic.elastic.subnet import SubNetwork
 from nemo_elastic.sizes import ELASTIC_AXES, GROUPED
 
@@ -207,7 +207,9 @@ class ElasticRouter(nn.Module):
 
     def _soft_subnetwork(self, probs: dict[str, torch.Tensor]) -> SoftSubNetwork:
         m, mode = self.model, self.mode
-        axis_of = lambda axis, row: SoftAxis(self.choices[axis], probs[axis][row], mode)  # noqa: E731
+        straight = self.config.router.hard_scale == "straight_through"
+        axis_of = lambda axis, row: SoftAxis(self.choices[axis], probs[axis][row], mode,  # noqa: E731
+                                             straight_through=straight)
         hidden = axis_of("hidden", 0) if "hidden" in probs else m.hidden_size
         keep, expected, hard_keep = [True] * m.num_layers, [None] * m.num_layers, \
             [None] * m.num_layers
@@ -222,7 +224,7 @@ class ElasticRouter(nn.Module):
             if mode == "mixture":
                 keep = expected
             else:  # hard: the argmax choice's layers, scaled by its probability; others not run
-                keep = [p[best] if k else False for k in hard_keep]
+                keep = [hard_scale(p[best], straight) if k else False for k in hard_keep]
         layers = []
         for i, sym in enumerate(m.layer_symbols):
             sizes = {}
@@ -245,8 +247,10 @@ class ElasticRouter(nn.Module):
         largest choice)."""
         loss_cfg = self.config.loss
         cost = self.expected_cost(output.subnetwork)
-        if loss_cfg.cost == "hard" and self.mode == "scaled":
-            # value: the cost of the sub-network the student runs; gradient: the expectation's
+        if loss_cfg.cost == "hard":
+            # value: the cost of the argmax sub-network (the one the student runs in mode hard,
+            # the one the family deploys in either mode); gradient: the expectation's.  In mode
+            # soft E[cost] can sit inside the band while the argmax does not (issue 22 item 5).
             hard = self.cost_of(output.subnetwork.hard())
             cost = cost + (hard - cost.detach())
         if loss_cfg.grad_temperature is not None and output.raw_logits:

@@ -200,6 +200,8 @@ class SoftAxis:
     choices: Sequence[int]
     probs: torch.Tensor
     mode: str = "mixture"
+    # mode "scaled" only: the chosen prefix x 1 in value, x its probability in gradient
+    straight_through: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -218,12 +220,17 @@ class SoftAxis:
             fraction = float(sum(float(p) * c for p, c in zip(probs.detach(), self.choices))) / full
         else:
             best = int(torch.argmax(probs.detach()))
-            values = prefix(self.choices[best]) * probs[best]
+            values = prefix(self.choices[best]) * hard_scale(probs[best], self.straight_through)
             fraction = self.choices[best] / full
         return AxisMask(values=values, fraction=fraction)
 
     def hard_choice(self) -> int:
         return self.choices[int(torch.argmax(self.probs.detach()))]
+
+
+def hard_scale(p: torch.Tensor, straight_through: bool) -> torch.Tensor:
+    """The chosen mask's scale: `p`, or 1 in value with p's gradient (straight-through)."""
+    return p - p.detach() + 1.0 if straight_through else p
 
 
 SizeOrSoft = Union[int, SoftAxis]
