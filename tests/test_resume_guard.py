@@ -162,6 +162,29 @@ def test_router_rows_are_bound_to_budget_names(trained):
 
 # ------------------------------------------------------------- the comparison itself (no torch)
 
+def test_every_router_field_is_in_the_fingerprint():
+    """A RouterConfig field missing from the fingerprint would let a resume change it silently
+    (hard_scale and family_choice once were)."""
+    import dataclasses
+
+    from nemo_elastic.checkpoint import fingerprint as fp
+    from nemo_elastic.config_elastic import RouterConfig
+
+    recorded = {"hidden_dim", "mode"} | set(fp.ROUTER_SCHEDULE_KEYS) | set(fp.ROUTER_OPTION_KEYS)
+    assert {f.name for f in dataclasses.fields(RouterConfig)} == recorded
+
+
+def test_a_changed_router_option_is_logged_on_resume(caplog):
+    from pathlib import Path
+
+    old, new = _fingerprint(), _fingerprint()
+    old["router_options"] = {"family_choice": "argmax", "hard_scale": "probability"}
+    new["router_options"] = {"family_choice": "in_band", "hard_scale": "probability"}
+    with caplog.at_level("WARNING"):
+        check_resume(Path("/runs/x/checkpoints/iter_0000004"), {"fingerprint": old}, new, 4)
+    assert any("family_choice" in r.getMessage() and "in_band" in r.getMessage()
+               for r in caplog.records)
+
 def _fingerprint():
     return {"version": 1, "budgets": {"full": 1.0, "half": 0.5}, "budget_type": "params",
             "memory_spec": None, "axes": ["hidden", "ffn"], "width_fractions": [1.0, 0.5],

@@ -59,7 +59,13 @@ LOGGED_FIELDS = {
     "distill_temperature": "elastic.distill.temperature",
     "distill_ce_weight": "elastic.distill.ce_weight",
     "router_schedule": "elastic.router (lr, warmup, tau, scale, clipping)",
+    "router_options": "elastic.router (family_choice, hard_scale)",
 }
+# Every `elastic.router` field is recorded: hidden_dim and mode (refused), these two groups
+# (logged).  tests/test_resume_guard.py checks that a new RouterConfig field lands in one.
+ROUTER_SCHEDULE_KEYS = ("lr", "warmup_iters", "weight_decay", "clip_grad", "tau_start",
+                        "tau_end", "scale_start", "scale_end", "init_std")
+ROUTER_OPTION_KEYS = ("family_choice", "hard_scale")  # which choice deploys; the hard scale
 _CHECKPOINT_FIELDS = {"init_checkpoint": "elastic.init_checkpoint",
                       "teacher": "elastic.distill.teacher"}
 _STAGE_KEYS = ("name", "budget_probs", "seq_length", "global_batch_size", "micro_batch_size")
@@ -120,9 +126,8 @@ def training_fingerprint(cfg, router, init: Path, teacher: Optional[Path]) -> di
         "loss": dataclasses.asdict(e.loss),
         "distill_temperature": float(e.distill.temperature),
         "distill_ce_weight": float(e.distill.ce_weight),
-        "router_schedule": {k: getattr(r, k) for k in (
-            "lr", "warmup_iters", "weight_decay", "clip_grad", "tau_start", "tau_end",
-            "scale_start", "scale_end", "init_std")},
+        "router_schedule": {k: getattr(r, k) for k in ROUTER_SCHEDULE_KEYS},
+        "router_options": {k: getattr(r, k) for k in ROUTER_OPTION_KEYS},
         "curriculum": curriculum,
     }
 
