@@ -6,6 +6,7 @@ iteration (`global_batch x seq_length`) and is scored by the same validation pro
 first `eval_iters x 16` validation windows; final answer accuracy on `--accuracy` problems):
 
 * **elastic**: ONE run for the whole family (the recipe's two curriculum stages, router);
+  `--extra-sampling all` adds the same run under another `budget_sampling` as its own rows;
 * **ModelOpt search** (its README's recipe): `mcore_minitron` with a parameter constraint per
   size (candidates within `max_width_pruning` of every width, the `--top-k` largest scored
   zero-shot on held-out training batches), each top-k candidate distilled for `--search-iters`,
@@ -27,6 +28,9 @@ the fixed router of `bench_claims.py` (the same loop, loss, teacher and data as 
     (README "The paper's claims" gives the exact commands of its tables; one process per seed
     with --seed-start S --seeds S+1 shares the machine's cores; a final --report-only pass
     writes the tables of every seed.)
+Tokens are what the paper counts; the tables also give an estimate of training compute
+(`elastic_compute`, `per_size_compute`: full-model forward+backward token passes), since an
+elastic step runs a teacher forward and one student per budget it trains.
 Writes `NAME.json`, `NAME.md` (the tables), `NAME_cost.png` (loss vs tokens, mean ± sd per
 method and size) and `NAME_final.png` into `--out`. Each run stores its result when it
 ends and is skipped on a rerun, so a killed benchmark resumes; `--report-only` writes the
