@@ -376,33 +376,33 @@ def run_seed(args, s, work, seed, budgets, derived, prepared, mo_parent, search,
     Arm by arm (every size of one arm before the next arm, the ModelOpt arms first), so a
     benchmark stopped early has whole arms; under --report-only an arm with a missing run is
     left out of this seed (the elastic run missing leaves the whole seed out)."""
-    from nemo_elastic.cost_model import subnetwork_parameters
+    from nemo_elastic.cost_model import count_parameters, subnetwork_parameters
     from nemo_elastic.elastic.subnet import SubNetwork
 
-    from nemo_elastic.cost_model import count_parameters
+    m_params = count_parameters(m)
+
+    def elastic(tag: str, sampling: Optional[str]) -> tuple:
+        """One elastic run of this seed (`sampling`: its budget_sampling, None: the recipe's)
+        with its final accuracy, parameters and estimated compute -> (config, result)."""
+        run_cfg = recipe(s, work / "parent", budgets, seed,
+                         **({"budget_sampling": sampling} if sampling else {}))
+        r = bc.elastic_run(run_cfg, tag, work, prepared, s)
+        r["accuracy"] = final_accuracy(
+            run_cfg, work / tag,
+            {n: SubNetwork.from_dict(f["subnetwork"]) for n, f in r["family"].items()},
+            args.accuracy)
+        r["parameters"] = {n: f["parameters"] for n, f in r["family"].items()}
+        r["compute"] = elastic_compute(run_cfg, {n: p / m_params
+                                                 for n, p in r["parameters"].items()})
+        return run_cfg, r
 
     out = {}
-    m_params = count_parameters(m)
-    cfg = recipe(s, work / "parent", budgets, seed, **(
-        {"budget_sampling": args.sampling} if args.sampling else {}))
-    el = bc.elastic_run(cfg, f"elastic_s{seed}", work, prepared, s)
+    cfg, el = elastic(f"elastic_s{seed}", args.sampling)
     family = {n: SubNetwork.from_dict(f["subnetwork"]) for n, f in el["family"].items()}
-    el["accuracy"] = final_accuracy(cfg, work / f"elastic_s{seed}", family, args.accuracy)
-    el["parameters"] = {n: f["parameters"] for n, f in el["family"].items()}
-    el["compute"] = elastic_compute(cfg, {n: p / m_params for n, p in el["parameters"].items()})
     out["elastic"] = el
     out["zero-shot"] = {"final": bc.zero_shot(cfg, prepared, el["family"]), "curve": {}}
     for mode in args.extra_sampling:  # the same seed's elastic run with other budget sampling
-        xcfg = recipe(s, work / "parent", budgets, seed, budget_sampling=mode)
-        x = bc.elastic_run(xcfg, f"elastic_{mode}_s{seed}", work, prepared, s)
-        x["accuracy"] = final_accuracy(
-            xcfg, work / f"elastic_{mode}_s{seed}",
-            {n: SubNetwork.from_dict(f["subnetwork"]) for n, f in x["family"].items()},
-            args.accuracy)
-        x["parameters"] = {n: f["parameters"] for n, f in x["family"].items()}
-        x["compute"] = elastic_compute(xcfg, {n: p / m_params
-                                              for n, p in x["parameters"].items()})
-        out[f"elastic ({mode})"] = x
+        out[f"elastic ({mode})"] = elastic(f"elastic_{mode}_s{seed}", mode)[1]
 
     def distilled(tag, init, subnet_of):
         def one(n):
