@@ -44,6 +44,7 @@ BANDS = ("symmetric", "ceiling")
 BUDGET_COSTS = ("hard", "expected")
 FAMILY_CHOICES = ("argmax", "in_band")  # RouterConfig.family_choice
 HARD_SCALES = ("probability", "straight_through")  # RouterConfig.hard_scale
+ROUTER_INITS = ("random", "zero_shot")  # RouterConfig.init
 # How a hard-mode student runs (soft mode is always masked): on the kept slices of the weights
 # (a smaller budget costs less) or masked (the reference; every budget costs the full model).
 EXECUTIONS = ("sliced", "masked")
@@ -105,9 +106,24 @@ class RouterConfig:
     # (the paper's, Megatron-LM's); straight_through: the value 1 (the student trains on the
     # sub-network it deploys) with the probability's gradient.
     hard_scale: str = "probability"
+    # Where each budget's choice starts.  random: the MLP's random logits (the paper).
+    # zero_shot: before the first iteration, every uniform cut of every subset of the axes on
+    # the lattice (`width_fractions`) whose cost is inside a budget's band is scored by its LM
+    # loss on `init_batches` training micro-batches of the initial weights, and the best one's
+    # choices get `init_margin` added to their logits (a fixed offset; the MLP learns on top of
+    # it).  In hard mode the router only ever hears "scale the chosen prefix up or down", never
+    # "another cut would be better": from a random start its 50 % choice froze on a cut that
+    # lost to every fixed cut (issue 22 item 5; nemo_elastic/elastic/router_prior.py).
+    init: str = "random"
+    init_margin: float = 2.0
+    init_batches: int = 8
 
     def __post_init__(self) -> None:
         p = "elastic.router."
+        if self.init not in ROUTER_INITS:
+            fail(f"{p}init", self.init, f"must be one of {list(ROUTER_INITS)}")
+        require_positive(self, "init_batches", prefix=p)
+        require_number(self, "init_margin", prefix=p, low_open=False)
         if self.hard_scale not in HARD_SCALES:
             fail(f"{p}hard_scale", self.hard_scale, f"must be one of {list(HARD_SCALES)}")
         if self.family_choice not in FAMILY_CHOICES:

@@ -47,6 +47,8 @@ def axis_choices(model: ModelConfig, axis: str, fractions: Sequence[float],
     return sorted(sizes, reverse=True)
 
 
+# state-dict key prefix of the router.init=zero_shot logit offsets (one buffer per axis)
+PRIOR_PREFIX = "prior_"
 # router.family_choice=in_band searches with these axes at the argmax first
 AXES_KEPT_FIRST = ("hidden", "depth")
 
@@ -126,6 +128,14 @@ class ElasticRouter(nn.Module):
             raise ConfigError(f"elastic.axes={list(config.axes)}: none of these axes exists in "
                               f"model.hybrid_layer_pattern={model.hybrid_layer_pattern!r}")
         self.routers = nn.ModuleDict(routers)
+        # router.init=zero_shot: a fixed logit offset per (budget, axis) [n_budgets, n_outputs,
+        # n_choices], added to the MLP's logits; zero until `set_prior` (before the first
+        # iteration), then restored with the router's state on resume.
+        self.has_prior = r.init == "zero_shot"
+        if self.has_prior:
+            for axis, router in routers.items():
+                self.register_buffer(PRIOR_PREFIX + axis,
+                                     torch.zeros(n_budgets, router.n_outputs, router.n_choices))
         self.full_parameters = cost_model.count_parameters(model)
         self.full_active = cost_model.count_active_parameters(model)
         self.memory_spec = cost_model.MemorySpec(**config.memory) \
@@ -195,6 +205,8 @@ class ElasticRouter(nn.Module):
         probs, raw = {}, {}
         for k, (axis, router) in enumerate(self.routers.items()):
             raw[axis] = router(one_hot)
+            if self.has_prior:
+                raw[axis] = raw[axis] + getattr(self, PRIOR_PREFIX + axis)[budget_index]
             logits = raw[axis] * scale
             if noise:
                 gen = torch.Generator().manual_seed(
@@ -239,6 +251,31 @@ class ElasticRouter(nn.Module):
             layers.append(SoftLayer(keep=keep[i], expected_keep=expected[i],
                                     hard_keep=hard_keep[i], **sizes))
         return SoftSubNetwork(hidden_size=hidden, layers=layers)
+
+    def hard_subnetwork(self, indices: dict[str, Sequence[int]]) -> SubNetwork:
+        """The SubNetwork of choice indices: {axis: one index per output row} (axes left out
+        keep their largest choice, index 0)."""
+        probs, device = {}, next(self.parameters()).device
+        for axis, router in self.routers.items():
+            p = torch.zeros(router.n_outputs, router.n_choices, device=device)
+            rows = indices.get(axis, [0] * router.n_outputs)
+            p[torch.arange(router.n_outputs), torch.as_tensor(list(rows))] = 1.0
+            probs[axis] = p
+        return self._soft_subnetwork(probs).hard()
+
+    @torch.no_grad()
+    def set_prior(self, choices: dict[str, dict[str, Sequence[int]]], margin: float) -> None:
+        """router.init=zero_shot: budget name -> {axis: index per row} gets `margin` on those
+        logits (budgets left out: no offset).  Only before training: the offset is fixed."""
+        if not self.has_prior:
+            raise ValueError("set_prior needs elastic.router.init=zero_shot (no prior buffers)")
+        for axis in self.routers:
+            buf = getattr(self, PRIOR_PREFIX + axis)
+            buf.zero_()
+            for name, idx in choices.items():
+                rows = idx.get(axis, [0] * buf.shape[1])
+                buf[self.index(name), torch.arange(buf.shape[1]), torch.as_tensor(list(rows))] = \
+                    float(margin)
 
     # ------------------------------------------------------------------ loss
     def budget_loss(self, output: RouterOutput, budget_index: int) -> torch.Tensor:
@@ -307,10 +344,10 @@ class ElasticRouter(nn.Module):
         margin = [(raw[a][r][o] - raw[a][r].max()).tolist() for (a, r), o in zip(rows, order)]
 
         def subnet(state):
-            probs = {a: torch.zeros_like(z) for a, z in raw.items()}
+            indices = {a: [0] * z.shape[0] for a, z in raw.items()}
             for (a, r), o, k in zip(rows, order, state):
-                probs[a][r, o[k]] = 1.0
-            return self._soft_subnetwork(probs).hard()
+                indices[a][r] = o[k]
+            return self.hard_subnetwork(indices)
 
         start = (0,) * len(rows)
         # First with the hidden size and depth the router trained (a changed hidden size or a

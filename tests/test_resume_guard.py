@@ -170,7 +170,8 @@ def test_every_router_field_is_in_the_fingerprint():
     from nemo_elastic.checkpoint import fingerprint as fp
     from nemo_elastic.config_elastic import RouterConfig
 
-    recorded = {"hidden_dim", "mode"} | set(fp.ROUTER_SCHEDULE_KEYS) | set(fp.ROUTER_OPTION_KEYS)
+    recorded = {"hidden_dim", "mode"} | set(fp.ROUTER_SCHEDULE_KEYS) | set(fp.ROUTER_OPTION_KEYS) \
+        | set(fp.ROUTER_INIT_KEYS)
     assert {f.name for f in dataclasses.fields(RouterConfig)} == recorded
 
 

@@ -47,6 +47,8 @@ REFUSED_FIELDS = {
     "depth_choices": "elastic.depth_choices",
     "router_hidden_dim": "elastic.router.hidden_dim",
     "router_mode": "elastic.router.mode",
+    # where the router started (its zero-shot offsets are part of its saved state)
+    "router_init": "elastic.router (init, init_margin, init_batches)",
     "teacher_mode": "elastic.distill.teacher_mode",
     "budget_sampling": "elastic.budget_sampling",
     "seed": "elastic.seed",
@@ -61,11 +63,12 @@ LOGGED_FIELDS = {
     "router_schedule": "elastic.router (lr, warmup, tau, scale, clipping)",
     "router_options": "elastic.router (family_choice, hard_scale)",
 }
-# Every `elastic.router` field is recorded: hidden_dim and mode (refused), these two groups
-# (logged).  tests/test_resume_guard.py checks that a new RouterConfig field lands in one.
+# Every `elastic.router` field is recorded: hidden_dim, mode and the init group (refused),
+# these two groups (logged).  tests/test_resume_guard.py checks that a new RouterConfig field lands in one.
 ROUTER_SCHEDULE_KEYS = ("lr", "warmup_iters", "weight_decay", "clip_grad", "tau_start",
                         "tau_end", "scale_start", "scale_end", "init_std")
 ROUTER_OPTION_KEYS = ("family_choice", "hard_scale")  # which choice deploys; the hard scale
+ROUTER_INIT_KEYS = ("init", "init_margin", "init_batches")
 _CHECKPOINT_FIELDS = {"init_checkpoint": "elastic.init_checkpoint",
                       "teacher": "elastic.distill.teacher"}
 _STAGE_KEYS = ("name", "budget_probs", "seq_length", "global_batch_size", "micro_batch_size")
@@ -117,6 +120,7 @@ def training_fingerprint(cfg, router, init: Path, teacher: Optional[Path]) -> di
         "depth_choices": sorted(int(c) for c in e.depth_choices),
         "router_hidden_dim": int(r.hidden_dim),
         "router_mode": r.mode,
+        "router_init": {k: getattr(r, k) for k in ROUTER_INIT_KEYS},
         "teacher_mode": e.distill.teacher_mode,
         "budget_sampling": e.budget_sampling,
         "seed": int(e.seed),
@@ -293,8 +297,12 @@ def permute_router_state(state: dict, saved_names: list, names: list, ckpt: Path
     if sorted(saved_names) != sorted(names):
         _refuse(ckpt, "elastic.budgets", list(saved_names), list(names),
                 what="the router was trained for these budget names")
+    from nemo_elastic.router import PRIOR_PREFIX
+
     order = torch.tensor([list(saved_names).index(n) for n in names])
-    router = {k: (v[:, order] if k.endswith("net.0.weight") else v)
+    # router.init=zero_shot offsets `prior_<axis>` are [n_budgets, rows, choices]: rows by budget
+    router = {k: (v[:, order] if k.endswith("net.0.weight") else
+                  v[order] if k.startswith(PRIOR_PREFIX) else v)
               for k, v in state["router"].items()}
     opt = state.get("router_optimizer")
     if opt is not None:

@@ -151,6 +151,11 @@ class ElasticRouterCallback(Callback):
         from nemo_elastic.training.train import build_teacher
 
         cfg, init, teacher_ckpt = parent_config(self._recipe(context))
+        if cfg.elastic.router.init != "random":
+            # the zero-shot search scores cuts on this project's training data and loop
+            raise ConfigError(f"elastic.router.init={cfg.elastic.router.init!r}: under "
+                              "Megatron-Bridge the router starts at random; set "
+                              "elastic.router.init=random, or train with `nemo-elastic train`")
         self.recipe = cfg
         student = _unwrap(context.model[0])
         if context.state.train_state.step == 0:  # fresh run: the student starts as the parent

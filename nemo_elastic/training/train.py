@@ -83,6 +83,13 @@ def _train(cfg: Config, init: Path, teacher_ckpt: Path, stop: StopRequest, *, re
             resuming = resume and run.latest() is not None
             trainer = build_trainer(cfg, init, teacher_ckpt, info, load_init=not resuming,
                                     progress=progress)
+            if cfg.elastic.router.init == "zero_shot" and not resuming:
+                # a resume restores the offsets with the router's state
+                from nemo_elastic.elastic.router_prior import apply_zero_shot_prior
+
+                first = trainer.segments[0]
+                apply_zero_shot_prior(first.extra["config"], trainer.router, trainer.ddp,
+                                      first.data, info)
             trainer.run(stop, resume=resume)  # writes config.json once the resume checks pass
             result = _closing_report(cfg, trainer, init, teacher_ckpt, info)
             if info.is_main:
