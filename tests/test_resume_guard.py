@@ -73,6 +73,8 @@ REFUSALS = [  # (recipe change, the field the one line must name)
     (dict(width_fractions=[1.0, 0.5]), "elastic.width_fractions"),
     (dict(router={"hidden_dim": 8}), "elastic.router.hidden_dim"),
     (dict(router={"hidden_dim": 16, "mode": "soft"}), "elastic.router.mode"),
+    (dict(router={"hidden_dim": 16, "init": "zero_shot"}),
+     "elastic.router (init, init_margin, init_batches)"),
     (dict(seed=99), "elastic.seed"),
     (dict(budget_sampling="all"), "elastic.budget_sampling"),
     (dict(heterogeneous=["ffn"]), "elastic.heterogeneous"),
@@ -206,7 +208,8 @@ _OTHER = {"budgets": {"full": 1.0, "demi": 0.5}, "budget_type": "memory",
           "memory_spec": {"batch_size": 1}, "axes": ["hidden"], "width_fractions": [1.0],
           "choices": {"hidden": [64]}, "heterogeneous": ["ffn"], "depth_choices": [2],
           "router_hidden_dim": 8, "router_mode": "soft", "teacher_mode": "trainable",
-          "budget_sampling": "all", "seed": 2}
+          "budget_sampling": "all", "seed": 2,
+          "router_init": {"init": "zero_shot", "init_margin": 2.0, "init_batches": 8}}
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

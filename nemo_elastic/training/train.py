@@ -83,13 +83,6 @@ def _train(cfg: Config, init: Path, teacher_ckpt: Path, stop: StopRequest, *, re
             resuming = resume and run.latest() is not None
             trainer = build_trainer(cfg, init, teacher_ckpt, info, load_init=not resuming,
                                     progress=progress)
-            if cfg.elastic.router.init == "zero_shot" and not resuming:
-                # a resume restores the offsets with the router's state
-                from nemo_elastic.elastic.router_prior import apply_zero_shot_prior
-
-                first = trainer.segments[0]
-                apply_zero_shot_prior(first.extra["config"], trainer.router, trainer.ddp,
-                                      first.data, info)
             trainer.run(stop, resume=resume)  # writes config.json once the resume checks pass
             result = _closing_report(cfg, trainer, init, teacher_ckpt, info)
             if info.is_main:
@@ -106,7 +99,8 @@ def _train(cfg: Config, init: Path, teacher_ckpt: Path, stop: StopRequest, *, re
 def build_trainer(cfg: Config, init: Path, teacher_ckpt: Path, info, *, load_init: bool = True,
                   progress: bool = False) -> ElasticTrainer:
     """Student (from `init` unless resuming), frozen teacher, router, both optimizers, stages.
-    Needs an initialized runtime; `cfg` as returned by `parent_config`."""
+    A fresh start (`load_init`) with `router.init: zero_shot` also sets the router's offsets
+    (`router_prior`).  Needs an initialized runtime; `cfg` as returned by `parent_config`."""
     from megatron.core import parallel_state as ps
 
     from nemo_elastic.checkpoint import read_meta
@@ -137,6 +131,11 @@ def build_trainer(cfg: Config, init: Path, teacher_ckpt: Path, info, *, load_ini
         step=step, router=router, router_optimizer=router_opt, router_scheduler=router_sched,
         teacher=teacher, fingerprint=training_fingerprint(
             cfg, router, init, None if teacher is None else teacher_ckpt))
+    if load_init and e.router.init == "zero_shot":  # a resume restores it with the router
+        from nemo_elastic.elastic.router_prior import apply_zero_shot_prior
+
+        first = trainer.segments[0]
+        apply_zero_shot_prior(first.extra["config"], router, ddp, first.data, info)
     logger.info("elastic distillation: %s parameters, budgets %s (%s), stages %s, teacher %s",
                 f"{global_param_count(student):,}", e.budgets, e.budget_type,
                 [(s.name, s.end - s.begin) for s in trainer.segments],
