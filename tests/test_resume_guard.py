@@ -193,6 +193,7 @@ def _fingerprint():
             "memory_spec": None, "axes": ["hidden", "ffn"], "width_fractions": [1.0, 0.5],
             "choices": {"hidden": [64, 32], "ffn": [128, 64]}, "heterogeneous": [],
             "depth_choices": [], "router_hidden_dim": 16, "router_mode": "hard",
+            "router_init": {"init": "random", "init_margin": 2.0, "init_batches": 8},
             "teacher_mode": "frozen", "budget_sampling": "one", "seed": 1,
             "init_checkpoint": {"path": "/a", "sha256": "aa"},
             "teacher": {"path": "/a", "sha256": "aa"}, "execution": "sliced",
