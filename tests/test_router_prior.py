@@ -204,3 +204,38 @@ def test_a_fresh_run_scores_the_sliced_models_on_training_batches_and_resumes_ex
     assert resumed.family == straight.family
     metrics = [json.loads(x) for x in (run / "elastic/metrics.jsonl").read_text().splitlines()]
     assert [m["kd"] for m in metrics] == losses
+
+
+@pytest.mark.parametrize("kind", ["heterogeneous_and_depth", "memory", "mamba_head_dim"])
+def test_every_kind_of_router_starts_inside_its_bands(kind):
+    """Per-layer axes, dropped layers, memory budgets and the head-channel axis: each budget's
+    start is inside its band as the cost model counts it, and is the router's argmax."""
+    from nemo_elastic.cost_model import GB, MemorySpec, count_memory, subnetwork_memory
+
+    m = _model()
+    kw = {"heterogeneous_and_depth": dict(heterogeneous=["ffn", "mamba_heads"],
+                                          depth_choices=[7, 6, 5]),
+          "mamba_head_dim": dict(axes=["hidden", "mamba_heads", "mamba_head_dim", "ffn"]),
+          }.get(kind, {})
+    # short context: the weights dominate (the KV cache of a kept attention layer cannot shrink)
+    spec = {"batch_size": 1, "seq_length": 64, "bytes_per_param": 2.0, "bytes_per_cache": 2.0}
+    if kind == "memory":
+        parent = count_memory(m, MemorySpec(**spec)) / GB
+        kw = dict(budget_type="memory", memory=spec,
+                  budgets={"full": parent, "75pct": 0.75 * parent, "60pct": 0.6 * parent})
+    e = ElasticConfig(iters=100, warmup_iters=0, width_fractions=FRACTIONS,
+                      router={"hidden_dim": 16, "init": "zero_shot"},
+                      **{"budgets": BUDGETS, **kw})
+    router = ElasticRouter(m, e, total_iters=100, layer_ranking=list(range(m.num_layers)))
+    choices, _ = search_prior(router, _planted(m))
+    router.set_prior(choices, 2.0)
+    family = router.family()
+    for name, target in e.budgets.items():
+        sub = family[name]
+        assert sub == router.hard_subnetwork(choices[name]), name
+        cost = subnetwork_memory(m, sub, MemorySpec(**spec)) / GB if kind == "memory" \
+            else subnetwork_parameters(m, sub) / count_parameters(m)
+        assert abs(cost / target - 1) <= 0.05 + 1e-9, (name, cost, target)
+    if kind == "heterogeneous_and_depth":
+        assert any(k.startswith(PRIOR_PREFIX) and v.shape[1] > 1
+                   for k, v in router.state_dict().items())
