@@ -16,7 +16,9 @@ instead of the router's: each smaller budget is the uniform cut of AXES (the oth
 whole) whose parameter count is closest to its target, trained by the same loop, loss, teacher
 and data (`bench_claims.fixed_router`) - the router against fixed configurations at equal
 parameters (issue 22, item 5); `fixed=search` takes, per budget, the cut of whichever axes
-has the lowest zero-shot loss on TRAINING batches (`--search-fixed` prints that search).
+has the lowest zero-shot loss on TRAINING batches (`--search-fixed` prints that search);
+`fixed=run:DIR` holds fixed the family the finished run DIR deployed (its `family.json`):
+the router's training against its own final choice.
 A seed changes elastic.seed and data.seed (batch order; `--same-data` keeps the recipe's).
 `--accuracy N`: greedy answers on the first N validation problems, the teacher's too.
 `--trajectory RUN...`: accuracy at every saved checkpoint; `--report-only`: tables only.
@@ -167,6 +169,15 @@ def fixed_family(cfg, axes: str, work: Optional[Path] = None,
     (others whole) closest to the budget's parameter target.  `axes="search"`: per budget, the
     cut of whichever axes has the lowest zero-shot loss on training batches (`search_fixed`,
     cached in `work`) among the cuts inside the budget's band."""
+    if axes.startswith("run:"):  # the family a finished run deployed, held fixed
+        from nemo_elastic.elastic.subnet import SubNetwork
+
+        rows = json.loads((Path(axes[4:]) / "family.json").read_text())
+        rows = rows["family"] if isinstance(rows, dict) else rows
+        family = {r["name"]: SubNetwork.from_dict(r["subnetwork"]) for r in rows}
+        logger.info("fixed family of the run %s: %s", axes[4:],
+                    {n: s.describe(cfg.model) for n, s in family.items()})
+        return family
     if axes == "search":
         rows = search_fixed(prepared, work)
         best = {}
