@@ -132,6 +132,11 @@ def test_on_train_start_builds_router_and_teacher_and_loads_the_parent(tmp_path)
             assert torch.equal(a, b)
         for a, b in zip(callback.router.parameters(), reference.router.parameters()):
             assert torch.equal(a, b)
+        # router.init=zero_shot (conf/tiny.yaml): the same offsets as our trainer's search
+        buffers = dict(reference.router.named_buffers())
+        assert any(n.startswith("prior_") and b.abs().sum() > 0 for n, b in buffers.items())
+        for name, b in callback.router.named_buffers():
+            assert torch.equal(b, buffers[name]), name
         assert step.step is callback.step and callback.step.teacher is not None
         # one Bridge-signature micro-batch: the same loss as our step on the same batch
         manager.fire("on_train_step_start", _context(state, fresh, manager))

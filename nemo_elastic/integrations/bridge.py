@@ -151,11 +151,6 @@ class ElasticRouterCallback(Callback):
         from nemo_elastic.training.train import build_teacher
 
         cfg, init, teacher_ckpt = parent_config(self._recipe(context))
-        if cfg.elastic.router.init != "random":
-            # the zero-shot search scores cuts on this project's training data and loop
-            raise ConfigError(f"elastic.router.init={cfg.elastic.router.init!r}: under "
-                              "Megatron-Bridge the router starts at random; set "
-                              "elastic.router.init=random, or train with `nemo-elastic train`")
         self.recipe = cfg
         student = _unwrap(context.model[0])
         if context.state.train_state.step == 0:  # fresh run: the student starts as the parent
@@ -164,6 +159,8 @@ class ElasticRouterCallback(Callback):
                 context.optimizer.reload_model_params()  # fp32 main copies of bf16 weights
         router = _build_router(cfg, init, next(student.parameters()).device)
         e = cfg.elastic
+        if e.router.init == "zero_shot" and context.state.train_state.step == 0:
+            _zero_shot_prior(cfg, router, context.model[0])
         teacher = None if e.distill.teacher_mode == "trainable" else build_teacher(cfg, teacher_ckpt)
         self.router_optimizer, self.router_scheduler = build_router_optimizer(cfg, router)
         self.step = ElasticDistillationStep(router=router, teacher=teacher, elastic_cfg=e,
@@ -242,6 +239,21 @@ def _unwrap(model):
     while hasattr(model, "module"):
         model = model.module
     return model
+
+
+def _zero_shot_prior(cfg: Config, router, model) -> None:
+    """router.init=zero_shot on a fresh Bridge run: the cuts are scored as `nemo-elastic train`
+    scores them, on the first curriculum stage's shape of the recipe's own `data:` section (the
+    indexed dataset Bridge trains on; with Bridge's mock data, the recipe's corpus)."""
+    from nemo_elastic.data.loaders import build_training_data
+    from nemo_elastic.elastic.router_prior import apply_zero_shot_prior
+    from nemo_elastic.runtime import rank_info
+    from nemo_elastic.training.elastic.schedule import Curriculum
+
+    stage = Curriculum.of(cfg).stages[0]
+    stage_cfg = dataclasses.replace(cfg, data=stage.data_config(cfg.data))
+    info = rank_info()
+    apply_zero_shot_prior(stage_cfg, router, model, build_training_data(stage_cfg, info), info)
 
 
 def _build_router(cfg: Config, init, device):
