@@ -137,6 +137,9 @@ def fixed_router(fixed: dict):
 
     class FixedRouter(base):
         def __init__(self, model, config, **kwargs):
+            # no zero-shot search (router.init): the family is given
+            config = dataclasses.replace(config, router=dataclasses.replace(config.router,
+                                                                            init="random"))
             super().__init__(model, config, **kwargs)
             for axis in list(self.choices):
                 sizes = {_axis_size(model, s, axis, self.layers_of[axis]) for s in fixed.values()}

@@ -159,7 +159,7 @@ class ElasticRouterCallback(Callback):
                 context.optimizer.reload_model_params()  # fp32 main copies of bf16 weights
         router = _build_router(cfg, init, next(student.parameters()).device)
         e = cfg.elastic
-        if e.router.init == "zero_shot" and context.state.train_state.step == 0:
+        if router.has_prior and context.state.train_state.step == 0:  # router.init=zero_shot
             _zero_shot_prior(cfg, router, context.model[0])
         teacher = None if e.distill.teacher_mode == "trainable" else build_teacher(cfg, teacher_ckpt)
         self.router_optimizer, self.router_scheduler = build_router_optimizer(cfg, router)

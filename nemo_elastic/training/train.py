@@ -131,7 +131,7 @@ def build_trainer(cfg: Config, init: Path, teacher_ckpt: Path, info, *, load_ini
         step=step, router=router, router_optimizer=router_opt, router_scheduler=router_sched,
         teacher=teacher, fingerprint=training_fingerprint(
             cfg, router, init, None if teacher is None else teacher_ckpt))
-    if load_init and e.router.init == "zero_shot":  # a resume restores it with the router
+    if load_init and router.has_prior:  # router.init=zero_shot; a resume restores the offsets
         from nemo_elastic.elastic.router_prior import apply_zero_shot_prior
 
         first = trainer.segments[0]
