@@ -213,10 +213,19 @@ def _step_in_layout(rank, world_size, tmp_path, layout):
 
     pattern, parallel = LAYOUTS[layout]
     overrides = [f"parallel.{k}={v}" for k, v in parallel.items()]
+    # init random: a zero-shot start saturates the soft router's probabilities (no gradient to
+    # compare); the zero-shot search itself is compared below
     cfg, init, teacher = parent_config(_cfg(tmp_path, *overrides, f"output_dir={tmp_path / layout}",
-                                            "elastic.router.mode=soft", pattern=pattern,
-                                            stage1=2, stage2=1))
+                                            "elastic.router.mode=soft", "elastic.router.init=random",
+                                            pattern=pattern, stage1=2, stage2=1))
     with runtime.distributed(cfg.parallel) as info:
+        # router.init=zero_shot: every rank of every layout scores the same cuts the same way
+        zs = parent_config(_cfg(tmp_path, *overrides, f"output_dir={tmp_path / layout}_zs",
+                                "elastic.router.init=zero_shot", "elastic.router.init_batches=2",
+                                pattern=pattern, stage1=2, stage2=1))[0]
+        torch.save({n: b.clone() for n, b in build_trainer(zs, init, teacher, info)
+                    .router.named_buffers() if n.startswith("prior_")},
+                   tmp_path / f"{layout}_prior_rank{rank}.pt")
         trainer = build_trainer(cfg, init, teacher, info)
         record, _, router_grads = _one_step(trainer)
         params = list(trainer.model.parameters())
@@ -272,6 +281,12 @@ def test_tp2_and_pp2_elastic_steps_equal_one_process(tmp_path):
         copies = [torch.load(tmp_path / f"{layout}_router_rank{r}.pt") for r in range(world)]
         for name in copies[0]:
             assert torch.equal(copies[0][name], copies[1][name]), (layout, name)
+        prior = torch.load(tmp_path / "tp1_prior_rank0.pt")
+        assert prior and any(b.abs().sum() > 0 for b in prior.values())
+        for rank in range(world):
+            other = torch.load(tmp_path / f"{layout}_prior_rank{rank}.pt")
+            for name, b in prior.items():
+                assert torch.equal(other[name], b), (layout, rank, name)
     assert any(g.abs().sum() > 0 for g in ref["router_grads"].values())
 
 
