@@ -270,9 +270,11 @@ def summarize(results: dict, teacher_acc=None) -> None:
     each variant minus the first one, paired by seed (same data order and router init)."""
     from nemo_elastic.report.common import format_table
 
-    ms = lambda xs: (f"{statistics.mean(xs):.4f} ± {statistics.pstdev(xs):.4f}"  # noqa: E731
+    # sample sd (n - 1), as bench_peers reports; 0 for one seed
+    sd = lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0  # noqa: E731
+    ms = lambda xs: (f"{statistics.mean(xs):.4f} ± {sd(xs):.4f}"  # noqa: E731
                      if xs else "-")
-    pct = lambda xs: (f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.pstdev(xs):.1f}%"  # noqa: E731
+    pct = lambda xs: (f"{100 * statistics.mean(xs):.1f} ± {100 * sd(xs):.1f}%"  # noqa: E731
                       if xs else "-")
     results = {k: v for k, v in results.items() if v}
     if not results:
