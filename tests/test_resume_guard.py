@@ -73,7 +73,9 @@ REFUSALS = [  # (recipe change, the field the one line must name)
     (dict(width_fractions=[1.0, 0.5]), "elastic.width_fractions"),
     (dict(router={"hidden_dim": 8}), "elastic.router.hidden_dim"),
     (dict(router={"hidden_dim": 16, "mode": "soft"}), "elastic.router.mode"),
-    (dict(router={"hidden_dim": 16, "init": "zero_shot"}),
+    (dict(router={"hidden_dim": 16, "init": "random"}),  # conf/tiny.yaml starts at zero_shot
+     "elastic.router (init, init_margin, init_batches)"),
+    (dict(router={"hidden_dim": 16, "init_margin": 2.0}),
      "elastic.router (init, init_margin, init_batches)"),
     (dict(seed=99), "elastic.seed"),
     (dict(budget_sampling="all"), "elastic.budget_sampling"),
@@ -158,8 +160,12 @@ def test_router_rows_are_bound_to_budget_names(trained):
         if key.endswith("net.0.weight"):
             for j, name in enumerate(order):
                 assert torch.equal(loaded[key][:, j], value[:, old.index(name)]), (key, name)
+        elif key.startswith("prior_"):  # router.init=zero_shot offsets: one row per budget
+            for j, name in enumerate(order):
+                assert torch.equal(loaded[key][j], value[old.index(name)]), (key, name)
         else:
             assert torch.equal(loaded[key], value), key
+    assert any(k.startswith("prior_") for k in saved)  # conf/tiny.yaml: router.init=zero_shot
 
 
 # ------------------------------------------------------------- the comparison itself (no torch)

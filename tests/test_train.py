@@ -112,13 +112,14 @@ def test_full_plus_one_trains_the_full_budget_on_every_micro_batch(probs, expect
     ("elastic.choices.mamba_heads=[3]", r"not a multiple of model.mamba_num_groups"),
     ("elastic.curriculum.0.seq_length=100000", r"exceeds model.max_sequence_length"),
     ("elastic.warmup_iters=100", r"elastic.warmup_iters=100: must be below the run's"),
-    ("elastic.distill.teacher_mode=trainable", r"ce_weight=0.0: must be > 0 with"),
+    ("elastic.distill.teacher_mode=trainable;elastic.distill.ce_weight=0",
+     r"ce_weight=0.0: must be > 0 with"),
     ("elastic.lr=fast", r"elastic.lr='fast': must be a number"),
     ("elastic.routr.lr=1", r"unknown config key 'elastic.routr'; did you mean 'router'"),
 ])
 def test_elastic_section_errors_name_the_field(tmp_path, override, match):
     with pytest.raises(ConfigError, match=match):
-        _cfg(tmp_path, override)
+        _cfg(tmp_path, *override.split(";"))
 
 
 def test_tokens_resolve_to_iterations_and_memory_budgets_are_checked(tmp_path):

@@ -240,7 +240,11 @@ def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp_group) -> torc
     if tp_group is None or torch.distributed.get_world_size(tp_group) == 1:
         return torch.nn.functional.cross_entropy(
             logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-    return vocab_parallel_cross_entropy(logits.float(), labels)
+    # Megatron's vocab-parallel CE works in place on its input (subtracts the max, exponentiates
+    # into it); these logits also feed the KD loss, and with K students they are views of one
+    # stacked tensor: give it a copy (`.float()` of bf16 logits already is one)
+    x = logits.float()
+    return vocab_parallel_cross_entropy(x.clone() if x is logits else x, labels)
 
 
 def reduce_reports(losses: list[dict], n_budgets: int, dp_group=None) -> dict:
