@@ -245,15 +245,13 @@ def _zero_shot_prior(cfg: Config, router, model) -> None:
     """router.init=zero_shot on a fresh Bridge run: the cuts are scored as `nemo-elastic train`
     scores them, on the first curriculum stage's shape of the recipe's own `data:` section (the
     indexed dataset Bridge trains on; with Bridge's mock data, the recipe's corpus)."""
-    from nemo_elastic.data.loaders import build_training_data
     from nemo_elastic.elastic.router_prior import apply_zero_shot_prior
     from nemo_elastic.runtime import rank_info
-    from nemo_elastic.training.elastic.schedule import Curriculum
+    from nemo_elastic.training.elastic.trainer import training_segments
 
-    stage = Curriculum.of(cfg).stages[0]
-    stage_cfg = dataclasses.replace(cfg, data=stage.data_config(cfg.data))
     info = rank_info()
-    apply_zero_shot_prior(stage_cfg, router, model, build_training_data(stage_cfg, info), info)
+    first = training_segments(cfg, info)[0]  # the stage config and data `build_trainer` scores on
+    apply_zero_shot_prior(first.extra["config"], router, model, first.data, info)
 
 
 def _build_router(cfg: Config, init, device):
