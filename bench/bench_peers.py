@@ -115,27 +115,20 @@ TEACHER_PASS = 1.0 / 3.0  # a frozen teacher's forward costs ~1/3 of a forward +
 
 def elastic_compute(cfg, fractions: dict) -> float:
     """Estimated training compute of the elastic run, in full-model forward+backward token
-    passes: per stage, its tokens x (the students' expected parameter fraction per micro-batch
-    + one teacher forward).  `fractions`: each budget's parameter fraction.  `one`/`stratified`
-    run one student (expected fraction sum p_b f_b), `full_plus_one` the full one plus one drawn
-    from the rest, `all` every budget with p_b > 0.  Parameters only (6 N flops per token):
-    attention's sequence term and the router are left out, as is the hidden-state size."""
+    passes: per stage, its tokens x (the students' parameter fractions weighted by how often
+    the step runs each, `expected_student_runs`, + one teacher forward).  `fractions`: each
+    budget's parameter fraction; the full budget is the one at fraction 1.  Parameters only
+    (6 N flops per token): attention's sequence term and the router are left out, as is the
+    hidden-state size."""
     from nemo_elastic.training.elastic.schedule import Curriculum
+    from nemo_elastic.training.elastic.step import expected_student_runs
 
-    names = list(cfg.elastic.budget_names)
-    f = [fractions[n] for n in names]
+    f = [fractions[n] for n in cfg.elastic.budget_names]
+    full = next((i for i, x in enumerate(f) if x >= 1.0), None)
     total = 0.0
     for st in Curriculum(cfg.elastic, cfg.data).stages:
-        p = st.budget_probs
-        mode = cfg.elastic.budget_sampling
-        full = next((i for i, x in enumerate(f) if x >= 1.0), None)
-        if mode == "all":
-            students = sum(fi for fi, pi in zip(f, p) if pi > 0)
-        elif mode == "full_plus_one" and full is not None and 0 < p[full] < 1:
-            rest = [0.0 if i == full else pi for i, pi in enumerate(p)]
-            students = 1.0 + sum(fi * ri / sum(rest) for fi, ri in zip(f, rest))
-        else:
-            students = sum(fi * pi for fi, pi in zip(f, p))
+        runs = expected_student_runs(cfg.elastic.budget_sampling, st.budget_probs, full)
+        students = sum(fi * ri for fi, ri in zip(f, runs))
         total += st.iters * st.tokens_per_iteration * (students + TEACHER_PASS)
     return total
 

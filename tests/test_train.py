@@ -10,8 +10,8 @@ import torch
 from nemo_elastic import runtime
 from nemo_elastic.checkpoint import LATEST_FILE, read_meta, save_checkpoint
 from nemo_elastic.config import ConfigError, ParallelConfig, load_config
-from nemo_elastic.training.elastic.step import ElasticDistillationStep, sample_budget, \
-    stratified_budgets
+from nemo_elastic.training.elastic.step import ElasticDistillationStep, \
+    expected_student_runs, sample_budget, stratified_budgets
 from tests.conftest import perturb, tiny_model_dict
 
 PATTERN = "M-*M-"
@@ -98,6 +98,26 @@ def test_full_plus_one_trains_the_full_budget_on_every_micro_batch(probs, expect
         for i, w in students:
             expectation[i] += w / n
     assert expectation == pytest.approx(probs, abs=0.03)
+
+
+@pytest.mark.parametrize("sampling", ["one", "stratified", "full_plus_one", "all"])
+@pytest.mark.parametrize("probs", [[0.5, 0.3, 0.2], [0, 0.5, 0.5], [1, 0, 0]])
+def test_expected_student_runs_counts_what_the_step_runs(sampling, probs):
+    """`expected_student_runs` (what bench_peers costs a run with) against the step itself:
+    how often each budget runs as a student per micro-batch, counted over 4000 micro-batches
+    (1000 iterations x 4, the stratified strata included)."""
+    cfg = load_config("conf/tiny.yaml", [f"elastic.budget_sampling={sampling}"]).elastic
+    step = ElasticDistillationStep(router=_Router(), teacher=torch.nn.Identity(), elastic_cfg=cfg)
+    counts, n = [0] * 3, 0
+    for it in range(1000):
+        step.begin_iteration(it, probs, num_micro_batches=4)
+        for micro in range(4):
+            for i, _ in step.students(micro):
+                counts[i] += 1
+            n += 1
+    expected = expected_student_runs(sampling, probs, full=0)
+    assert [c / n for c in counts] == pytest.approx(expected, abs=0.025)
+    assert sum(expected) == pytest.approx(step.students_per_micro_batch)
 
 
 @pytest.mark.parametrize("override, match", [

@@ -73,6 +73,33 @@ def stratified_budgets(probs: Sequence[float], seed: int, iteration: int,
     return [int(picks[j]) for j in rng.permutation(n_micro)]
 
 
+def full_and_rest(sampling: str, probs: Sequence[float],
+                  full: Optional[int]) -> Optional[tuple[int, list[float]]]:
+    """full_plus_one: (index of the full budget, the other budgets' renormalized
+    probabilities), or None when there is nothing to pair (another sampling, no full budget,
+    or a stage that never or only draws it): then one budget per micro-batch."""
+    if sampling != "full_plus_one" or full is None or not 0 < probs[full] < 1:
+        return None
+    rest = [0.0 if i == full else float(p) for i, p in enumerate(probs)]
+    return full, [p / sum(rest) for p in rest]
+
+
+def expected_student_runs(sampling: str, probs: Sequence[float],
+                          full: Optional[int]) -> list[float]:
+    """How many times, in expectation, budget i runs as a student on one micro-batch (the
+    forward+backward passes the step pays for; not the loss weights): `all` runs every budget
+    with p_i > 0 once, `full_plus_one` the full budget always plus one drawn from the rest,
+    `one` and `stratified` one budget drawn with p.  Benchmarks cost a run with this."""
+    if sampling == "all":
+        return [1.0 if p > 0 else 0.0 for p in probs]
+    pair = full_and_rest(sampling, probs, full)
+    if pair is not None:
+        full, rest = pair
+        return [1.0 if i == full else r for i, r in enumerate(rest)]
+    total = float(sum(probs))
+    return [float(p) / total for p in probs]
+
+
 def _unwrap(model):
     """The module under DDP / Float16Module wrappers."""
     while hasattr(model, "module"):
@@ -127,15 +154,9 @@ class ElasticDistillationStep:
         return 2 if self._full_and_rest() is not None else 1
 
     def _full_and_rest(self) -> Optional[tuple[int, list[float]]]:
-        """full_plus_one: (index of the full budget, the other budgets' renormalized
-        probabilities), or None when the stage leaves nothing to pair (then one budget)."""
-        if self.sampling != "full_plus_one":
-            return None
+        """`full_and_rest` for this stage's probabilities and the router's full budget."""
         full = next((i for i in range(len(self.router.names)) if self.router.is_full(i)), None)
-        if full is None or not 0 < self.budget_probs[full] < 1:
-            return None
-        rest = [0.0 if i == full else p for i, p in enumerate(self.budget_probs)]
-        return full, [p / sum(rest) for p in rest]
+        return full_and_rest(self.sampling, self.budget_probs, full)
 
     def students(self, micro: int) -> list[tuple[int, float]]:
         """(budget index, loss weight) of each student of micro-batch `micro`."""
