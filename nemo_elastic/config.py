@@ -443,6 +443,17 @@ class Config:
             _fail("elastic.budget_type", e.budget_type, "counts what one token touches, which "
                   "differs from the parameters only with MoE ('E') layers in "
                   f"model.hybrid_layer_pattern={m.hybrid_layer_pattern!r}; use params")
+        if e.budget_type in ("params", "active"):
+            from nemo_elastic.cost_model import smallest_fraction
+
+            what = "active parameters" if e.budget_type == "active" else "parameters"
+            smallest = smallest_fraction(m, e, active=e.budget_type == "active")
+            for name, value in e.budgets.items():
+                if value < smallest * (1 - e.loss.tolerance):
+                    _fail(f"elastic.budgets.{name}", value, f"is below the smallest fraction of "
+                          f"the parent's {what} the elastic axes can reach, {smallest:.3f} "
+                          f"(every axis at its smallest choice, elastic.width_fractions / "
+                          "choices); raise the budget, or add smaller width_fractions / choices")
         if e.budget_type == "memory":
             from nemo_elastic.cost_model import GB, MemorySpec, count_memory, smallest_memory
             from nemo_elastic.units import readable_bytes
@@ -457,12 +468,15 @@ class Config:
                 if value > parent_gb * (1 + e.loss.tolerance):
                     _fail(f"elastic.budgets.{name}", value, f"({readable_bytes(value * GB)}) "
                           f"exceeds the parent's memory {readable_bytes(parent_gb * GB)} at "
-                          f"elastic.memory={e.memory}")
+                          f"elastic.memory={dataclasses.asdict(spec)}; give a memory budget "
+                          "as a size up to the parent's (e.g. "
+                          f"elastic.budgets.{name}='{readable_bytes(parent_gb * GB)}'), or "
+                          "count a larger batch / seq_length in elastic.memory")
                 if value < smallest_gb * (1 - e.loss.tolerance):
                     _fail(f"elastic.budgets.{name}", value, f"({readable_bytes(value * GB)}) is "
                           f"below the smallest memory the elastic axes can reach, "
                           f"{readable_bytes(smallest_gb * GB)} (every axis at its smallest "
-                          f"choice, elastic.memory={e.memory}); raise the budget, or add smaller "
+                          f"choice, elastic.memory={dataclasses.asdict(spec)}); raise the budget, or add smaller "
                           "elastic.width_fractions / choices")
 
     def with_model(self, model: ModelConfig) -> "Config":

@@ -67,7 +67,7 @@ __all__ = ["GB", "MemorySpec", "active_parameter_breakdown", "attention_layer_pa
            "kv_cache_bytes", "layer_parameters", "mamba_layer_parameters", "mamba_parameters",
            "mamba_state_bytes", "memory_breakdown", "memory_from_terms", "memory_gb",
            "mlp_layer_parameters", "mlp_parameters", "parameter_breakdown",
-           "parameters_from_terms", "smallest_memory", "subnetwork_active_parameters",
+           "parameters_from_terms", "smallest_cost", "smallest_fraction", "smallest_memory", "subnetwork_active_parameters",
            "subnetwork_memory",
            "subnetwork_parameters"]
 
@@ -314,33 +314,49 @@ def memory_gb(m: ModelConfig, spec: Optional[MemorySpec] = None,
     return nbytes / GB
 
 
-def _uniform_memory(m: ModelConfig, spec: MemorySpec, sizes: dict, drop=()) -> float:
-    """Memory in bytes of the sub-network with the same `sizes` in every layer of a type
+def _uniform_cost(m: ModelConfig, measure: Callable[[dict], float], spec: Optional[MemorySpec],
+                  sizes: dict, drop=()) -> float:
+    """`measure(cost_terms)` of the sub-network with the same `sizes` in every layer of a type
     (`SubNetwork.uniform(m, **sizes, drop_layers=drop)`, counted without building it)."""
     size = lambda f, i: sizes[f] if sizes.get(f) is not None else m.layer_size(f, i)  # noqa: E731
-    terms = cost_terms(m, spec, hidden=sizes.get("hidden_size", m.hidden_size), size=size,
-                       keep=lambda i: i not in drop)
-    return memory_from_terms(terms, spec)["total"]
+    return measure(cost_terms(m, spec, hidden=sizes.get("hidden_size", m.hidden_size), size=size,
+                              keep=lambda i: i not in drop))
 
 
-def smallest_memory(m: ModelConfig, e, spec: MemorySpec) -> float:
-    """Memory in bytes of the smallest sub-network the router can choose: every elastic width
-    axis at its smallest choice (explicit `choices`, else the smallest width fraction rounded as
-    `router.axis_choices` rounds it), each layer kept (with elastic depth: the parent's layers
-    minus the most memory-hungry ones it may drop, a lower bound).  `e`: the elastic section."""
+def smallest_cost(m: ModelConfig, e, measure: Callable[[dict], float],
+                  spec: Optional[MemorySpec] = None) -> float:
+    """`measure` (of a `cost_terms(..., spec)` result: parameters, active parameters or memory)
+    of the smallest sub-network the router can choose: every elastic width axis at its smallest
+    choice (explicit `choices`, else the smallest width fraction rounded as `router.axis_choices`
+    rounds it), each layer kept (with elastic depth: the parent's layers minus the ones that
+    add most to `measure` it may drop, a lower bound).  `e`: the elastic section."""
     sizes = {}
     for axis in e.axes:
         _, field_name = ELASTIC_AXES[axis]
         step = getattr(m, GROUPED[field_name]) if field_name in GROUPED else 1
-        full = getattr(m, field_name)
+        full = _size(m, field_name, None)  # MoE sizes live in model.moe
         smallest = min(e.choices[axis]) if e.choices.get(axis) else \
             max(step, int(round(full * min(e.width_fractions) / step)) * step)
+        if field_name == "num_moe_experts":  # as router.axis_choices: top-k experts at least
+            smallest = max(smallest, m.moe.moe_router_topk)
         sizes[field_name] = min(smallest, full)
+    kept_all = _uniform_cost(m, measure, spec, sizes)
     if not e.depth_choices:
-        return _uniform_memory(m, spec, sizes)
+        return kept_all
     keep = min(e.depth_choices)
-    kept_all = _uniform_memory(m, spec, sizes)
-    costs = [kept_all - _uniform_memory(m, spec, sizes, {j})  # the memory each layer adds
+    costs = [kept_all - _uniform_cost(m, measure, spec, sizes, {j})  # what each layer adds
              for j in range(m.num_layers)]
     drop = sorted(range(m.num_layers), key=lambda j: -costs[j])[:max(0, m.num_layers - keep)]
-    return _uniform_memory(m, spec, sizes, set(drop))
+    return _uniform_cost(m, measure, spec, sizes, set(drop))
+
+
+def smallest_memory(m: ModelConfig, e, spec: MemorySpec) -> float:
+    """Memory in bytes of the smallest sub-network the router can choose (`smallest_cost`)."""
+    return smallest_cost(m, e, lambda terms: memory_from_terms(terms, spec)["total"], spec)
+
+
+def smallest_fraction(m: ModelConfig, e, active: bool = False) -> float:
+    """The smallest fraction of the parent's parameters (`active`: of its active parameters)
+    the router can reach (`smallest_cost`): the floor of a `params` / `active` budget."""
+    count = active_from_terms if active else parameters_from_terms
+    return smallest_cost(m, e, count) / count(cost_terms(m))

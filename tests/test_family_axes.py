@@ -21,7 +21,8 @@ import torch
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from nemo_elastic import cli, runtime
-from nemo_elastic.cost_model import GB, MemorySpec, count_memory, smallest_memory
+from nemo_elastic.cost_model import GB, MemorySpec, count_memory, smallest_fraction, \
+    smallest_memory
 from nemo_elastic.checkpoint import read_meta, save_checkpoint
 from nemo_elastic.config import ParallelConfig
 from nemo_elastic.elastic.specs import build_elastic_model
@@ -58,18 +59,19 @@ def _family(section: dict):
     ranking_seed = section.pop("ranking_seed")
     fractions = [1.0, 0.75, 0.5]
     el = dict(iters=4, warmup_iters=0, router={"warmup_iters": 0}, **section)
+    # targets between the smallest size the axes can reach and the parent's (a target below
+    # the smallest is refused at load): the same shares of the reachable range
+    shape = tiny_config({"hybrid_layer_pattern": PATTERN},
+                        elastic=dict(el, budget_type="params", budgets={"p": 1.0}))
     if section["budget_type"] == "memory":
-        # targets between the smallest memory the axes can reach and the parent's (a target
-        # below the smallest is refused at load): the same shares of the reachable range
-        shape = tiny_config({"hybrid_layer_pattern": PATTERN},
-                            elastic=dict(el, budget_type="params", budgets={"p": 1.0}))
         spec = MemorySpec(**MEMORY)
         parent_gb = count_memory(shape.model, spec) / GB
         low_gb = smallest_memory(shape.model, shape.elastic, spec) / GB
         el.update(memory=MEMORY, budgets={f"m{int(100 * f)}": low_gb + f * (parent_gb - low_gb)
                                           for f in fractions})
     else:
-        el["budgets"] = {f"p{int(100 * f)}": f for f in fractions}
+        low = smallest_fraction(shape.model, shape.elastic)
+        el["budgets"] = {f"p{int(100 * f)}": low + f * (1 - low) for f in fractions}
     cfg = tiny_config({"hybrid_layer_pattern": PATTERN}, elastic=el)
     ranking = torch.randperm(cfg.model.num_layers,
                              generator=torch.Generator().manual_seed(ranking_seed)).tolist()

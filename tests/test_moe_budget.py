@@ -95,9 +95,13 @@ def test_active_count_equals_the_sliced_model(megatron_env):
 
 
 def test_active_budget_validation():
+    # (the expert count alone cannot reach 60 %: every token still touches top-k experts)
     cfg = _cfg(budget_type="active", budgets={"full": "100%", "b60": "60%"},
-               axes=["moe_experts"])
+               axes=["hidden", "moe_expert_ffn"])
     assert cfg.elastic.budgets == {"full": 1.0, "b60": 0.6}
+    with pytest.raises(ConfigError, match=r"elastic.budgets.b60=0.6: is below the smallest "
+                       r"fraction of the parent's active parameters .* 0.98"):
+        _cfg(budget_type="active", budgets={"full": 1.0, "b60": 0.6}, axes=["moe_experts"])
     with pytest.raises(ConfigError, match=r"elastic.budgets.big.*fraction"):
         _cfg(budget_type="active", budgets={"big": 1.5}, axes=["moe_experts"])
     with pytest.raises(ConfigError, match=r"elastic.budget_type.*MoE.*use params"):

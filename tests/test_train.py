@@ -150,6 +150,49 @@ def test_tokens_resolve_to_iterations_and_memory_budgets_are_checked(tmp_path):
              "elastic.budgets.75pct=0.0001", "elastic.budgets.50pct=0.00005")
 
 
+@pytest.mark.parametrize("recipe, budget_type", [
+    ("conf/tiny.yaml", "params"), ("conf/tiny.yaml", "memory"), ("conf/tiny_moe.yaml", "params"),
+    ("conf/tiny_moe.yaml", "active"), ("conf/tiny_moe.yaml", "memory")])
+def test_a_budget_below_the_smallest_sub_network_the_router_can_choose_is_refused(
+        recipe, budget_type):
+    """The floor of every budget type is the router's own smallest choice on every axis
+    (`ElasticRouter.choices`, its lattice) counted as the budget counts: a budget at the floor
+    loads; one below what the band can reach (target x (1 - tolerance) < floor) is refused at
+    load naming the field, the value and the fix.  Before, only memory budgets had a floor (a
+    params budget of 0.05 trained a budget no sub-network could meet) and it crashed on MoE
+    parents (AttributeError: the expert count lives in model.moe)."""
+    from nemo_elastic.cost_model import GB, MemorySpec, count_active_parameters, \
+        count_memory, count_parameters, subnetwork_active_parameters, subnetwork_memory, \
+        subnetwork_parameters
+    from nemo_elastic.elastic import SubNetwork
+    from nemo_elastic.router import ElasticRouter
+    from nemo_elastic.sizes import ELASTIC_AXES
+
+    memory = ["elastic.memory={seq_length: 192}"] if budget_type == "memory" else []
+    cfg = load_config(recipe)
+    m, e = cfg.model, cfg.elastic
+    router = ElasticRouter(m, e, total_iters=10)
+    smallest = SubNetwork.uniform(m, **{ELASTIC_AXES[axis][1]: min(router.choices[axis])
+                                        for axis in e.axes})
+    spec = MemorySpec(seq_length=192)
+    floor, top = {"params": (subnetwork_parameters(m, smallest) / count_parameters(m), 1.0),
+                  "active": (subnetwork_active_parameters(m, smallest)
+                             / count_active_parameters(m), 1.0),
+                  "memory": (subnetwork_memory(m, smallest, spec) / GB,
+                             count_memory(m, spec) / GB)}[budget_type]
+
+    def load(low):
+        return load_config(recipe, [f"elastic.budget_type={budget_type}", *memory,
+                                    f"elastic.budgets.full={top!r}",
+                                    f"elastic.budgets.75pct={(top + low) / 2!r}",
+                                    f"elastic.budgets.50pct={low!r}"])
+
+    assert load(floor).elastic.budgets["50pct"] == pytest.approx(floor)
+    with pytest.raises(ConfigError, match=rf"elastic.budgets.50pct={floor * 0.9!r}: .*below the "
+                       r"smallest .*raise the budget, or add smaller"):
+        load(floor * 0.9)
+
+
 # ----------------------------------------------------------------------------- training
 
 def test_train_resumes_bit_exactly_mid_stage_and_at_the_stage_transition(tmp_path, capsys):
