@@ -53,6 +53,54 @@ def test_eval_of_a_missing_checkpoint_exits_2(tmp_path, caplog):
     assert f"checkpoint '{missing}' does not exist" in caplog.text
 
 
+def _model_checkpoint(path: Path) -> Path:
+    """A real model-only checkpoint of the small test shape at `path` (kind 'pretrain')."""
+    from nemo_elastic import runtime
+    from nemo_elastic.checkpoint import save_checkpoint
+    from nemo_elastic.config import ParallelConfig
+    from nemo_elastic.model import build_hybrid_model
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config()
+    with runtime.distributed(ParallelConfig()):
+        save_checkpoint(path, cfg=cfg, model=build_hybrid_model(cfg), kind="pretrain")
+    return path
+
+
+def test_a_checkpoint_of_the_wrong_kind_is_one_line_naming_what_to_pass(tmp_path, caplog):
+    """Every path a user may hand --ckpt that is not a checkpoint: one line, exit 2, the path
+    and what to pass instead (before: 'is not a directory' and 'has no nemo_elastic.json: not
+    a nemo_elastic checkpoint' named no fix; a main job's run folder, whose latest checkpoint
+    is the parent, did not point at the elastic run inside it)."""
+    hf = tmp_path / "hf"  # what `export --format hf` writes
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"")
+    unsaved = tmp_path / "unsaved_run"  # a run stopped before its first checkpoint
+    (unsaved / "checkpoints").mkdir(parents=True)
+    (tmp_path / "file.json").write_text("{}")
+    run = tmp_path / "run"  # a main job's run folder: RUN/checkpoints (parent) + RUN/elastic
+    _model_checkpoint(run / "checkpoints" / "iter_0000002")
+    (run / "checkpoints" / "latest").write_text("iter_0000002\n")
+    (run / "elastic" / "checkpoints").mkdir(parents=True)
+    (run / "elastic" / "checkpoints" / "latest").write_text("iter_0000004\n")
+    cases = [
+        (["info", str(hf)], f"convert it with `nemo-elastic import-hf {hf} --out CKPT`"),
+        (["info", str(unsaved)], "whose checkpoints/ has no `latest`"),
+        (["info", str(tmp_path / "file.json")], "is not a directory; pass a checkpoint folder"),
+        (["info", str(tmp_path / "none")], "does not exist; pass a checkpoint folder"),
+        (["extract", "--ckpt", str(run), "--budget", "50pct", "--out", str(tmp_path / "x")],
+         f"pass a checkpoint of an elastic run, e.g. '{run / 'elastic'}'"),
+        (["generate", "--ckpt", str(run), "--budget", "50pct", "--prompt", "Q"],
+         f"pass a checkpoint of an elastic run, e.g. '{run / 'elastic'}'")]
+    for argv, fix in cases:
+        caplog.clear()
+        assert cli.main(argv) == 2, argv
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "\n" not in errors[0] and fix in errors[0], (argv, errors)
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A real 2-iteration pretrain checkpoint (model + optimizer + RNG + data position)."""

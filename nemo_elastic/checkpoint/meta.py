@@ -18,7 +18,7 @@ from typing import Any, Optional
 from nemo_elastic.checkpoint.errors import CheckpointError, root_cause
 from nemo_elastic.checkpoint.integrity import CHECKSUMS_KEY, META_SHA_KEY, RESTORE_FIX, \
     check_seal, seal, verify_files
-from nemo_elastic.checkpoint.names import MEGATRON_FILES, META_FILE
+from nemo_elastic.checkpoint.names import CHECKPOINTS_DIR, MEGATRON_FILES, META_FILE
 
 FORMAT_VERSION = 1
 TRAINING_KINDS = ("pretrain", "elastic")  # runs whose checkpoints/latest is kept up to date
@@ -88,19 +88,36 @@ def read_json_file(path: Path, what: str, *, error=None, fix: str = RESTORE_FIX)
             f"{what} is corrupt ({cause}); {fix}") from None
 
 
+PASS_A_CHECKPOINT = ("pass a checkpoint folder (the one holding nemo_elastic.json) or a run's "
+                     "output folder (its latest checkpoint is used)")
+
+
+def _not_a_checkpoint(folder: Path) -> str:
+    """Why a folder without nemo_elastic.json is not a checkpoint, and what to pass instead."""
+    if (folder / "config.json").is_file() and (any(folder.glob("*.safetensors"))
+                                               or (folder / "model.safetensors.index.json").is_file()):
+        return ("it is a Hugging Face folder; convert it with `nemo-elastic import-hf "
+                f"{folder} --out CKPT` and pass CKPT")
+    if (folder / CHECKPOINTS_DIR).is_dir():
+        return ("a run folder whose checkpoints/ has no `latest` (the run saved no checkpoint "
+                "yet, or was stopped before its first save); rerun it, or pass a checkpoint "
+                "folder")
+    return f"not a nemo_elastic checkpoint, or an interrupted write; {PASS_A_CHECKPOINT}"
+
+
 def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     """Read `nemo_elastic.json` (checked field by field and against its seal) as a dict; raises
     CheckpointError naming the path if missing/corrupt.  `CheckpointMeta.read`: the typed view."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.exists():
-        raise CheckpointError(f"checkpoint {str(ckpt_dir)!r} does not exist")
+        raise CheckpointError(f"checkpoint {str(ckpt_dir)!r} does not exist; {PASS_A_CHECKPOINT}")
     if not ckpt_dir.is_dir():
-        raise CheckpointError(f"checkpoint {str(ckpt_dir)!r} is not a directory")
+        raise CheckpointError(f"checkpoint {str(ckpt_dir)!r} is not a directory; "
+                              f"{PASS_A_CHECKPOINT}")
     meta_path = ckpt_dir / META_FILE
     if not meta_path.is_file():
-        raise CheckpointError(
-            f"checkpoint {str(ckpt_dir)!r} has no {META_FILE}: not a nemo_elastic checkpoint, or an "
-            "interrupted write")
+        raise CheckpointError(f"checkpoint {str(ckpt_dir)!r} has no {META_FILE}: "
+                              f"{_not_a_checkpoint(ckpt_dir)}")
     for required in MEGATRON_FILES:
         if not (ckpt_dir / required).is_file():
             raise CheckpointError(

@@ -36,8 +36,9 @@ def family_of(ckpt: str | Path) -> dict[str, SubNetwork]:
     if not rows:
         raise CheckpointError(
             f"checkpoint {str(ckpt)!r} (kind {meta.get('kind')!r}) holds no trained budget family: "
-            "it was not written by `nemo-elastic train`; pass a checkpoint of an elastic run "
-            "(explicit sizes: `nemo-elastic extract --subnet FILE` or its size flags)")
+            "it was not written by `nemo-elastic train`; pass a checkpoint of an elastic run"
+            f"{_elastic_run_inside(ckpt)} (explicit sizes: `nemo-elastic extract --subnet FILE` "
+            "or its size flags)")
     family = {}
     for row in rows:
         try:
@@ -48,6 +49,18 @@ def family_of(ckpt: str | Path) -> dict[str, SubNetwork]:
                 f"budget {row['name']!r} is unreadable: {type(err).__name__}: {err}); restore "
                 "the file from a copy or use an earlier checkpoint") from None
     return family
+
+
+def _elastic_run_inside(ckpt: Path) -> str:
+    """', e.g. RUN/elastic' when `ckpt` is the latest checkpoint of a main job's run folder
+    (`nemo-elastic run`: RUN/checkpoints/iter_N, the parent) that holds an elastic run: what a
+    user who passed the run folder meant."""
+    from nemo_elastic.checkpoint.names import CHECKPOINTS_DIR, LATEST_FILE
+
+    if ckpt.parent.name != CHECKPOINTS_DIR:
+        return ""
+    inner = ckpt.parent.parent / "elastic"
+    return f", e.g. {str(inner)!r}" if (inner / CHECKPOINTS_DIR / LATEST_FILE).is_file() else ""
 
 
 def budget_subnetwork(ckpt: str | Path, name: str) -> SubNetwork:
