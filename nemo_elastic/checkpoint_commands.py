@@ -131,19 +131,28 @@ def check_budget_names(names: Sequence[str], flag: str = "--budget") -> None:
 
 
 def budget_size_line(ckpt, name: str) -> str:
-    """'N parameters (x% of M); sizes' of a trained budget, for the log line."""
-    from nemo_elastic.checkpoint import config_from_checkpoint
+    """'N parameters (x% of M); sizes' of a trained budget, for the log line; a memory budget
+    also names its memory and target ('N parameters (...), memory 210.30 kB of target 210.00 kB
+    (memory); sizes')."""
+    from nemo_elastic.checkpoint import config_from_checkpoint, read_meta, resolve_checkpoint
     from nemo_elastic.export import budget_subnetwork
+    from nemo_elastic.units import memory_text
 
     parent = config_from_checkpoint(ckpt).model
-    return size_line(parent, budget_subnetwork(ckpt, name))
+    subnet = budget_subnetwork(ckpt, name)
+    row = next(r for r in read_meta(resolve_checkpoint(ckpt))["family"] if r["name"] == name)
+    memory = memory_text(row)
+    if memory:
+        memory += f" of target {target_text(row)}"
+    return size_line(parent, subnet, memory)
 
 
-def size_line(parent, subnet) -> str:
+def size_line(parent, subnet, extra: str = "") -> str:
+    """'N parameters (x% of M)EXTRA; sizes' of sub-network `subnet` of `parent`."""
     from nemo_elastic.cost_model import count_parameters, subnetwork_parameters
 
     full, kept = count_parameters(parent), subnetwork_parameters(parent, subnet)
-    return (f"{kept:,} parameters ({100 * kept / full:.1f}% of {full:,}); "
+    return (f"{kept:,} parameters ({100 * kept / full:.1f}% of {full:,}){extra}; "
             f"{subnet.describe(parent)}")
 
 

@@ -271,17 +271,15 @@ def _check_extract_selection(args) -> None:
 
 def cmd_extract(args) -> int:
     from nemo_elastic.checkpoint import config_from_checkpoint, resolve_checkpoint
-    from nemo_elastic.export import extract_budget, extract_checkpoint, extract_family, family_of
+    from nemo_elastic.export import extract_budget, extract_checkpoint, extract_family
 
     _check_extract_selection(args)
     ckpt = resolve_checkpoint(args.ckpt)
     parent = config_from_checkpoint(ckpt).model
     if args.all:
-        family = family_of(ckpt)
         paths = extract_family(ckpt, args.out, overwrite=args.overwrite)
         for name, path in paths.items():
-            logger.info("extracted budget %r -> %s: %s", name, path,
-                        _size_line(parent, family[name]))
+            logger.info("extracted budget %r -> %s: %s", name, path, _budget_size(ckpt, name))
         return 0
     if args.budget is not None:
         path = extract_budget(ckpt, args.budget, args.out, overwrite=args.overwrite)

@@ -100,7 +100,18 @@ def achieved(row: dict) -> float:
 
 
 def _fmt(row: dict, value: float) -> str:
-    return f"{value:.4g} GB" if row.get("budget_type") == "memory" else f"{100 * value:.1f} %"
+    from nemo_elastic.units import readable_bytes
+
+    return readable_bytes(value * GB) if row.get("budget_type") == "memory" else \
+        f"{100 * value:.1f} %"
+
+
+def _target(row: dict) -> str:
+    """A target as the recipe reads: 0.75 (a fraction) or 310.00 kB (a memory budget)."""
+    from nemo_elastic.units import readable_bytes
+
+    target = float(row["target"])
+    return readable_bytes(target * GB) if row.get("budget_type") == "memory" else f"{target:g}"
 
 
 def check_family(rows: Sequence[dict], *, tolerance: Optional[float] = None,
@@ -123,7 +134,7 @@ def check_family(rows: Sequence[dict], *, tolerance: Optional[float] = None,
         for small in ordered[i + 1:]:
             if float(small["target"]) < float(big["target"]) and achieved(small) > achieved(big):
                 result.order_problems.append(
-                    f"{small['name']} (target {small['target']:g}, {_fmt(small, achieved(small))}) "
-                    f"is larger than {big['name']} (target {big['target']:g}, "
+                    f"{small['name']} (target {_target(small)}, {_fmt(small, achieved(small))}) "
+                    f"is larger than {big['name']} (target {_target(big)}, "
                     f"{_fmt(big, achieved(big))})")
     return result

@@ -27,3 +27,17 @@ def parameters_text(row: dict) -> str:
         if "active_fraction" in row:  # rows written before it was stored lack it
             text += f" ({row['active_fraction']:.1%})"
     return text
+
+
+def memory_text(row: dict) -> str:
+    """', memory 210.30 kB' for a memory budget's family row (its size in its target's unit,
+    at the row's `memory_spec`); '' for a params / active budget."""
+    if row.get("budget_type") != "memory" or "memory_bytes" not in row:
+        return ""
+    return f", memory {readable_bytes(float(row['memory_bytes']))}"
+
+
+def size_text(row: dict) -> str:
+    """A family row's size as every table shows it: `parameters_text`, and for a memory budget
+    its memory (`memory_text`), so that a budget given in GB is shown in bytes too."""
+    return parameters_text(row) + memory_text(row)

@@ -151,3 +151,57 @@ def test_every_family_command_on_every_budget(tmp_path_factory, capsys, section)
     assert [b["name"] for b in result["budgets"]] == names
     for b, row in zip(result["budgets"], rows):
         assert b["parameters"] == row["parameters"] and b["val_loss"] > 0
+
+
+def test_a_memory_family_is_shown_in_bytes_wherever_a_budget_is_named(tmp_path, capsys, caplog):
+    """Memory budgets through the commands a user reads them in: every budget's target and
+    its memory in bytes units (the oracle: the family rows `train` stores, as `readable_bytes`)
+    in `info`, `eval --all-budgets`, the `extract` / `export` log line, `export.json`, the main
+    job's report rows and header, and the family check's order text.  Before, `eval
+    --all-budgets` and the main job's report printed a 210 kB target as '0.00021' (no unit) and
+    no memory at all, the order check '0.0002103 GB', and extract / export only parameters."""
+    import logging
+
+    from nemo_elastic.family_check import check_family
+    from nemo_elastic.report.main_job import family_rows
+    from nemo_elastic.units import readable_bytes
+
+    ckpt, family, rows = _save(tmp_path, dict(DEPTH_HETERO_MEMORY))
+    shown = {r["name"]: (readable_bytes(r["target"] * GB), readable_bytes(r["memory_bytes"]))
+             for r in rows}
+    capsys.readouterr()
+    assert cli.main(["info", str(ckpt)]) == 0
+    table = capsys.readouterr().out
+    assert cli.main(["eval", "--ckpt", str(ckpt), "--all-budgets", "--no-progress",
+                     "train.eval_iters=1", "train.eval_accuracy_samples=0"]) == 0
+    evaluated = capsys.readouterr().out
+    for name, (target, memory) in shown.items():
+        for out in (table, evaluated):
+            line = next(li for li in out.splitlines() if li.strip().startswith(name))
+            assert f"{target} (memory)" in line and memory in line, (name, out)
+    name = rows[-1]["name"]
+    with caplog.at_level(logging.INFO, logger="nemo_elastic"):
+        assert cli.main(["extract", "--ckpt", str(ckpt), "--budget", name, "--out",
+                         str(tmp_path / "x")]) == 0
+        assert cli.main(["export", "--ckpt", str(ckpt), "--budget", name, "--format",
+                         "megatron", "--out", str(tmp_path / "e"), "--allow-unordered"]) == 0
+    said = f"memory {shown[name][1]} of target {shown[name][0]} (memory)"
+    assert caplog.text.count(said) == 2, caplog.text
+    record = json.loads((tmp_path / "e" / name / "export.json").read_text())
+    assert (record["budget_type"], record["target"], record["memory_bytes"]) == \
+        ("memory", rows[-1]["target"], rows[-1]["memory_bytes"])
+    # the main job's report: a row per budget (+ the teacher) from its evaluation
+    evaluation = {"models": [{"name": r["name"], "parameters": r["parameters"], "val_loss": 1.0,
+                              "answer_accuracy": None, "tokens_per_s": None} for r in rows]
+                  + [{"name": "teacher", "parameters": max(r["parameters"] for r in rows),
+                      "val_loss": 1.0, "answer_accuracy": None, "tokens_per_s": None}]}
+    for row in family_rows(evaluation, rows, {})[:-1]:
+        target, memory = shown[row[0]]
+        assert f"{target} (memory)" == row[1] and f"memory {memory}" in row[3], row
+    # the order check names targets and sizes in bytes units too
+    small, big = sorted(rows, key=lambda r: r["target"])[:2]
+    swapped = [dict(r, memory_bytes=big["memory_bytes"] * 1.5) if r is small else r
+               for r in rows]
+    order = check_family(swapped).order_text()
+    assert f"target {shown[small['name']][0]}, {readable_bytes(big['memory_bytes'] * 1.5)})" \
+        in order and f"target {shown[big['name']][0]}, {shown[big['name']][1]})" in order, order

@@ -500,3 +500,10 @@ def test_memory_budgets_train_and_report_gb(tmp_path):
         assert row["memory_bytes"] == subnetwork_memory(parent, subnet, MemorySpec(**spec))
     assert [r["target"] for r in result.family] == pytest.approx([full_gb, 0.75 * full_gb,
                                                                   0.5 * full_gb])
+    from nemo_elastic.units import readable_bytes
+
+    report = (tmp_path / "run" / "elastic" / "report.md").read_text()
+    for row in result.family:  # the closing table names each budget's target and memory
+        line = next(li for li in report.splitlines() if li.startswith(f"| {row['name']} "))
+        assert f"{readable_bytes(row['target'] * GB)} (memory)" in line, line
+        assert f"memory {readable_bytes(row['memory_bytes'])}" in line, line

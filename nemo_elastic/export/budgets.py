@@ -219,7 +219,11 @@ def _export_all(ckpt, cfg, meta, subnets, staged, format, tokenizer, passthrough
                                   f"{folder} differs from the masked nested model by {err:.2e} "
                                   f"(relative logit error, tolerance {tol:.0e})")
             seconds = time.perf_counter() - t0
+            row = next(r for r in meta["family"] if r["name"] == name)
             record = {"budget": name, "format": format, "parameters": params, "plain": plain,
+                      # the budget as trained: its target in its unit, its memory at its spec
+                      **{k: row[k] for k in ("target", "budget_type", "memory_bytes",
+                                             "memory_spec") if k in row},
                       "parent": str(ckpt), "parent_iteration": meta.get("iteration"),
                       "subnetwork": subnet.to_dict(), "seconds": round(seconds, 3),
                       "verification": {"tokens": tokens.shape[1], "rel_logit_error": err,

@@ -23,6 +23,7 @@ from typing import Optional
 
 from nemo_elastic.config import Config
 from nemo_elastic.report.common import fmt_loss, fmt_pct, markdown_table
+from nemo_elastic.units import memory_text, target_text
 
 REPORT = "report.md"
 BUDGETS_PNG = "report_budgets.png"
@@ -53,8 +54,8 @@ def family_rows(evaluation: dict, family: list[dict], before: dict[str, dict]) -
     rows = []
     for row in family:
         m, b = models[row["name"]], before.get(row["name"], {})
-        rows.append((row["name"], f"{row['target']:g}", row["summary"],
-                     fmt_params(m["parameters"], full) + _active_text(row),
+        rows.append((row["name"], target_text(row), row["summary"],
+                     fmt_params(m["parameters"], full) + _active_text(row) + memory_text(row),
                      bands[row["name"]].band_text,
                      fmt_loss(m["val_loss"]),
                      fmt_pct(m["answer_accuracy"]), fmt_speed(m["tokens_per_s"]),
@@ -107,13 +108,16 @@ def write_report(out: Path, *, cfg: Config, parent: dict, zero_shot: dict, evalu
     e = cfg.elastic
     stage_text = curriculum.describe(names)
     total_tokens = max((v["tokens"] for v in points.values()), default=0)
+    budgets_text = ", ".join(f"`{n}` " + target_text({"target": e.budgets[n],
+                                                      "budget_type": e.budget_type})
+                             for n in names)
     lines = [
         f"# Main job report: `{out}`",
         "",
         f"Parent: `{cfg.model.hybrid_layer_pattern}`, {parent['parameters']:,} parameters, "
         f"pretrained {parent['iterations']} iterations (validation loss "
         f"{fmt_loss(parent['final_val_loss'])}, uniform guess {fmt_loss(parent['uniform_loss'])})."
-        f" Budgets: {', '.join(f'`{n}` {e.budgets[n]:g}' for n in names)} ({e.budget_type}). "
+        f" Budgets: {budgets_text}. "
         f"Elastic distillation from the prepared (importance-reordered) parent, which is also "
         f"the frozen teacher: {stage_text}; {total_tokens:,} training tokens for the whole "
         "family.",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from nemo_elastic.checkpoint import config_from_checkpoint, read_meta, resolve_checkpoint
 from nemo_elastic.report.common import fmt_loss, fmt_pct, format_table
+from nemo_elastic.units import memory_text, target_text
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ def evaluate_all_budgets(ckpt, overrides=(), *, speed: bool = False,
                         "budget_type": row.get("budget_type", "params"),
                         "summary": row.get("summary"), "parameters": r["parameters"],
                         "parameter_fraction": row.get("parameter_fraction"),
+                        "memory_bytes": row.get("memory_bytes"),
+                        "memory_spec": row.get("memory_spec"),
                         "inside_band": band.inside, "deviation": band.deviation,
                         "val_loss": r["val_loss"], "answer_accuracy": r["answer_accuracy"],
                         "tokens_per_s": r["tokens_per_s"]})
@@ -58,7 +61,7 @@ def format_all_budgets(result: dict) -> str:
     rows = []
     for b in result["budgets"]:
         band = "yes" if b["inside_band"] else "NO"
-        rows.append((b["name"], f"{b['target']:g}", f"{b['parameters']:,}",
+        rows.append((b["name"], target_text(b), f"{b['parameters']:,}" + memory_text(b),
                      f"{band} ({100 * b['deviation']:+.1f} %)", fmt_loss(b["val_loss"]),
                      fmt_pct(b["answer_accuracy"]),
                      "-" if b["tokens_per_s"] is None else f"{b['tokens_per_s']:.1f}"))

@@ -207,12 +207,12 @@ def _write_outputs(out_dir: Path, result: TrainResult, trainer: ElasticTrainer) 
         plot_router_choices(history, names, trainer.router, out_dir / "router_choices.png")
         write_tensorboard(history, out_dir / "tb")
     from nemo_elastic.family_check import check_family
-    from nemo_elastic.units import parameters_text, target_text
+    from nemo_elastic.units import size_text, target_text
 
     check = check_family(result.family)
     bands = check.by_name()
     rows = [(r["name"], target_text(r), r["summary"],
-             parameters_text(r),
+             size_text(r),
              bands[r["name"]].band_text,
              f"{r['val_loss_before']:.4f}", f"{r['val_loss_after']:.4f}",
              _pct(r["answer_accuracy_before"]), _pct(r["answer_accuracy_after"]))
