@@ -127,6 +127,42 @@ def test_a_second_writer_of_one_output_refuses(run, tmp_path, caplog):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["export --all", "extract --all"])
+def test_an_output_another_command_wrote_meanwhile_is_not_replaced(run, tmp_path, monkeypatch,
+                                                                   caplog, command):
+    """Two commands whose locks differ can still write the same folder: `extract --budget
+    uniform --out A/uniform` (locks A/uniform) while `export --all --out A` (locks A) runs.
+    The folder that appears meanwhile is the other command's: the commit refuses in one line,
+    exit 2, leaves it byte for byte, and publishes nothing of its own (before: both exited 0
+    and the second commit silently replaced the first's output)."""
+    import nemo_elastic.export.budgets as budgets_mod
+    import nemo_elastic.export.extract as extract_mod
+
+    side = tmp_path / "side"  # what the other command writes, made by a real extract
+    assert main(["extract", "--ckpt", str(run / "run"), "--budget", "uniform", "--out",
+                 str(side)]) == 0
+    out = tmp_path / "A"
+    module, name = (budgets_mod, "_write_megatron") if command == "export --all" else \
+        (extract_mod, "save_checkpoint")
+    original = getattr(module, name)
+
+    def write_while_another_command_writes(*args, **kw):
+        if not (out / "uniform").exists():
+            shutil.copytree(side, out / "uniform")  # the other command's commit lands
+        return original(*args, **kw)
+
+    monkeypatch.setattr(module, name, write_while_another_command_writes)
+    argv = command.split() + (["--format", "megatron"] if command.startswith("export") else [])
+    caplog.clear()
+    assert main([*argv, "--ckpt", str(run / "run"), "--out", str(out)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and f"--out='{out / 'uniform'}' appeared while this command ran" \
+        in errors[0], errors
+    assert [p.name for p in out.iterdir()] == ["uniform"]
+    assert _digest(out / "uniform") == _digest(side)
+    assert [p.name for p in tmp_path.rglob(".*export*")] == []
+
+
 def test_extract_all_is_all_or_none_and_removes_stale_staging(run, tmp_path, monkeypatch):
     import nemo_elastic.export.extract as extract_mod
     from nemo_elastic.checkpoint import save_checkpoint

@@ -138,7 +138,7 @@ def export_to(ckpt: str | Path, targets: Mapping[str, str | Path], *, format: st
         children = {name: s.model_config(cfg.model) for name, s in subnets.items()}
         tokenizer, passthrough = _hf_preflight(cfg, meta, children, hf_per_layer) \
             if format == "hf" else (None, {})
-        with staged_output(folder) as (staging, commit):
+        with staged_output(folder, overwrite=overwrite) as (staging, commit):
             staged = {name: staging / path.name for name, path in targets.items()}
             results = _export_all(ckpt, cfg, meta, subnets, staged, format, tokenizer,
                                   passthrough)

@@ -90,7 +90,7 @@ def extract_checkpoints(ckpt: str | Path, targets: Mapping[str | Path, SubNetwor
             load_checkpoint(ckpt, model=parent, restore_rng=False)
             for folder, outs in groups.items():
                 name = None if len(outs) > 1 else outs[0].name  # the locked folder's name
-                with staged_output(folder, name) as (staging, commit):
+                with staged_output(folder, name, overwrite=overwrite) as (staging, commit):
                     staged = {}
                     for path, subnet, extra in plan:
                         if path not in outs:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator, Mapping, Optional
 
 from nemo_elastic.checkpoint import replace_durably
+from nemo_elastic.errors import UserError
 from nemo_elastic.export.common import honour_umask
 
 
@@ -40,10 +41,14 @@ def sigterm_raises() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def staging(parent: Path, name: Optional[str] = None):
+def staging(parent: Path, name: Optional[str] = None, *, overwrite: bool = False):
     """(staging folder, commit) — a hidden folder on the output's filesystem; `commit(sources,
     targets)` moves every staged folder into place.  New parent: one rename of the whole staging
-    folder.  Removed on any exception, Ctrl-C and SIGTERM; a SIGKILL leaves it, named
+    folder.  A target that exists at commit without `overwrite` (the caller checked it was
+    absent, so another command wrote it meanwhile, e.g. `extract --out A/full` beside `export
+    --out A`, whose locks differ) is refused before anything moves: the other command's output
+    stays, nothing of this one is published.
+    Removed on any exception, Ctrl-C and SIGTERM; a SIGKILL leaves it, named
     `.NAME.export-*` (NAME: `name`, default the parent's), and the next writer of NAME removes
     it (`output_lock.remove_stale_staging`).  Created with the umask's permissions.
     Megatron-Core (and the C extensions it pulls in, triton among them) is imported before the
@@ -62,6 +67,13 @@ def staging(parent: Path, name: Optional[str] = None):
 
     def commit(sources: Mapping[str, Path], targets: Mapping[str, Path]) -> None:
         nonlocal committed
+        appeared = [str(t) for t in targets.values() if not overwrite and
+                    (t.exists() or t.is_symlink())]
+        if appeared:
+            raise UserError(
+                f"--out={appeared[0]!r} appeared while this command ran (another command wrote "
+                "it at the same time); it is left as it is and nothing of this command's output "
+                "was published: choose another --out, or rerun with --overwrite to replace it")
         committed = True
         if fresh and not parent.exists():
             replace_durably(staging, parent)  # the whole set appears at once
