@@ -479,8 +479,12 @@ def test_tiny_family_lands_in_its_bands_and_beats_its_zero_shot_prefixes(tmp_pat
     assert rows["50pct"]["val_loss_after"] > rows["full"]["val_loss_after"]
 
 
-def test_memory_budgets_train_and_report_gb(tmp_path):
-    """budget_type=memory end to end: targets in GB, the family reports its memory."""
+def test_memory_budgets_train_and_report_gb(tmp_path, caplog):
+    """budget_type=memory end to end: targets in GB, the family reports its memory (the start
+    line, the closing table: in bytes units, never as bare GB numbers)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="nemo_elastic.training.train")
     from nemo_elastic.cost_model import GB, MemorySpec, count_memory, subnetwork_memory
     from nemo_elastic.elastic import SubNetwork
     from nemo_elastic.training.train import train
@@ -502,6 +506,8 @@ def test_memory_budgets_train_and_report_gb(tmp_path):
                                                                   0.5 * full_gb])
     from nemo_elastic.units import readable_bytes
 
+    assert "budgets " + ", ".join(f"{r['name']} {readable_bytes(r['target'] * GB)} (memory)"
+                                  for r in result.family) in caplog.text
     report = (tmp_path / "run" / "elastic" / "report.md").read_text()
     for row in result.family:  # the closing table names each budget's target and memory
         line = next(li for li in report.splitlines() if li.startswith(f"| {row['name']} "))

@@ -136,8 +136,12 @@ def build_trainer(cfg: Config, init: Path, teacher_ckpt: Path, info, *, load_ini
 
         first = trainer.segments[0]
         apply_zero_shot_prior(first.extra["config"], router, ddp, first.data, info)
-    logger.info("elastic distillation: %s parameters, budgets %s (%s), stages %s, teacher %s",
-                f"{global_param_count(student):,}", e.budgets, e.budget_type,
+    from nemo_elastic.units import target_text
+
+    logger.info("elastic distillation: %s parameters, budgets %s, stages %s, teacher %s",
+                f"{global_param_count(student):,}", ", ".join(
+                    f"{n} {target_text({'target': t, 'budget_type': e.budget_type})}"
+                    for n, t in e.budgets.items()),
                 [(s.name, s.end - s.begin) for s in trainer.segments],
                 "trainable (full budget)" if teacher is None else teacher_ckpt)
     return trainer
