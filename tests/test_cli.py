@@ -137,6 +137,25 @@ def test_eval_of_a_good_checkpoint_works(tiny_checkpoint, tmp_path, capsys):
     assert printed["answer_accuracy"] == summary["answer_accuracy"]
 
 
+def test_pretrain_resumed_on_other_data_is_refused(tiny_checkpoint, caplog):
+    """`pretrain` resumes through the loop's data check too (`check_data_matches`): another
+    corpus or seed is one line naming the field and exits 2, the run folder untouched."""
+    import hashlib
+
+    run = tiny_checkpoint.parent.parent
+    digest = lambda: {p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+                      for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
+    before = digest()
+    for change, old in (("data.seed=9", "1234"), ("data.synthetic.num_train=50", "2000")):
+        caplog.clear()
+        assert cli.main(["pretrain", "--config", TINY, "--no-progress", *FAST, "train.iters=3",
+                         f"output_dir={run}", change]) == 2
+        field, value = change.split("=")
+        assert f"{field}={value} differs from checkpoint" in caplog.text and \
+            f"trained on {field}={old}" in caplog.text and "another output_dir" in caplog.text
+    assert digest() == before
+
+
 def test_eval_of_a_checkpoint_without_metadata_exits_2(tiny_checkpoint, tmp_path, caplog):
     ckpt = _copy(tiny_checkpoint, tmp_path)
     (ckpt / ".metadata").unlink()

@@ -104,6 +104,28 @@ def test_a_changed_family_or_training_is_refused_and_the_run_untouched(trained, 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("change", ["data.seed=7", "data.synthetic.max_operand=9",
+                                    "data.synthetic.num_train=3"])
+def test_a_changed_data_stream_is_refused_and_the_run_untouched(trained, change):
+    """The checkpoint's data position counts samples of the stream it trained on: another seed
+    or corpus was silently continued (and a smaller corpus failed with a ValueError traceback
+    from the iterator's state).  Refused in one line naming the field, both values and the way
+    out, not one byte of the run changed; pretraining resumes through the same check."""
+    from nemo_elastic.training.train import train
+
+    tmp, _ = trained
+    run = tmp / "run/elastic"
+    before = _tree_digest(run)
+    field, value = change.split("=")
+    with pytest.raises(ConfigError) as err:
+        train(_cfg(tmp, change, stage1=1, stage2=1), progress=False)
+    line = str(err.value)
+    assert "\n" not in line and line.startswith(f"{field}={value}") and \
+        "which was trained on " + field in line and "another elastic.output_dir" in line, line
+    assert _tree_digest(run) == before
+
+
+@pytest.mark.slow
 def test_teacher_init_and_curriculum_changes(trained, caplog):
     import logging
 

@@ -39,3 +39,35 @@ def check_model_matches(ckpt_dir, stored: Config, cfg: Config,
             raise ConfigError(
                 f"model.{key}={new.get(key)!r} does not match checkpoint {str(ckpt_dir)!r}, which "
                 f"holds model.{key}={old[key]!r}; {fix}")
+
+
+# The data fields that decide which samples a run draws: a checkpoint's data position counts
+# samples of that stream, so on resume they must be the run's (the batch shape, the cache folder
+# and the dataset's path may change: a moved dataset, stages with their own shapes).
+DATA_STREAM_FIELDS = {"synthetic": ("source", "seed", "synthetic"),
+                      "indexed": ("source", "seed", "indexed.split", "indexed.eod_token")}
+
+
+def check_data_matches(ckpt_dir, stored: Config, cfg: Config, fix: str) -> None:
+    """`cfg.data` draws the same sample stream as the checkpoint's (`stored.data`): else one
+    line naming the first differing field, both values and `fix`."""
+    old, new = to_dict(stored.data), to_dict(cfg.data)
+
+    def leaves(d: dict, key: str):
+        value = d
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, dict):
+            for sub in value:
+                yield from leaves(d, f"{key}.{sub}")
+        else:
+            yield key, value
+
+    for key in DATA_STREAM_FIELDS.get(old.get("source"), ("source",)):
+        for leaf, before in leaves(old, key):
+            after = dict(leaves(new, leaf)).get(leaf)
+            if before != after:
+                raise ConfigError(
+                    f"data.{leaf}={after!r} differs from checkpoint {str(ckpt_dir)!r}, which was "
+                    f"trained on data.{leaf}={before!r} (its data position counts samples of "
+                    f"that stream); {fix}")

@@ -215,10 +215,15 @@ class Trainer:
         if latest is None:
             return 0
         from nemo_elastic.checkpoint import check_model_matches, config_from_checkpoint
+        from nemo_elastic.checkpoint.stored_config import check_data_matches
 
-        check_model_matches(latest, config_from_checkpoint(latest), self.cfg,
+        stored = config_from_checkpoint(latest)
+        check_model_matches(latest, stored, self.cfg,
                             fix="a run resumes with the model it started with: drop the override "
                             "or start a new run (--no-resume, or another output_dir)")
+        check_data_matches(latest, stored, self.cfg, fix="a run resumes on the data it started "
+                           f"with: restore the old value, or start a new run (--no-resume, or "
+                           f"another {self.output_field})")
         state = load_parts(latest, {"model": self.model, "optimizer": self.optimizer,
                                     "scheduler": self.scheduler})
         it = int(state.get("iteration", 0))
