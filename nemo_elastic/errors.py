@@ -129,6 +129,14 @@ def check_output_path(path, field_name: str, overwrite: bool = False, error=User
                         f"output folder); choose another {field_name} or move the file")
     if path.exists() and not overwrite:
         raise error(f"{where} already exists; add --overwrite to replace it")
+    if path.is_dir() and overwrite:
+        stranger = _not_an_output(path)
+        if stranger is not None:
+            raise error(f"{where} holds files that no nemo-elastic command wrote (e.g. "
+                        f"{stranger!r}), and --overwrite would delete the whole folder; "
+                        "--overwrite replaces only an earlier output (a checkpoint, an exported "
+                        f"folder) or an empty folder: choose another {field_name}, or move "
+                        "those files")
     probe = path.absolute()
     while not probe.parent.exists() and probe.parent != probe:
         probe = probe.parent
@@ -144,6 +152,23 @@ def check_output_path(path, field_name: str, overwrite: bool = False, error=User
             raise error(str(output_path_error(field_name, path, err))) from None
     else:
         _require_writable(path, field_name, error)
+
+
+# What marks a folder as one of our outputs (so --overwrite may replace it): a checkpoint
+# (extract, prepare, import-hf, export --format megatron), an exported budget's record, or a
+# Hugging Face model folder (export --format hf).
+_OUTPUT_MARKERS = (("nemo_elastic.json",), ("export.json",), ("config.json", "model.safetensors"),
+                   ("config.json", "model.safetensors.index.json"))
+
+
+def _not_an_output(path) -> Optional[str]:
+    """None when existing folder `path` is empty or an output a command of ours wrote (what
+    --overwrite may replace); else the name of one entry in it, for the refusal."""
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries or any(all((path / f).is_file() for f in marker)
+                          for marker in _OUTPUT_MARKERS):
+        return None
+    return entries[0]
 
 
 # ------------------------------------------------------------------ the command-line contract

@@ -163,6 +163,53 @@ def test_an_output_another_command_wrote_meanwhile_is_not_replaced(run, tmp_path
     assert [p.name for p in tmp_path.rglob(".*export*")] == []
 
 
+OVERWRITERS = {  # command -> (argv for run R and out O, the folder that is replaced)
+    "extract --budget": (lambda c, o: ["extract", "--ckpt", c, "--budget", "uniform", "--out",
+                                       o], ""),
+    "extract sizes": (lambda c, o: ["extract", "--ckpt", c, "--hidden-size", "16", "--out", o],
+                      ""),
+    "extract --all": (lambda c, o: ["extract", "--ckpt", c, "--all", "--out", o], "uniform"),
+    "export --budget": (lambda c, o: ["export", "--ckpt", c, "--budget", "uniform", "--format",
+                                      "megatron", "--out", o], "uniform"),
+    "export hf (whole)": (lambda c, o: ["export", "--ckpt", c, "--format", "hf", "--out", o], ""),
+    "prepare": (lambda c, o: ["prepare", "--ckpt", c, "--out", o], ""),
+    "import-hf": (lambda c, o: ["import-hf", c, "--out", o], ""),
+}
+
+
+@pytest.mark.parametrize("command", OVERWRITERS)
+def test_overwrite_never_deletes_a_folder_no_command_wrote(run, tmp_path, caplog, command):
+    """--overwrite replaces an earlier output; a user's own folder (notes, data) in its place is
+    refused in one line naming a file of it, and not a byte of it changes.  Before, every
+    command deleted the whole folder (the 'already exists' line even advised --overwrite)."""
+    argv, inner = OVERWRITERS[command]
+    out = tmp_path / "mine"
+    user = out / inner if inner else out
+    (user / "sub").mkdir(parents=True)
+    (user / "notes.txt").write_text("precious")
+    (user / "sub" / "data.csv").write_text("1,2")
+    before = _digest(out)
+    source = str(run / "run") if command != "import-hf" else str(tmp_path / "hf")
+    if command == "import-hf":  # an HF folder to import (the refusal comes first)
+        assert main(["export", "--ckpt", str(run / "run"), "--format", "hf", "--out",
+                     source]) == 0
+    caplog.clear()
+    assert main([*argv(source, str(out)), "--overwrite"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and f"--out={str(user)!r} holds files that no nemo-elastic command " \
+        "wrote (e.g. 'notes.txt')" in errors[0], errors
+    assert _digest(out) == before
+
+
+def test_overwrite_still_replaces_an_earlier_output(run, tmp_path):
+    out = tmp_path / "x"
+    for _ in range(2):  # an extract over an extract, an export over an export
+        assert main(["extract", "--ckpt", str(run / "run"), "--budget", "uniform", "--out",
+                     str(out), "--overwrite"]) == 0
+        assert main(["export", "--ckpt", str(run / "run"), "--all", "--format", "hf", "--out",
+                     str(tmp_path / "hf"), "--overwrite", "--hf-per-layer"]) == 0
+
+
 def test_extract_all_is_all_or_none_and_removes_stale_staging(run, tmp_path, monkeypatch):
     import nemo_elastic.export.extract as extract_mod
     from nemo_elastic.checkpoint import save_checkpoint
