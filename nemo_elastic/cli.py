@@ -124,9 +124,10 @@ def cmd_eval(args) -> int:
 
     if args.out:  # before the evaluation, not after it
         from nemo_elastic.checkpoint import resolve_checkpoint
-        from nemo_elastic.run.paths import check_output_location
+        from nemo_elastic.run.paths import check_output_location, checkpoint_inputs
 
-        check_output_location(args.out, "--out", {"--ckpt": resolve_checkpoint(args.ckpt)})
+        check_output_location(args.out, "--out",
+                              checkpoint_inputs(resolve_checkpoint(args.ckpt)))
         check_result_path(Path(args.out))
     if args.all_budgets:
         from nemo_elastic.training.evaluate_budgets import check_all_budgets, \

@@ -476,7 +476,8 @@ class Config:
                     _fail(f"elastic.budgets.{name}", value, f"({readable_bytes(value * GB)}) is "
                           f"below the smallest memory the elastic axes can reach, "
                           f"{readable_bytes(smallest_gb * GB)} (every axis at its smallest "
-                          f"choice, elastic.memory={dataclasses.asdict(spec)}); raise the budget, or add smaller "
+                          f"choice, elastic.memory={dataclasses.asdict(spec)}); raise the "
+                          "budget, or add smaller "
                           "elastic.width_fractions / choices")
 
     def with_model(self, model: ModelConfig) -> "Config":

@@ -67,7 +67,8 @@ __all__ = ["GB", "MemorySpec", "active_parameter_breakdown", "attention_layer_pa
            "kv_cache_bytes", "layer_parameters", "mamba_layer_parameters", "mamba_parameters",
            "mamba_state_bytes", "memory_breakdown", "memory_from_terms", "memory_gb",
            "mlp_layer_parameters", "mlp_parameters", "parameter_breakdown",
-           "parameters_from_terms", "smallest_cost", "smallest_fraction", "smallest_memory", "subnetwork_active_parameters",
+           "parameters_from_terms", "smallest_cost", "smallest_fraction", "smallest_memory",
+           "subnetwork_active_parameters",
            "subnetwork_memory",
            "subnetwork_parameters"]
 

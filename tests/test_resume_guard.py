@@ -317,3 +317,29 @@ def test_never_drawn_and_unreachable_budgets_are_refused_at_load(tmp_path, caplo
                        r"the smallest memory the elastic axes can reach, [0-9.]+ [kMG]B"):
         _cfg(tmp_path, "elastic.budget_type=memory", f"elastic.budgets.full={full_gb}",
              f"elastic.budgets.75pct={0.999 * full_gb}", "elastic.budgets.50pct=0.0001")
+
+
+def test_no_command_writes_over_the_parent_of_the_run_it_reads(trained, caplog):
+    """The run's init checkpoint (= its teacher) is an input of every command that reads the
+    run: `extract --budget 50pct --out PARENT --overwrite` replaced the teacher with a 50 %
+    model, after which the run's resume was refused for 'elastic.choices' (the recipe was
+    blamed).  Each writer refuses in one line naming the recorded field; the parent and the run
+    stay byte for byte."""
+    from nemo_elastic.cli import main
+
+    tmp, _ = trained
+    run, parent = tmp / "run/elastic", tmp / "parent"
+    before = _tree_digest(parent), _tree_digest(run)
+    for argv in (["extract", "--budget", "full"], ["extract", "--hidden-size", "16"],
+                 ["export", "--format", "hf"], ["prepare"]):
+        caplog.clear()
+        assert main([*argv, "--ckpt", str(run), "--out", str(parent), "--overwrite"]) == 2, argv
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and f"is the input --ckpt's elastic.init_checkpoint=" \
+            f"'{parent.resolve()}' itself" in errors[0], (argv, errors)
+    caplog.clear()
+    assert main(["export", "--ckpt", str(run), "--all", "--format", "megatron", "--out",
+                 str(parent / "family")]) == 2
+    assert "inside the input --ckpt's elastic.init_checkpoint" in caplog.text or \
+        "inside the checkpoint" in caplog.text
+    assert (_tree_digest(parent), _tree_digest(run)) == before

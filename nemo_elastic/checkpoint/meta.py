@@ -94,8 +94,9 @@ PASS_A_CHECKPOINT = ("pass a checkpoint folder (the one holding nemo_elastic.jso
 
 def _not_a_checkpoint(folder: Path) -> str:
     """Why a folder without nemo_elastic.json is not a checkpoint, and what to pass instead."""
-    if (folder / "config.json").is_file() and (any(folder.glob("*.safetensors"))
-                                               or (folder / "model.safetensors.index.json").is_file()):
+    weights = any(folder.glob("*.safetensors")) or \
+        (folder / "model.safetensors.index.json").is_file()
+    if (folder / "config.json").is_file() and weights:
         return ("it is a Hugging Face folder; convert it with `nemo-elastic import-hf "
                 f"{folder} --out CKPT` and pass CKPT")
     if (folder / CHECKPOINTS_DIR).is_dir():

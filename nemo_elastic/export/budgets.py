@@ -33,7 +33,7 @@ from nemo_elastic.config import ConfigError
 from nemo_elastic.errors import check_output_path
 from nemo_elastic.export.common import honour_umask
 from nemo_elastic.run.output_lock import output_lock
-from nemo_elastic.run.paths import check_output_location
+from nemo_elastic.run.paths import check_output_location, checkpoint_inputs
 from nemo_elastic.report.common import strict_json
 from nemo_elastic.export.family import folder_name
 from nemo_elastic.export.megatron_format import is_heterogeneous, why_not_plain
@@ -85,7 +85,7 @@ def export_budgets(ckpt: str | Path, out: str | Path, budgets: Optional[Sequence
     names = list(family) if budgets is None else list(dict.fromkeys(budgets))
     check_family_order(ckpt, allow_unordered)
     # the folder the user named holds every budget: never into, over or under the input
-    check_output_location(out, "--out", {"--ckpt": resolve_checkpoint(ckpt)},
+    check_output_location(out, "--out", checkpoint_inputs(resolve_checkpoint(ckpt)),
                           error=CheckpointError)
     return export_to(ckpt, plan_targets(out, names), format=format, overwrite=overwrite,
                      hf_per_layer=hf_per_layer)
@@ -131,7 +131,7 @@ def export_to(ckpt: str | Path, targets: Mapping[str, str | Path], *, format: st
     # never into, over or under the checkpoint read: each output, and the folder they share
     # when there are several (as extract does; a single output's parent only gets its staging)
     for path in dict.fromkeys([*([folder] if len(targets) > 1 else []), *targets.values()]):
-        check_output_location(path, "--out", {"--ckpt": ckpt}, error=CheckpointError)
+        check_output_location(path, "--out", checkpoint_inputs(ckpt), error=CheckpointError)
     with output_lock(folder, "--out", error=CheckpointError):  # one writer per output folder
         for name, path in targets.items():
             check_output_path(path, "--out", overwrite, CheckpointError)

@@ -56,7 +56,7 @@ def extract_checkpoints(ckpt: str | Path, targets: Mapping[str | Path, SubNetwor
     `nemo_elastic.json`.  Returns the output paths in the order given."""
     from nemo_elastic.export.staging import staging as staged_output
     from nemo_elastic.run.output_lock import output_locks
-    from nemo_elastic.run.paths import check_output_location
+    from nemo_elastic.run.paths import check_output_location, checkpoint_inputs
 
     start = time.perf_counter()
     ckpt = resolve_checkpoint(ckpt)
@@ -69,8 +69,9 @@ def extract_checkpoints(ckpt: str | Path, targets: Mapping[str | Path, SubNetwor
     # lock the folder a command creates: the shared parent of several outputs (extract --all's
     # --out), else the output itself
     units = [parent if len(outs) > 1 else outs[0] for parent, outs in groups.items()]
+    inputs = checkpoint_inputs(ckpt)
     for path in dict.fromkeys([*units, *paths]):  # the folder the user named first
-        check_output_location(path, "--out", {"--ckpt": ckpt}, error=CheckpointError)
+        check_output_location(path, "--out", inputs, error=CheckpointError)
     with output_locks(units, "--out", error=CheckpointError):
         plan: list[tuple[Path, SubNetwork, dict]] = []
         for out, subnet in targets.items():

@@ -122,10 +122,10 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, *, overwrite: bool = False,
     Runs in one process at TP=1 (any TP/PP checkpoint is resharded on load).
     """
     from nemo_elastic.run.output_lock import output_lock
-    from nemo_elastic.run.paths import check_output_location
+    from nemo_elastic.run.paths import check_output_location, checkpoint_inputs
 
     ckpt, out_dir = resolve_checkpoint(ckpt), Path(out_dir)
-    check_output_location(out_dir, "--out", {"--ckpt": ckpt}, error=CheckpointError)
+    check_output_location(out_dir, "--out", checkpoint_inputs(ckpt), error=CheckpointError)
     with output_lock(out_dir, "--out", error=CheckpointError):  # one writer; stale tmp removed
         return _export_hf(ckpt, out_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
 

@@ -109,10 +109,10 @@ def prepare(ckpt: Union[str, Path], out: Union[str, Path], *, num_batches: int =
     agg = Aggregation.parse(aggregation)
     src = resolve_checkpoint(ckpt)
     out = Path(out)
-    from nemo_elastic.run.paths import check_output_location
+    from nemo_elastic.run.paths import check_output_location, checkpoint_inputs
 
     # never into, over or under the parent it reads (nor into another run's checkpoints)
-    check_output_location(out, "--out", {"--ckpt": src}, error=CheckpointError)
+    check_output_location(out, "--out", checkpoint_inputs(src), error=CheckpointError)
     check_output_path(out, "--out", overwrite, CheckpointError)
     cfg = config_from_checkpoint(src)
     if data_config is not None:

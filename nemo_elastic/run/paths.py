@@ -110,6 +110,26 @@ def _live_owner(folder: Path) -> Optional[str]:
     return None
 
 
+def checkpoint_inputs(ckpt: PathLike, flag: str = "--ckpt") -> dict[str, PathLike]:
+    """{flag: ckpt} and what the run that wrote checkpoint `ckpt` reads: its init and teacher
+    checkpoints (recorded in an elastic checkpoint's fingerprint).  An output over the run's
+    parent would silently destroy its teacher (the run could no longer resume, and a later
+    refusal would blame the recipe), so every reader of a checkpoint protects them too."""
+    inputs: dict[str, PathLike] = {flag: ckpt}
+    try:
+        from nemo_elastic.checkpoint.meta import read_meta
+
+        recorded = read_meta(ckpt).get("fingerprint") or {}
+    except (OSError, UserError, ValueError):
+        return inputs  # an unreadable checkpoint is refused by the command's own reading
+    for key, field_name in (("init_checkpoint", "elastic.init_checkpoint"),
+                            ("teacher", "elastic.distill.teacher")):
+        entry = recorded.get(key)
+        if isinstance(entry, dict) and entry.get("path"):
+            inputs[f"{flag}'s {field_name}"] = entry["path"]
+    return inputs
+
+
 def check_outputs(outs: Iterable[PathLike], field_name: str, inputs: Mapping[str, PathLike],
                   *, error=UserError) -> None:
     """`check_output_location` for each of several outputs (e.g. PREFIX.bin and PREFIX.idx)."""
