@@ -84,7 +84,13 @@ def test_a_checkpoint_of_the_wrong_kind_is_one_line_naming_what_to_pass(tmp_path
     (run / "checkpoints" / "latest").write_text("iter_0000002\n")
     (run / "elastic" / "checkpoints").mkdir(parents=True)
     (run / "elastic" / "checkpoints" / "latest").write_text("iter_0000004\n")
+    # a checkpoint a running run pruned (train.keep_checkpoints) after this command resolved
+    # the run's `latest` to it: the run is named, and what happened
+    (run / "elastic" / "checkpoints" / "iter_0000004").mkdir()
+    pruned = run / "elastic" / "checkpoints" / "iter_0000002"
     cases = [
+        (["info", str(pruned)], f"the run in '{run / 'elastic'}' is now at iter_0000004 (its "
+         "`latest`); with train.keep_checkpoints a run deletes older checkpoints"),
         (["info", str(hf)], f"convert it with `nemo-elastic import-hf {hf} --out CKPT`"),
         (["info", str(unsaved)], "whose checkpoints/ has no `latest`"),
         (["info", str(tmp_path / "file.json")], "is not a directory; pass a checkpoint folder"),

@@ -92,6 +92,23 @@ PASS_A_CHECKPOINT = ("pass a checkpoint folder (the one holding nemo_elastic.jso
                      "output folder (its latest checkpoint is used)")
 
 
+def _pruned(ckpt_dir: Path) -> Optional[str]:
+    """For a missing checkpoint of a run's series whose `latest` names another one: it was
+    pruned (train.keep_checkpoints), possibly while this command read the run; else None."""
+    from nemo_elastic.checkpoint.names import LATEST_FILE
+
+    latest = ckpt_dir.parent / LATEST_FILE
+    if ckpt_dir.parent.name != CHECKPOINTS_DIR or not latest.is_file():
+        return None
+    newest = latest.read_text().strip()
+    if newest == ckpt_dir.name:
+        return None
+    return (f"the run in {str(ckpt_dir.parent.parent)!r} is now at {newest} (its `latest`); "
+            "with train.keep_checkpoints a run deletes older checkpoints as it saves, also "
+            "while a command reads them: rerun to read the newest, or pass a checkpoint the "
+            "run keeps")
+
+
 def _not_a_checkpoint(folder: Path) -> str:
     """Why a folder without nemo_elastic.json is not a checkpoint, and what to pass instead."""
     weights = any(folder.glob("*.safetensors")) or \
@@ -111,7 +128,8 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     CheckpointError naming the path if missing/corrupt.  `CheckpointMeta.read`: the typed view."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.exists():
-        raise CheckpointError(f"checkpoint {str(ckpt_dir)!r} does not exist; {PASS_A_CHECKPOINT}")
+        raise CheckpointError(f"checkpoint {str(ckpt_dir)!r} does not exist; "
+                              f"{_pruned(ckpt_dir) or PASS_A_CHECKPOINT}")
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"checkpoint {str(ckpt_dir)!r} is not a directory; "
                               f"{PASS_A_CHECKPOINT}")
