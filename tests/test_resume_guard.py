@@ -216,6 +216,27 @@ def test_a_changed_router_option_is_logged_on_resume(caplog):
     assert any("family_choice" in r.getMessage() and "in_band" in r.getMessage()
                for r in caplog.records)
 
+def test_a_run_recorded_before_router_init_existed_started_at_random():
+    """A fingerprint without `router_init` (every run before the option: a random start) under
+    a zero_shot recipe is refused by the guard naming the option (before: accepted, then the
+    router's load failed with 'Missing key(s) prior_hidden' blamed on the budgets); the same
+    recipe with init random resumes."""
+    from pathlib import Path
+
+    old, new = _fingerprint(), _fingerprint()
+    del old["router_init"]
+    new["router_init"] = {"init": "zero_shot", "init_margin": 8.0, "init_batches": 8}
+    ckpt = Path("/runs/x/checkpoints/iter_0000004")
+    with pytest.raises(ConfigError, match=re.escape(
+            "elastic.router (init, init_margin, init_batches)={'init': 'zero_shot'} differs "
+            "from the run in '/runs/x', whose checkpoint iter_0000004 was trained with "
+            "elastic.router (init, init_margin, init_batches)={'init': 'random'} (the run was "
+            "written before this option was recorded")):
+        check_resume(ckpt, {"fingerprint": old}, new, 4)
+    new["router_init"]["init"] = "random"
+    check_resume(ckpt, {"fingerprint": old}, new, 4)
+
+
 def _fingerprint():
     return {"version": 1, "budgets": {"full": 1.0, "half": 0.5}, "budget_type": "params",
             "memory_spec": None, "axes": ["hidden", "ffn"], "width_fractions": [1.0, 0.5],

@@ -69,6 +69,11 @@ ROUTER_SCHEDULE_KEYS = ("lr", "warmup_iters", "weight_decay", "clip_grad", "tau_
                         "tau_end", "scale_start", "scale_end", "init_std")
 ROUTER_OPTION_KEYS = ("family_choice", "hard_scale")  # which choice deploys; the hard scale
 ROUTER_INIT_KEYS = ("init", "init_margin", "init_batches")
+# Refused fields recorded only since a later version: what every run written before them did
+# (a fingerprint without the key), compared on these keys.  Without it a run trained before
+# router.init existed (a random start) passed the guard under a zero_shot recipe and failed
+# later loading its router ("Missing key(s) prior_hidden ..." blamed on the budgets).
+IMPLIED_BEFORE_RECORDED = {"router_init": {"init": "random"}}
 _CHECKPOINT_FIELDS = {"init_checkpoint": "elastic.init_checkpoint",
                       "teacher": "elastic.distill.teacher"}
 _STAGE_KEYS = ("name", "budget_probs", "seq_length", "global_batch_size", "micro_batch_size")
@@ -206,6 +211,11 @@ def check_resume(ckpt: Path, meta: dict, new: dict, iteration: int) -> None:
         logger.warning("checkpoint %s predates the training fingerprint: only the budgets and "
                        "budget type are compared with the recipe (axes, router, teacher, seed "
                        "and sampling cannot be); make sure they are unchanged", ckpt)
+    for key, implied in IMPLIED_BEFORE_RECORDED.items():
+        now = {k: (new.get(key) or {}).get(k) for k in implied}
+        if key not in old and now != implied:
+            _refuse(ckpt, REFUSED_FIELDS[key], implied, now, what="the run was written before "
+                    "this option was recorded, when every run had it")
     for key, field_name in REFUSED_FIELDS.items():
         if key in old and old[key] != new.get(key):
             before, after = old[key], new.get(key)
