@@ -142,6 +142,32 @@ def test_elastic_section_errors_name_the_field(tmp_path, override, match):
         _cfg(tmp_path, *override.split(";"))
 
 
+def test_a_teacher_of_another_shape_is_refused_naming_the_field(tmp_path):
+    """elastic.distill.teacher is built at the parent's shape: an extracted budget (or any
+    other shape) as teacher was a CheckpointingException deep in the load ('Global shape
+    mismatch ... damaged or written for a different model shape', the field unnamed).  Now one
+    line before anything is built, naming the field, both sizes and the fix; a teacher of the
+    parent's shape (another pretrain of it) is accepted."""
+    from nemo_elastic.model import build_hybrid_model
+    from nemo_elastic.training.elastic.trainer import parent_config
+
+    _parent(tmp_path)
+    ffn = tiny_model_dict()["ffn_hidden_size"]
+    small = _cfg(tmp_path, f"model.ffn_hidden_size={ffn // 2}", init=None).single_process()
+    with runtime.distributed(ParallelConfig()):
+        save_checkpoint(tmp_path / "small", cfg=small, model=build_hybrid_model(small),
+                        kind="extract")
+    with pytest.raises(ConfigError, match=rf"^elastic.distill.teacher='{tmp_path / 'small'}': "
+                       rf"holds model.ffn_hidden_size={ffn // 2}, the parent "
+                       rf"\(elastic.init_checkpoint\) model.ffn_hidden_size={ffn}; .*not an "
+                       r"extracted budget"):
+        parent_config(_cfg(tmp_path, f"elastic.distill.teacher={tmp_path / 'small'}"))
+    shutil.copytree(tmp_path / "parent", tmp_path / "same_shape")
+    assert parent_config(_cfg(tmp_path, f"elastic.distill.teacher={tmp_path / 'same_shape'}"))[
+        2] == tmp_path / "same_shape"
+    assert not (tmp_path / "run").exists()
+
+
 def test_tokens_resolve_to_iterations_and_memory_budgets_are_checked(tmp_path):
     cfg = _cfg(tmp_path, "elastic.curriculum.0.iters=null", "elastic.curriculum.0.tokens=2560")
     assert cfg.elastic.curriculum[0].iters == 5  # 2560 / (8 x 64)

@@ -84,9 +84,25 @@ def parent_config(cfg: Config) -> tuple[Config, Path, Path]:
         else init
     if cfg.elastic.distill.teacher_mode == "frozen":
         try:
-            read_meta(teacher)
+            teacher_model = read_meta(teacher)["config"]["model"]
         except CheckpointError as err:
             raise ConfigError(f"elastic.distill.teacher={str(teacher)!r}: {err}") from None
+        # the teacher is built at the parent's shape (build_teacher): another shape (e.g. an
+        # extracted budget) would fail deep in the load with a tensor shape mismatch
+        parent = to_dict(cfg)["model"]
+        for key in sorted(set(teacher_model) | set(parent)):
+            if key in ("params_dtype", "init_method_std", "max_sequence_length",
+                       "mamba_chunk_size"):  # no bearing on the weights' shapes
+                continue
+            a, b = teacher_model.get(key), parent.get(key)
+            if key == "hybrid_layer_pattern" and a and b:
+                a, b = symbols(a), symbols(b)
+            if a != b:
+                raise ConfigError(
+                    f"elastic.distill.teacher={str(teacher)!r}: holds model.{key}={a!r}, the "
+                    f"parent (elastic.init_checkpoint) model.{key}={b!r}; the frozen teacher "
+                    "has the parent's shape: pass the parent or a checkpoint of its shape (not "
+                    "an extracted budget), or leave elastic.distill.teacher unset")
     return cfg, init, teacher
 
 
