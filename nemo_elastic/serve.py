@@ -202,8 +202,10 @@ class ElasticGenerator:
         limit = self.cfg.model.max_sequence_length
         longest = max((len(ids) for ids in prompt_ids), default=0)
         if longest + max_new_tokens > limit:
-            raise ConfigError(f"prompt ({longest} tokens) + max_new_tokens="
-                              f"{max_new_tokens} exceeds the model's max_sequence_length={limit}")
+            raise ConfigError(f"--max-new-tokens={max_new_tokens}: with the prompt ({longest} "
+                              f"tokens) exceeds the model's max_sequence_length={limit}; pass "
+                              f"--max-new-tokens {max(limit - longest, 0)} or less, or a shorter "
+                              "prompt")
         gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
         start = time.perf_counter()
         completions = generate_ids(model, prompt_ids, max_new_tokens=max_new_tokens,

@@ -140,3 +140,20 @@ def test_cli_generate_unknown_budget_exits_2(ckpt, capsys, caplog):
     assert "--budget 'nope': no such trained budget" in caplog.text
     assert "trained budgets: full, uniform, hetero, shallow" in caplog.text
     assert capsys.readouterr().out == ""  # nothing generated before the refusal
+
+
+def test_cli_generate_too_many_new_tokens_names_the_flag_and_the_most_it_allows(ckpt, caplog):
+    """A prompt + --max-new-tokens past the model's context: one line naming the flag and the
+    largest value that fits (before: 'prompt (N tokens) + max_new_tokens=...', no flag, no
+    fix); that value then works."""
+    from nemo_elastic.data.loaders import build_tokenizer
+
+    cfg = config_from_checkpoint(ckpt)
+    limit = cfg.model.max_sequence_length
+    assert cli.main(["generate", "--ckpt", str(ckpt), "--budget", "uniform", "--prompt", PROMPT,
+                     "--max-new-tokens", str(limit)]) == 2
+    fits = limit - len(document_ids(build_tokenizer(cfg), PROMPT, append_eod=False))
+    assert f"--max-new-tokens={limit}: " in caplog.text and \
+        f"pass --max-new-tokens {fits} or less" in caplog.text, caplog.text
+    assert cli.main(["generate", "--ckpt", str(ckpt), "--budget", "uniform", "--prompt", PROMPT,
+                     "--max-new-tokens", str(fits)]) == 0
