@@ -193,9 +193,15 @@ def test_refusals_leave_nothing_behind(elastic, tmp_path, caplog):  # noqa: F811
     assert cli.main([*argv, "--budget", "uniform", "--budget", "shallow"]) == 2
     assert "already exists" in caplog.text and "--overwrite" in caplog.text
     assert sorted(p.name for p in out.iterdir()) == ["shallow"]
+    # --overwrite replaces an earlier output, never a folder of someone else's files
+    caplog.clear()
+    assert cli.main([*argv, "--budget", "shallow", "--overwrite"]) == 2
+    assert "holds files that no nemo-elastic command wrote (e.g. 'mine.txt')" in caplog.text
+    assert (out / "shallow" / "mine.txt").read_text() == "keep"
+    (out / "shallow" / "mine.txt").unlink()
     assert cli.main([*argv, "--budget", "shallow", "--overwrite"]) == 0
     assert (out / "shallow" / "megatron_config.json").is_file()
-    assert not (out / "shallow" / "mine.txt").exists()
+    assert cli.main([*argv, "--budget", "shallow", "--overwrite"]) == 0  # over an export
     assert sorted(p.name for p in out.iterdir()) == ["shallow"]  # no staging left
 
 

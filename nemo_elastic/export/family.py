@@ -52,15 +52,12 @@ def family_of(ckpt: str | Path) -> dict[str, SubNetwork]:
 
 
 def _elastic_run_inside(ckpt: Path) -> str:
-    """', e.g. RUN/elastic' when `ckpt` is the latest checkpoint of a main job's run folder
-    (`nemo-elastic run`: RUN/checkpoints/iter_N, the parent) that holds an elastic run: what a
-    user who passed the run folder meant."""
-    from nemo_elastic.checkpoint.names import CHECKPOINTS_DIR, LATEST_FILE
+    """', e.g. RUN/elastic' when `ckpt` is the latest checkpoint (the parent) of a main job's
+    run folder that holds an elastic run (`run_dir.elastic_run_beside`)."""
+    from nemo_elastic.run.run_dir import elastic_run_beside
 
-    if ckpt.parent.name != CHECKPOINTS_DIR:
-        return ""
-    inner = ckpt.parent.parent / "elastic"
-    return f", e.g. {str(inner)!r}" if (inner / CHECKPOINTS_DIR / LATEST_FILE).is_file() else ""
+    inner = elastic_run_beside(ckpt)
+    return f", e.g. {str(inner)!r}" if inner is not None else ""
 
 
 def budget_subnetwork(ckpt: str | Path, name: str) -> SubNetwork:

@@ -26,7 +26,7 @@ from typing import Any, Optional
 from nemo_elastic.checkpoint.durable import write_text_durably
 from nemo_elastic.checkpoint.errors import CheckpointError
 from nemo_elastic.checkpoint.meta import read_meta
-from nemo_elastic.checkpoint.names import CHECKPOINTS_DIR, iteration_dir_name
+from nemo_elastic.checkpoint.names import CHECKPOINTS_DIR, LATEST_FILE, iteration_dir_name
 from nemo_elastic.checkpoint.series import latest_checkpoint
 from nemo_elastic.run.lock import OutputLock
 
@@ -155,3 +155,14 @@ def elastic_run_dir(cfg) -> RunDir:
 def bridge_run_dir(cfg, output_dir: Optional[str] = None) -> RunDir:
     """The Megatron-Bridge run's folder: `output_dir` if given, else `<output_dir>/bridge`."""
     return RunDir(output_dir or Path(cfg.output_dir) / BRIDGE_DIR, "output_dir")
+
+
+def elastic_run_beside(ckpt) -> Optional[Path]:
+    """RUN/elastic when checkpoint `ckpt` is RUN/checkpoints/iter_N of a folder that also holds
+    an elastic run (the main job's layout: its latest checkpoint is the parent), else None:
+    what a user who passed the main job's folder where a family is needed meant."""
+    ckpt = Path(ckpt)
+    if ckpt.parent.name != CHECKPOINTS_DIR:
+        return None
+    inner = RunDir(ckpt.parent.parent / ELASTIC_DIR)
+    return inner.root if (inner.checkpoints / LATEST_FILE).is_file() else None
