@@ -161,12 +161,25 @@ _OUTPUT_MARKERS = (("nemo_elastic.json",), ("export.json",), ("config.json", "mo
                    ("config.json", "model.safetensors.index.json"))
 
 
+def output_kind(path) -> Optional[str]:
+    """'a checkpoint' / 'an exported budget' / 'a Hugging Face model folder' when folder `path`
+    is such an output of ours (by its marker files), else None."""
+    from pathlib import Path
+
+    path = Path(path)
+    for marker, kind in zip(_OUTPUT_MARKERS, ("a checkpoint", "an exported budget",
+                                              "a Hugging Face model folder",
+                                              "a Hugging Face model folder")):
+        if all((path / f).is_file() for f in marker):
+            return kind
+    return None
+
+
 def _not_an_output(path) -> Optional[str]:
     """None when existing folder `path` is empty or an output a command of ours wrote (what
     --overwrite may replace); else the name of one entry in it, for the refusal."""
     entries = sorted(p.name for p in path.iterdir())
-    if not entries or any(all((path / f).is_file() for f in marker)
-                          for marker in _OUTPUT_MARKERS):
+    if not entries or output_kind(path) is not None:
         return None
     return entries[0]
 

@@ -210,6 +210,34 @@ def test_overwrite_still_replaces_an_earlier_output(run, tmp_path):
                      str(tmp_path / "hf"), "--overwrite", "--hf-per-layer"]) == 0
 
 
+@pytest.mark.parametrize("command", ["pretrain", "train"])
+def test_a_run_folder_is_never_a_checkpoint_or_an_exported_model(run, tmp_path, caplog,
+                                                                   command):
+    """`pretrain output_dir=X` / `train elastic.output_dir=X` where X is a checkpoint or an
+    exported Hugging Face folder: refused in one line naming the field and what X is, X
+    untouched.  Before, pretrain checked nothing: it wrote checkpoints/, metrics and its
+    config.json into a prepared checkpoint, and replaced an HF folder's config.json (the
+    exported model no longer loaded)."""
+    hf = tmp_path / "hf"
+    assert main(["export", "--ckpt", str(run / "run"), "--format", "hf", "--out", str(hf)]) == 0
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run / "run" / "checkpoints" / "iter_0000001", ckpt)
+    field = "output_dir" if command == "pretrain" else "elastic.output_dir"
+    for target, kind in ((ckpt, "a checkpoint"), (hf, "a Hugging Face model folder")):
+        before = _digest(target)
+        caplog.clear()
+        argv = [command, "--no-progress", "train.iters=2", "train.warmup_iters=1",
+                f"{field}={target}"]
+        if command == "train":
+            argv += [f"elastic.init_checkpoint={run / 'run'}", f"output_dir={tmp_path / 'o'}",
+                     "elastic.curriculum.1.seq_length=96"]
+        assert main(argv) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and f"{field}={str(target)!r} is {kind}, not a run folder" \
+            in errors[0], errors
+        assert _digest(target) == before and not (target / "checkpoints").exists()
+
+
 def test_extract_all_is_all_or_none_and_removes_stale_staging(run, tmp_path, monkeypatch):
     import nemo_elastic.export.extract as extract_mod
     from nemo_elastic.checkpoint import save_checkpoint

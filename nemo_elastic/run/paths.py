@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional, Union
 
 from nemo_elastic.checkpoint.names import CHECKPOINTS_DIR, LATEST_FILE, META_FILE
-from nemo_elastic.errors import UserError
+from nemo_elastic.errors import UserError, output_kind
 from nemo_elastic.run.lock import LOCK_FILE
 
 PathLike = Union[str, os.PathLike]
@@ -74,6 +74,11 @@ def check_output_location(out: PathLike, field_name: str, inputs: Mapping[str, P
             raise error(f"{where} is inside the run folder {str(folder)!r}, which a running "
                         f"job (pid {owner}) owns; wait for it to finish or {fix}")
     if run_folder:
+        kind = output_kind(target)
+        if kind is not None:  # its config.json, metrics and checkpoints would go in among its files
+            raise error(f"{where} is {kind}, not a run folder: the run would write its "
+                        "config.json, metrics and checkpoints into it (a Hugging Face folder's "
+                        f"config.json would be replaced); choose another {field_name}")
         return
     for marker in (Path(CHECKPOINTS_DIR) / LATEST_FILE, Path(LATEST_FILE)):
         if (target / marker).is_file():

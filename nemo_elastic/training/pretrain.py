@@ -17,7 +17,7 @@ from typing import Optional
 from nemo_elastic import runtime
 from nemo_elastic.checkpoint import write_text_durably
 from nemo_elastic.run.run_dir import RunDir, pretrain_run_dir
-from nemo_elastic.config import Config
+from nemo_elastic.config import Config, ConfigError
 from nemo_elastic.data.loaders import build_training_data
 from nemo_elastic.model import build_hybrid_model
 from nemo_elastic.report.common import format_table, json_safe, plot_curves, strict_json
@@ -83,8 +83,13 @@ def pretrain(cfg: Config, *, resume: bool = True, progress: bool = True) -> Pret
 
 
 def _pretrain(cfg: Config, stop: StopRequest, *, resume: bool, progress: bool) -> PretrainResult:
-    info = runtime.initialize(cfg.parallel, cfg.train.seed)
+    from nemo_elastic.run.paths import check_output_location
+
     run = pretrain_run_dir(cfg)
+    # a run folder, not a checkpoint or an exported model (whose files it would mix with or
+    # replace) nor inside one; as `train` checks its elastic.output_dir
+    check_output_location(run.root, "output_dir", error=ConfigError, run_folder=True)
+    info = runtime.initialize(cfg.parallel, cfg.train.seed)
     try:
         with run.lock():
             return _pretrain_locked(cfg, info, run, stop, resume=resume, progress=progress)
