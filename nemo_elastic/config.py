@@ -448,7 +448,14 @@ class Config:
 
             what = "active parameters" if e.budget_type == "active" else "parameters"
             smallest = smallest_fraction(m, e, active=e.budget_type == "active")
+            largest = smallest_fraction(m, e, active=e.budget_type == "active", largest=True)
             for name, value in e.budgets.items():
+                if value > largest * (1 + e.loss.tolerance):
+                    _fail(f"elastic.budgets.{name}", value, f"exceeds the largest fraction of "
+                          f"the parent's {what} the elastic axes can reach, {largest:.3f} "
+                          "(every axis at its largest choice, elastic.width_fractions / "
+                          "choices); lower the budget, or add larger width_fractions / choices "
+                          "(1.0 keeps an axis whole)")
                 if value < smallest * (1 - e.loss.tolerance):
                     _fail(f"elastic.budgets.{name}", value, f"is below the smallest fraction of "
                           f"the parent's {what} the elastic axes can reach, {smallest:.3f} "
@@ -464,7 +471,15 @@ class Config:
                 raise ConfigError(f"elastic.memory: {err}") from err
             parent_gb = count_memory(m, spec) / GB
             smallest_gb = smallest_memory(m, e, spec) / GB
+            largest_gb = smallest_memory(m, e, spec, largest=True) / GB
             for name, value in e.budgets.items():
+                if parent_gb * (1 + e.loss.tolerance) >= value > largest_gb * (1 + e.loss.tolerance):
+                    _fail(f"elastic.budgets.{name}", value, f"({readable_bytes(value * GB)}) "
+                          f"exceeds the largest memory the elastic axes can reach, "
+                          f"{readable_bytes(largest_gb * GB)} (every axis at its largest "
+                          f"choice, elastic.memory={dataclasses.asdict(spec)}); lower the "
+                          "budget, or add larger elastic.width_fractions / choices (1.0 keeps "
+                          "an axis whole)")
                 if value > parent_gb * (1 + e.loss.tolerance):
                     _fail(f"elastic.budgets.{name}", value, f"({readable_bytes(value * GB)}) "
                           f"exceeds the parent's memory {readable_bytes(parent_gb * GB)} at "

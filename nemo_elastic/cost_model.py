@@ -325,39 +325,45 @@ def _uniform_cost(m: ModelConfig, measure: Callable[[dict], float], spec: Option
 
 
 def smallest_cost(m: ModelConfig, e, measure: Callable[[dict], float],
-                  spec: Optional[MemorySpec] = None) -> float:
+                  spec: Optional[MemorySpec] = None, *, largest: bool = False) -> float:
     """`measure` (of a `cost_terms(..., spec)` result: parameters, active parameters or memory)
     of the smallest sub-network the router can choose: every elastic width axis at its smallest
     choice (explicit `choices`, else the smallest width fraction rounded as `router.axis_choices`
     rounds it), each layer kept (with elastic depth: the parent's layers minus the ones that
-    add most to `measure` it may drop, a lower bound).  `e`: the elastic section."""
+    add most to `measure` it may drop, a lower bound).  `largest`: the largest sub-network
+    instead (every axis at its largest choice; with elastic depth the layers that add least
+    dropped, an upper bound).  `e`: the elastic section."""
+    pick = max if largest else min
     sizes = {}
     for axis in e.axes:
         _, field_name = ELASTIC_AXES[axis]
         step = getattr(m, GROUPED[field_name]) if field_name in GROUPED else 1
         full = _size(m, field_name, None)  # MoE sizes live in model.moe
-        smallest = min(e.choices[axis]) if e.choices.get(axis) else \
-            max(step, int(round(full * min(e.width_fractions) / step)) * step)
+        size = pick(e.choices[axis]) if e.choices.get(axis) else \
+            max(step, int(round(full * pick(e.width_fractions) / step)) * step)
         if field_name == "num_moe_experts":  # as router.axis_choices: top-k experts at least
-            smallest = max(smallest, m.moe.moe_router_topk)
-        sizes[field_name] = min(smallest, full)
+            size = max(size, m.moe.moe_router_topk)
+        sizes[field_name] = min(size, full)
     kept_all = _uniform_cost(m, measure, spec, sizes)
     if not e.depth_choices:
         return kept_all
-    keep = min(e.depth_choices)
+    keep = pick(e.depth_choices)
     costs = [kept_all - _uniform_cost(m, measure, spec, sizes, {j})  # what each layer adds
              for j in range(m.num_layers)]
-    drop = sorted(range(m.num_layers), key=lambda j: -costs[j])[:max(0, m.num_layers - keep)]
-    return _uniform_cost(m, measure, spec, sizes, set(drop))
+    order = sorted(range(m.num_layers), key=lambda j: costs[j] if largest else -costs[j])
+    return _uniform_cost(m, measure, spec, sizes, set(order[:max(0, m.num_layers - keep)]))
 
 
-def smallest_memory(m: ModelConfig, e, spec: MemorySpec) -> float:
-    """Memory in bytes of the smallest sub-network the router can choose (`smallest_cost`)."""
-    return smallest_cost(m, e, lambda terms: memory_from_terms(terms, spec)["total"], spec)
+def smallest_memory(m: ModelConfig, e, spec: MemorySpec, *, largest: bool = False) -> float:
+    """Memory in bytes of the smallest (`largest`: largest) sub-network the router can choose
+    (`smallest_cost`)."""
+    return smallest_cost(m, e, lambda terms: memory_from_terms(terms, spec)["total"], spec,
+                         largest=largest)
 
 
-def smallest_fraction(m: ModelConfig, e, active: bool = False) -> float:
-    """The smallest fraction of the parent's parameters (`active`: of its active parameters)
-    the router can reach (`smallest_cost`): the floor of a `params` / `active` budget."""
+def smallest_fraction(m: ModelConfig, e, active: bool = False, *, largest: bool = False) -> float:
+    """The smallest (`largest`: largest) fraction of the parent's parameters (`active`: of its
+    active parameters) the router can reach (`smallest_cost`): the floor (ceiling) of a
+    `params` / `active` budget."""
     count = active_from_terms if active else parameters_from_terms
-    return smallest_cost(m, e, count) / count(cost_terms(m))
+    return smallest_cost(m, e, count, largest=largest) / count(cost_terms(m))

@@ -21,7 +21,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from nemo_elastic import cli, runtime
-from nemo_elastic.cost_model import GB, MemorySpec, count_memory, smallest_fraction, \
+from nemo_elastic.cost_model import GB, MemorySpec, smallest_fraction, \
     smallest_memory
 from nemo_elastic.checkpoint import read_meta, save_checkpoint
 from nemo_elastic.config import ParallelConfig
@@ -59,19 +59,21 @@ def _family(section: dict):
     ranking_seed = section.pop("ranking_seed")
     fractions = [1.0, 0.75, 0.5]
     el = dict(iters=4, warmup_iters=0, router={"warmup_iters": 0}, **section)
-    # targets between the smallest size the axes can reach and the parent's (a target below
-    # the smallest is refused at load): the same shares of the reachable range
-    shape = tiny_config({"hybrid_layer_pattern": PATTERN},
-                        elastic=dict(el, budget_type="params", budgets={"p": 1.0}))
+    # targets between the smallest and the largest size the axes can reach (a target outside
+    # is refused at load): the same shares of the reachable range
+    from nemo_elastic.config_elastic import ElasticConfig
+
+    model = tiny_config({"hybrid_layer_pattern": PATTERN}).model
+    probe = ElasticConfig(**dict(el, budget_type="params", budgets={"p": 1.0}))
     if section["budget_type"] == "memory":
         spec = MemorySpec(**MEMORY)
-        parent_gb = count_memory(shape.model, spec) / GB
-        low_gb = smallest_memory(shape.model, shape.elastic, spec) / GB
-        el.update(memory=MEMORY, budgets={f"m{int(100 * f)}": low_gb + f * (parent_gb - low_gb)
-                                          for f in fractions})
+        low, high = (smallest_memory(model, probe, spec, largest=big) / GB
+                     for big in (False, True))
+        el.update(memory=MEMORY)
     else:
-        low = smallest_fraction(shape.model, shape.elastic)
-        el["budgets"] = {f"p{int(100 * f)}": low + f * (1 - low) for f in fractions}
+        low, high = (smallest_fraction(model, probe, largest=big) for big in (False, True))
+    el["budgets"] = {f"{section['budget_type'][0]}{int(100 * f)}": low + f * (high - low)
+                     for f in fractions}
     cfg = tiny_config({"hybrid_layer_pattern": PATTERN}, elastic=el)
     ranking = torch.randperm(cfg.model.num_layers,
                              generator=torch.Generator().manual_seed(ranking_seed)).tolist()

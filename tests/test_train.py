@@ -179,14 +179,17 @@ def test_tokens_resolve_to_iterations_and_memory_budgets_are_checked(tmp_path):
 @pytest.mark.parametrize("recipe, budget_type", [
     ("conf/tiny.yaml", "params"), ("conf/tiny.yaml", "memory"), ("conf/tiny_moe.yaml", "params"),
     ("conf/tiny_moe.yaml", "active"), ("conf/tiny_moe.yaml", "memory")])
-def test_a_budget_below_the_smallest_sub_network_the_router_can_choose_is_refused(
+def test_a_budget_outside_the_sub_networks_the_router_can_choose_is_refused(
         recipe, budget_type):
-    """The floor of every budget type is the router's own smallest choice on every axis
-    (`ElasticRouter.choices`, its lattice) counted as the budget counts: a budget at the floor
-    loads; one below what the band can reach (target x (1 - tolerance) < floor) is refused at
-    load naming the field, the value and the fix.  Before, only memory budgets had a floor (a
-    params budget of 0.05 trained a budget no sub-network could meet) and it crashed on MoE
-    parents (AttributeError: the expert count lives in model.moe)."""
+    """The floor (ceiling) of every budget type is the router's own smallest (largest) choice
+    on every axis (`ElasticRouter.choices`, its lattice) counted as the budget counts: a budget
+    at the floor loads; one below what the band can reach (target x (1 - tolerance) < floor)
+    is refused at load naming the field, the value and the fix; so is a full budget when the
+    width fractions lack 1.0.  Before, only memory budgets had a floor (a params budget of
+    0.05 trained a budget no sub-network could meet), none had a ceiling, and the floor
+    crashed on MoE parents (AttributeError: the expert count lives in model.moe)."""
+    import dataclasses
+
     from nemo_elastic.cost_model import GB, MemorySpec, count_active_parameters, \
         count_memory, count_parameters, subnetwork_active_parameters, subnetwork_memory, \
         subnetwork_parameters
@@ -217,6 +220,24 @@ def test_a_budget_below_the_smallest_sub_network_the_router_can_choose_is_refuse
     with pytest.raises(ConfigError, match=rf"elastic.budgets.50pct={floor * 0.9!r}: .*below the "
                        r"smallest .*raise the budget, or add smaller"):
         load(floor * 0.9)
+    # the ceiling: width fractions without 1.0 cannot keep the full model
+    cut = [f for f in e.width_fractions if f < 0.9]
+    router = ElasticRouter(m, dataclasses.replace(e, width_fractions=cut), total_iters=10)
+    largest = SubNetwork.uniform(m, **{ELASTIC_AXES[axis][1]: max(router.choices[axis])
+                                       for axis in e.axes})
+    ceiling = {"params": subnetwork_parameters(m, largest) / count_parameters(m),
+               "active": subnetwork_active_parameters(m, largest) / count_active_parameters(m),
+               "memory": subnetwork_memory(m, largest, spec) / GB}[budget_type]
+    fractions = f"elastic.width_fractions=[{', '.join(map(str, cut))}]"
+    with pytest.raises(ConfigError, match=r"elastic.budgets.full=.*exceeds the largest .* "
+                       r"can reach, .*lower the budget, or add larger"):
+        load_config(recipe, [f"elastic.budget_type={budget_type}", *memory, fractions,
+                             f"elastic.budgets.full={top!r}"])
+    assert load_config(recipe, [f"elastic.budget_type={budget_type}", *memory, fractions,
+                                f"elastic.budgets.full={ceiling!r}",
+                                f"elastic.budgets.75pct={(ceiling + floor) / 2!r}",
+                                f"elastic.budgets.50pct={floor * 1.01!r}"]).elastic.budgets[
+        "full"] == pytest.approx(ceiling)
 
 
 # ----------------------------------------------------------------------------- training
