@@ -53,8 +53,12 @@ def format_info(info: dict) -> Optional[str]:
                 info["iteration"])
     family = info["budgets"]
     if not family:
+        from nemo_elastic.run.run_dir import elastic_run_beside
+
+        inner = elastic_run_beside(info["checkpoint"])
         logger.info("no trained budget family in this checkpoint (written by `%s`; the family "
-                    "comes from `nemo-elastic train`)", info["kind"])
+                    "comes from `nemo-elastic train`%s)", info["kind"],
+                    "" if inner is None else f": the elastic run beside it is {inner}")
         return None
     from nemo_elastic.family_check import check_family
 

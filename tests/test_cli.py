@@ -99,6 +99,10 @@ def test_a_checkpoint_of_the_wrong_kind_is_one_line_naming_what_to_pass(tmp_path
          f"pass a checkpoint of an elastic run, e.g. '{run / 'elastic'}'"),
         (["generate", "--ckpt", str(run), "--budget", "50pct", "--prompt", "Q"],
          f"pass a checkpoint of an elastic run, e.g. '{run / 'elastic'}'")]
+    caplog.clear()  # info on the main job's folder: the parent, and where its family is
+    with caplog.at_level("INFO", logger="nemo_elastic"):
+        assert cli.main(["info", str(run)]) == 0
+    assert f"the elastic run beside it is {run / 'elastic'}" in caplog.text
     for argv, fix in cases:
         caplog.clear()
         assert cli.main(argv) == 2, argv
