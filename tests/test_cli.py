@@ -147,6 +147,22 @@ def test_eval_of_a_good_checkpoint_works(tiny_checkpoint, tmp_path, capsys):
     assert printed["answer_accuracy"] == summary["answer_accuracy"]
 
 
+def test_eval_out_replaces_an_earlier_result_never_another_file(tiny_checkpoint, tmp_path,
+                                                                 caplog):
+    """`eval --out FILE` over a file that is not an earlier result (a user's notes) is one
+    line, exit 2, the file unchanged (before: silently replaced by the JSON); over an earlier
+    result it writes again."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious")
+    argv = ["eval", "--ckpt", str(tiny_checkpoint), "--no-progress", "train.eval_iters=1",
+            "train.eval_accuracy_samples=0", "--out"]
+    assert cli.main([*argv, str(notes)]) == 2
+    assert f"--out='{notes}' exists and is not an earlier `eval` result" in caplog.text
+    assert notes.read_text() == "precious"
+    out = tmp_path / "eval.json"
+    assert cli.main([*argv, str(out)]) == 0 and cli.main([*argv, str(out)]) == 0
+
+
 def test_pretrain_resumed_on_other_data_is_refused(tiny_checkpoint, caplog):
     """`pretrain` resumes through the loop's data check too (`check_data_matches`): another
     corpus or seed is one line naming the field and exits 2, the run folder untouched."""

@@ -214,6 +214,21 @@ def check_result_path(path: Path, field_name: str = "--out") -> None:
     if Path(path).is_dir():
         raise UserError(f"{field_name}={str(path)!r} is a directory; pass a file name, e.g. "
                         f"{field_name} {Path(path) / 'eval.json'}")
+    if Path(path).exists() and not _is_result(Path(path)):
+        raise UserError(f"{field_name}={str(path)!r} exists and is not an earlier `eval` result "
+                        "(which it would replace); choose another file name, or move it")
+
+
+def _is_result(path: Path) -> bool:
+    """`path` holds a result `write_result` wrote (one checkpoint's, or --all-budgets')."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and "checkpoint" in data and \
+        ("val_loss" in data or "budgets" in data)
 
 
 def write_result(result: dict, path: Path, field_name: str = "--out") -> Path:
