@@ -166,7 +166,8 @@ def test_a_fresh_run_scores_the_sliced_models_on_training_batches_and_resumes_ex
     handler = logging.Handler()
     handler.emit = records.append
     log = logging.getLogger("nemo_elastic.elastic.router_prior")
-    level, log.level = log.level, logging.INFO
+    level = log.level
+    log.setLevel(logging.INFO)  # setLevel, not .level =: it clears the loggers' isEnabledFor cache
     log.addHandler(handler)
     try:
         straight = train(_cfg(tmp_path, *args, stage1=2, stage2=2), progress=False)
