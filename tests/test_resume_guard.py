@@ -364,3 +364,23 @@ def test_no_command_writes_over_the_parent_of_the_run_it_reads(trained, caplog):
     assert "inside the input --ckpt's elastic.init_checkpoint" in caplog.text or \
         "inside the checkpoint" in caplog.text
     assert (_tree_digest(parent), _tree_digest(run)) == before
+
+
+def test_a_resume_reports_an_accepted_change_once(trained, tmp_path, caplog):
+    """`train` guards the run folder before building and handed the trainer the same
+    fingerprint, which guarded it again: every accepted change ('stage ... now ends at
+    iteration 3') was logged twice, as if two stages had changed.  Once now; the resumed run
+    trains the added iteration."""
+    import logging
+    import shutil
+
+    from nemo_elastic.training.train import train
+
+    tmp, _ = trained
+    shutil.copytree(tmp / "run", tmp_path / "run")
+    caplog.set_level(logging.INFO, logger="nemo_elastic")
+    result = train(_cfg(tmp, f"output_dir={tmp_path / 'run'}", stage1=1, stage2=2),
+                   progress=False)
+    said = [r for r in caplog.records if "now ends at iteration 3 (was 2)" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]
+    assert [h["iteration"] for h in result.history] == [3]

@@ -77,12 +77,14 @@ def _train(cfg: Config, init: Path, teacher_ckpt: Path, stop: StopRequest, *, re
     try:
         with run.lock():
             # before the model is built: a changed recipe is refused at once, nothing written
-            guard_run_folder(run.checkpoints, run_fingerprint(
+            fingerprint = run_fingerprint(
                 cfg, init, None if cfg.elastic.distill.teacher_mode == "trainable" else
-                teacher_ckpt), resume)
+                teacher_ckpt)
+            guard_run_folder(run.checkpoints, fingerprint, resume)
             resuming = resume and run.latest() is not None
             trainer = build_trainer(cfg, init, teacher_ckpt, info, load_init=not resuming,
                                     progress=progress)
+            trainer.folder_guarded = trainer.fingerprint == fingerprint  # checked just above
             trainer.run(stop, resume=resume)  # writes config.json once the resume checks pass
             result = _closing_report(cfg, trainer, init, teacher_ckpt, info)
             if info.is_main:

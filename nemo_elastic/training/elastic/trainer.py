@@ -187,6 +187,9 @@ class ElasticTrainer(Trainer):
                  **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.fingerprint = fingerprint  # nemo_elastic.checkpoint.fingerprint: checked on resume
+        # True when the caller (`train`) already guarded the run folder with this fingerprint
+        # before building: the check is not repeated (nor its resume warnings logged twice)
+        self.folder_guarded = False
         self.forward_step = step
         self.step, self.router, self.teacher = step, router, teacher
         self.router_optimizer, self.router_scheduler = router_optimizer, router_scheduler
@@ -256,7 +259,7 @@ class ElasticTrainer(Trainer):
         with --no-resume a difference is a warning (a deliberate fresh start)."""
         from nemo_elastic.checkpoint.fingerprint import guard_run_folder
 
-        if self.fingerprint is not None:
+        if self.fingerprint is not None and not self.folder_guarded:
             guard_run_folder(self.ckpt_root, self.fingerprint, resume)
         return super().resume(resume)
 
