@@ -531,7 +531,7 @@ def test_memory_budgets_train_and_report_gb(tmp_path, caplog):
     line, the closing table: in bytes units, never as bare GB numbers)."""
     import logging
 
-    caplog.set_level(logging.INFO, logger="nemo_elastic.training.train")
+    caplog.set_level(logging.INFO, logger="nemo_elastic")
     from nemo_elastic.cost_model import GB, MemorySpec, count_memory, subnetwork_memory
     from nemo_elastic.elastic import SubNetwork
     from nemo_elastic.training.train import train
@@ -555,6 +555,11 @@ def test_memory_budgets_train_and_report_gb(tmp_path, caplog):
 
     assert "budgets " + ", ".join(f"{r['name']} {readable_bytes(r['target'] * GB)} (memory)"
                                   for r in result.family) in caplog.text
+    # the router's zero-shot start (the recipe's router.init) sized in memory too
+    starts = [r.getMessage() for r in caplog.records if "router.init=zero_shot: " in
+              r.getMessage()]
+    assert starts and all(f"of the parent's {readable_bytes(full_gb * GB)} memory" in line
+                          for line in starts), starts
     report = (tmp_path / "run" / "elastic" / "report.md").read_text()
     for row in result.family:  # the closing table names each budget's target and memory
         line = next(li for li in report.splitlines() if li.startswith(f"| {row['name']} "))

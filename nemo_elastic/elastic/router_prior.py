@@ -98,8 +98,19 @@ def apply_zero_shot_prior(cfg, router, model, data, info) -> list[dict]:
     router.set_prior(choices, r.init_margin)
     for row in report:
         if row["candidates"]:
-            logger.info("router.init=zero_shot: %s starts at %s (%.1f %% of the full cost; "
+            logger.info("router.init=zero_shot: %s starts at %s (%s; "
                         "LM loss %.4f on %d training micro-batches, best of %d cuts in its band, "
-                        "worst %.4f)", row["budget"], row["summary"], 100 * row["fraction"],
+                        "worst %.4f)", row["budget"], row["summary"], _cost_text(router, row),
                         row["loss"], r.init_batches, row["candidates"], row["worst_loss"])
     return report
+
+
+def _cost_text(router, row: dict) -> str:
+    """A start's size as its budget counts it: '77.9 % of the full cost', or for a memory
+    budget '320.40 kB of the parent's 411.54 kB memory'."""
+    if router.memory_spec is None:
+        return f"{100 * row['fraction']:.1f} % of the full cost"
+    from nemo_elastic.units import readable_bytes
+
+    return (f"{readable_bytes(row['fraction'] * router.full_cost)} of the parent's "
+            f"{readable_bytes(router.full_cost)} memory")
