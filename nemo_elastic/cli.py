@@ -169,7 +169,7 @@ def cmd_prepare(args) -> int:
 
 def cmd_preprocess(args) -> int:
     from nemo_elastic.data import HFTokenizer, preprocess_to_indexed
-
+    from nemo_elastic.data.preprocess import check_preprocess_output
     from nemo_elastic.run.paths import check_outputs
 
     # (a missing or directory input is refused by its own, more precise check below)
@@ -177,6 +177,7 @@ def cmd_preprocess(args) -> int:
                   {flag: path for flag, path in (("--input", args.input),
                                                  ("--tokenizer", args.tokenizer))
                    if Path(path).is_file()})
+    check_preprocess_output(args.out, overwrite=args.overwrite)
     tokenizer = HFTokenizer(args.tokenizer, eod_token=args.eod_token)
     stats = preprocess_to_indexed(args.input, tokenizer, args.out, json_key=args.json_key,
                                   append_eod=not args.no_eod, show_progress=not args.no_progress)
@@ -402,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eod-token", default=None, help="end-of-document token (default: auto)")
     p.add_argument("--no-eod", action="store_true", help="do not append the eod token")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing PREFIX.bin/.idx that preprocess wrote")
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("import-hf", help="Hugging Face nemotron_h folder -> Megatron checkpoint")

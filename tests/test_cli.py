@@ -325,3 +325,40 @@ def test_sigterm_to_the_process_group_after_a_save_still_checkpoints(tmp_path):
     assert "stopped by a signal at iteration" in log, log
     stopped_at = int(log.split("stopped by a signal at iteration ")[1].split(";")[0])
     assert read_meta(latest_checkpoint(out / "checkpoints"))["iteration"] == stopped_at
+
+
+def test_preprocess_replaces_a_dataset_only_with_overwrite_and_never_a_users_file(tmp_path,
+                                                                                   caplog):
+    """`preprocess --out PREFIX` over an existing PREFIX.bin/.idx: refused without --overwrite
+    (the dataset byte for byte); with it, an indexed dataset that preprocess wrote is replaced
+    by the new corpus's, while a file that is not one (a user's PREFIX.idx, a lone PREFIX.bin)
+    is refused and left as it was."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    corpus, tokenizer, _ = _write_corpus_and_tokenizer(tmp_path)
+    prefix = tmp_path / "data" / "corpus"
+    argv = ["preprocess", "--input", str(corpus), "--tokenizer", str(tokenizer),
+            "--out", str(prefix), "--no-progress"]
+    assert cli.main(argv) == 0
+    before = {p.name: p.read_bytes() for p in prefix.parent.iterdir()}
+    assert cli.main(argv) == 2
+    assert "corpus.bin already exists; add --overwrite" in caplog.text
+    assert {p.name: p.read_bytes() for p in prefix.parent.iterdir()} == before
+
+    fewer = tmp_path / "fewer.jsonl"  # the first 3 documents: a different dataset
+    fewer.write_text("".join(corpus.read_text(encoding="utf-8").splitlines(True)[:3]),
+                     encoding="utf-8")
+    assert cli.main([*argv[:2], str(fewer), *argv[3:], "--overwrite"]) == 0
+    assert len(IndexedDataset(str(prefix))) == 3  # Megatron reads the new one back
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.idx").write_text("my index of notes")
+    (mine / "lone.bin").write_bytes(b"\x00" * 8)
+    for name, stranger in (("notes", "notes.idx"), ("lone", "lone.bin")):
+        caplog.clear()
+        assert cli.main([*argv[:5], "--out", str(mine / name), "--no-progress",
+                         "--overwrite"]) == 2
+        assert f"{stranger} is not an indexed dataset that preprocess wrote" in caplog.text
+    assert sorted(p.name for p in mine.iterdir()) == ["lone.bin", "notes.idx"]
+    assert (mine / "notes.idx").read_text() == "my index of notes"

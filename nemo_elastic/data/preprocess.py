@@ -99,6 +99,34 @@ def _remove_quietly(path: str) -> None:
         pass
 
 
+INDEX_MAGIC = b"MMIDIDX\x00\x00"  # the first bytes of a Megatron indexed dataset's .idx
+
+
+def check_preprocess_output(prefix: str | Path, overwrite: bool = False) -> None:
+    """`nemo-elastic preprocess --out PREFIX`: refuse to replace an existing PREFIX.bin/.idx
+    without `overwrite`, and even with it, anything that is not an indexed dataset (a .idx
+    without Megatron's header, or a .bin without its .idx): DataError naming the file and the
+    fix.  (The Python function `preprocess_to_indexed` replaces its output, as documented.)"""
+    prefix = str(prefix)
+    bin_path, idx_path = Path(get_bin_path(prefix)), Path(get_idx_path(prefix))
+    present = [p for p in (bin_path, idx_path) if p.exists()]
+    if not present:
+        return
+    if not overwrite:
+        raise DataError(f"--out={prefix!r}: {present[0]} already exists; add --overwrite to "
+                        "replace the dataset, or choose another --out")
+    if idx_path.is_file():
+        with open(idx_path, "rb") as f:
+            is_index = f.read(len(INDEX_MAGIC)) == INDEX_MAGIC
+    else:
+        is_index = False
+    if not is_index or (bin_path.exists() and not bin_path.is_file()):
+        stranger = idx_path if idx_path.exists() else bin_path
+        raise DataError(f"--out={prefix!r}: {stranger} is not an indexed dataset that preprocess "
+                        "wrote, and --overwrite replaces only such a dataset; choose another "
+                        "--out, or move that file")
+
+
 def preprocess_to_indexed(input_path: str | Path, tokenizer: TokenizerProtocol,
                           output_prefix: str | Path, *, json_key: str = "text",
                           append_eod: bool = True, show_progress: bool = True,
