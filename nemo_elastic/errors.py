@@ -157,8 +157,10 @@ def check_output_path(path, field_name: str, overwrite: bool = False, error=User
 # What marks a folder as one of our outputs (so --overwrite may replace it): a checkpoint
 # (extract, prepare, import-hf, export --format megatron), an exported budget's record, or a
 # Hugging Face model folder (export --format hf).
-_OUTPUT_MARKERS = (("nemo_elastic.json",), ("export.json",), ("config.json", "model.safetensors"),
-                   ("config.json", "model.safetensors.index.json"))
+_OUTPUT_MARKERS = ((("nemo_elastic.json",), "a checkpoint"),
+                   (("export.json",), "an exported budget"),
+                   (("config.json", "model.safetensors"), "a Hugging Face model folder"),
+                   (("config.json", "model.safetensors.index.json"), "a Hugging Face model folder"))
 
 
 def output_kind(path) -> Optional[str]:
@@ -167,9 +169,7 @@ def output_kind(path) -> Optional[str]:
     from pathlib import Path
 
     path = Path(path)
-    for marker, kind in zip(_OUTPUT_MARKERS, ("a checkpoint", "an exported budget",
-                                              "a Hugging Face model folder",
-                                              "a Hugging Face model folder")):
+    for marker, kind in _OUTPUT_MARKERS:
         if all((path / f).is_file() for f in marker):
             return kind
     return None

@@ -74,8 +74,18 @@ ROUTER_INIT_KEYS = ("init", "init_margin", "init_batches")
 # router.init existed (a random start) passed the guard under a zero_shot recipe and failed
 # later loading its router ("Missing key(s) prior_hidden ..." blamed on the budgets).
 IMPLIED_BEFORE_RECORDED = {"router_init": {"init": "random"}}
-_CHECKPOINT_FIELDS = {"init_checkpoint": "elastic.init_checkpoint",
+CHECKPOINT_FIELDS = {"init_checkpoint": "elastic.init_checkpoint",
                       "teacher": "elastic.distill.teacher"}
+
+
+def recorded_checkpoints(meta: dict) -> dict[str, str]:
+    """{recipe field: path} of the checkpoints the run that wrote `meta` read (its init and
+    teacher, as its fingerprint records them); {} for a checkpoint without a fingerprint."""
+    recorded = meta.get("fingerprint") or {}
+    return {field_name: entry["path"] for key, field_name in CHECKPOINT_FIELDS.items()
+            if isinstance(entry := recorded.get(key), dict) and entry.get("path")}
+
+
 _STAGE_KEYS = ("name", "budget_probs", "seq_length", "global_batch_size", "micro_batch_size")
 
 
@@ -222,7 +232,7 @@ def check_resume(ckpt: Path, meta: dict, new: dict, iteration: int) -> None:
             if key == "budgets":  # shown in the recipes' order
                 before = {n: before[n] for n in old.get("budget_order", before) if n in before}
             _refuse(ckpt, field_name, before, after)
-    for key, field_name in _CHECKPOINT_FIELDS.items():
+    for key, field_name in CHECKPOINT_FIELDS.items():
         if key not in old:
             continue
         before, after = old[key], new.get(key)

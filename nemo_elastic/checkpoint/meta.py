@@ -18,7 +18,7 @@ from typing import Any, Optional
 from nemo_elastic.checkpoint.errors import CheckpointError, root_cause
 from nemo_elastic.checkpoint.integrity import CHECKSUMS_KEY, META_SHA_KEY, RESTORE_FIX, \
     check_seal, seal, verify_files
-from nemo_elastic.checkpoint.names import CHECKPOINTS_DIR, MEGATRON_FILES, META_FILE
+from nemo_elastic.checkpoint.names import CHECKPOINTS_DIR, LATEST_FILE, MEGATRON_FILES, META_FILE
 
 FORMAT_VERSION = 1
 TRAINING_KINDS = ("pretrain", "elastic")  # runs whose checkpoints/latest is kept up to date
@@ -95,8 +95,6 @@ PASS_A_CHECKPOINT = ("pass a checkpoint folder (the one holding nemo_elastic.jso
 def _pruned(ckpt_dir: Path) -> Optional[str]:
     """For a missing checkpoint of a run's series whose `latest` names another one: it was
     pruned (train.keep_checkpoints), possibly while this command read the run; else None."""
-    from nemo_elastic.checkpoint.names import LATEST_FILE
-
     latest = ckpt_dir.parent / LATEST_FILE
     if ckpt_dir.parent.name != CHECKPOINTS_DIR or not latest.is_file():
         return None

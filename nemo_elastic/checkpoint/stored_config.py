@@ -25,20 +25,29 @@ def config_from_checkpoint(ckpt_dir: str | Path, overrides: tuple[str, ...] | li
     return cfg
 
 
+def model_differences(old: dict, new: dict, keys) -> list[str]:
+    """The `keys` (in their order) whose values differ between two `model` sections (dicts),
+    `hybrid_layer_pattern` compared without its '|' pipeline-stage boundaries."""
+    def same(key: str) -> bool:
+        a, b = old.get(key), new.get(key)
+        if key == "hybrid_layer_pattern" and isinstance(a, str) and isinstance(b, str):
+            return a.replace("|", "") == b.replace("|", "")
+        return a == b
+    return [key for key in keys if not same(key)]
+
+
 def check_model_matches(ckpt_dir, stored: Config, cfg: Config,
                         fix: str = "the model's shape comes from the checkpoint: drop the "
                         "override (to slice a smaller model use `nemo-elastic extract`)") -> None:
     """`cfg.model` must be the checkpoint's (`stored.model`) up to where the pipeline stages
     split: else one line naming the field, both values and `fix`."""
     old, new = to_dict(stored.model), to_dict(cfg.model)
-    for key in old:
-        same = old[key] == new.get(key)
-        if key == "hybrid_layer_pattern" and isinstance(new.get(key), str):
-            same = old[key].replace("|", "") == new[key].replace("|", "")
-        if not same:
-            raise ConfigError(
-                f"model.{key}={new.get(key)!r} does not match checkpoint {str(ckpt_dir)!r}, which "
-                f"holds model.{key}={old[key]!r}; {fix}")
+    differs = model_differences(old, new, old)
+    if differs:
+        key = differs[0]
+        raise ConfigError(
+            f"model.{key}={new.get(key)!r} does not match checkpoint {str(ckpt_dir)!r}, which "
+            f"holds model.{key}={old[key]!r}; {fix}")
 
 
 # The data fields that decide which samples a run draws: a checkpoint's data position counts

@@ -120,18 +120,16 @@ def checkpoint_inputs(ckpt: PathLike, flag: str = "--ckpt") -> dict[str, PathLik
     checkpoints (recorded in an elastic checkpoint's fingerprint).  An output over the run's
     parent would silently destroy its teacher (the run could no longer resume, and a later
     refusal would blame the recipe), so every reader of a checkpoint protects them too."""
+    from nemo_elastic.checkpoint.fingerprint import recorded_checkpoints
+    from nemo_elastic.checkpoint.meta import read_meta
+
     inputs: dict[str, PathLike] = {flag: ckpt}
     try:
-        from nemo_elastic.checkpoint.meta import read_meta
-
-        recorded = read_meta(ckpt).get("fingerprint") or {}
+        meta = read_meta(ckpt)
     except (OSError, UserError, ValueError):
         return inputs  # an unreadable checkpoint is refused by the command's own reading
-    for key, field_name in (("init_checkpoint", "elastic.init_checkpoint"),
-                            ("teacher", "elastic.distill.teacher")):
-        entry = recorded.get(key)
-        if isinstance(entry, dict) and entry.get("path"):
-            inputs[f"{flag}'s {field_name}"] = entry["path"]
+    for field_name, path in recorded_checkpoints(meta).items():
+        inputs[f"{flag}'s {field_name}"] = path
     return inputs
 
 

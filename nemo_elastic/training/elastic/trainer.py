@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from nemo_elastic.checkpoint import CheckpointError, read_meta, resolve_checkpoint
+from nemo_elastic.checkpoint.stored_config import model_differences
 from nemo_elastic.config import Config, ConfigError, to_dict
 from nemo_elastic.training.elastic.schedule import Curriculum, lr_factor
 from nemo_elastic.training.elastic.step import ElasticDistillationStep, reduce_reports
@@ -62,11 +63,9 @@ def parent_config(cfg: Config) -> tuple[Config, Path, Path]:
         raise ConfigError(f"elastic.init_checkpoint={cfg.elastic.init_checkpoint!r}: {err}") from None
     stored = meta["config"]["model"]
     ours = to_dict(cfg)["model"]
-    differs = sorted(k for k in stored if k not in ("hybrid_layer_pattern", "params_dtype")
-                     and stored[k] != ours.get(k))
-    symbols = lambda p: p.replace("|", "")  # noqa: E731
-    if symbols(stored["hybrid_layer_pattern"]) != symbols(ours["hybrid_layer_pattern"]):
-        differs.insert(0, "hybrid_layer_pattern")
+    # the pattern first, then the other fields by name
+    differs = model_differences(stored, ours, ["hybrid_layer_pattern", *sorted(
+        k for k in stored if k not in ("hybrid_layer_pattern", "params_dtype"))])
     if differs:
         logger.warning("model fields %s of the recipe differ from the init checkpoint %s; "
                        "training uses the checkpoint's (it is the parent)", differs, init)
@@ -75,7 +74,7 @@ def parent_config(cfg: Config) -> tuple[Config, Path, Path]:
             raise ConfigError(f"model.hybrid_layer_pattern: with pipeline parallelism give the "
                               f"checkpoint's pattern {pattern!r} with '|' stage boundaries")
         merged = {**stored, "params_dtype": ours["params_dtype"]}
-        if symbols(ours["hybrid_layer_pattern"]) == symbols(pattern):
+        if "hybrid_layer_pattern" not in differs:  # the same layers, maybe with stage bounds
             merged["hybrid_layer_pattern"] = ours["hybrid_layer_pattern"]
         from nemo_elastic.config import load_config
 
@@ -90,19 +89,20 @@ def parent_config(cfg: Config) -> tuple[Config, Path, Path]:
         # the teacher is built at the parent's shape (build_teacher): another shape (e.g. an
         # extracted budget) would fail deep in the load with a tensor shape mismatch
         parent = to_dict(cfg)["model"]
-        for key in sorted(set(teacher_model) | set(parent)):
-            if key in ("params_dtype", "init_method_std", "max_sequence_length",
-                       "mamba_chunk_size"):  # no bearing on the weights' shapes
-                continue
+        shapeless = ("params_dtype", "init_method_std", "max_sequence_length",
+                     "mamba_chunk_size")  # no bearing on the weights' shapes
+        differs = model_differences(teacher_model, parent,
+                                    sorted((set(teacher_model) | set(parent)) - set(shapeless)))
+        if differs:
+            key = differs[0]
             a, b = teacher_model.get(key), parent.get(key)
-            if key == "hybrid_layer_pattern" and a and b:
-                a, b = symbols(a), symbols(b)
-            if a != b:
-                raise ConfigError(
-                    f"elastic.distill.teacher={str(teacher)!r}: holds model.{key}={a!r}, the "
-                    f"parent (elastic.init_checkpoint) model.{key}={b!r}; the frozen teacher "
-                    "has the parent's shape: pass the parent or a checkpoint of its shape (not "
-                    "an extracted budget), or leave elastic.distill.teacher unset")
+            if key == "hybrid_layer_pattern" and a and b:  # as compared: no stage bounds
+                a, b = a.replace("|", ""), b.replace("|", "")
+            raise ConfigError(
+                f"elastic.distill.teacher={str(teacher)!r}: holds model.{key}={a!r}, the "
+                f"parent (elastic.init_checkpoint) model.{key}={b!r}; the frozen teacher "
+                "has the parent's shape: pass the parent or a checkpoint of its shape (not "
+                "an extracted budget), or leave elastic.distill.teacher unset")
     return cfg, init, teacher
 
 
